@@ -1,0 +1,14 @@
+"""The one place for jax-version shims."""
+
+from __future__ import annotations
+
+import jax
+
+try:  # jax >= 0.6 moved shard_map to the top level
+    shard_map = jax.shard_map
+except AttributeError:  # pragma: no cover - older jax
+    from jax.experimental.shard_map import shard_map  # type: ignore[no-redef]
+
+
+def jax_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
