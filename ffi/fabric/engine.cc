@@ -1,0 +1,1087 @@
+#include "fabric/engine.h"
+
+#include <rdma/fi_cm.h>
+#include <rdma/fi_endpoint.h>
+#include <rdma/fi_errno.h>
+#include <rdma/fi_rma.h>
+#include <sched.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <future>
+#include <limits>
+#include <unordered_set>
+
+#include "common/error.h"
+
+namespace jax_garden::fabric {
+
+// ---------------------------------------------------------------------------------------------
+// Internal op representation. Every context handed to libfabric starts with a fi_context2 (some
+// providers require FI_CONTEXT/FI_CONTEXT2 space) followed by a tag saying what it is.
+
+enum class ContextKind : uint8_t { kWrite, kSend, kRecv };
+
+struct ContextHeader {
+  fi_context2 ctx;  // must stay first: libfabric hands back &ctx
+  ContextKind kind;
+};
+
+struct WorkRequest {
+  ContextHeader hdr;
+  Op* op = nullptr;
+  uint32_t domain = 0;
+  void* local = nullptr;
+  uint64_t length = 0;
+  void* desc = nullptr;
+  Bytes peer_endpoint;  // resolved on the worker
+  uint64_t remote_addr = 0;
+  uint64_t remote_key = 0;
+  bool has_imm = false;
+  uint32_t imm = 0;
+  bool posted = false;
+};
+
+struct Op {
+  std::shared_ptr<TransferState> state;
+  std::vector<WorkRequest> wrs;  // never resized once submitted (contexts point into it)
+  size_t done = 0;               // completed or skipped
+  size_t in_flight = 0;          // posted, not yet completed
+  bool failed = false;
+  std::string error;
+  Clock::time_point deadline;
+  std::shared_ptr<MemoryRegion> keep_region;  // the source stays registered while posted
+  Bytes owned;                                 // send payload
+  std::vector<MemoryRegistration> owned_regs;  // per-domain registration of `owned` (FI_MR_LOCAL)
+};
+
+struct RecvSlot {
+  ContextHeader hdr;
+  uint8_t* buffer = nullptr;
+  size_t size = 0;
+  bool posted = false;
+};
+
+namespace {
+
+constexpr uint32_t kMessageMagic = 0x4d53474a;  // "JGSM"
+
+std::mutex g_registry_mu;
+std::unordered_map<uint64_t, std::weak_ptr<ImmCounter>> g_counters;
+std::unordered_set<uint64_t> g_watcher_pages;  // base addresses of live watcher pages
+std::atomic<uint64_t> g_next_counter_id{1};
+
+Clock::time_point deadline_after(double seconds) {
+  if (seconds < 0) return Clock::time_point::max();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+bool fits(uint64_t offset, uint64_t length, uint64_t size) { return offset <= size && length <= size - offset; }
+
+}  // namespace
+
+std::shared_ptr<ImmCounter> find_imm_counter(uint64_t id) {
+  std::lock_guard lk(g_registry_mu);
+  auto it = g_counters.find(id);
+  return it == g_counters.end() ? nullptr : it->second.lock();
+}
+
+bool is_live_watcher_slot(uint64_t address) {
+  uint64_t page = address & ~uint64_t(Watcher::kSlots * 8 - 1);
+  std::lock_guard lk(g_registry_mu);
+  return g_watcher_pages.count(page) > 0 && (address & 7) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TransferState
+
+bool TransferState::finish(Status status, const std::string& error) {
+  std::vector<std::function<void(Status, const std::string&)>> cbs;
+  {
+    std::lock_guard lk(mu_);
+    if (status_ != Status::kPending) return false;
+    status_ = status;
+    error_ = error;
+    cbs.swap(callbacks_);
+  }
+  cv_.notify_all();
+  for (auto& cb : cbs) cb(status, error);
+  return true;
+}
+
+void TransferState::wait(double timeout_s) {
+  std::unique_lock lk(mu_);
+  auto deadline = deadline_after(timeout_s);
+  while (status_ == Status::kPending) {
+    if (cv_.wait_until(lk, deadline) == std::cv_status::timeout && status_ == Status::kPending) {
+      throw Timeout(str_cat(what_, ": not complete after ", timeout_s, " s (still pending; wait again or close)"));
+    }
+  }
+  if (status_ == Status::kFailed) throw TransferFailed(str_cat(what_, " failed: ", error_));
+  if (status_ == Status::kTimedOut) throw Timeout(str_cat(what_, " timed out: ", error_));
+}
+
+TransferState::Status TransferState::status() const {
+  std::lock_guard lk(mu_);
+  return status_;
+}
+
+std::string TransferState::error() const {
+  std::lock_guard lk(mu_);
+  return error_;
+}
+
+void TransferState::on_finish(std::function<void(Status, const std::string&)> cb) {
+  std::unique_lock lk(mu_);
+  if (status_ == Status::kPending) {
+    callbacks_.push_back(std::move(cb));
+    return;
+  }
+  auto s = status_;
+  auto e = error_;
+  lk.unlock();
+  cb(s, e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ImmCounter
+
+ImmCounter::ImmCounter(uint32_t imm, std::weak_ptr<EngineCore> core)
+    : imm_(imm), id_(g_next_counter_id.fetch_add(1)), core_(std::move(core)) {}
+
+void ImmCounter::add(int64_t n) {
+  credits_.fetch_add(n, std::memory_order_acq_rel);
+  uint64_t t = total_.fetch_add(n, std::memory_order_acq_rel) + n;
+  if (mirror_) *mirror_ = t;
+  std::vector<std::function<void()>> fire;
+  {
+    std::lock_guard lk(mu_);
+    while (!expectations_.empty() && credits_.load() >= expectations_.front().first) {
+      credits_.fetch_sub(expectations_.front().first);
+      fire.push_back(std::move(expectations_.front().second));
+      expectations_.pop_front();
+    }
+  }
+  if (waiters_.load(std::memory_order_acquire) > 0) {
+    std::lock_guard lk(mu_);  // pairs with the waiter's check-then-sleep
+    cv_.notify_all();
+  }
+  if (fire.empty()) return;
+  if (auto core = core_.lock())
+    for (auto& f : fire) core->post_callback(std::move(f));
+}
+
+void ImmCounter::wait(int64_t count, double timeout_s) {
+  JG_CHECK_ARG(count >= 0, "ImmCounter.wait: count must be >= 0, got ", count);
+  auto try_take = [&]() {
+    int64_t have = credits_.load(std::memory_order_acquire);
+    while (have >= count) {
+      if (credits_.compare_exchange_weak(have, have - count, std::memory_order_acq_rel)) return true;
+    }
+    return false;
+  };
+  if (try_take()) return;
+  auto core = core_.lock();
+  if (!core) throw TransferFailed(str_cat("imm counter ", imm_, ": the engine is gone"));
+  core->waiter_enter();  // keeps the worker polling at full rate while someone waits
+  struct Leave {
+    EngineCore* c;
+    ~Leave() { c->waiter_leave(); }
+  } leave{core.get()};
+  // Short spin first: a futex wake costs more than the 4 KiB round trip we are waiting for.
+  auto spin_until = Clock::now() + std::chrono::microseconds(50);
+  while (Clock::now() < spin_until) {
+    if (try_take()) return;
+    sched_yield();
+  }
+  auto deadline = deadline_after(timeout_s);
+  std::unique_lock lk(mu_);
+  waiters_.fetch_add(1);
+  struct Dec {
+    std::atomic<int>& w;
+    ~Dec() { w.fetch_sub(1); }
+  } dec{waiters_};
+  while (true) {
+    if (try_take()) return;
+    if (!aborted_.empty()) throw TransferFailed(str_cat("imm counter ", imm_, ": ", aborted_));
+    if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
+      if (try_take()) return;
+      throw Timeout(str_cat("imm counter ", imm_, ": ", credits_.load(), " of ", count, " arrivals after ",
+                            timeout_s, " s"));
+    }
+  }
+}
+
+void ImmCounter::on_count(int64_t count, std::function<void()> cb) {
+  JG_CHECK_ARG(count > 0, "ImmCounter.on_count: count must be > 0, got ", count);
+  {
+    std::lock_guard lk(mu_);
+    if (!expectations_.empty() || credits_.load() < count) {
+      expectations_.emplace_back(count, std::move(cb));
+      return;
+    }
+    credits_.fetch_sub(count);
+  }
+  if (auto core = core_.lock()) core->post_callback(std::move(cb));
+}
+
+void ImmCounter::abort(const std::string& why) {
+  std::lock_guard lk(mu_);
+  aborted_ = why;
+  cv_.notify_all();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watcher
+
+Watcher::Watcher(EngineCore* core, std::function<void(uint32_t, uint64_t, uint64_t)> cb)
+    : core_(core), callback_(std::move(cb)) {
+  void* p = std::aligned_alloc(kSlots * 8, kSlots * 8);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, kSlots * 8);
+  slots_ = static_cast<volatile uint64_t*>(p);
+  last_.assign(kSlots, 0);
+  std::lock_guard lk(g_registry_mu);
+  g_watcher_pages.insert(reinterpret_cast<uint64_t>(p));
+}
+
+Watcher::~Watcher() {
+  {
+    std::lock_guard lk(g_registry_mu);
+    g_watcher_pages.erase(reinterpret_cast<uint64_t>(slots_));
+  }
+  std::free(const_cast<uint64_t*>(slots_));
+}
+
+uint64_t Watcher::slot_address(uint32_t index) {
+  JG_CHECK_ARG(index < kSlots, "watcher slot ", index, " out of range (", kSlots, " slots)");
+  std::lock_guard lk(mu_);
+  bool known = false;
+  for (uint32_t w : watched_) known |= (w == index);
+  if (!known) {
+    last_[index] = __atomic_load_n(&slots_[index], __ATOMIC_ACQUIRE);
+    watched_.push_back(index);
+  }
+  return reinterpret_cast<uint64_t>(&slots_[index]);
+}
+
+void Watcher::poll() {
+  std::lock_guard lk(mu_);
+  for (uint32_t i : watched_) {
+    uint64_t v = __atomic_load_n(&slots_[i], __ATOMIC_ACQUIRE);
+    if (v != last_[i]) {
+      uint64_t old = last_[i];
+      last_[i] = v;
+      if (core_) {
+        auto cb = callback_;
+        core_->post_callback([cb, i, old, v]() { cb(i, old, v); });
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MemoryRegion
+
+MemoryRegion::~MemoryRegion() {
+  if (!core_) return;
+  auto core = core_;
+  MemoryRegion* self = this;
+  // Unregister on the worker (libfabric objects are single-threaded); after close() the domains are
+  // gone and the engine already closed these registrations.
+  if (!core->closed()) {
+    try {
+      core->run_on_worker([core, self]() {
+        auto& list = core->regions_;
+        for (size_t i = 0; i < list.size(); ++i)
+          if (list[i] == self) {
+            list.erase(list.begin() + i);
+            for (size_t d = 0; d < self->regs_.size(); ++d) core->domains_[d]->unregister(self->regs_[d]);
+            break;
+          }
+      });
+    } catch (...) {
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// EngineCore: construction and threads
+
+EngineCore::EngineCore(const EngineOptions& options) : options_(options) {}
+
+std::shared_ptr<EngineCore> EngineCore::create(const EngineOptions& options) {
+  JG_CHECK_ARG(options.domains >= 1 && options.domains <= kMaxDomains, "domains must be in 1..", kMaxDomains,
+               ", got ", options.domains);
+  JG_CHECK_ARG(options.timeout_s > 0, "timeout must be > 0 seconds, got ", options.timeout_s);
+  JG_CHECK_ARG(options.max_message_bytes >= 1024, "max_message_bytes must be >= 1024, got ",
+               options.max_message_bytes);
+  std::shared_ptr<EngineCore> core(new EngineCore(options));
+  core->start();
+  return core;
+}
+
+void EngineCore::start() {
+  std::string node = options_.node;
+  provider_ = ProviderInfo::select(options_.provider, node);
+  address_.provider = provider_->name;
+  for (uint32_t d = 0; d < options_.domains; ++d) {
+    domains_.push_back(std::make_unique<Domain>(*provider_, d));
+    address_.domains.push_back(domains_.back()->name());
+  }
+  pending_.resize(domains_.size());
+  outstanding_.assign(domains_.size(), 0);
+
+  scratch_.assign(64, 0);
+  for (auto& d : domains_) {
+    scratch_regs_.push_back(d->register_memory(scratch_.data(), scratch_.size(), false, -1, next_key_.fetch_add(1)));
+  }
+
+  // Control-message receive slots on domain 0, one registration for all of them.
+  size_t slot_size = options_.max_message_bytes;
+  recv_buffer_.assign(slot_size * options_.recv_slots, 0);
+  recv_reg_ = domains_[0]->register_memory(recv_buffer_.data(), recv_buffer_.size(), false, -1,
+                                           next_key_.fetch_add(1));
+  for (uint32_t i = 0; i < options_.recv_slots; ++i) {
+    auto slot = std::make_unique<RecvSlot>();
+    slot->hdr.kind = ContextKind::kRecv;
+    slot->buffer = recv_buffer_.data() + i * slot_size;
+    slot->size = slot_size;
+    post_recv(slot.get());
+    recv_slots_.push_back(std::move(slot));
+  }
+
+  last_activity_ = last_timeout_check_ = Clock::now();
+  callback_thread_ = std::thread([this] { callback_main(); });
+  callback_thread_id_ = callback_thread_.get_id();
+  worker_ = std::thread([this] { worker_main(); });
+}
+
+EngineCore::~EngineCore() { close(); }
+
+void EngineCore::close() {
+  std::lock_guard close_lk(close_mu_);
+  if (closed_.exchange(true)) return;
+  watch_stop_ = true;
+  if (watcher_thread_.joinable()) watcher_thread_.join();
+  {
+    std::lock_guard lk(watch_mu_);
+    for (auto& w : watchers_)
+      if (auto s = w.lock()) s->detach();
+  }
+  stop_worker_ = true;
+  wake();
+  if (worker_.joinable()) {
+    if (std::this_thread::get_id() == worker_.get_id())
+      worker_.detach();  // last reference dropped by the worker itself: it exits after this op
+    else
+      worker_.join();  // fails pending ops and closes the domains
+  }
+  {
+    std::lock_guard lk(imm_mu_);
+    for (auto& [imm, c] : counters_) c->abort("engine closed");
+  }
+  msg_cv_.notify_all();
+  {
+    std::lock_guard lk(cb_mu_);
+    cb_stop_ = true;
+  }
+  cb_cv_.notify_all();
+  if (callback_thread_.joinable()) {
+    if (std::this_thread::get_id() == callback_thread_id_)
+      callback_thread_.detach();  // close() called from a callback: the thread ends after it returns
+    else
+      callback_thread_.join();
+  }
+}
+
+void EngineCore::check_open(const char* op) const {
+  if (closed_.load()) throw TransferFailed(str_cat(op, ": the engine is closed"));
+}
+
+void EngineCore::wake() {
+  std::lock_guard lk(cmd_mu_);
+  cmd_cv_.notify_one();
+}
+
+void EngineCore::enqueue(std::function<void()> fn) {
+  {
+    std::lock_guard lk(cmd_mu_);
+    commands_.push_back(std::move(fn));
+    has_commands_.store(true, std::memory_order_release);
+  }
+  cmd_cv_.notify_one();
+}
+
+void EngineCore::run_on_worker(std::function<void()> fn) {
+  if (std::this_thread::get_id() == worker_.get_id()) {
+    fn();
+    return;
+  }
+  auto done = std::make_shared<std::promise<void>>();
+  auto fut = done->get_future();
+  enqueue([fn = std::move(fn), done]() {
+    try {
+      fn();
+      done->set_value();
+    } catch (...) {
+      done->set_exception(std::current_exception());
+    }
+  });
+  if (fut.wait_for(std::chrono::duration<double>(options_.timeout_s * 3)) != std::future_status::ready) {
+    throw Timeout("engine worker did not answer a command in time");
+  }
+  fut.get();
+}
+
+void EngineCore::post_callback(std::function<void()> fn) {
+  {
+    std::lock_guard lk(cb_mu_);
+    if (cb_stop_) return;
+    callbacks_.push_back(std::move(fn));
+  }
+  cb_cv_.notify_one();
+}
+
+void EngineCore::callback_main() {
+  while (true) {
+    std::function<void()> fn;
+    {
+      std::unique_lock lk(cb_mu_);
+      cb_cv_.wait(lk, [&] { return cb_stop_ || !callbacks_.empty(); });
+      if (callbacks_.empty()) return;  // stopping and drained
+      fn = std::move(callbacks_.front());
+      callbacks_.pop_front();
+    }
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "jax_garden.fabric: callback raised: %s\n", e.what());
+    }
+  }
+}
+
+void EngineCore::watcher_main() {
+  // Poll fast right after a change, back off when nothing moves (a layer takes >= 100 us anyway).
+  auto sleep = std::chrono::microseconds(20);
+  while (!watch_stop_.load()) {
+    std::vector<std::shared_ptr<Watcher>> live;
+    {
+      std::lock_guard lk(watch_mu_);
+      for (auto& w : watchers_)
+        if (auto s = w.lock()) live.push_back(std::move(s));
+    }
+    for (auto& w : live) w->poll();
+    std::this_thread::sleep_for(sleep);
+  }
+}
+
+std::shared_ptr<Watcher> EngineCore::watcher(std::function<void(uint32_t, uint64_t, uint64_t)> cb) {
+  check_open("watcher");
+  auto w = std::make_shared<Watcher>(this, std::move(cb));
+  std::lock_guard lk(watch_mu_);
+  watchers_.push_back(w);
+  if (!watcher_thread_.joinable()) watcher_thread_ = std::thread([this] { watcher_main(); });
+  return w;
+}
+
+std::shared_ptr<ImmCounter> EngineCore::imm_counter(uint32_t imm) {
+  check_open("imm_counter");
+  std::lock_guard lk(imm_mu_);
+  auto it = counters_.find(imm);
+  if (it != counters_.end()) return it->second;
+  auto c = std::make_shared<ImmCounter>(imm, weak_from_this());
+  auto banked = banked_.find(imm);
+  if (banked != banked_.end()) {
+    c->add(banked->second);
+    banked_.erase(banked);
+  }
+  counters_.emplace(imm, c);
+  std::lock_guard rk(g_registry_mu);
+  g_counters[c->id()] = c;
+  return c;
+}
+
+void EngineCore::on_imm(uint32_t imm, int64_t n) {
+  std::shared_ptr<ImmCounter> c;
+  {
+    std::lock_guard lk(imm_mu_);
+    auto it = counters_.find(imm);
+    if (it == counters_.end()) {
+      banked_[imm] += n;
+      return;
+    }
+    c = it->second;
+  }
+  c->add(n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registration and validation
+
+std::shared_ptr<MemoryRegion> EngineCore::register_memory(uint64_t ptr, uint64_t length, bool cuda, int device) {
+  check_open("register");
+  JG_CHECK_ARG(ptr != 0, "register: null pointer");
+  JG_CHECK_ARG(length > 0, "register: length must be > 0, got ", length);
+  JG_CHECK_ARG(ptr + length > ptr, "register: region [0x", std::hex, ptr, ", +0x", length, ") wraps around");
+  if (cuda && !provider_->hmem) {
+    throw InvalidArgument(str_cat("register: provider '", provider_->name,
+                                  "' cannot register GPU memory (it does not offer FI_HMEM); use a provider with "
+                                  "GPUDirect (efa, verbs) or register host memory"));
+  }
+  auto region = std::shared_ptr<MemoryRegion>(new MemoryRegion());
+  region->core_ = shared_from_this();
+  region->base_ = ptr;
+  region->length_ = length;
+  auto& desc = region->descriptor_;
+  desc.provider = provider_->name;
+  desc.base = ptr;
+  desc.length = length;
+  desc.virtual_addressing = provider_->virtual_addressing;
+  desc.kind = cuda ? MemoryKind::kCuda : MemoryKind::kHost;
+  desc.device = cuda ? device : -1;
+  MemoryRegion* raw = region.get();
+  run_on_worker([&, raw]() {
+    for (auto& d : domains_) {
+      raw->regs_.push_back(d->register_memory(reinterpret_cast<void*>(ptr), length, cuda, device,
+                                              provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
+    }
+    regions_.push_back(raw);
+  });
+  for (size_t d = 0; d < domains_.size(); ++d) desc.domains.push_back({address_.domains[d], raw->regs_[d].key});
+  return region;
+}
+
+void EngineCore::check_descriptor(const MemoryDescriptor& dst, const char* op) const {
+  JG_CHECK_ARG(dst.provider == provider_->name, op, ": the destination descriptor is for provider '", dst.provider,
+               "' but this engine uses '", provider_->name, "'");
+  JG_CHECK_ARG(!dst.domains.empty(), op, ": the destination descriptor has no domains");
+}
+
+double EngineCore::deadline_for(uint64_t bytes) const {
+  return options_.timeout_s + double(bytes) / options_.min_rate_bytes_per_s;
+}
+
+std::shared_ptr<TransferState> EngineCore::write(const std::shared_ptr<MemoryRegion>& src,
+                                                 const MemoryDescriptor& dst, uint64_t length, uint64_t src_offset,
+                                                 uint64_t dst_offset, std::optional<uint32_t> imm) {
+  check_open("write");
+  JG_CHECK_ARG(src && src->core_.get() == this, "write: the source region was not registered with this engine");
+  check_descriptor(dst, "write");
+  JG_CHECK_ARG(fits(src_offset, length, src->length()), "write: source bytes [", src_offset, ", ",
+               src_offset + length, ") run past the end of the source region (", src->length(), " bytes)");
+  JG_CHECK_ARG(fits(dst_offset, length, dst.length), "write: destination bytes [", dst_offset, ", ",
+               dst_offset + length, ") run past the end of the destination region (", dst.length, " bytes)");
+  auto pieces = plan_write(length, src_offset, dst_offset, num_domains(), round_robin_.fetch_add(1),
+                           options_.sharding);
+  auto op = std::make_unique<Op>();
+  op->state = std::make_shared<TransferState>(next_id_.fetch_add(1),
+                                              str_cat("write of ", length, " bytes to ", dst.owner().to_string()));
+  op->deadline = deadline_after(deadline_for(length));
+  op->keep_region = src;
+  op->wrs.resize(pieces.size());
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    auto& p = pieces[i];
+    auto& wr = op->wrs[i];
+    auto& rk = dst.domains[p.domain % dst.domains.size()];
+    wr.domain = p.domain;
+    wr.local = reinterpret_cast<void*>(src->base() + p.src_offset);
+    wr.length = p.length;
+    wr.desc = src->desc(p.domain);
+    wr.peer_endpoint = rk.endpoint;
+    wr.remote_addr = dst.remote_address(p.dst_offset);
+    wr.remote_key = rk.key;
+    wr.has_imm = imm.has_value();
+    wr.imm = imm.value_or(0);
+  }
+  return submit(std::move(op));
+}
+
+std::shared_ptr<TransferState> EngineCore::write_paged(const std::shared_ptr<MemoryRegion>& src,
+                                                       const MemoryDescriptor& dst, uint64_t page_bytes,
+                                                       const std::vector<uint32_t>& src_pages,
+                                                       const std::vector<uint32_t>& dst_pages, uint64_t src_stride,
+                                                       uint64_t dst_stride, uint64_t src_offset, uint64_t dst_offset,
+                                                       std::optional<uint32_t> imm) {
+  check_open("write_paged");
+  JG_CHECK_ARG(src && src->core_.get() == this, "write_paged: the source region was not registered with this engine");
+  check_descriptor(dst, "write_paged");
+  JG_CHECK_ARG(src_pages.size() == dst_pages.size(), "write_paged: ", src_pages.size(), " source pages but ",
+               dst_pages.size(), " destination pages");
+  JG_CHECK_ARG(page_bytes > 0, "write_paged: page_bytes must be > 0");
+  JG_CHECK_ARG(src_stride >= page_bytes || src_pages.size() <= 1, "write_paged: src_stride ", src_stride,
+               " is smaller than page_bytes ", page_bytes, " (pages would overlap)");
+  JG_CHECK_ARG(dst_stride >= page_bytes || dst_pages.size() <= 1, "write_paged: dst_stride ", dst_stride,
+               " is smaller than page_bytes ", page_bytes, " (pages would overlap)");
+  uint64_t max_src = 0, max_dst = 0;
+  for (uint32_t p : src_pages) max_src = std::max<uint64_t>(max_src, p);
+  for (uint32_t p : dst_pages) max_dst = std::max<uint64_t>(max_dst, p);
+  if (!src_pages.empty()) {
+    JG_CHECK_ARG(max_src <= (std::numeric_limits<uint64_t>::max() - src_offset) / std::max<uint64_t>(src_stride, 1) &&
+                     fits(src_offset + max_src * src_stride, page_bytes, src->length()),
+                 "write_paged: source page ", max_src, " (offset ", src_offset, " + ", max_src, " x stride ",
+                 src_stride, ", ", page_bytes, " bytes) runs past the end of the source region (", src->length(),
+                 " bytes)");
+    JG_CHECK_ARG(max_dst <= (std::numeric_limits<uint64_t>::max() - dst_offset) / std::max<uint64_t>(dst_stride, 1) &&
+                     fits(dst_offset + max_dst * dst_stride, page_bytes, dst.length),
+                 "write_paged: destination page ", max_dst, " (offset ", dst_offset, " + ", max_dst, " x stride ",
+                 dst_stride, ", ", page_bytes, " bytes) runs past the end of the destination region (", dst.length,
+                 " bytes)");
+  }
+  auto pieces = plan_paged(page_bytes, src_pages, dst_pages, src_stride, dst_stride, src_offset, dst_offset,
+                           num_domains(), round_robin_.fetch_add(1));
+  auto op = std::make_unique<Op>();
+  op->state = std::make_shared<TransferState>(
+      next_id_.fetch_add(1), str_cat("paged write of ", src_pages.size(), " x ", page_bytes, " bytes to ",
+                                     dst.owner().to_string()));
+  op->deadline = deadline_after(deadline_for(page_bytes * src_pages.size()));
+  op->keep_region = src;
+  op->wrs.resize(pieces.size());
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    auto& p = pieces[i];
+    auto& wr = op->wrs[i];
+    auto& rk = dst.domains[p.domain % dst.domains.size()];
+    wr.domain = p.domain;
+    wr.local = reinterpret_cast<void*>(src->base() + p.src_offset);
+    wr.length = p.length;
+    wr.desc = src->desc(p.domain);
+    wr.peer_endpoint = rk.endpoint;
+    wr.remote_addr = dst.remote_address(p.dst_offset);
+    wr.remote_key = rk.key;
+    wr.has_imm = imm.has_value();
+    wr.imm = imm.value_or(0);
+  }
+  return submit(std::move(op));
+}
+
+std::shared_ptr<TransferState> EngineCore::scatter(const std::shared_ptr<MemoryRegion>& src,
+                                                   const std::vector<ScatterDestination>& dsts,
+                                                   ScatterSharding sharding, std::optional<uint32_t> imm) {
+  check_open("scatter");
+  JG_CHECK_ARG(src && src->core_.get() == this, "scatter: the source region was not registered with this engine");
+  JG_CHECK_ARG(!dsts.empty(), "scatter: the destination list is empty");
+  std::vector<ScatterTarget> targets;
+  uint64_t total = 0;
+  for (size_t i = 0; i < dsts.size(); ++i) {
+    const auto& d = dsts[i];
+    check_descriptor(d.dst, "scatter");
+    JG_CHECK_ARG(fits(d.src_offset, d.length, src->length()), "scatter: target ", i, ": source bytes [",
+                 d.src_offset, ", ", d.src_offset + d.length, ") run past the end of the source region (",
+                 src->length(), " bytes)");
+    JG_CHECK_ARG(fits(d.dst_offset, d.length, d.dst.length), "scatter: target ", i, ": destination bytes [",
+                 d.dst_offset, ", ", d.dst_offset + d.length, ") run past the end of the destination region (",
+                 d.dst.length, " bytes)");
+    targets.push_back({d.length, d.src_offset, d.dst_offset});
+    total += d.length;
+  }
+  auto pieces = plan_scatter(targets, num_domains(), sharding, round_robin_.fetch_add(1));
+  auto op = std::make_unique<Op>();
+  op->state = std::make_shared<TransferState>(next_id_.fetch_add(1),
+                                              str_cat("scatter of ", total, " bytes to ", dsts.size(), " targets"));
+  op->deadline = deadline_after(deadline_for(total));
+  op->keep_region = src;
+  op->wrs.resize(pieces.size());
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    auto& p = pieces[i];
+    auto& wr = op->wrs[i];
+    const auto& dst = dsts[p.target].dst;
+    auto& rk = dst.domains[p.domain % dst.domains.size()];
+    wr.domain = p.domain;
+    wr.local = reinterpret_cast<void*>(src->base() + p.src_offset);
+    wr.length = p.length;
+    wr.desc = src->desc(p.domain);
+    wr.peer_endpoint = rk.endpoint;
+    wr.remote_addr = dst.remote_address(p.dst_offset);
+    wr.remote_key = rk.key;
+    wr.has_imm = imm.has_value();
+    wr.imm = imm.value_or(0);
+  }
+  return submit(std::move(op));
+}
+
+std::shared_ptr<TransferState> EngineCore::write_imm(const MemoryDescriptor& dst, uint32_t imm) {
+  return barrier({dst}, imm);
+}
+
+std::shared_ptr<TransferState> EngineCore::barrier(const std::vector<MemoryDescriptor>& peers, uint32_t imm) {
+  check_open("barrier");
+  JG_CHECK_ARG(!peers.empty(), "barrier: the peer list is empty");
+  auto op = std::make_unique<Op>();
+  op->state = std::make_shared<TransferState>(
+      next_id_.fetch_add(1), peers.size() == 1 ? str_cat("imm write to ", peers[0].owner().to_string())
+                                               : str_cat("barrier to ", peers.size(), " peers"));
+  op->deadline = deadline_after(options_.timeout_s);
+  op->wrs.resize(peers.size());
+  uint32_t first = round_robin_.fetch_add(1);
+  for (size_t i = 0; i < peers.size(); ++i) {
+    check_descriptor(peers[i], "barrier");
+    auto& wr = op->wrs[i];
+    uint32_t d = (first + i) % num_domains();
+    auto& rk = peers[i].domains[d % peers[i].domains.size()];
+    wr.domain = d;
+    wr.local = scratch_.data();
+    wr.length = 0;  // imm only: a zero-byte write at the region's start
+    wr.desc = scratch_regs_[d].desc;
+    wr.peer_endpoint = rk.endpoint;
+    wr.remote_addr = peers[i].remote_address(0);
+    wr.remote_key = rk.key;
+    wr.has_imm = true;
+    wr.imm = imm;
+  }
+  return submit(std::move(op));
+}
+
+std::shared_ptr<TransferState> EngineCore::send(const NetAddress& to, const Bytes& payload) {
+  check_open("send");
+  JG_CHECK_ARG(to.provider == provider_->name, "send: the address is for provider '", to.provider,
+               "' but this engine uses '", provider_->name, "'");
+  Bytes me = address_.to_bytes();
+  size_t header = 4 + 2 + me.size();
+  JG_CHECK_ARG(payload.size() + header <= options_.max_message_bytes, "send: payload of ", payload.size(),
+               " bytes exceeds the control-message limit of ", options_.max_message_bytes - header,
+               " bytes (max_message_bytes=", options_.max_message_bytes, " minus a ", header,
+               "-byte header); use a write for bulk data");
+  auto op = std::make_unique<Op>();
+  op->state = std::make_shared<TransferState>(next_id_.fetch_add(1),
+                                              str_cat("send of ", payload.size(), " bytes to ", to.to_string()));
+  op->deadline = deadline_after(options_.timeout_s);
+  op->owned.resize(header + payload.size());
+  uint8_t* p = op->owned.data();
+  std::memcpy(p, &kMessageMagic, 4);
+  uint16_t n = static_cast<uint16_t>(me.size());
+  std::memcpy(p + 4, &n, 2);
+  std::memcpy(p + 6, me.data(), me.size());
+  if (!payload.empty()) std::memcpy(p + header, payload.data(), payload.size());
+  op->wrs.resize(1);
+  auto& wr = op->wrs[0];
+  wr.hdr.kind = ContextKind::kSend;
+  wr.domain = 0;
+  wr.local = op->owned.data();
+  wr.length = op->owned.size();
+  wr.peer_endpoint = to.domains[0];
+  return submit(std::move(op));
+}
+
+Message EngineCore::recv(double timeout_s) {
+  check_open("recv");
+  waiter_enter();
+  struct Leave {
+    EngineCore* c;
+    ~Leave() { c->waiter_leave(); }
+  } leave{this};
+  std::unique_lock lk(msg_mu_);
+  auto deadline = deadline_after(timeout_s);
+  while (messages_.empty()) {
+    if (closed_.load()) throw TransferFailed("recv: the engine is closed");
+    if (msg_cv_.wait_until(lk, deadline) == std::cv_status::timeout && messages_.empty()) {
+      throw Timeout(str_cat("recv: no message within ", timeout_s, " s"));
+    }
+  }
+  Message m = std::move(messages_.front());
+  messages_.pop_front();
+  return m;
+}
+
+std::shared_ptr<TransferState> EngineCore::submit(std::unique_ptr<Op> op) {
+  for (auto& wr : op->wrs) {
+    if (wr.hdr.kind != ContextKind::kSend) wr.hdr.kind = ContextKind::kWrite;
+    wr.op = op.get();
+  }
+  auto state = op->state;
+  Op* raw = op.release();
+  enqueue([this, raw]() {
+    std::unique_ptr<Op> owned(raw);
+    if (stop_worker_.load()) {
+      raw->state->finish(TransferState::Status::kFailed, "the engine is closed");
+      return;
+    }
+    if (raw->owned.size() && provider_->mr_local) {
+      raw->owned_regs.push_back(domains_[0]->register_memory(raw->owned.data(), raw->owned.size(), false, -1,
+                                                             provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
+      raw->wrs[0].desc = raw->owned_regs[0].desc;
+    }
+    if (raw->wrs.empty()) {
+      raw->state->finish(TransferState::Status::kDone);
+      return;
+    }
+    uint64_t id = raw->state->id();
+    active_.emplace(id, std::move(owned));
+    for (auto& wr : raw->wrs) pending_[wr.domain].push_back(&wr);
+  });
+  return state;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker
+
+void EngineCore::worker_main() {
+  uint32_t idle = 0;
+  while (!stop_worker_.load(std::memory_order_acquire)) {
+    bool progress = run_commands();
+    for (uint32_t d = 0; d < domains_.size(); ++d) {
+      progress |= post_pending(d);
+      progress |= poll_cq(d);
+    }
+    auto now = Clock::now();
+    if (now - last_timeout_check_ > std::chrono::milliseconds(1)) {
+      check_timeouts();
+      last_timeout_check_ = now;
+    }
+    if (progress) {
+      last_activity_ = now;
+      idle = 0;
+      continue;
+    }
+    // Spin (yielding, these machines may have 2 cores) while anything is in flight or awaited;
+    // otherwise sleep in short naps so an incoming write is still noticed within ~200 us.
+    bool busy = !active_.empty() || waiters_.load(std::memory_order_acquire) > 0 ||
+                now - last_activity_ < std::chrono::milliseconds(2);
+    if (busy) {
+      sched_yield();
+      continue;
+    }
+    if (++idle < 16) {
+      sched_yield();
+      continue;
+    }
+    std::unique_lock lk(cmd_mu_);
+    cmd_cv_.wait_for(lk, std::chrono::microseconds(200), [&] {
+      return !commands_.empty() || stop_worker_.load() || waiters_.load() > 0;
+    });
+  }
+  shutdown_on_worker();
+}
+
+bool EngineCore::run_commands() {
+  if (!has_commands_.load(std::memory_order_acquire)) return false;
+  std::deque<std::function<void()>> cmds;
+  {
+    std::lock_guard lk(cmd_mu_);
+    cmds.swap(commands_);
+    has_commands_.store(false, std::memory_order_release);
+  }
+  for (auto& c : cmds) {
+    try {
+      c();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "jax_garden.fabric: worker command failed: %s\n", e.what());
+    }
+  }
+  return !cmds.empty();
+}
+
+bool EngineCore::post_pending(uint32_t d) {
+  auto& queue = pending_[d];
+  bool progress = false;
+  Domain& dom = *domains_[d];
+  while (!queue.empty() && outstanding_[d] < options_.max_outstanding_per_domain) {
+    WorkRequest* wr = queue.front();
+    Op* op = wr->op;
+    if (op->failed) {  // the op already failed or timed out: drop what was not posted
+      queue.pop_front();
+      op->done++;
+      if (op->done == op->wrs.size()) finish_op(op);
+      progress = true;
+      continue;
+    }
+    fi_addr_t peer;
+    try {
+      peer = dom.resolve(wr->peer_endpoint);
+    } catch (const std::exception& e) {
+      queue.pop_front();
+      complete_wr(wr, -FI_EINVAL, e.what());
+      progress = true;
+      continue;
+    }
+    ssize_t rc;
+    iovec iov{wr->local, static_cast<size_t>(wr->length)};
+    if (wr->hdr.kind == ContextKind::kSend) {
+      fi_msg msg{};
+      msg.msg_iov = &iov;
+      msg.desc = &wr->desc;
+      msg.iov_count = 1;
+      msg.addr = peer;
+      msg.context = &wr->hdr.ctx;
+      rc = fi_sendmsg(dom.ep(), &msg, FI_COMPLETION);
+    } else {
+      fi_rma_iov rma{wr->remote_addr, static_cast<size_t>(wr->length), wr->remote_key};
+      fi_msg_rma msg{};
+      msg.msg_iov = &iov;
+      msg.desc = &wr->desc;
+      msg.iov_count = 1;
+      msg.addr = peer;
+      msg.rma_iov = &rma;
+      msg.rma_iov_count = 1;
+      msg.context = &wr->hdr.ctx;
+      msg.data = wr->imm;
+      rc = fi_writemsg(dom.ep(), &msg, FI_COMPLETION | (wr->has_imm ? FI_REMOTE_CQ_DATA : 0));
+    }
+    if (rc == -FI_EAGAIN) break;  // provider queue full: progress the CQ, retry next pass
+    queue.pop_front();
+    progress = true;
+    if (rc != 0) {
+      complete_wr(wr, static_cast<int>(rc), str_cat("posting failed: ", fi_error_string(static_cast<int>(rc))));
+      continue;
+    }
+    wr->posted = true;
+    op->in_flight++;
+    outstanding_[d]++;
+  }
+  return progress;
+}
+
+bool EngineCore::poll_cq(uint32_t d) {
+  fi_cq_data_entry entries[32];
+  Domain& dom = *domains_[d];
+  ssize_t n = fi_cq_read(dom.cq(), entries, 32);
+  if (n == -FI_EAGAIN) return false;
+  if (n == -FI_EAVAIL) {
+    fi_cq_err_entry err{};
+    if (fi_cq_readerr(dom.cq(), &err, 0) != 1) return false;
+    std::string msg = fi_cq_strerror(dom.cq(), err.prov_errno, err.err_data, nullptr, 0);
+    msg = str_cat(fi_error_string(err.err), err.prov_errno ? str_cat(" (provider: ", msg, ")") : "");
+    if (!err.op_context) return true;  // an error without a context (e.g. a peer's failed write)
+    auto* hdr = reinterpret_cast<ContextHeader*>(err.op_context);
+    if (hdr->kind == ContextKind::kRecv) {
+      auto* slot = reinterpret_cast<RecvSlot*>(hdr);
+      slot->posted = false;
+      if (!stop_worker_.load()) post_recv(slot);
+    } else {
+      auto* wr = reinterpret_cast<WorkRequest*>(hdr);
+      outstanding_[wr->domain]--;
+      wr->op->in_flight--;
+      complete_wr(wr, -static_cast<int>(err.err), msg);
+    }
+    return true;
+  }
+  if (n < 0) {
+    std::fprintf(stderr, "jax_garden.fabric: fi_cq_read on domain %u: %s\n", d,
+                 fi_error_string(static_cast<int>(n)).c_str());
+    return false;
+  }
+  for (ssize_t i = 0; i < n; ++i) {
+    auto& e = entries[i];
+    if (e.flags & FI_RECV) {
+      auto* slot = reinterpret_cast<RecvSlot*>(e.op_context);
+      slot->posted = false;
+      if (e.len >= 6) {
+        uint32_t magic;
+        uint16_t alen;
+        std::memcpy(&magic, slot->buffer, 4);
+        std::memcpy(&alen, slot->buffer + 4, 2);
+        if (magic == kMessageMagic && 6u + alen <= e.len) {
+          try {
+            Message m;
+            m.sender = NetAddress::from_bytes(slot->buffer + 6, alen);
+            m.payload.assign(slot->buffer + 6 + alen, slot->buffer + e.len);
+            {
+              std::lock_guard lk(msg_mu_);
+              messages_.push_back(std::move(m));
+            }
+            msg_cv_.notify_all();
+          } catch (const std::exception& ex) {
+            std::fprintf(stderr, "jax_garden.fabric: dropped a malformed control message: %s\n", ex.what());
+          }
+        } else {
+          std::fprintf(stderr, "jax_garden.fabric: dropped a %zu-byte message without the jax_garden header\n",
+                       static_cast<size_t>(e.len));
+        }
+      }
+      post_recv(slot);
+    } else if ((e.flags & FI_REMOTE_CQ_DATA) && (e.flags & (FI_REMOTE_WRITE | FI_RMA))) {
+      on_imm(static_cast<uint32_t>(e.data & 0xffffffffu), 1);
+    } else if (e.op_context) {
+      auto* wr = reinterpret_cast<WorkRequest*>(e.op_context);
+      outstanding_[wr->domain]--;
+      wr->op->in_flight--;
+      complete_wr(wr, 0, {});
+    }
+  }
+  return true;
+}
+
+void EngineCore::complete_wr(WorkRequest* wr, int error, const std::string& message) {
+  Op* op = wr->op;
+  if (error != 0 && !op->failed) {
+    op->failed = true;
+    op->error = message;
+    op->state->finish(TransferState::Status::kFailed, message);
+  }
+  op->done++;
+  if (op->done == op->wrs.size()) finish_op(op);
+}
+
+void EngineCore::finish_op(Op* op) {
+  if (!op->failed) op->state->finish(TransferState::Status::kDone);
+  for (auto& r : op->owned_regs) domains_[0]->unregister(r);
+  active_.erase(op->state->id());  // frees op
+}
+
+void EngineCore::check_timeouts() {
+  auto now = Clock::now();
+  for (auto& [id, op] : active_) {
+    if (op->failed || now < op->deadline) continue;
+    op->failed = true;
+    op->state->finish(TransferState::Status::kTimedOut,
+                      str_cat("no completion from the peer within the engine timeout (", options_.timeout_s,
+                              " s + size allowance); the peer may be dead or unreachable"));
+  }
+  // Ops whose unposted work requests were all dropped and which have nothing in flight are done.
+  std::vector<Op*> finished;
+  for (auto& [id, op] : active_)
+    if (op->failed && op->in_flight == 0 && op->done == op->wrs.size()) finished.push_back(op.get());
+  for (Op* op : finished) finish_op(op);
+}
+
+void EngineCore::post_recv(RecvSlot* slot) {
+  iovec iov{slot->buffer, slot->size};
+  void* desc = recv_reg_.desc;
+  fi_msg msg{};
+  msg.msg_iov = &iov;
+  msg.desc = &desc;
+  msg.iov_count = 1;
+  msg.addr = FI_ADDR_UNSPEC;
+  msg.context = &slot->hdr.ctx;
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    ssize_t rc = fi_recvmsg(domains_[0]->ep(), &msg, 0);
+    if (rc == 0) {
+      slot->posted = true;
+      return;
+    }
+    if (rc != -FI_EAGAIN) {
+      std::fprintf(stderr, "jax_garden.fabric: fi_recvmsg: %s\n", fi_error_string(static_cast<int>(rc)).c_str());
+      return;
+    }
+  }
+  std::fprintf(stderr, "jax_garden.fabric: could not re-post a control-message receive (queue full)\n");
+}
+
+void EngineCore::shutdown_on_worker() {
+  // Everything still pending fails: the caller sees an error, never silence.
+  for (auto& [id, op] : active_) op->state->finish(TransferState::Status::kFailed, "the engine was closed");
+  // Run what is queued so that submits fail (stop_worker_ is set) and synchronous callers return.
+  std::deque<std::function<void()>> cmds;
+  {
+    std::lock_guard lk(cmd_mu_);
+    cmds.swap(commands_);
+  }
+  for (auto& c : cmds) {
+    try {
+      c();
+    } catch (...) {
+    }
+  }
+  for (MemoryRegion* r : regions_)
+    for (size_t d = 0; d < r->regs_.size(); ++d) domains_[d]->unregister(r->regs_[d]);
+  regions_.clear();
+  for (size_t d = 0; d < domains_.size(); ++d) domains_[d]->unregister(scratch_regs_[d]);
+  domains_[0]->unregister(recv_reg_);
+  for (auto& [id, op] : active_)
+    for (auto& r : op->owned_regs) domains_[0]->unregister(r);
+  // Closing the endpoints cancels what is still posted; only then may the contexts be freed.
+  domains_.clear();
+  active_.clear();
+  for (auto& q : pending_) q.clear();
+}
+
+}  // namespace jax_garden::fabric

@@ -1,0 +1,87 @@
+// XLA FFI handlers (CPU) for the fabric jit ops. They decode and delegate:
+//   jg_fabric_signal: store a value into a watcher slot, in program order.
+//   jg_fabric_wait:   block until an imm counter holds `count` credits, then take them.
+// Both pass their remaining operands through (aliased to the results), which is how callers order
+// other work after them.
+#include <cstring>
+
+#include "common/error.h"
+#include "common/registry.h"
+#include "fabric/engine.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_garden::fabric {
+namespace {
+
+// When XLA did not alias a pass-through operand with its result, copy it.
+ffi::Error pass_through(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  if (args.size() != rets.size()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      str_cat("pass-through operands (", args.size(), ") and results (", rets.size(), ") differ"));
+  }
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto in = args.get<ffi::AnyBuffer>(i);
+    auto out = rets.get<ffi::AnyBuffer>(i);
+    if (!in.has_value() || !out.has_value()) return ffi::Error::InvalidArgument("pass-through operand is not a buffer");
+    if (in->untyped_data() != (*out)->untyped_data()) {
+      std::memcpy((*out)->untyped_data(), in->untyped_data(), in->size_bytes());
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SignalCpuImpl(uint64_t address,          // host address of a live watcher slot
+                         ffi::Buffer<ffi::U64> value,  // scalar stored into the slot
+                         ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  if (!is_live_watcher_slot(address)) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      str_cat("fabric.signal: 0x", std::hex, address,
+                              " is not a slot of a live watcher (was the watcher or engine closed?)"));
+  }
+  if (auto e = pass_through(args, rets); e.failure()) return e;
+  __atomic_store_n(reinterpret_cast<uint64_t*>(address), value.typed_data()[0], __ATOMIC_RELEASE);
+  return ffi::Error::Success();
+}
+
+ffi::Error WaitCpuImpl(uint64_t counter_id,         // ImmCounter.id
+                       double timeout,              // seconds; the engine's timeout by default
+                       ffi::Buffer<ffi::S64> count,  // scalar: credits to take
+                       ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  auto counter = find_imm_counter(counter_id);
+  if (!counter) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      str_cat("fabric.wait: imm counter id ", counter_id, " does not exist any more"));
+  }
+  try {
+    counter->wait(count.typed_data()[0], timeout);
+  } catch (const Timeout& e) {
+    return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, str_cat("fabric.wait: ", e.what()));
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kAborted, str_cat("fabric.wait: ", e.what()));
+  }
+  return pass_through(args, rets);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSignalCpu, SignalCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Attr<uint64_t>("address")
+                                  .Arg<ffi::Buffer<ffi::U64>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kWaitCpu, WaitCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Attr<uint64_t>("counter_id")
+                                  .Attr<double>("timeout")
+                                  .Arg<ffi::Buffer<ffi::S64>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
+
+JG_REGISTER_FFI_TARGET("jg_fabric_signal", "cpu", kSignalCpu);
+JG_REGISTER_FFI_TARGET("jg_fabric_wait", "cpu", kWaitCpu);
+
+}  // namespace jax_garden::fabric

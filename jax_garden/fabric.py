@@ -1,0 +1,439 @@
+"""TransferEngine: one-sided RDMA writes with immediate data over libfabric, for JAX programs.
+
+One engine drives one device group: ``domains`` NICs (on ``tcp``, loopback endpoints stand in for
+NICs) with one progress worker thread, a callback thread and, when watchers exist, a watcher thread.
+
+Completion model (reliable, **unordered** delivery): the sender learns that an op finished from its
+:class:`Transfer`; the receiver learns it only by counting immediate values (imms). Each op delivers
+a known number of imm-carrying writes to each destination, given by :func:`imm_writes`; receivers
+wait for that many on an :class:`ImmCounter`. Counters have credit semantics: arrivals that come
+before anyone waits (even before the counter is created) are kept.
+
+Every wait takes a timeout; a dead or silent peer fails every pending op toward it within the
+engine's ``timeout`` (plus ``bytes / 200 MB/s`` for large ops) with :class:`TransferError` or
+``TimeoutError``. Bad arguments raise ``ValueError`` before anything is posted.
+
+jit ops: :func:`signal` stores into a watcher slot in program order, :func:`wait` blocks a program
+until an imm counter reaches a count. Both pass operands through so callers can order work on them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from jax_garden import _ffi
+from jax_garden._jax_garden import fabric as _native
+
+NetAddress = _native.NetAddress
+MemoryDescriptor = _native.MemoryDescriptor
+Transfer = _native.Transfer
+ImmCounter = _native.ImmCounter
+TransferError = _native.TransferError
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_SPLIT_THRESHOLD = 1 << 20
+IMM_MAX = (1 << 32) - 1
+
+__all__ = [
+    "TransferEngine", "NetAddress", "MemoryDescriptor", "MemoryRegion", "Transfer", "ImmCounter",
+    "Watcher", "WatcherSlot", "TransferError", "imm_writes", "signal", "wait",
+]
+
+
+def _check_count(name: str, value: Any, *, positive: bool = False) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+    if value >= 1 << 64:
+        raise ValueError(f"{name} must fit in 64 bits, got {value}")
+    return value
+
+
+def _check_imm(imm: Any, *, required: bool = False) -> int | None:
+    if imm is None:
+        if required:
+            raise ValueError("imm is required for this operation")
+        return None
+    imm = _check_count("imm", imm)
+    if imm > IMM_MAX:
+        raise ValueError(f"imm must fit in 32 bits (0..{IMM_MAX}), got {imm}")
+    return imm
+
+
+def _descriptor(d: Any, what: str = "remote_descriptor") -> MemoryDescriptor:
+    if isinstance(d, MemoryDescriptor):
+        return d
+    if isinstance(d, (bytes, bytearray, memoryview)):
+        return MemoryDescriptor.from_bytes(bytes(d))
+    raise ValueError(f"{what} must be a fabric.MemoryDescriptor or its bytes, got {type(d).__name__}")
+
+
+def _address(a: Any) -> NetAddress:
+    if isinstance(a, NetAddress):
+        return a
+    if isinstance(a, (bytes, bytearray, memoryview)):
+        return NetAddress.from_bytes(bytes(a))
+    raise ValueError(f"address must be a fabric.NetAddress or its bytes, got {type(a).__name__}")
+
+
+def _page_list(name: str, pages: Any) -> list[int]:
+    arr = np.asarray(pages)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of page indices, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise ValueError(f"{name} holds index {int(arr.min()) if arr.min() < 0 else int(arr.max())} "
+                         f"outside 0..2^32-1")
+    return [int(x) for x in arr]
+
+
+def imm_writes(op: str, *, domains: int, length: int = 0, pages: int = 0, sharding: str = "targets",
+               split_threshold: int = DEFAULT_SPLIT_THRESHOLD) -> int:
+    """Imm-carrying writes that ONE destination receives from one op (the accounting function).
+
+    ``domains`` is the *sender's* domain count (``NetAddress.num_domains`` / ``eng.num_domains``).
+
+    =============  ====================================================================
+    op             imm writes per destination
+    =============  ====================================================================
+    ``"write"``    ``domains`` if ``length >= split_threshold`` (the write is cut into one
+                   piece per domain), else 1
+    ``"paged"``    ``pages`` (one write per page)
+    ``"scatter"``  1 per target with ``sharding="targets"``, ``domains`` per target with
+                   ``sharding="bytes"`` (zero-length pieces are still sent)
+    ``"imm"``      1
+    ``"barrier"``  1 per peer
+    =============  ====================================================================
+
+    The engine cuts its ops with the same C++ planner this calls, so the counts match by
+    construction.
+    """
+    return int(_native.imm_writes(op, _check_count("domains", domains, positive=True),
+                                  _check_count("length", length), _check_count("pages", pages), sharding,
+                                  _check_count("split_threshold", split_threshold, positive=True)))
+
+
+class MemoryRegion:
+    """A registered local buffer. Keeps the registered object alive; unregisters when dropped."""
+
+    def __init__(self, native: Any, keepalive: Any, is_cuda: bool):
+        self._native = native
+        self._keepalive = keepalive
+        self.is_cuda = is_cuda
+
+    @property
+    def descriptor(self) -> MemoryDescriptor:
+        return self._native.descriptor
+
+    @property
+    def length(self) -> int:
+        return self._native.length
+
+    @property
+    def base(self) -> int:
+        return self._native.base
+
+    def __repr__(self) -> str:
+        return f"MemoryRegion(base=0x{self.base:x}, length={self.length}{', cuda' if self.is_cuda else ''})"
+
+
+class WatcherSlot:
+    """One 64-bit slot of a watcher; ``fabric.signal(slot, v)`` stores into it from a jit program."""
+
+    def __init__(self, watcher: "Watcher", index: int):
+        self.watcher = watcher
+        self.index = index
+        self.address = watcher._native.slot_address(index)
+
+    @property
+    def value(self) -> int:
+        return self.watcher._native.read(self.index)
+
+    def store(self, value: int) -> None:
+        self.watcher._native.store(self.index, _check_count("value", value))
+
+    def __repr__(self) -> str:
+        return f"WatcherSlot({self.index}, value={self.value})"
+
+
+class Watcher:
+    """Slots polled by the engine; ``callback(slot, old, new)`` runs on the callback thread when a
+    slot changes (changes between two polls coalesce)."""
+
+    num_slots = _native.Watcher.num_slots
+
+    def __init__(self, native: Any, engine: "TransferEngine"):
+        self._native = native
+        self._engine = engine  # the slots live as long as the engine's watcher thread knows them
+
+    def slot(self, index: int) -> WatcherSlot:
+        index = _check_count("slot index", index)
+        if index >= self.num_slots:
+            raise ValueError(f"slot index {index} out of range: a watcher has {self.num_slots} slots")
+        return WatcherSlot(self, index)
+
+
+class TransferEngine:
+    """One-sided RDMA writes with imm data over libfabric.
+
+    Args:
+      provider: ``"tcp"``, ``"efa"``, ``"verbs"``, ``"shm"``, a full libfabric name, or None for
+        auto (efa > verbs;ofi_rxm > tcp).
+      domains: NICs in the group (1..8); large writes are split across them.
+      node: source address to bind. For ``tcp`` the default is ``127.0.0.1`` (set
+        ``JAX_GARDEN_TCP_NODE`` or pass ``node`` for a real interface); other providers pick.
+      timeout: seconds after which an op toward a silent peer fails (large ops get
+        ``bytes / 200 MB/s`` more).
+      max_message_bytes: largest two-sided control message (header included).
+      split_threshold: single writes at least this long are cut into one piece per domain.
+    """
+
+    def __init__(self, provider: str | None = None, domains: int = 1, *, node: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = 256 * 1024,
+                 split_threshold: int = DEFAULT_SPLIT_THRESHOLD):
+        import os
+
+        domains = _check_count("domains", domains, positive=True)
+        if not (timeout > 0):
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if node is None:
+            node = os.environ.get("JAX_GARDEN_TCP_NODE", "127.0.0.1") if provider in ("tcp", "tcp;ofi_rxm") else ""
+        self._native = _native.Engine.create(provider or "", node, domains, float(timeout),
+                                             _check_count("max_message_bytes", max_message_bytes, positive=True),
+                                             _check_count("split_threshold", split_threshold, positive=True))
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def address(self) -> NetAddress:
+        return self._native.address
+
+    @property
+    def provider(self) -> str:
+        return self._native.provider
+
+    @property
+    def num_domains(self) -> int:
+        return self._native.num_domains
+
+    @property
+    def timeout(self) -> float:
+        return self._native.timeout
+
+    @property
+    def split_threshold(self) -> int:
+        return self._native.split_threshold
+
+    @property
+    def supports_gpu_memory(self) -> bool:
+        return self._native.supports_gpu_memory
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    # -- memory --------------------------------------------------------------------------------
+    def register(self, obj: Any, *, memory: str | None = None) -> MemoryRegion:
+        """Register a numpy array, a single-device jax array, an object with
+        ``__cuda_array_interface__``, or a ``(pointer, nbytes)`` pair (host memory unless
+        ``memory="cuda"``). The buffer must stay where it is: the region keeps ``obj`` alive.
+        Remote peers write into it in place, behind JAX's back for jax arrays."""
+        is_cuda, device = False, -1
+        if isinstance(obj, tuple):
+            if len(obj) != 2:
+                raise ValueError(f"register((pointer, nbytes)) takes a pair, got {len(obj)} items")
+            ptr, nbytes = _check_count("pointer", obj[0], positive=True), _check_count("nbytes", obj[1])
+            is_cuda = memory == "cuda"
+            if is_cuda:
+                device = 0
+        elif isinstance(obj, np.ndarray):
+            if not obj.flags.c_contiguous:
+                raise ValueError("register: the numpy array must be C-contiguous")
+            if not obj.flags.writeable:
+                raise ValueError("register: the numpy array is read-only; peers write into registered memory")
+            ptr, nbytes = obj.__array_interface__["data"][0], obj.nbytes
+        elif hasattr(obj, "__cuda_array_interface__"):
+            cai = obj.__cuda_array_interface__
+            if cai.get("strides") not in (None,):
+                raise ValueError("register: the CUDA array must be C-contiguous")
+            ptr = cai["data"][0]
+            nbytes = int(np.prod(cai["shape"])) * np.dtype(cai["typestr"]).itemsize
+            is_cuda, device = True, _cuda_device_of(ptr)
+        elif hasattr(obj, "unsafe_buffer_pointer") and hasattr(obj, "devices"):
+            devices = list(obj.devices())
+            if len(devices) != 1:
+                raise ValueError(f"register: a jax array must live on one device, this one spans {len(devices)}")
+            dev = devices[0]
+            ptr, nbytes = obj.unsafe_buffer_pointer(), obj.nbytes
+            if dev.platform != "cpu":
+                is_cuda, device = True, int(getattr(dev, "local_hardware_id", dev.id))
+        else:
+            raise ValueError(f"register: cannot register {type(obj).__name__}; pass a numpy array, a jax array, "
+                             "a CUDA array or (pointer, nbytes)")
+        if nbytes <= 0:
+            raise ValueError(f"register: the buffer is empty ({nbytes} bytes)")
+        if is_cuda and not self.supports_gpu_memory:
+            raise ValueError(f"register: provider '{self.provider}' cannot register GPU memory (no FI_HMEM); "
+                             "GPU buffers need a GPUDirect provider (efa, verbs), or host staging")
+        native = self._native.register_memory(ptr, nbytes, is_cuda, device)
+        return MemoryRegion(native, obj, is_cuda)
+
+    # -- one-sided operations -------------------------------------------------------------------
+    def write(self, region: MemoryRegion, remote_descriptor: Any, length: int, src_offset: int = 0,
+              dst_offset: int = 0, imm: int | None = None) -> Transfer:
+        """Write ``length`` bytes from ``region[src_offset:]`` to the remote region at ``dst_offset``.
+        Delivers ``imm_writes("write", domains=self.num_domains, length=length)`` imms."""
+        return self._native.write(_region(region), _descriptor(remote_descriptor), _check_count("length", length),
+                                  _check_count("src_offset", src_offset), _check_count("dst_offset", dst_offset),
+                                  _check_imm(imm))
+
+    def write_paged(self, region: MemoryRegion, remote_descriptor: Any, page_bytes: int,
+                    src_pages: Sequence[int], dst_pages: Sequence[int], src_stride: int, dst_stride: int,
+                    src_offset: int = 0, dst_offset: int = 0, imm: int | None = None) -> Transfer:
+        """Page i moves ``page_bytes`` from ``src_offset + src_pages[i]*src_stride`` to
+        ``dst_offset + dst_pages[i]*dst_stride``. One imm per page."""
+        return self._native.write_paged(_region(region), _descriptor(remote_descriptor),
+                                        _check_count("page_bytes", page_bytes, positive=True),
+                                        _page_list("src_pages", src_pages), _page_list("dst_pages", dst_pages),
+                                        _check_count("src_stride", src_stride), _check_count("dst_stride", dst_stride),
+                                        _check_count("src_offset", src_offset), _check_count("dst_offset", dst_offset),
+                                        _check_imm(imm))
+
+    def scatter(self, region: MemoryRegion, targets: Iterable[tuple[Any, int, int, int]], imm: int | None = None,
+                *, sharding: str = "targets") -> Transfer:
+        """One source, many destinations: ``targets`` = ``[(remote_descriptor, length, src_offset,
+        dst_offset), ...]``. ``sharding="targets"`` spreads targets over domains (1 imm each),
+        ``"bytes"`` cuts every target over all domains (``num_domains`` imms each)."""
+        native_targets = []
+        for i, t in enumerate(targets):
+            if len(t) != 4:
+                raise ValueError(f"scatter target {i} must be (descriptor, length, src_offset, dst_offset), got {t!r}")
+            d, n, so, do = t
+            native_targets.append((_descriptor(d, f"scatter target {i} descriptor"), _check_count("length", n),
+                                   _check_count("src_offset", so), _check_count("dst_offset", do)))
+        return self._native.scatter(_region(region), native_targets, sharding, _check_imm(imm))
+
+    def write_imm(self, remote_descriptor: Any, imm: int) -> Transfer:
+        """A zero-byte write that delivers only ``imm`` to the owner of ``remote_descriptor``."""
+        return self._native.write_imm(_descriptor(remote_descriptor), _check_imm(imm, required=True))
+
+    def barrier(self, remote_descriptors: Iterable[Any], imm: int) -> Transfer:
+        """Deliver ``imm`` once to each peer. A full barrier: every member calls
+        ``barrier(others, imm)`` then ``imm_counter(imm).wait(len(others))``."""
+        peers = [_descriptor(d) for d in remote_descriptors]
+        return self._native.barrier(peers, _check_imm(imm, required=True))
+
+    # -- two-sided control messages -------------------------------------------------------------
+    def send(self, address: Any, payload: bytes) -> Transfer:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise ValueError(f"send: payload must be bytes, got {type(payload).__name__}")
+        return self._native.send(_address(address), bytes(payload))
+
+    def recv(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Next control message's payload (TimeoutError if none arrives in time)."""
+        return self._native.recv(float(timeout))[1]
+
+    def recv_message(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[NetAddress, bytes]:
+        """Next control message as ``(sender address, payload)``."""
+        return self._native.recv(float(timeout))
+
+    # -- completion ------------------------------------------------------------------------------
+    def imm_counter(self, imm: int) -> ImmCounter:
+        """The (one) credit counter of ``imm``: ``counter.wait(n, timeout)`` takes n arrivals."""
+        return self._native.imm_counter(_check_imm(imm, required=True))
+
+    def watcher(self, callback: Callable[[int, int, int], Any]) -> Watcher:
+        if not callable(callback):
+            raise ValueError("watcher: callback must be callable(slot, old, new)")
+        return Watcher(self._native.watcher(callback), self)
+
+    def close(self) -> None:
+        """Fail every op in flight (TransferError), stop the threads, close the endpoints."""
+        self._native.close()
+
+    def __enter__(self) -> "TransferEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TransferEngine({self.provider}, domains={self.num_domains}{', closed' if self.closed else ''})"
+
+
+def _region(region: Any) -> Any:
+    if not isinstance(region, MemoryRegion):
+        raise ValueError(f"expected a MemoryRegion from TransferEngine.register, got {type(region).__name__}")
+    return region._native
+
+
+def _cuda_device_of(ptr: int) -> int:
+    try:
+        import cupy  # noqa: F401
+
+        return int(cupy.cuda.runtime.pointerGetAttributes(ptr).device)
+    except Exception:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# jit ops
+
+def _passthrough_call(target: str, scalar: Any, operands: tuple, **attrs: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    ops = tuple(jnp.asarray(o) for o in operands) or (jnp.zeros((), jnp.uint32),)
+    out_types = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in ops]
+    call = jax.ffi.ffi_call(target, out_types, has_side_effect=True,
+                            input_output_aliases={i + 1: i for i in range(len(ops))})
+    results = call(scalar, *ops, **attrs)
+    if not operands:
+        return results[0]
+    return results[0] if len(operands) == 1 else tuple(results)
+
+
+def signal(slot: WatcherSlot, value: Any, *after: Any) -> Any:
+    """Store ``value`` (uint64) into a watcher slot once every array in ``after`` is computed.
+
+    Usable inside ``jax.jit``; has side effects, so XLA keeps it. Returns ``after`` (one array, a
+    tuple, or a token scalar when none was given) so later work can depend on the signal.
+    """
+    import jax.numpy as jnp
+
+    if not isinstance(slot, WatcherSlot):
+        raise ValueError(f"signal: slot must be a WatcherSlot from Watcher.slot(i), got {type(slot).__name__}")
+    value = jnp.asarray(value)
+    if value.shape != ():
+        raise ValueError(f"signal: value must be a scalar, got shape {value.shape}")
+    return _passthrough_call("jg_fabric_signal", value.astype(jnp.uint64), after,
+                             address=np.uint64(slot.address))
+
+
+def wait(counter: ImmCounter, count: Any, *operands: Any, timeout: float | None = None) -> Any:
+    """Block the program until ``counter`` holds ``count`` credits, then take them.
+
+    Returns ``operands`` (passed through) so that whatever consumes them runs after the wait. A
+    stall longer than ``timeout`` (default: the engine's timeout) fails the program with an error,
+    never a hang.
+    """
+    import jax.numpy as jnp
+
+    if not isinstance(counter, ImmCounter):
+        raise ValueError(f"wait: counter must be an ImmCounter from TransferEngine.imm_counter, "
+                         f"got {type(counter).__name__}")
+    count = jnp.asarray(count)
+    if count.shape != ():
+        raise ValueError(f"wait: count must be a scalar, got shape {count.shape}")
+    t = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+    if not t > 0:
+        raise ValueError(f"wait: timeout must be > 0, got {timeout}")
+    return _passthrough_call("jg_fabric_wait", count.astype(jnp.int64), operands,
+                             counter_id=np.uint64(counter.id), timeout=np.float64(t))
+
+
+assert _ffi  # the FFI targets are registered on import of jax_garden
