@@ -398,7 +398,7 @@ def _passthrough_call(target: str, scalar: Any, operands: tuple, **attrs: Any) -
 
 
 def signal(slot: WatcherSlot, value: Any, *after: Any) -> Any:
-    """Store ``value`` (uint64) into a watcher slot once every array in ``after`` is computed.
+    """Store ``value`` (uint32, zero-extended into the 64-bit slot) into a watcher slot once every array in ``after`` is computed.
 
     Usable inside ``jax.jit``; has side effects, so XLA keeps it. Returns ``after`` (one array, a
     tuple, or a token scalar when none was given) so later work can depend on the signal.
@@ -410,7 +410,7 @@ def signal(slot: WatcherSlot, value: Any, *after: Any) -> Any:
     value = jnp.asarray(value)
     if value.shape != ():
         raise ValueError(f"signal: value must be a scalar, got shape {value.shape}")
-    return _passthrough_call("jg_fabric_signal", value.astype(jnp.uint64), after,
+    return _passthrough_call("jg_fabric_signal", value.astype(jnp.uint32), after,
                              address=np.uint64(slot.address))
 
 
@@ -432,7 +432,7 @@ def wait(counter: ImmCounter, count: Any, *operands: Any, timeout: float | None 
     t = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     if not t > 0:
         raise ValueError(f"wait: timeout must be > 0, got {timeout}")
-    return _passthrough_call("jg_fabric_wait", count.astype(jnp.int64), operands,
+    return _passthrough_call("jg_fabric_wait", count.astype(jnp.int32), operands,
                              counter_id=np.uint64(counter.id), timeout=np.float64(t))
 
 

@@ -33,7 +33,7 @@ ffi::Error pass_through(ffi::RemainingArgs args, ffi::RemainingRets rets) {
 }
 
 ffi::Error SignalCpuImpl(uint64_t address,          // host address of a live watcher slot
-                         ffi::Buffer<ffi::U64> value,  // scalar stored into the slot
+                         ffi::Buffer<ffi::U32> value,  // scalar stored into the slot (zero-extended; jax defaults to 32 bits)
                          ffi::RemainingArgs args, ffi::RemainingRets rets) {
   if (!is_live_watcher_slot(address)) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
@@ -41,13 +41,13 @@ ffi::Error SignalCpuImpl(uint64_t address,          // host address of a live wa
                               " is not a slot of a live watcher (was the watcher or engine closed?)"));
   }
   if (auto e = pass_through(args, rets); e.failure()) return e;
-  __atomic_store_n(reinterpret_cast<uint64_t*>(address), value.typed_data()[0], __ATOMIC_RELEASE);
+  __atomic_store_n(reinterpret_cast<uint64_t*>(address), uint64_t{value.typed_data()[0]}, __ATOMIC_RELEASE);
   return ffi::Error::Success();
 }
 
 ffi::Error WaitCpuImpl(uint64_t counter_id,         // ImmCounter.id
                        double timeout,              // seconds; the engine's timeout by default
-                       ffi::Buffer<ffi::S64> count,  // scalar: credits to take
+                       ffi::Buffer<ffi::S32> count,  // scalar: credits to take
                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto counter = find_imm_counter(counter_id);
   if (!counter) {
@@ -69,7 +69,7 @@ ffi::Error WaitCpuImpl(uint64_t counter_id,         // ImmCounter.id
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kSignalCpu, SignalCpuImpl,
                               ffi::Ffi::Bind()
                                   .Attr<uint64_t>("address")
-                                  .Arg<ffi::Buffer<ffi::U64>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .RemainingArgs()
                                   .RemainingRets());
 
@@ -77,7 +77,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kWaitCpu, WaitCpuImpl,
                               ffi::Ffi::Bind()
                                   .Attr<uint64_t>("counter_id")
                                   .Attr<double>("timeout")
-                                  .Arg<ffi::Buffer<ffi::S64>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .RemainingRets());
 

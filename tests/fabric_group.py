@@ -1,0 +1,69 @@
+"""Runs a function in N spawned processes that each own a TransferEngine, after exchanging every
+rank's address and region descriptor through the parent. Children are always reaped: on failure or
+timeout the parent kills what is left."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import traceback
+from typing import Any, Callable
+
+CHILD_TIMEOUT = 120.0
+
+
+def _entry(fn: Callable, rank: int, size: int, board: Any, inbox: Any, results: Any, args: tuple) -> None:
+    try:
+        def exchange(info: Any) -> list:
+            board.put((rank, info))
+            return inbox.get(timeout=CHILD_TIMEOUT)
+
+        out = fn(rank, size, exchange, *args)
+        results.put((rank, "ok", out))
+    except BaseException as e:  # report everything, including assertion failures
+        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_group(fn: Callable, size: int, *args: Any, timeout: float = 90.0, exchanges: int = 1,
+              expect_dead: set[int] | None = None, on_started: Callable | None = None) -> dict[int, Any]:
+    """fn(rank, size, exchange, *args) -> result. `exchange(info)` returns the list of every rank's
+    info (a barrier); call it exactly `exchanges` times. Returns {rank: result}; raises if any rank
+    failed (ranks in expect_dead may vanish)."""
+    ctx = mp.get_context("spawn")
+    board, results = ctx.Queue(), ctx.Queue()
+    inboxes = [ctx.Queue() for _ in range(size)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, size, board, inboxes[r], results, args), daemon=True)
+             for r in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in range(exchanges):
+            infos: list[Any] = [None] * size
+            for _ in range(size):
+                rank, info = board.get(timeout=timeout)
+                infos[rank] = info
+            for box in inboxes:
+                box.put(infos)
+            if on_started is not None:
+                on_started(procs)
+                on_started = None
+        out: dict[int, Any] = {}
+        errors = []
+        alive_needed = size - len(expect_dead or ())
+        while len(out) + len(errors) < alive_needed:
+            try:
+                rank, status, value = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"ranks {sorted(set(range(size)) - set(out))} did not finish in {timeout} s")
+            (out.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}: {value}"))
+        if errors:
+            raise AssertionError("\n".join(errors))
+        return out
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(timeout=5)
