@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh Debian/Ubuntu machine: libfabric headers, a Python 3.12 venv with
+# jax 0.11.2, and the package built from this checkout. Idempotent.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+if ! pkg-config --exists libfabric 2>/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq libfabric-dev pkg-config >/dev/null
+fi
+
+find_python312() {
+  for c in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
+    if command -v "$c" >/dev/null 2>&1; then command -v "$c"; return; fi
+    for f in $c; do [ -x "$f" ] && { echo "$f"; return; }; done
+  done
+}
+py=$(find_python312 || true)
+if [ -z "$py" ]; then
+  apt-get install -y -qq python3.12 python3.12-venv >/dev/null
+  py=python3.12
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q "jax==0.11.2" "jaxlib==0.11.2" numpy ml_dtypes nanobind "scikit-build-core>=0.10" \
+  pytest pytest-timeout ninja cmake
+# CPU-only unless asked otherwise: CI has nvcc but no GPU, and the CUDA build is checked on GPU machines.
+JAX_GARDEN_CUDA=${JAX_GARDEN_CUDA:-OFF} .venv/bin/pip install -q --no-build-isolation .

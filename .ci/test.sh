@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command (README): sets up if needed, then runs the CPU test suite.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bash .ci/setup.sh
+# -P keeps the source tree off sys.path, so the installed package (with its extension) is tested.
+exec .venv/bin/python -P -m pytest tests -q -p no:cacheprovider "$@"
