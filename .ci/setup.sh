@@ -12,10 +12,13 @@ if ! pkg-config --exists libfabric 2>/dev/null; then
 fi
 
 find_python312() {
-  for c in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
-    if command -v "$c" >/dev/null 2>&1; then command -v "$c"; return; fi
-    for f in $c; do [ -x "$f" ] && { echo "$f"; return; }; done
+  # A candidate counts only if it runs and is 3.12 (pyenv shims exist for versions not selected).
+  for c in /root/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12 python3.12; do
+    for f in $c; do
+      if "$f" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then echo "$f"; return 0; fi
+    done
   done
+  return 1
 }
 py=$(find_python312 || true)
 if [ -z "$py" ]; then
