@@ -284,25 +284,17 @@ void Watcher::poll() {
 // MemoryRegion
 
 MemoryRegion::~MemoryRegion() {
-  if (!core_) return;
-  auto core = core_;
-  MemoryRegion* self = this;
-  // Unregister on the worker (libfabric objects are single-threaded); after close() the domains are
-  // gone and the engine already closed these registrations.
-  if (!core->closed()) {
-    try {
-      core->run_on_worker([core, self]() {
-        auto& list = core->regions_;
-        for (size_t i = 0; i < list.size(); ++i)
-          if (list[i] == self) {
-            list.erase(list.begin() + i);
-            for (size_t d = 0; d < self->regs_.size(); ++d) core->domains_[d]->unregister(self->regs_[d]);
-            break;
-          }
-      });
-    } catch (...) {
-    }
-  }
+  // Asynchronous: the worker unregisters when it gets to it. Commands left after shutdown are never
+  // run, and shutdown itself closes every registration still in the map.
+  if (!core_ || core_->closed()) return;
+  EngineCore* core = core_.get();
+  uint64_t id = id_;
+  core->enqueue([core, id]() {
+    auto it = core->registrations_.find(id);
+    if (it == core->registrations_.end()) return;
+    for (size_t d = 0; d < it->second.size(); ++d) core->domains_[d]->unregister(it->second[d]);
+    core->registrations_.erase(it);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,7 +308,15 @@ std::shared_ptr<EngineCore> EngineCore::create(const EngineOptions& options) {
   JG_CHECK_ARG(options.timeout_s > 0, "timeout must be > 0 seconds, got ", options.timeout_s);
   JG_CHECK_ARG(options.max_message_bytes >= 1024, "max_message_bytes must be >= 1024, got ",
                options.max_message_bytes);
-  std::shared_ptr<EngineCore> core(new EngineCore(options));
+  // The last reference may be dropped on one of the engine's own threads (an op on the worker
+  // holding the last region, a Python callback). Those threads cannot join themselves, so the
+  // engine is then closed and freed from a short-lived reaper thread instead.
+  std::shared_ptr<EngineCore> core(new EngineCore(options), [](EngineCore* p) {
+    if (p->on_own_thread())
+      std::thread([p] { delete p; }).detach();
+    else
+      delete p;
+  });
   core->start();
   return core;
 }
@@ -359,6 +359,11 @@ void EngineCore::start() {
 
 EngineCore::~EngineCore() { close(); }
 
+bool EngineCore::on_own_thread() const {
+  auto me = std::this_thread::get_id();
+  return me == worker_.get_id() || me == callback_thread_id_ || me == watcher_thread_.get_id();
+}
+
 void EngineCore::close() {
   std::lock_guard close_lk(close_mu_);
   if (closed_.exchange(true)) return;
@@ -373,7 +378,7 @@ void EngineCore::close() {
   wake();
   if (worker_.joinable()) {
     if (std::this_thread::get_id() == worker_.get_id())
-      worker_.detach();  // last reference dropped by the worker itself: it exits after this op
+      worker_.detach();  // close() called from a command on the worker (the engine object lives on)
     else
       worker_.join();  // fails pending ops and closes the domains
   }
@@ -540,15 +545,19 @@ std::shared_ptr<MemoryRegion> EngineCore::register_memory(uint64_t ptr, uint64_t
   desc.virtual_addressing = provider_->virtual_addressing;
   desc.kind = cuda ? MemoryKind::kCuda : MemoryKind::kHost;
   desc.device = cuda ? device : -1;
-  MemoryRegion* raw = region.get();
-  run_on_worker([&, raw]() {
+  region->id_ = next_id_.fetch_add(1);
+  std::vector<MemoryRegistration> regs;
+  run_on_worker([&]() {
     for (auto& d : domains_) {
-      raw->regs_.push_back(d->register_memory(reinterpret_cast<void*>(ptr), length, cuda, device,
-                                              provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
+      regs.push_back(d->register_memory(reinterpret_cast<void*>(ptr), length, cuda, device,
+                                        provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
     }
-    regions_.push_back(raw);
+    registrations_[region->id_] = regs;
   });
-  for (size_t d = 0; d < domains_.size(); ++d) desc.domains.push_back({address_.domains[d], raw->regs_[d].key});
+  for (size_t d = 0; d < domains_.size(); ++d) {
+    region->descs_.push_back(regs[d].desc);
+    desc.domains.push_back({address_.domains[d], regs[d].key});
+  }
   return region;
 }
 
@@ -1071,9 +1080,9 @@ void EngineCore::shutdown_on_worker() {
     } catch (...) {
     }
   }
-  for (MemoryRegion* r : regions_)
-    for (size_t d = 0; d < r->regs_.size(); ++d) domains_[d]->unregister(r->regs_[d]);
-  regions_.clear();
+  for (auto& [id, regs] : registrations_)
+    for (size_t d = 0; d < regs.size(); ++d) domains_[d]->unregister(regs[d]);
+  registrations_.clear();
   for (size_t d = 0; d < domains_.size(); ++d) domains_[d]->unregister(scratch_regs_[d]);
   domains_[0]->unregister(recv_reg_);
   for (auto& [id, op] : active_)

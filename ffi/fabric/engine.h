@@ -132,14 +132,15 @@ class MemoryRegion {
   uint64_t base() const { return base_; }
   uint64_t length() const { return length_; }
   const MemoryDescriptor& descriptor() const { return descriptor_; }
-  void* desc(uint32_t domain) const { return regs_[domain].desc; }
+  void* desc(uint32_t domain) const { return descs_[domain]; }
   bool cuda() const { return descriptor_.kind == MemoryKind::kCuda; }
 
  private:
   friend class EngineCore;
   std::shared_ptr<EngineCore> core_;
+  uint64_t id_ = 0;  // key of its registrations in EngineCore::registrations_
   uint64_t base_ = 0, length_ = 0;
-  std::vector<MemoryRegistration> regs_;
+  std::vector<void*> descs_;  // per-domain local descriptors, valid until unregistered
   MemoryDescriptor descriptor_;
 };
 
@@ -193,6 +194,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // Runs fn on the callback thread (never on the worker).
   void post_callback(std::function<void()> fn);
   void close();
+  bool on_own_thread() const;
 
   // Internal (worker / counters).
   void waiter_enter() { waiters_.fetch_add(1); wake(); }
@@ -236,7 +238,9 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   MemoryRegistration recv_reg_;
   std::vector<uint8_t> scratch_;  // 64 bytes registered on every domain, source of imm-only writes
   std::vector<MemoryRegistration> scratch_regs_;
-  std::vector<MemoryRegion*> regions_;  // live regions, closed before the domains
+  // Registrations of live regions, by region id. Owned by the worker: a dropped region enqueues its
+  // own unregistration, and shutdown closes whatever is left before the domains.
+  std::unordered_map<uint64_t, std::vector<MemoryRegistration>> registrations_;
   Clock::time_point last_activity_;
   Clock::time_point last_timeout_check_;
 
