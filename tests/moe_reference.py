@@ -1,0 +1,117 @@
+"""NumPy reference of MoE dispatch/combine (DESIGN.md §3, jax_garden/moe.py docstring).
+
+Written from the semantics, independently of the native and ragged implementations, so the CPU
+and GPU suites can check either against it. Arrays are stacked over ranks: ``xs[R, T, H]``,
+``indices[R, T, K]``, ``weights[R, T, K]``, ``bound_m[R]``; results likewise ``[R, ...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+
+FP8_MAX = np.float32(448.0)
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def worst_case_recv_tokens(r: int, t: int, k: int, l: int, pad: int) -> int:
+    return round_up(r * t * k + l * (pad - 1), pad)
+
+
+def quantize_fp8(x: np.ndarray, scale_block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block of ``scale_block`` channels: scale = amax * f32(1/448) (1 if the block is all zero),
+    x_fp8 = clip(x/scale, ±448) rounded to float8_e4m3fn. ``x`` is [..., H]."""
+    *lead, h = x.shape
+    xb = x.astype(np.float32).reshape(*lead, h // scale_block, scale_block)
+    amax = np.abs(xb).max(axis=-1)
+    scale = np.where(amax > 0, amax * np.float32(1.0 / 448.0), np.float32(1.0)).astype(np.float32)
+    q = np.clip(xb / scale[..., None], -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return q.reshape(*lead, h), scale
+
+
+@dataclasses.dataclass
+class Plan:
+    """Where each (rank s, token t, k) goes: ``dest[s, t, k]`` rank (-1 if ignored) and
+    ``row[s, t, k]`` row in that rank's expert_x (-1 if ignored or dropped)."""
+
+    dest: np.ndarray      # [R, T, K]
+    row: np.ndarray       # [R, T, K]
+    counts: np.ndarray    # [R, L] rows kept per local expert
+    dropped: np.ndarray   # [R] rows dropped for lack of space, per receiving rank
+    max_recv_tokens: int
+
+
+def plan(indices: np.ndarray, bound_m, num_experts: int, expert_padding: int = 1,
+         max_recv_tokens: int | None = None) -> Plan:
+    indices = np.asarray(indices)
+    r, t, k = indices.shape
+    l = num_experts // r
+    m = max_recv_tokens or worst_case_recv_tokens(r, t, k, l, expert_padding)
+    bm = np.clip(np.asarray(bound_m).reshape(r), 0, t)
+    dest = np.full((r, t, k), -1, np.int64)
+    row = np.full((r, t, k), -1, np.int64)
+    counts = np.zeros((r, l), np.int64)
+    dropped = np.zeros((r,), np.int64)
+    for s in range(r):
+        for tt in range(bm[s]):
+            for kk in range(k):
+                e = indices[s, tt, kk]
+                if 0 <= e < num_experts:
+                    dest[s, tt, kk] = e // l
+    for d in range(r):
+        # Rows for rank d in (source rank, token, k) order, then grouped by local expert.
+        entries = [(s, tt, kk, indices[s, tt, kk] - d * l)
+                   for s in range(r) for tt in range(t) for kk in range(k) if dest[s, tt, kk] == d]
+        cursor = 0
+        for e in range(l):
+            seg = [(s, tt, kk) for (s, tt, kk, le) in entries if le == e]
+            kept = min(len(seg), m - cursor)
+            for i, (s, tt, kk) in enumerate(seg[:kept]):
+                row[s, tt, kk] = cursor + i
+            counts[d, e] = kept
+            dropped[d] += len(seg) - kept
+            cursor += round_up(kept, expert_padding)
+    return Plan(dest, row, counts, dropped, m)
+
+
+def dispatch(p: Plan, xs: np.ndarray, x_scales: np.ndarray | None = None):
+    """Returns ``(expert_x[R, M, H], expert_scale[R, M, S] or None, counts[R, L])``."""
+    r, t, k = p.row.shape
+    ex = np.zeros((r, p.max_recv_tokens, xs.shape[-1]), xs.dtype)
+    es = None if x_scales is None else np.zeros((r, p.max_recv_tokens, x_scales.shape[-1]),
+                                                np.float32)
+    for s, tt, kk in zip(*np.nonzero(p.row >= 0)):
+        d, rw = p.dest[s, tt, kk], p.row[s, tt, kk]
+        ex[d, rw] = xs[s, tt]
+        if es is not None:
+            es[d, rw] = x_scales[s, tt]
+    return ex, es, p.counts.astype(np.int32)
+
+
+def combine(p: Plan, expert_ys: np.ndarray, weights: np.ndarray, out_dtype=ml_dtypes.bfloat16):
+    """``y[s, t] = sum_k w[s, t, k] * expert_y[dest, row]`` in f32, k order, each product and sum
+    rounded separately; absent (t, k) add nothing; rounded once to ``out_dtype``."""
+    r, t, k = p.row.shape
+    acc = np.zeros((r, t, expert_ys.shape[-1]), np.float32)
+    for kk in range(k):
+        ok = p.row[:, :, kk] >= 0
+        v = expert_ys[np.where(ok, p.dest[:, :, kk], 0), np.where(ok, p.row[:, :, kk], 0)]
+        prod = weights[:, :, kk, None].astype(np.float32) * v.astype(np.float32)
+        acc = np.where(ok[..., None], acc + prod, acc)
+    return acc.astype(out_dtype)
+
+
+def random_routing(rng: np.random.Generator, r: int, t: int, k: int, num_experts: int,
+                   distinct: bool = True):
+    """indices[R, T, K] int32 (distinct experts per token when ``distinct``) and weights f32."""
+    if distinct:
+        idx = np.argsort(rng.random((r, t, num_experts)), axis=-1)[..., :k]
+    else:
+        idx = rng.integers(0, num_experts, size=(r, t, k))
+    w = rng.random((r, t, k)).astype(np.float32)
+    return idx.astype(np.int32), w
