@@ -6,6 +6,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/build/dev}; shift || true
 python=${PYTHON:-$root/.venv/bin/python}
+# Prefer the venv's cmake and ninja (CUDA 20 needs CMake >= 3.26); harmless where there is none.
+export PATH="$root/.venv/bin:$PATH"
 cmake -S "$root" -B "$build" -G Ninja -DPython_EXECUTABLE="$python" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
 ninja -C "$build" >/dev/null
 pkg=$build/pkg/jax_garden

@@ -12,3 +12,14 @@ except AttributeError:  # pragma: no cover - older jax
 
 def jax_version() -> tuple[int, ...]:
     return tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+
+def distributed_client():
+    """The coordination-service client of ``jax.distributed`` (key-value store, barriers), or
+    None when ``jax.distributed.initialize`` was not called. Private jax API (stable through
+    0.11): ``jax._src.distributed.global_state.client``."""
+    try:
+        from jax._src import distributed as _distributed
+    except ImportError:  # pragma: no cover - moved in a later jax
+        return None
+    return getattr(getattr(_distributed, "global_state", None), "client", None)

@@ -1,0 +1,248 @@
+"""CUDA (NVLink) context of :class:`jax_garden.moe.AllToAll`: buffers allocated outside XLA,
+peers mapped, sync flags. ``moe.AllToAll`` calls :func:`create_context` for GPU meshes; the FFI
+targets (docs/moe-ffi.md, platform "CUDA") find the context by ``context_id``.
+
+Two process layouts, R = 1, 2, 4 or 8 ranks per group (one NVLink node):
+  * one process driving several GPUs: peers are mapped with peer access, pointers exchanged
+    in-process;
+  * one process per GPU (``jax.distributed``): CUDA IPC handles of each rank's buffer are
+    exchanged through the coordination service's key-value store.
+Mesh axes other than ``axis_name`` form independent groups, each with its own ranks.
+
+Waits inside the kernels are bounded (``timeout`` seconds, default 30 or the environment variable
+``JAX_GARDEN_MOE_TIMEOUT_S``): a rank that never arrives sets a sticky error instead of hanging;
+:meth:`CudaContext.check` raises it, and every later call of the context's FFI targets fails
+with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+
+import jax
+import numpy as np
+
+from jax_garden import _compat
+from jax_garden import _jax_garden as _native
+
+__all__ = ["available", "create_context", "CudaContext", "MoeDeviceError"]
+
+# Error codes of ffi/moe/moe_cuda.h that are waits which timed out.
+_TIMEOUT_CODES = (1, 2, 3, 4)
+_KERNELS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
+_uid = itertools.count()  # same sequence in every process of an SPMD job: names KV keys
+_KV_TIMEOUT_MS = 120_000
+
+
+class MoeDeviceError(RuntimeError):
+    """A sticky error recorded by the CUDA MoE kernels (see the message)."""
+
+
+class MoeTimeoutError(MoeDeviceError, TimeoutError):
+    """A peer never arrived within the context's timeout."""
+
+
+def available() -> bool:
+    """True when the extension was built with the CUDA MoE kernels."""
+    return bool(getattr(_native, "built_with_cuda", False)) and bool(_native.moe_cuda.available)
+
+
+def _default_timeout() -> float:
+    return float(os.environ.get("JAX_GARDEN_MOE_TIMEOUT_S", "30"))
+
+
+def _tuning() -> dict:
+    """Kernel tuning knobs (benchmarks): bytes of a row one warp sends (512, 1024, 2048) and
+    blocks per multiprocessor (1, 2), from JAX_GARDEN_MOE_CHUNK_BYTES / _BLOCKS_PER_SM."""
+    out = {}
+    if "JAX_GARDEN_MOE_CHUNK_BYTES" in os.environ:
+        out["chunk_bytes"] = int(os.environ["JAX_GARDEN_MOE_CHUNK_BYTES"])
+    if "JAX_GARDEN_MOE_BLOCKS_PER_SM" in os.environ:
+        out["blocks_per_sm"] = int(os.environ["JAX_GARDEN_MOE_BLOCKS_PER_SM"])
+    return out
+
+
+class CudaContext:
+    """Owns the native context. ``context_id`` goes into the FFI calls; :meth:`close` frees it
+    (executables compiled against it then fail with an unknown-context error, never crash)."""
+
+    def __init__(self, native_ctx, ranks: dict[int, int], num_ranks: int, uid: int,
+                 multiprocess: bool, report: str):
+        self._ctx = native_ctx
+        self.context_id = int(native_ctx.id)
+        self.ranks = dict(ranks)  # local CUDA device (cuda_ordinal) -> rank
+        self.num_ranks = num_ranks
+        self.kernel_report = report
+        self._uid = uid
+        self._multiprocess = multiprocess
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _close_native, native_ctx, uid, multiprocess)
+
+    def __repr__(self):
+        return (f"CudaContext(id={self.context_id}, R={self.num_ranks}, "
+                f"local ranks={self.ranks}, closed={self._closed})")
+
+    def close(self) -> None:
+        """Waits for this process's devices (and, across processes, for every process to get
+        here), then unmaps peers and frees the buffers. Idempotent."""
+        self._closed = True
+        self._finalizer()
+
+    def check(self) -> None:
+        """Raises the sticky error recorded by the kernels, if any (no device synchronisation:
+        the error word lives in mapped host memory; call after the program finished)."""
+        code, msg = self._ctx.error()
+        if code:
+            raise (MoeTimeoutError if code in _TIMEOUT_CODES else MoeDeviceError)(msg)
+
+    def error(self) -> tuple[int, str]:
+        return tuple(self._ctx.error())
+
+    def dropped_rows(self) -> list[int]:
+        """Rows dropped for lack of max_recv_tokens space, per receiving rank, since creation,
+        summed over groups. Ranks held by other processes read -1 (each process knows its own)."""
+        out = [-1] * self.num_ranks
+        for ordinal, rank in self.ranks.items():
+            out[rank] = max(out[rank], 0) + int(self._ctx.dropped_rows(ordinal))
+        return out
+
+    def handler_calls(self) -> int:
+        """FFI handler invocations so far, all local devices: a replay of a captured CUDA graph
+        launches the kernels (the device generations advance) without calling the handler."""
+        return int(self._ctx.handler_calls())
+
+    def generations(self, ordinal: int) -> dict[str, int]:
+        """Calls completed by each kernel on device ``ordinal``."""
+        return dict(zip(_KERNELS, self._ctx.generations(ordinal)))
+
+    def timings(self, ordinal: int, n: int) -> np.ndarray:
+        """Device timestamps (globaltimer, ns) of the last ``n`` calls of each kernel on device
+        ``ordinal``: ``[n, 4 (dispatch_send, dispatch_recv, combine_send, combine_recv), 2
+        (first block start, last block end)]`` uint64; 0 where no such call happened."""
+        return np.asarray(self._ctx.timings(ordinal, n), np.uint64).reshape(n, 4, 2)
+
+
+def _close_native(native_ctx, uid: int, multiprocess: bool) -> None:
+    if multiprocess:
+        # No process may free its buffer while a peer's kernels can still write into it.
+        client = _compat.distributed_client()
+        if client is not None:
+            try:
+                native_ctx.synchronize()
+                client.wait_at_barrier(f"jax_garden_moe_cuda_{uid}_close", 60_000)
+            except Exception:  # a dead peer: free anyway, nothing can write here any more
+                pass
+    native_ctx.close()
+
+
+_ORDINALS: dict = {}
+
+
+def cuda_ordinal(device) -> int:
+    """The CUDA device number of a jax GPU device in this extension's CUDA runtime (which sees
+    every GPU of the host), found by asking the device itself: jax may renumber its devices
+    (``jax.distributed.initialize(local_device_ids=...)``), so ``local_hardware_id`` is only a
+    fallback."""
+    key = (device.process_index, device.id)
+    if key not in _ORDINALS:
+        import jax.numpy as jnp
+
+        call = jax.ffi.ffi_call("jg_moe_cuda_device_info", jax.ShapeDtypeStruct((2,), jnp.int32),
+                                has_side_effect=True)
+        try:
+            out = jax.jit(call)(jax.device_put(np.zeros((1,), np.int32), device))
+            _ORDINALS[key] = int(np.asarray(out)[1])
+        except Exception:  # pragma: no cover - the helper target is part of this extension
+            _ORDINALS[key] = int(device.local_hardware_id)
+    return _ORDINALS[key]
+
+
+def _groups(mesh, axis_name: str):
+    """Yields (group key, rank, device) for every device of the mesh."""
+    names = tuple(mesh.axis_names)
+    ax = names.index(axis_name)
+    devices = np.asarray(mesh.devices)
+    for idx in np.ndindex(devices.shape):
+        group = tuple(i for j, i in enumerate(idx) if j != ax)
+        yield group, idx[ax], devices[idx]
+
+
+def create_context(cfg, mesh, axis_name: str, *, timeout: float | None = None) -> CudaContext:
+    """Builds the CUDA context of ``cfg`` (an ``AllToAllConfig`` whose ``max_recv_tokens`` is
+    resolved) over ``mesh`` axis ``axis_name``. Collective across processes: every process of
+    the job must call it, in the same order as its other contexts."""
+    if not available():
+        raise RuntimeError("jax_garden was built without the CUDA MoE kernels "
+                           "(rebuild with nvcc available, JAX_GARDEN_CUDA=ON)")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"moe (CUDA): axis {axis_name!r} is not in the mesh axes "
+                         f"{tuple(mesh.axis_names)}")
+    num_ranks = int(mesh.shape[axis_name])
+    max_ranks = int(_native.moe_cuda.max_ranks)
+    if not 1 <= num_ranks <= max_ranks:
+        raise ValueError(f"moe (CUDA): axis {axis_name!r} has {num_ranks} devices; the NVLink "
+                         f"kernels support 1..{max_ranks} ranks (one node)")
+    if cfg.max_recv_tokens is None:
+        raise ValueError("moe (CUDA): create_context needs cfg.max_recv_tokens resolved "
+                         "(AllToAll passes cfg.recv_tokens(R))")
+    timeout = _default_timeout() if timeout is None else float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"moe (CUDA): timeout must be > 0 seconds, got {timeout}")
+
+    me = jax.process_index()
+    placement = list(_groups(mesh, axis_name))
+    for _, _, d in placement:
+        if d.platform not in ("gpu", "cuda"):
+            raise ValueError(f"moe (CUDA): device {d} is not a CUDA GPU")
+    local = [(g, r, d) for g, r, d in placement if d.process_index == me]
+    if not local:
+        raise ValueError("moe (CUDA): no device of the mesh belongs to this process")
+    by_pos = {(g, r): d for g, r, d in placement}
+
+    ctx = _native.moe_cuda.Context(
+        num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token, hidden=cfg.hidden,
+        max_tokens=cfg.max_tokens, max_recv_tokens=int(cfg.max_recv_tokens), num_ranks=num_ranks,
+        dispatch_elem_bytes=int(np.dtype(cfg.dispatch_dtype).itemsize),
+        scale_cols=int(cfg.scale_cols), expert_padding=cfg.expert_padding, timeout_s=timeout,
+        **_tuning())
+    uid = next(_uid)
+    remote_needed = any(by_pos[(g, p)].process_index != me
+                        for g, _, _ in local for p in range(num_ranks))
+    try:
+        ordinal_of = {d.id: cuda_ordinal(d) for _, _, d in local}
+        for g, r, d in local:
+            ctx.add_rank(ordinal_of[d.id], int(r))
+        client = None
+        if remote_needed:
+            client = _compat.distributed_client()
+            if client is None:
+                raise RuntimeError("moe (CUDA): the mesh spans several processes but "
+                                   "jax.distributed is not initialised (needed to exchange "
+                                   "CUDA IPC handles)")
+            for g, r, d in local:
+                key = _key(uid, g, r)
+                client.key_value_set(key, ctx.ipc_handle(ordinal_of[d.id]).hex())
+        for g, r, d in local:
+            ordinal = ordinal_of[d.id]
+            for p in range(num_ranks):
+                peer = by_pos[(g, p)]
+                if peer.process_index == me:
+                    ctx.connect_local(ordinal, p, ordinal_of[peer.id])
+                else:
+                    # Peers reach this point at their own pace (imports, compiles): a wait of
+                    # its own, not the kernels' timeout.
+                    handle = client.blocking_key_value_get(_key(uid, g, p), _KV_TIMEOUT_MS)
+                    ctx.connect_ipc(ordinal, p, bytes.fromhex(handle))
+        report = ctx.finalize()
+    except BaseException:
+        ctx.close()
+        raise
+    ranks = {ordinal_of[d.id]: int(r) for _, r, d in local}
+    return CudaContext(ctx, ranks, num_ranks, uid, remote_needed, report)
+
+
+def _key(uid: int, group: tuple, rank: int) -> str:
+    g = "_".join(map(str, group)) or "0"
+    return f"jax_garden/moe_cuda/{uid}/{g}/{rank}/ipc"

@@ -1,0 +1,432 @@
+"""``python -m jax_garden.bench moe``: MoE dispatch/combine on the CUDA NVLink kernels against
+``jax.lax.ragged_all_to_all`` (moe.RaggedAllToAll) and a copy-engine peer memcpy, in one run.
+
+Settings (DESIGN.md §5): decode 128 tokens/rank and prefill 4096, hidden 7168, top-8 of 256
+experts, bf16 or fp8 e4m3 (+ f32 scales per 128 channels) dispatch, bf16 combine, over all GPUs
+of the machine (one process driving them all).
+
+Method (device timers, never host clocks):
+  * native: a jitted loop of full round trips (dispatch_send, dispatch_recv, a cast as the expert,
+    combine_send, combine_recv) with new routing each step (8 routings cycled); every kernel
+    stamps %globaltimer at its first block's start and at its last block's end. Per step and
+    rank: each half = its kernel's end - start; dispatch = dispatch_recv end - dispatch_send
+    start (launch gap and waits for slower peers included); combine likewise; round trip =
+    combine_recv end - dispatch_send start. Samples of all ranks are pooled; p50/p99.
+  * ragged_all_to_all: the same loop on moe.RaggedAllToAll, with a timestamp kernel
+    (jg_moe_cuda_timestamp, ordered by data dependencies) before dispatch, between dispatch and
+    combine, and after combine.
+  * peer copy: cudaMemcpyPeerAsync (cupy) timed with CUDA events: one pair (GPU0 -> GPU1) and
+    every GPU sending to every other at once (per-GPU egress).
+Logical GB/s = selections (tokens * K) * bytes per selection / time, per GPU, counting the
+selections whose expert lives on the same rank (local traffic) too, as pplx-garden and DeepEP
+do. bytes per selection: H*2 (bf16), H + 4*H/128 (fp8 + scales), H*2 for combine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+E, K, H = 256, 8, 7168
+MODES = {"decode": 128, "prefill": 4096}
+N_ROUTINGS = 8
+RAGGED_REFERENCE_US = {"decode": 2689.0, "prefill": 95129.0}  # DEVICE.md, 4xH100, bf16 round trip
+
+
+def _pct(a, q):
+    import numpy as np
+
+    return float(np.percentile(np.asarray(a, np.float64), q)) if len(a) else float("nan")
+
+
+def _stats(samples_ns, gb_per_sample=None):
+    p50 = _pct(samples_ns, 50) / 1e3
+    p99 = _pct(samples_ns, 99) / 1e3
+    out = {"p50_us": p50, "p99_us": p99, "n": len(samples_ns)}
+    if gb_per_sample is not None and p50 > 0:
+        out["gbps_p50"] = gb_per_sample / (p50 * 1e-6)
+    return out
+
+
+def _timestamp(dep):
+    """u64 globaltimer (as u32[2]) written when the stream reaches this point, after `dep`."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.ffi.ffi_call("jg_moe_cuda_timestamp", jax.ShapeDtypeStruct((2,), jnp.uint32),
+                            has_side_effect=True)(dep)
+
+
+def _inputs(mesh, r, t, fp8, seed):
+    """Per-rank x, x_scale, N_ROUTINGS routings (random distinct experts), as global arrays."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((r * t, H), np.float32))
+    sh = NamedSharding(mesh, P("ep"))
+    idx = np.empty((r, N_ROUTINGS, t, K), np.int32)
+    for i in range(N_ROUTINGS):
+        idx[:, i] = np.argsort(rng.random((r, t, E)), axis=-1)[..., :K]
+    w = rng.random((r, N_ROUTINGS, t, K)).astype(np.float32)
+    w /= w.sum(-1, keepdims=True)
+    put = lambda a: jax.device_put(a, sh)  # noqa: E731
+    if fp8:
+        from jax_garden import moe
+
+        xq, xs = jax.jit(lambda v: moe.quantize_fp8(v, 128))(x)
+        xin = (put(xq), put(xs))
+    else:
+        xin = (put(x.astype(jnp.bfloat16)), None)
+    return xin, put(idx.reshape(r * N_ROUTINGS, t, K)), put(w.reshape(r * N_ROUTINGS, t, K)), idx
+
+
+def _native_loop(a2a, iters, fp8):
+    import jax
+    import jax.numpy as jnp
+
+    def body(x, xs, idx_all, w_all):
+        def step(i, carry):
+            x, acc = carry
+            idx, w = idx_all[i % N_ROUTINGS], w_all[i % N_ROUTINGS]
+            sent = a2a.dispatch_send(x, idx, w, x_scale=xs)
+            ex, es, cnt = a2a.dispatch_recv(sent)
+            ey = ex.astype(jnp.bfloat16)  # the "expert": a cast
+            back = a2a.combine_send(ey, cnt)
+            y = a2a.combine_recv(back, idx, w)
+            x, _ = jax.lax.optimization_barrier((x, y))  # next step after this one's combine
+            return x, acc + y[0, 0].astype(jnp.float32)
+
+        _, acc = jax.lax.fori_loop(0, iters, step, (x, jnp.float32(0)))
+        return acc[None]
+
+    return body
+
+
+def _ragged_loop(rag, iters, fp8):
+    import jax
+    import jax.numpy as jnp
+
+    def body(x, xs, idx_all, w_all):
+        def step(i, carry):
+            x, ts = carry
+            idx, w = idx_all[i % N_ROUTINGS], w_all[i % N_ROUTINGS]
+            t0 = _timestamp(x)
+            x, xs_, t0 = jax.lax.optimization_barrier((x, xs, t0))
+            ex, es, cnt = rag.dispatch(x, idx, w, x_scale=xs_)
+            t1 = _timestamp(ex)
+            ex, t1 = jax.lax.optimization_barrier((ex, t1))
+            y = rag.combine(ex.astype(jnp.bfloat16), idx, w)
+            t2 = _timestamp(y)
+            x, _, _ = jax.lax.optimization_barrier((x, y, t2))
+            return x, ts.at[i].set(jnp.concatenate([t0, t1, t2]))
+
+        _, ts = jax.lax.fori_loop(0, iters, step, (x, jnp.zeros((iters, 6), jnp.uint32)))
+        return ts[None]
+
+    return body
+
+
+def _spmd(mesh, fn, fp8):
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    del fp8  # x_scale is None for bf16: an empty pytree under the same spec
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"),
+                                 check_vma=False))
+
+
+def bench_native(mesh, r, mode, t, dtype, iters, recv_factor, seed=0):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_garden import moe
+
+    fp8 = dtype == "fp8"
+    m = max(128, int(np.ceil(recv_factor * t * K / 128)) * 128)
+    cfg = moe.AllToAllConfig(num_experts=E, experts_per_token=K, hidden=H, max_tokens=t,
+                             dispatch_dtype=jnp.float8_e4m3fn if fp8 else jnp.bfloat16,
+                             scale_block=128 if fp8 else None, max_recv_tokens=m)
+    xin, idx, w, idx_np = _inputs(mesh, r, t, fp8, seed)
+    with moe.AllToAll(cfg, mesh, "ep") as a2a:
+        f = _spmd(mesh, _native_loop(a2a, iters, fp8), fp8)
+        jax.block_until_ready(f(xin[0], xin[1], idx, w))  # compile + warm up
+        jax.block_until_ready(f(xin[0], xin[1], idx, w))
+        a2a._native.check()
+        dropped = a2a.dropped_rows()
+        stamps = {o: a2a._native.timings(o, iters) for o in a2a._native.ranks}
+        report = a2a._native.kernel_report
+    s = np.stack(list(stamps.values())).astype(np.int64)  # [ranks, iters, 4, 2]
+    if (s == 0).any():
+        raise RuntimeError("missing kernel timestamps")
+    dur = lambda k: (s[:, :, k, 1] - s[:, :, k, 0]).ravel()  # noqa: E731
+    phases = {
+        "dispatch_send": dur(0), "dispatch_recv": dur(1),
+        "combine_send": dur(2), "combine_recv": dur(3),
+        "dispatch": (s[:, :, 1, 1] - s[:, :, 0, 0]).ravel(),
+        "combine": (s[:, :, 3, 1] - s[:, :, 2, 0]).ravel(),
+        "round_trip": (s[:, :, 3, 1] - s[:, :, 0, 0]).ravel(),
+    }
+    sel = t * K
+    disp_b = H * (1 if fp8 else 2) + (4 * H // 128 if fp8 else 0)
+    comb_b = H * 2
+    gb = {"dispatch_send": sel * disp_b, "dispatch_recv": sel * disp_b, "dispatch": sel * disp_b,
+          "combine_send": sel * comb_b, "combine_recv": sel * comb_b, "combine": sel * comb_b,
+          "round_trip": None}
+    rows = {k: _stats(v, None if gb[k] is None else gb[k] / 1e9) for k, v in phases.items()}
+    # NVLink bytes actually moved per GPU (mean over routings/ranks): dispatch sends each token
+    # once per remote destination rank, combine one row per remote selection.
+    l = E // r
+    own = np.arange(r)[:, None, None, None]
+    dest = idx_np // l
+    remote_sel = (dest != own).sum(axis=-1)                       # [r, routings, t]
+    remote_tok = np.zeros_like(remote_sel)
+    for d in range(r):
+        remote_tok += ((dest == d).any(axis=-1) & (d != own[..., 0]))
+    rec = -(-H * (1 if fp8 else 2) // 16) * 16 + (-(-4 * H // 128 // 16) * 16 if fp8 else 0)
+    nvlink = {"dispatch_bytes_per_gpu": float(remote_tok.sum(-1).mean() * rec),
+              "combine_bytes_per_gpu": float(remote_sel.sum(-1).mean() * comb_b)}
+    return {"impl": "native", "mode": mode, "dtype": dtype, "ranks": r, "tokens": t,
+            "max_recv_tokens": m, "iters": iters, "phases": rows, "nvlink": nvlink,
+            "dropped_rows": dropped, "kernels": report}
+
+
+def bench_ragged(mesh, r, mode, t, dtype, iters, recv_factor, seed=0):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_garden import moe
+
+    fp8 = dtype == "fp8"
+    m = max(128, int(np.ceil(recv_factor * t * K / 128)) * 128)
+    cfg = moe.AllToAllConfig(num_experts=E, experts_per_token=K, hidden=H, max_tokens=t,
+                             dispatch_dtype=jnp.float8_e4m3fn if fp8 else jnp.bfloat16,
+                             scale_block=128 if fp8 else None, max_recv_tokens=m)
+    xin, idx, w, _ = _inputs(mesh, r, t, fp8, seed)
+    rag = moe.RaggedAllToAll(cfg, mesh, "ep")
+    f = _spmd(mesh, _ragged_loop(rag, iters, fp8), fp8)
+    jax.block_until_ready(f(xin[0], xin[1], idx, w))
+    ts = np.asarray(f(xin[0], xin[1], idx, w)).reshape(r, iters, 3, 2).astype(np.uint64)
+    ns = (ts[..., 0] | (ts[..., 1] << np.uint64(32))).astype(np.int64)  # [r, iters, 3]
+    sel = t * K
+    disp_b = H * (1 if fp8 else 2) + (4 * H // 128 if fp8 else 0)
+    rows = {
+        "dispatch": _stats((ns[:, :, 1] - ns[:, :, 0]).ravel(), sel * disp_b / 1e9),
+        "combine": _stats((ns[:, :, 2] - ns[:, :, 1]).ravel(), sel * H * 2 / 1e9),
+        "round_trip": _stats((ns[:, :, 2] - ns[:, :, 0]).ravel()),
+    }
+    return {"impl": "ragged_all_to_all", "mode": mode, "dtype": dtype, "ranks": r, "tokens": t,
+            "max_recv_tokens": m, "iters": iters, "phases": rows}
+
+
+def bench_peer_copy(r, nbytes=256 << 20, iters=20):
+    """Copy-engine peer copies (cudaMemcpyPeerAsync through cupy), timed with CUDA events:
+    one pair GPU0 -> GPU1, and every GPU sending nbytes/(R-1) to each other GPU at once (one
+    stream per pair, so the copies to different peers run concurrently)."""
+    import cupy as cp
+
+    for d in range(r):
+        with cp.cuda.Device(d):
+            for p in range(r):
+                if p != d:
+                    try:
+                        cp.cuda.runtime.deviceEnablePeerAccess(p)
+                    except cp.cuda.runtime.CUDARuntimeError:
+                        pass  # already enabled
+    src, dst, streams = {}, {}, {}
+    for d in range(r):
+        with cp.cuda.Device(d):
+            src[d] = cp.ones(nbytes, cp.uint8)
+            dst[d] = cp.empty(nbytes, cp.uint8)
+            for p in range(r):
+                streams[d, p] = cp.cuda.Stream(non_blocking=True)
+
+    out = {}
+    if r >= 2:
+        samples = []
+        for _ in range(iters + 2):
+            with cp.cuda.Device(0):
+                s = streams[0, 1]
+                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+                e0.record(s)
+                cp.cuda.runtime.memcpyPeerAsync(dst[1].data.ptr, 1, src[0].data.ptr, 0, nbytes, s.ptr)
+                e1.record(s)
+            e1.synchronize()
+            samples.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3)
+        p50 = _pct(samples[2:], 50)
+        out["pair_0_to_1"] = {"bytes": nbytes, "p50_us": p50, "gbps": nbytes / (p50 * 1e-6) / 1e9}
+
+        chunk = nbytes // (r - 1) // 256 * 256
+        per_gpu = {d: [] for d in range(r)}
+        for _ in range(iters + 2):
+            evs = {}
+            for d in range(r):
+                with cp.cuda.Device(d):
+                    # Start event on one stream; every pair's stream waits for it, then copies;
+                    # the end event waits for all of them.
+                    s0 = streams[d, d]
+                    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+                    e0.record(s0)
+                    done = []
+                    for j, p in enumerate(q for q in range(r) if q != d):
+                        s = streams[d, p]
+                        s.wait_event(e0)
+                        slot = d if d < p else d - 1  # d's place among p's R-1 senders
+                        cp.cuda.runtime.memcpyPeerAsync(dst[p].data.ptr + slot * chunk, p,
+                                                        src[d].data.ptr + j * chunk, d, chunk, s.ptr)
+                        ev = cp.cuda.Event()
+                        ev.record(s)
+                        done.append(ev)
+                    for ev in done:
+                        s0.wait_event(ev)
+                    e1.record(s0)
+                    evs[d] = (e0, e1)
+            for d, (e0, e1) in evs.items():
+                e1.synchronize()
+                per_gpu[d].append(cp.cuda.get_elapsed_time(e0, e1) * 1e3)
+        gbps = [chunk * (r - 1) / (_pct(v[2:], 50) * 1e-6) / 1e9 for v in per_gpu.values()]
+        out["all_to_all_egress_per_gpu"] = {"bytes_per_gpu": chunk * (r - 1),
+                                            "gbps_mean": float(sum(gbps) / len(gbps)),
+                                            "gbps_min": float(min(gbps))}
+    for d in range(r):
+        with cp.cuda.Device(d):
+            cp.cuda.Device(d).synchronize()
+    del src, dst
+    cp.get_default_memory_pool().free_all_blocks()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jax_garden.bench moe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default="decode,prefill")
+    ap.add_argument("--dtypes", default="bf16,fp8")
+    ap.add_argument("--iters", type=int, default=200, help="timed round trips (decode)")
+    ap.add_argument("--prefill-iters", type=int, default=20)
+    ap.add_argument("--ragged-iters", type=int, default=20)
+    ap.add_argument("--ragged-prefill-iters", type=int, default=3)
+    ap.add_argument("--recv-factor", type=float, default=1.5,
+                    help="max_recv_tokens = factor * tokens * K rounded up to 128 (random routing "
+                         "receives tokens*K rows per rank on average)")
+    ap.add_argument("--ranks", type=int, default=0, help="GPUs to use (0: all)")
+    ap.add_argument("--no-ragged", action="store_true")
+    ap.add_argument("--no-peer-copy", action="store_true")
+    ap.add_argument("--out", default="moe_bench.json")
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jax_garden import _moe_cuda
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+        print("moe bench: no CUDA GPU", file=sys.stderr)
+        return 2
+    if not _moe_cuda.available():
+        print("moe bench: jax_garden was built without the CUDA MoE kernels", file=sys.stderr)
+        return 2
+    r = args.ranks or len(gpus)
+    mesh = Mesh(np.array(gpus[:r]), ("ep",))
+    modes = [m for m in args.modes.split(",") if m]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"--modes: unknown mode {m!r} (decode, prefill)")
+    for d in dtypes:
+        if d not in ("bf16", "fp8"):
+            ap.error(f"--dtypes: unknown dtype {d!r} (bf16, fp8)")
+
+    result = {"benchmark": "moe", "device": gpus[0].device_kind, "ranks": r,
+              "experts": E, "top_k": K, "hidden": H, "method": __doc__.split("Method", 1)[1].strip(),
+              "local_traffic_counted": True, "rows": [], "peer_copy": {}, "ratios": {},
+              "errors": []}
+    t_start = time.time()
+    if not args.no_peer_copy:
+        try:
+            result["peer_copy"] = bench_peer_copy(r)
+        except Exception as e:  # cupy missing: the rest still runs
+            result["errors"].append(f"peer copy: {type(e).__name__}: {e}")
+    for mode in modes:
+        t = MODES[mode]
+        for dtype in dtypes:
+            iters = args.iters if mode == "decode" else args.prefill_iters
+            try:
+                result["rows"].append(bench_native(mesh, r, mode, t, dtype, iters, args.recv_factor))
+            except Exception as e:
+                result["errors"].append(f"native {mode} {dtype}: {type(e).__name__}: {e}")
+            if not args.no_ragged:
+                it = args.ragged_iters if mode == "decode" else args.ragged_prefill_iters
+                try:
+                    result["rows"].append(bench_ragged(mesh, r, mode, t, dtype, it, args.recv_factor))
+                except Exception as e:
+                    result["errors"].append(f"ragged {mode} {dtype}: {type(e).__name__}: {e}")
+            print(f"[{time.time() - t_start:6.1f}s] {mode} {dtype} done", flush=True)
+
+    # Ratios and targets.
+    pc = result["peer_copy"]
+    ref_bw = max([pc.get("pair_0_to_1", {}).get("gbps", 0.0),
+                  pc.get("all_to_all_egress_per_gpu", {}).get("gbps_mean", 0.0)])
+    rows = {(x["impl"], x["mode"], x["dtype"]): x for x in result["rows"]}
+    for (impl, mode, dtype), row in rows.items():
+        if impl != "native":
+            continue
+        p = row["phases"]
+        rg = rows.get(("ragged_all_to_all", mode, dtype))
+        key = f"{mode} {dtype}"
+        ratio = {}
+        if rg:
+            ratio["round_trip_speedup_vs_ragged"] = rg["phases"]["round_trip"]["p50_us"] / p["round_trip"]["p50_us"]
+            ratio["dispatch_speedup_vs_ragged"] = rg["phases"]["dispatch"]["p50_us"] / p["dispatch"]["p50_us"]
+            ratio["combine_speedup_vs_ragged"] = rg["phases"]["combine"]["p50_us"] / p["combine"]["p50_us"]
+        if ref_bw > 0:
+            ratio["dispatch_bw_vs_peer_copy"] = p["dispatch"]["gbps_p50"] / ref_bw
+            ratio["combine_bw_vs_peer_copy"] = p["combine"]["gbps_p50"] / ref_bw
+        if mode == "decode":
+            ratio["target_dispatch_le_30us"] = p["dispatch"]["p50_us"] <= 30.0
+            ratio["target_combine_le_40us"] = p["combine"]["p50_us"] <= 40.0
+            if rg:
+                ratio["target_round_trip_30x_ragged"] = ratio["round_trip_speedup_vs_ragged"] >= 30.0
+        else:
+            if ref_bw > 0:
+                ratio["target_dispatch_60pct_peer_copy"] = ratio["dispatch_bw_vs_peer_copy"] >= 0.6
+                ratio["target_combine_60pct_peer_copy"] = ratio["combine_bw_vs_peer_copy"] >= 0.6
+        result["ratios"][key] = ratio
+
+    # Table.
+    print(f"\nMoE dispatch/combine, {r} x {result['device']}, E={E} top-{K} H={H}; device timers; "
+          f"logical GB/s per GPU incl. local traffic")
+    if pc:
+        for k, v in pc.items():
+            print(f"  peer copy {k}: {v.get('gbps', v.get('gbps_mean')):.1f} GB/s")
+    hdr = f"{'mode':8} {'dtype':5} {'impl':18} {'phase':14} {'p50 us':>10} {'p99 us':>10} {'GB/s':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for row in result["rows"]:
+        for ph, st in row["phases"].items():
+            gbs = f"{st['gbps_p50']:8.1f}" if "gbps_p50" in st else f"{'':8}"
+            print(f"{row['mode']:8} {row['dtype']:5} {row['impl']:18} {ph:14} {st['p50_us']:10.1f} "
+                  f"{st['p99_us']:10.1f} {gbs}")
+    for key, ratio in result["ratios"].items():
+        print(f"  {key}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in ratio.items()))
+    for e in result["errors"]:
+        print(f"  error: {e}")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
