@@ -13,8 +13,26 @@ Every wait takes a timeout; a dead or silent peer fails every pending op toward 
 engine's ``timeout`` (plus ``bytes / 200 MB/s`` for large ops) with :class:`TransferError` or
 ``TimeoutError``. Bad arguments raise ``ValueError`` before anything is posted.
 
+GPU memory: ``register`` accepts GPU buffers (jax arrays on a GPU, ``__cuda_array_interface__``
+objects, ``(pointer, nbytes)`` with ``memory="cuda"``) and every op picks a path per destination:
+
+* ``"ipc"``: both regions GPU memory on one host and the GPUs can map each other: CUDA IPC, copies
+  on the engine's own streams (a copy kernel for paged writes); the imms are delivered through
+  libfabric only after the copy completed.
+* ``"fabric"``: libfabric RMA, when both regions are registered with the provider (host memory, or
+  GPU memory on a provider with ``FI_HMEM`` such as efa or verbs with GPUDirect).
+* ``"staged"``: through pinned host bounce buffers where the provider cannot reach a region (GPU
+  memory on ``tcp``): device-to-host into a bounded pool before sending, and at the receiver a
+  rendezvous for its bounce slots and a host-to-device copy before the imms count.
+
+Receivers count imms exactly as :func:`imm_writes` says on every path. ``path=`` on the engine or
+per op forces a path (``ValueError`` if impossible); ``register(..., staged=True)`` makes host
+memory take the staged path too (how the CPU tests exercise it). ``path_for`` tells what an op
+would take.
+
 jit ops: :func:`signal` stores into a watcher slot in program order, :func:`wait` blocks a program
 until an imm counter reaches a count. Both pass operands through so callers can order work on them.
+Both run on CPU and on CUDA (see their docstrings for the GPU semantics).
 """
 
 from __future__ import annotations
@@ -36,13 +54,50 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_SPLIT_THRESHOLD = 1 << 20
 IMM_MAX = (1 << 32) - 1
 
+PATHS = (None, "fabric", "ipc", "staged")
+
 __all__ = [
     "TransferEngine", "NetAddress", "MemoryDescriptor", "MemoryRegion", "Transfer", "ImmCounter",
-    "Watcher", "WatcherSlot", "TransferError", "imm_writes", "signal", "wait",
+    "Watcher", "WatcherSlot", "TransferError", "imm_writes", "signal", "wait", "choose_path",
+    "plan_registration", "gpu_available",
 ]
 
 
+def _check_path(path: Any) -> str:
+    if path not in PATHS:
+        raise ValueError(f"path must be None, 'fabric', 'ipc' or 'staged', got {path!r}")
+    return path or ""
+
+
+def gpu_available() -> bool:
+    """True when this build has CUDA support and a GPU is usable in this process."""
+    return bool(_native.gpu_available())
+
+
+def choose_path(*, requested: str | None = None, src_cuda: bool = False, src_staged: bool = False,
+                dst_cuda: bool = False, dst_staged: bool = False, dst_has_ipc: bool = False,
+                same_host: bool = False, same_process: bool = False,
+                gpu_can_map: bool = False) -> tuple[str, bool, bool]:
+    """The engine's path decision for one destination, as a pure function:
+    ``(path, stage_src, stage_dst)``. Raises ``ValueError`` when a forced path is impossible."""
+    return tuple(_native.choose_path(_check_path(requested), src_cuda, src_staged, dst_cuda, dst_staged,
+                                     dst_has_ipc, same_host, same_process, gpu_can_map))
+
+
+def plan_registration(*, cuda: bool, device: int = 0, staged: bool = False, provider_hmem: bool = False,
+                      headers_dmabuf: bool = False, runtime_dmabuf: bool = False, kernel_dmabuf: bool = False,
+                      device_dmabuf: bool = False) -> dict:
+    """How a region would be registered with the provider (pure): ``mode`` is ``system``,
+    ``hmem_iov`` (FI_HMEM_CUDA, pinned by the provider), ``hmem_dmabuf`` (FI_HMEM_CUDA + DMA-BUF fd,
+    libfabric >= 1.20 headers and runtime, Linux >= 5.12, a GPU exporting DMA-BUF) or ``staged``;
+    plus the ``fi_mr_attr`` ``iface``/``device``/``access`` and the ``fi_mr_regattr`` ``flags``."""
+    return dict(_native.plan_registration(cuda, device if cuda else -1, staged, provider_hmem, headers_dmabuf,
+                                          runtime_dmabuf, kernel_dmabuf, device_dmabuf))
+
+
 def _check_count(name: str, value: Any, *, positive: bool = False) -> int:
+    if type(value) is int and (0 < value if positive else 0 <= value) and value < 1 << 64:
+        return value  # fast path: every op checks several of these
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = int(value)
@@ -80,16 +135,17 @@ def _address(a: Any) -> NetAddress:
     raise ValueError(f"address must be a fabric.NetAddress or its bytes, got {type(a).__name__}")
 
 
-def _page_list(name: str, pages: Any) -> list[int]:
+def _page_list(name: str, pages: Any) -> np.ndarray:
     arr = np.asarray(pages)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of page indices, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
-        raise ValueError(f"{name} holds index {int(arr.min()) if arr.min() < 0 else int(arr.max())} "
-                         f"outside 0..2^32-1")
-    return [int(x) for x in arr]
+    if arr.size and arr.dtype != np.uint32:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 0xFFFFFFFF:
+            raise ValueError(f"{name} holds index {lo if lo < 0 else hi} outside 0..2^32-1")
+    return np.ascontiguousarray(arr, dtype=np.uint32)
 
 
 def imm_writes(op: str, *, domains: int, length: int = 0, pages: int = 0, sharding: str = "targets",
@@ -127,6 +183,21 @@ class MemoryRegion:
         self.is_cuda = is_cuda
 
     @property
+    def is_staged(self) -> bool:
+        """Not registered with the provider: data moves through bounce buffers."""
+        return self._native.is_staged
+
+    @property
+    def device(self) -> int:
+        """CUDA device ordinal (-1 for host memory)."""
+        return self._native.device
+
+    @property
+    def registration(self) -> str:
+        """``system``, ``hmem_iov``, ``hmem_dmabuf`` or ``staged`` (see :func:`plan_registration`)."""
+        return self._native.registration
+
+    @property
     def descriptor(self) -> MemoryDescriptor:
         return self._native.descriptor
 
@@ -139,7 +210,8 @@ class MemoryRegion:
         return self._native.base
 
     def __repr__(self) -> str:
-        return f"MemoryRegion(base=0x{self.base:x}, length={self.length}{', cuda' if self.is_cuda else ''})"
+        return (f"MemoryRegion(base=0x{self.base:x}, length={self.length}{', cuda' if self.is_cuda else ''}"
+                f"{', staged' if self.is_staged else ''})")
 
 
 class WatcherSlot:
@@ -191,11 +263,17 @@ class TransferEngine:
         ``bytes / 200 MB/s`` more).
       max_message_bytes: largest two-sided control message (header included).
       split_threshold: single writes at least this long are cut into one piece per domain.
+      path: default path for every op (None = choose per destination; ``"fabric"``, ``"ipc"``,
+        ``"staged"`` force one); ops take a ``path=`` override too.
+      staging_chunk_bytes: size of one bounce buffer / bounce slot (multiple of 4096).
+      staging_slots: bounce buffers on each side (local source staging, and slots peers write into);
+        the pools are allocated (pinned when a GPU exists) on first use.
     """
 
     def __init__(self, provider: str | None = None, domains: int = 1, *, node: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = 256 * 1024,
-                 split_threshold: int = DEFAULT_SPLIT_THRESHOLD):
+                 split_threshold: int = DEFAULT_SPLIT_THRESHOLD, path: str | None = None,
+                 staging_chunk_bytes: int = 1 << 20, staging_slots: int = 8):
         import os
 
         domains = _check_count("domains", domains, positive=True)
@@ -205,7 +283,10 @@ class TransferEngine:
             node = os.environ.get("JAX_GARDEN_TCP_NODE", "127.0.0.1") if provider in ("tcp", "tcp;ofi_rxm") else ""
         self._native = _native.Engine.create(provider or "", node, domains, float(timeout),
                                              _check_count("max_message_bytes", max_message_bytes, positive=True),
-                                             _check_count("split_threshold", split_threshold, positive=True))
+                                             _check_count("split_threshold", split_threshold, positive=True),
+                                             _check_path(path),
+                                             _check_count("staging_chunk_bytes", staging_chunk_bytes, positive=True),
+                                             _check_count("staging_slots", staging_slots, positive=True))
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -236,20 +317,44 @@ class TransferEngine:
     def closed(self) -> bool:
         return self._native.closed
 
+    @property
+    def default_path(self) -> str | None:
+        p = self._native.default_path
+        return None if p == "auto" else p
+
+    def path_for(self, region: "MemoryRegion", remote_descriptor: Any, path: str | None = None) -> str:
+        """The path (``"fabric"``, ``"ipc"`` or ``"staged"``) an op from ``region`` to
+        ``remote_descriptor`` takes with this ``path`` override."""
+        return self._native.path_for(_region(region), _descriptor(remote_descriptor), _check_path(path))[0]
+
+    def check(self) -> None:
+        """Raise (TransferError) the oldest error noticed asynchronously and forget it: a GPU
+        ``fabric.wait`` whose imms did not arrive within the timeout (its stream was released)."""
+        self._native.check()
+
+    def staging_stats(self) -> dict:
+        """Bounce buffers and staged transfers in flight: ``send_buffers[_free]``,
+        ``recv_slots[_free]``, ``inbound``, ``outbound``, ``chunk_bytes``, ``ipc_mappings``."""
+        return dict(self._native.staging_stats())
+
     # -- memory --------------------------------------------------------------------------------
-    def register(self, obj: Any, *, memory: str | None = None) -> MemoryRegion:
-        """Register a numpy array, a single-device jax array, an object with
+    def register(self, obj: Any, *, memory: str | None = None, staged: bool = False) -> MemoryRegion:
+        """Register a numpy array, a single-device jax array (host or GPU), an object with
         ``__cuda_array_interface__``, or a ``(pointer, nbytes)`` pair (host memory unless
         ``memory="cuda"``). The buffer must stay where it is: the region keeps ``obj`` alive.
-        Remote peers write into it in place, behind JAX's back for jax arrays."""
-        is_cuda, device = False, -1
+        Remote peers write into it in place, behind JAX's back for jax arrays.
+
+        GPU memory is registered with the provider when it has FI_HMEM (efa, verbs), else it is
+        *staged* (writes go through pinned bounce buffers); either way it carries a CUDA IPC handle
+        for peers on the same host. ``staged=True`` stages any region (host memory included)."""
+        is_cuda = False
+        if memory not in (None, "host", "cuda"):
+            raise ValueError(f"register: memory must be None, 'host' or 'cuda', got {memory!r}")
         if isinstance(obj, tuple):
             if len(obj) != 2:
                 raise ValueError(f"register((pointer, nbytes)) takes a pair, got {len(obj)} items")
             ptr, nbytes = _check_count("pointer", obj[0], positive=True), _check_count("nbytes", obj[1])
             is_cuda = memory == "cuda"
-            if is_cuda:
-                device = 0
         elif isinstance(obj, np.ndarray):
             if not obj.flags.c_contiguous:
                 raise ValueError("register: the numpy array must be C-contiguous")
@@ -262,38 +367,35 @@ class TransferEngine:
                 raise ValueError("register: the CUDA array must be C-contiguous")
             ptr = cai["data"][0]
             nbytes = int(np.prod(cai["shape"])) * np.dtype(cai["typestr"]).itemsize
-            is_cuda, device = True, _cuda_device_of(ptr)
+            is_cuda = True
         elif hasattr(obj, "unsafe_buffer_pointer") and hasattr(obj, "devices"):
             devices = list(obj.devices())
             if len(devices) != 1:
                 raise ValueError(f"register: a jax array must live on one device, this one spans {len(devices)}")
-            dev = devices[0]
             ptr, nbytes = obj.unsafe_buffer_pointer(), obj.nbytes
-            if dev.platform != "cpu":
-                is_cuda, device = True, int(getattr(dev, "local_hardware_id", dev.id))
+            is_cuda = devices[0].platform != "cpu"
         else:
             raise ValueError(f"register: cannot register {type(obj).__name__}; pass a numpy array, a jax array, "
                              "a CUDA array or (pointer, nbytes)")
         if nbytes <= 0:
             raise ValueError(f"register: the buffer is empty ({nbytes} bytes)")
-        if is_cuda and not self.supports_gpu_memory:
-            raise ValueError(f"register: provider '{self.provider}' cannot register GPU memory (no FI_HMEM); "
-                             "GPU buffers need a GPUDirect provider (efa, verbs), or host staging")
-        native = self._native.register_memory(ptr, nbytes, is_cuda, device)
+        # The native side looks the CUDA device up from the pointer.
+        native = self._native.register_memory(ptr, nbytes, is_cuda, -1, bool(staged))
         return MemoryRegion(native, obj, is_cuda)
 
     # -- one-sided operations -------------------------------------------------------------------
     def write(self, region: MemoryRegion, remote_descriptor: Any, length: int, src_offset: int = 0,
-              dst_offset: int = 0, imm: int | None = None) -> Transfer:
+              dst_offset: int = 0, imm: int | None = None, *, path: str | None = None) -> Transfer:
         """Write ``length`` bytes from ``region[src_offset:]`` to the remote region at ``dst_offset``.
         Delivers ``imm_writes("write", domains=self.num_domains, length=length)`` imms."""
         return self._native.write(_region(region), _descriptor(remote_descriptor), _check_count("length", length),
                                   _check_count("src_offset", src_offset), _check_count("dst_offset", dst_offset),
-                                  _check_imm(imm))
+                                  _check_imm(imm), _check_path(path))
 
     def write_paged(self, region: MemoryRegion, remote_descriptor: Any, page_bytes: int,
                     src_pages: Sequence[int], dst_pages: Sequence[int], src_stride: int, dst_stride: int,
-                    src_offset: int = 0, dst_offset: int = 0, imm: int | None = None) -> Transfer:
+                    src_offset: int = 0, dst_offset: int = 0, imm: int | None = None, *,
+                    path: str | None = None) -> Transfer:
         """Page i moves ``page_bytes`` from ``src_offset + src_pages[i]*src_stride`` to
         ``dst_offset + dst_pages[i]*dst_stride``. One imm per page."""
         return self._native.write_paged(_region(region), _descriptor(remote_descriptor),
@@ -301,10 +403,10 @@ class TransferEngine:
                                         _page_list("src_pages", src_pages), _page_list("dst_pages", dst_pages),
                                         _check_count("src_stride", src_stride), _check_count("dst_stride", dst_stride),
                                         _check_count("src_offset", src_offset), _check_count("dst_offset", dst_offset),
-                                        _check_imm(imm))
+                                        _check_imm(imm), _check_path(path))
 
     def scatter(self, region: MemoryRegion, targets: Iterable[tuple[Any, int, int, int]], imm: int | None = None,
-                *, sharding: str = "targets") -> Transfer:
+                *, sharding: str = "targets", path: str | None = None) -> Transfer:
         """One source, many destinations: ``targets`` = ``[(remote_descriptor, length, src_offset,
         dst_offset), ...]``. ``sharding="targets"`` spreads targets over domains (1 imm each),
         ``"bytes"`` cuts every target over all domains (``num_domains`` imms each)."""
@@ -315,7 +417,7 @@ class TransferEngine:
             d, n, so, do = t
             native_targets.append((_descriptor(d, f"scatter target {i} descriptor"), _check_count("length", n),
                                    _check_count("src_offset", so), _check_count("dst_offset", do)))
-        return self._native.scatter(_region(region), native_targets, sharding, _check_imm(imm))
+        return self._native.scatter(_region(region), native_targets, sharding, _check_imm(imm), _check_path(path))
 
     def write_imm(self, remote_descriptor: Any, imm: int) -> Transfer:
         """A zero-byte write that delivers only ``imm`` to the owner of ``remote_descriptor``."""
@@ -371,30 +473,30 @@ def _region(region: Any) -> Any:
     return region._native
 
 
-def _cuda_device_of(ptr: int) -> int:
-    try:
-        import cupy  # noqa: F401
-
-        return int(cupy.cuda.runtime.pointerGetAttributes(ptr).device)
-    except Exception:
-        return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # jit ops
 
-def _passthrough_call(target: str, scalar: Any, operands: tuple, **attrs: Any) -> Any:
+def _passthrough_call(target: str, scalar: Any, operands: tuple, *, alias: bool, **attrs: Any) -> Any:
     import jax
     import jax.numpy as jnp
 
     ops = tuple(jnp.asarray(o) for o in operands) or (jnp.zeros((), jnp.uint32),)
     out_types = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in ops]
-    call = jax.ffi.ffi_call(target, out_types, has_side_effect=True,
-                            input_output_aliases={i + 1: i for i in range(len(ops))})
+    aliases = {i + 1: i for i in range(len(ops))} if alias else {}
+    call = jax.ffi.ffi_call(target, out_types, has_side_effect=True, input_output_aliases=aliases)
     results = call(scalar, *ops, **attrs)
     if not operands:
         return results[0]
     return results[0] if len(operands) == 1 else tuple(results)
+
+
+def _static_int(x: Any) -> int:
+    """x as a Python int if it is known at trace time (int, numpy integer), else -1."""
+    if isinstance(x, (bool, np.bool_)):
+        return -1
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    return -1
 
 
 def signal(slot: WatcherSlot, value: Any, *after: Any) -> Any:
@@ -402,38 +504,60 @@ def signal(slot: WatcherSlot, value: Any, *after: Any) -> Any:
 
     Usable inside ``jax.jit``; has side effects, so XLA keeps it. Returns ``after`` (one array, a
     tuple, or a token scalar when none was given) so later work can depend on the signal.
+
+    On GPU the store is enqueued on the program's stream after the work that computes ``after``
+    (``cuStreamWriteValue64`` when ``value`` is a Python int, else a one-thread kernel reading the
+    device scalar); the slot lives in host-mapped pinned memory and the engine's watcher thread
+    sees it. No host thread blocks.
     """
     import jax.numpy as jnp
 
     if not isinstance(slot, WatcherSlot):
         raise ValueError(f"signal: slot must be a WatcherSlot from Watcher.slot(i), got {type(slot).__name__}")
+    static = _static_int(value)
+    if static > 0xFFFFFFFF:
+        raise ValueError(f"signal: value must fit in 32 bits, got {static}")
     value = jnp.asarray(value)
     if value.shape != ():
         raise ValueError(f"signal: value must be a scalar, got shape {value.shape}")
-    return _passthrough_call("jg_fabric_signal", value.astype(jnp.uint32), after,
-                             address=np.uint64(slot.address))
+    return _passthrough_call("jg_fabric_signal", value.astype(jnp.uint32), after, alias=True,
+                             address=np.uint64(slot.address), static_value=np.int64(static))
 
 
 def wait(counter: ImmCounter, count: Any, *operands: Any, timeout: float | None = None) -> Any:
     """Block the program until ``counter`` holds ``count`` credits, then take them.
 
-    Returns ``operands`` (passed through) so that whatever consumes them runs after the wait. A
-    stall longer than ``timeout`` (default: the engine's timeout) fails the program with an error,
-    never a hang.
+    Returns ``operands``, copied after the wait, so whatever consumes the results sees memory as it
+    was once the imms arrived (pass the registered destination array through to consume what a peer
+    wrote into it).
+
+    CPU: the program's thread blocks; a stall longer than ``timeout`` (default
+    ``DEFAULT_TIMEOUT`` = 10 s) fails the program with an error, never a hang.
+
+    GPU: ``count`` must be a Python int. When the op is enqueued, ``count`` credits are reserved
+    (taken) and the stream waits (``cuStreamWaitValue64``, GEQ) on a host-mapped word that the
+    engine's worker keeps equal to the counter's total arrivals; no host thread blocks. If the
+    target is not reached within ``timeout`` after enqueueing, the worker releases the stream (it
+    writes the target into the word, so the program continues, possibly on incomplete data) and
+    records an error, which the next ``fabric.wait`` on this counter, ``ImmCounter.wait`` or
+    ``TransferEngine.check()`` raises. The reserved credits stay taken: later arrivals pay them back
+    first. Not usable inside CUDA graphs (command buffers): the target is computed at enqueue.
     """
     import jax.numpy as jnp
 
     if not isinstance(counter, ImmCounter):
         raise ValueError(f"wait: counter must be an ImmCounter from TransferEngine.imm_counter, "
                          f"got {type(counter).__name__}")
+    static = _static_int(count)
     count = jnp.asarray(count)
     if count.shape != ():
         raise ValueError(f"wait: count must be a scalar, got shape {count.shape}")
     t = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     if not t > 0:
         raise ValueError(f"wait: timeout must be > 0, got {timeout}")
-    return _passthrough_call("jg_fabric_wait", count.astype(jnp.int32), operands,
-                             counter_id=np.uint64(counter.id), timeout=np.float64(t))
+    return _passthrough_call("jg_fabric_wait", count.astype(jnp.int32), operands, alias=False,
+                             counter_id=np.uint64(counter.id), timeout=np.float64(t),
+                             static_count=np.int64(static))
 
 
 assert _ffi  # the FFI targets are registered on import of jax_garden

@@ -56,7 +56,12 @@ ProviderInfo::~ProviderInfo() {
 std::unique_ptr<ProviderInfo> ProviderInfo::select(const std::string& provider, const std::string& node) {
   std::string tried;
   for (const auto& name : candidates(provider)) {
+    // FI_HMEM is asked only of providers that reach GPU memory with GPUDirect (efa, verbs). Others
+    // (tcp, shm) may offer FI_HMEM by copying through the CUDA API inside libfabric; the engine stages
+    // GPU memory through its own pipelined pinned bounce buffers instead.
+    bool gpudirect = name.rfind("efa", 0) == 0 || name.rfind("verbs", 0) == 0;
     for (bool hmem : {true, false}) {
+      if (hmem && !gpudirect) continue;
       fi_info* hints = make_hints(name.c_str(), hmem);
       fi_info* found = nullptr;
       int rc = fi_getinfo(kApiVersion, node.empty() ? nullptr : node.c_str(), nullptr,
@@ -154,19 +159,35 @@ fi_addr_t Domain::resolve(const Bytes& endpoint) {
   return addr;
 }
 
-MemoryRegistration Domain::register_memory(void* addr, size_t length, bool cuda, int device,
-                                           uint64_t requested_key) {
+MemoryRegistration Domain::register_memory(void* addr, size_t length, const RegistrationArgs& args,
+                                           uint64_t requested_key, int dmabuf_fd, uint64_t dmabuf_offset) {
+  JG_CHECK_ARG(args.mode != RegistrationMode::kStaged, "staged regions are not registered with the provider");
   iovec iov{addr, length};
   fi_mr_attr attr{};
   attr.mr_iov = &iov;
   attr.iov_count = 1;
-  attr.access = FI_WRITE | FI_REMOTE_WRITE | FI_READ | FI_REMOTE_READ | FI_SEND | FI_RECV;
+  attr.access = args.access;
   attr.requested_key = requested_key;
-  attr.iface = cuda ? FI_HMEM_CUDA : FI_HMEM_SYSTEM;
-  if (cuda) attr.device.cuda = device;
+  attr.iface = static_cast<fi_hmem_iface>(args.iface);
+  if (args.iface == FI_HMEM_CUDA) attr.device.cuda = args.device;
+  uint64_t flags = 0;
+  if (args.mode == RegistrationMode::kHmemDmabuf) {
+#ifdef FI_MR_DMABUF
+    JG_CHECK_ARG(dmabuf_fd >= 0, "DMA-BUF registration without a DMA-BUF fd");
+    fi_mr_dmabuf dmabuf{};
+    dmabuf.fd = dmabuf_fd;
+    dmabuf.offset = dmabuf_offset;
+    dmabuf.len = length;
+    dmabuf.base_addr = addr;
+    attr.dmabuf = &dmabuf;
+    flags = args.flags;  // FI_MR_DMABUF
+#else
+    throw FabricError("DMA-BUF registration asked for, but this build's libfabric headers lack FI_MR_DMABUF");
+#endif
+  }
   MemoryRegistration reg;
-  JG_FI_CHECK(fi_mr_regattr(domain_, &attr, 0, &reg.mr), str_cat("fi_mr_regattr(", length, " bytes, ",
-                                                                 cuda ? "cuda" : "host", ")"));
+  JG_FI_CHECK(fi_mr_regattr(domain_, &attr, flags, &reg.mr),
+              str_cat("fi_mr_regattr(", length, " bytes, ", registration_mode_name(args.mode), ")"));
   if (provider_.mr_endpoint) {
     JG_FI_CHECK(fi_mr_bind(reg.mr, &ep_->fid, 0), "fi_mr_bind");
     JG_FI_CHECK(fi_mr_enable(reg.mr), "fi_mr_enable");
@@ -174,6 +195,10 @@ MemoryRegistration Domain::register_memory(void* addr, size_t length, bool cuda,
   reg.desc = fi_mr_desc(reg.mr);
   reg.key = fi_mr_key(reg.mr);
   return reg;
+}
+
+MemoryRegistration Domain::register_host(void* addr, size_t length, uint64_t requested_key) {
+  return register_memory(addr, length, plan_registration(MemoryKind::kHost, -1, false, {}), requested_key);
 }
 
 void Domain::unregister(MemoryRegistration& reg) {

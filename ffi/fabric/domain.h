@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 
+#include "fabric/policy.h"
 #include "fabric/wire_format.h"
 
 namespace jax_garden::fabric {
@@ -56,7 +57,11 @@ class Domain {
   // Peer endpoint -> fi_addr_t, inserted into the AV on first use and cached.
   fi_addr_t resolve(const Bytes& endpoint);
 
-  MemoryRegistration register_memory(void* addr, size_t length, bool cuda, int device, uint64_t requested_key);
+  // Registers per plan_registration()'s arguments (system memory, FI_HMEM_CUDA iovec, or
+  // FI_HMEM_CUDA + DMA-BUF fd where the libfabric headers have FI_MR_DMABUF).
+  MemoryRegistration register_memory(void* addr, size_t length, const RegistrationArgs& args, uint64_t requested_key,
+                                     int dmabuf_fd = -1, uint64_t dmabuf_offset = 0);
+  MemoryRegistration register_host(void* addr, size_t length, uint64_t requested_key);
   void unregister(MemoryRegistration& reg);
 
  private:

@@ -5,6 +5,8 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 #include <sched.h>
+#include <sys/utsname.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -13,62 +15,27 @@
 #include <unordered_set>
 
 #include "common/error.h"
+#include "fabric/engine_internal.h"
+#include "fabric/gpu_runtime.h"
 
 namespace jax_garden::fabric {
 
-// ---------------------------------------------------------------------------------------------
-// Internal op representation. Every context handed to libfabric starts with a fi_context2 (some
-// providers require FI_CONTEXT/FI_CONTEXT2 space) followed by a tag saying what it is.
-
-enum class ContextKind : uint8_t { kWrite, kSend, kRecv };
-
-struct ContextHeader {
-  fi_context2 ctx;  // must stay first: libfabric hands back &ctx
-  ContextKind kind;
-};
-
-struct WorkRequest {
-  ContextHeader hdr;
-  Op* op = nullptr;
-  uint32_t domain = 0;
-  void* local = nullptr;
-  uint64_t length = 0;
-  void* desc = nullptr;
-  Bytes peer_endpoint;  // resolved on the worker
-  uint64_t remote_addr = 0;
-  uint64_t remote_key = 0;
-  bool has_imm = false;
-  uint32_t imm = 0;
-  bool posted = false;
-};
-
-struct Op {
-  std::shared_ptr<TransferState> state;
-  std::vector<WorkRequest> wrs;  // never resized once submitted (contexts point into it)
-  size_t done = 0;               // completed or skipped
-  size_t in_flight = 0;          // posted, not yet completed
-  bool failed = false;
-  std::string error;
-  Clock::time_point deadline;
-  std::shared_ptr<MemoryRegion> keep_region;  // the source stays registered while posted
-  Bytes owned;                                 // send payload
-  std::vector<MemoryRegistration> owned_regs;  // per-domain registration of `owned` (FI_MR_LOCAL)
-};
-
-struct RecvSlot {
-  ContextHeader hdr;
-  uint8_t* buffer = nullptr;
-  size_t size = 0;
-  bool posted = false;
-};
-
 namespace {
-
-constexpr uint32_t kMessageMagic = 0x4d53474a;  // "JGSM"
 
 std::mutex g_registry_mu;
 std::unordered_map<uint64_t, std::weak_ptr<ImmCounter>> g_counters;
-std::unordered_set<uint64_t> g_watcher_pages;  // base addresses of live watcher pages
+// Base address of a live watcher's slot array -> pinned. Bases need not be page aligned
+// (cudaHostAlloc sub-allocates small blocks), so lookups go by range.
+std::map<uint64_t, bool> g_watcher_pages;
+
+// The watcher page holding `address`, or end().
+std::map<uint64_t, bool>::const_iterator find_watcher_page(uint64_t address) {
+  auto it = g_watcher_pages.upper_bound(address);
+  if (it == g_watcher_pages.begin()) return g_watcher_pages.end();
+  --it;
+  if (address - it->first >= Watcher::kSlots * 8 || (address - it->first) % 8 != 0) return g_watcher_pages.end();
+  return it;
+}
 std::atomic<uint64_t> g_next_counter_id{1};
 
 Clock::time_point deadline_after(double seconds) {
@@ -77,6 +44,14 @@ Clock::time_point deadline_after(double seconds) {
 }
 
 bool fits(uint64_t offset, uint64_t length, uint64_t size) { return offset <= size && length <= size - offset; }
+
+// "<what> to tcp;ofi_rxm[1a2b]": cheap enough to build for every op (no stream formatting).
+std::string describe(const std::string& what, const MemoryDescriptor& dst) {
+  uint32_t h = dst.domains.empty() ? 0 : checksum32(dst.domains[0].endpoint.data(), dst.domains[0].endpoint.size());
+  char tag[16];
+  std::snprintf(tag, sizeof(tag), "%04x", h & 0xffff);
+  return what + " to " + dst.provider + "[" + tag + (dst.domains.size() > 1 ? ",..]" : "]");
+}
 
 }  // namespace
 
@@ -87,9 +62,14 @@ std::shared_ptr<ImmCounter> find_imm_counter(uint64_t id) {
 }
 
 bool is_live_watcher_slot(uint64_t address) {
-  uint64_t page = address & ~uint64_t(Watcher::kSlots * 8 - 1);
   std::lock_guard lk(g_registry_mu);
-  return g_watcher_pages.count(page) > 0 && (address & 7) == 0;
+  return find_watcher_page(address) != g_watcher_pages.end();
+}
+
+bool is_gpu_writable_watcher_slot(uint64_t address) {
+  std::lock_guard lk(g_registry_mu);
+  auto it = find_watcher_page(address);
+  return it != g_watcher_pages.end() && it->second;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -149,15 +129,86 @@ void TransferState::on_finish(std::function<void(Status, const std::string&)> cb
 ImmCounter::ImmCounter(uint32_t imm, std::weak_ptr<EngineCore> core)
     : imm_(imm), id_(g_next_counter_id.fetch_add(1)), core_(std::move(core)) {}
 
+ImmCounter::~ImmCounter() {
+  if (!mirror_alloc_) return;
+  if (mirror_pinned_)
+    gpu_runtime().host_free(mirror_alloc_);
+  else
+    std::free(mirror_alloc_);
+}
+
+void ImmCounter::publish_mirror() {
+  volatile uint64_t* m = mirror_.load(std::memory_order_acquire);
+  if (!m) return;
+  uint64_t v = std::max(total_.load(std::memory_order_acquire), floor_.load(std::memory_order_acquire));
+  // Never lower the word: a stream may be about to compare against what it holds.
+  uint64_t* w = const_cast<uint64_t*>(m);
+  uint64_t cur = __atomic_load_n(w, __ATOMIC_ACQUIRE);
+  while (cur < v && !__atomic_compare_exchange_n(w, &cur, v, true, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+  }
+}
+
+volatile uint64_t* ImmCounter::ensure_mirror() {
+  std::lock_guard lk(mu_);
+  if (auto* m = mirror_.load()) return m;
+  void* p = gpu_runtime().host_alloc(64);
+  mirror_pinned_ = p != nullptr;
+  if (!p) {
+    p = std::aligned_alloc(64, 64);
+    if (!p) throw std::bad_alloc();
+  }
+  std::memset(p, 0, 64);
+  mirror_alloc_ = p;
+  mirror_.store(static_cast<volatile uint64_t*>(p), std::memory_order_release);
+  publish_mirror();
+  return static_cast<volatile uint64_t*>(p);
+}
+
+void ImmCounter::set_mirror(volatile uint64_t* m) {
+  mirror_.store(m, std::memory_order_release);
+  publish_mirror();
+}
+
+uint64_t ImmCounter::reserve(int64_t count) {
+  JG_CHECK_ARG(count >= 0, "ImmCounter.reserve: count must be >= 0, got ", count);
+  std::lock_guard lk(take_mu_);
+  credits_.fetch_sub(count, std::memory_order_acq_rel);
+  return taken_.fetch_add(count, std::memory_order_acq_rel) + count;
+}
+
+void ImmCounter::release(uint64_t target) {
+  uint64_t f = floor_.load();
+  while (f < target && !floor_.compare_exchange_weak(f, target)) {
+  }
+  publish_mirror();
+}
+
+void ImmCounter::record_error(const std::string& error) {
+  {
+    std::lock_guard lk(mu_);
+    error_ = error;
+  }
+  cv_.notify_all();
+}
+
+std::string ImmCounter::take_error() {
+  std::lock_guard lk(mu_);
+  std::string e;
+  e.swap(error_);
+  return e;
+}
+
 void ImmCounter::add(int64_t n) {
   credits_.fetch_add(n, std::memory_order_acq_rel);
-  uint64_t t = total_.fetch_add(n, std::memory_order_acq_rel) + n;
-  if (mirror_) *mirror_ = t;
+  total_.fetch_add(n, std::memory_order_acq_rel);
+  publish_mirror();
   std::vector<std::function<void()>> fire;
   {
     std::lock_guard lk(mu_);
+    std::lock_guard tk(take_mu_);
     while (!expectations_.empty() && credits_.load() >= expectations_.front().first) {
       credits_.fetch_sub(expectations_.front().first);
+      taken_.fetch_add(expectations_.front().first);
       fire.push_back(std::move(expectations_.front().second));
       expectations_.pop_front();
     }
@@ -173,12 +224,13 @@ void ImmCounter::add(int64_t n) {
 
 void ImmCounter::wait(int64_t count, double timeout_s) {
   JG_CHECK_ARG(count >= 0, "ImmCounter.wait: count must be >= 0, got ", count);
+  if (std::string e = take_error(); !e.empty()) throw TransferFailed(str_cat("imm counter ", imm_, ": ", e));
   auto try_take = [&]() {
-    int64_t have = credits_.load(std::memory_order_acquire);
-    while (have >= count) {
-      if (credits_.compare_exchange_weak(have, have - count, std::memory_order_acq_rel)) return true;
-    }
-    return false;
+    std::lock_guard tk(take_mu_);
+    if (credits_.load(std::memory_order_acquire) < count) return false;
+    credits_.fetch_sub(count, std::memory_order_acq_rel);
+    taken_.fetch_add(count, std::memory_order_acq_rel);
+    return true;
   };
   if (try_take()) return;
   auto core = core_.lock();
@@ -204,10 +256,15 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
   while (true) {
     if (try_take()) return;
     if (!aborted_.empty()) throw TransferFailed(str_cat("imm counter ", imm_, ": ", aborted_));
+    if (!error_.empty()) {
+      std::string e;
+      e.swap(error_);
+      throw TransferFailed(str_cat("imm counter ", imm_, ": ", e));
+    }
     if (cv_.wait_until(lk, deadline) == std::cv_status::timeout) {
       if (try_take()) return;
-      throw Timeout(str_cat("imm counter ", imm_, ": ", credits_.load(), " of ", count, " arrivals after ",
-                            timeout_s, " s"));
+      throw Timeout(str_cat("imm counter ", imm_, ": ", std::max<int64_t>(credits_.load(), 0), " of ", count,
+                            " arrivals after ", timeout_s, " s"));
     }
   }
 }
@@ -216,11 +273,13 @@ void ImmCounter::on_count(int64_t count, std::function<void()> cb) {
   JG_CHECK_ARG(count > 0, "ImmCounter.on_count: count must be > 0, got ", count);
   {
     std::lock_guard lk(mu_);
+    std::lock_guard tk(take_mu_);
     if (!expectations_.empty() || credits_.load() < count) {
       expectations_.emplace_back(count, std::move(cb));
       return;
     }
     credits_.fetch_sub(count);
+    taken_.fetch_add(count);
   }
   if (auto core = core_.lock()) core->post_callback(std::move(cb));
 }
@@ -236,13 +295,17 @@ void ImmCounter::abort(const std::string& why) {
 
 Watcher::Watcher(EngineCore* core, std::function<void(uint32_t, uint64_t, uint64_t)> cb)
     : core_(core), callback_(std::move(cb)) {
-  void* p = std::aligned_alloc(kSlots * 8, kSlots * 8);
+  // Host-mapped pinned memory when a GPU runtime exists, so that a GPU stream can store into the
+  // slots (fabric.signal on CUDA); plain host memory otherwise.
+  void* p = gpu_runtime().available() ? gpu_runtime().host_alloc(kSlots * 8) : nullptr;
+  pinned_ = p != nullptr;
+  if (!p) p = std::aligned_alloc(kSlots * 8, kSlots * 8);
   if (!p) throw std::bad_alloc();
   std::memset(p, 0, kSlots * 8);
   slots_ = static_cast<volatile uint64_t*>(p);
   last_.assign(kSlots, 0);
   std::lock_guard lk(g_registry_mu);
-  g_watcher_pages.insert(reinterpret_cast<uint64_t>(p));
+  g_watcher_pages[reinterpret_cast<uint64_t>(p)] = pinned_;
 }
 
 Watcher::~Watcher() {
@@ -250,7 +313,10 @@ Watcher::~Watcher() {
     std::lock_guard lk(g_registry_mu);
     g_watcher_pages.erase(reinterpret_cast<uint64_t>(slots_));
   }
-  std::free(const_cast<uint64_t*>(slots_));
+  if (pinned_)
+    gpu_runtime().host_free(const_cast<uint64_t*>(slots_));
+  else
+    std::free(const_cast<uint64_t*>(slots_));
 }
 
 uint64_t Watcher::slot_address(uint32_t index) {
@@ -290,6 +356,7 @@ MemoryRegion::~MemoryRegion() {
   EngineCore* core = core_.get();
   uint64_t id = id_;
   core->enqueue([core, id]() {
+    core->region_index_.erase(id);
     auto it = core->registrations_.find(id);
     if (it == core->registrations_.end()) return;
     for (size_t d = 0; d < it->second.size(); ++d) core->domains_[d]->unregister(it->second[d]);
@@ -308,6 +375,10 @@ std::shared_ptr<EngineCore> EngineCore::create(const EngineOptions& options) {
   JG_CHECK_ARG(options.timeout_s > 0, "timeout must be > 0 seconds, got ", options.timeout_s);
   JG_CHECK_ARG(options.max_message_bytes >= 1024, "max_message_bytes must be >= 1024, got ",
                options.max_message_bytes);
+  JG_CHECK_ARG(options.stage_chunk_bytes >= 4096 && options.stage_chunk_bytes % 4096 == 0,
+               "staging_chunk_bytes must be a multiple of 4096 (>= 4096), got ", options.stage_chunk_bytes);
+  JG_CHECK_ARG(options.stage_slots >= 1 && options.stage_slots <= 4096, "staging_slots must be in 1..4096, got ",
+               options.stage_slots);
   // The last reference may be dropped on one of the engine's own threads (an op on the worker
   // holding the last region, a Python callback). Those threads cannot join themselves, so the
   // engine is then closed and freed from a short-lived reaper thread instead.
@@ -329,19 +400,20 @@ void EngineCore::start() {
     domains_.push_back(std::make_unique<Domain>(*provider_, d));
     address_.domains.push_back(domains_.back()->name());
   }
+  address_bytes_ = address_.to_bytes();
   pending_.resize(domains_.size());
   outstanding_.assign(domains_.size(), 0);
 
+  // The scratch region is both the source of imm-only writes and this engine's imm target: peers
+  // send zero-byte writes carrying an imm here (descriptors carry its address and keys), so imm
+  // traffic never needs the destination region itself to be registered.
   scratch_.assign(64, 0);
-  for (auto& d : domains_) {
-    scratch_regs_.push_back(d->register_memory(scratch_.data(), scratch_.size(), false, -1, next_key_.fetch_add(1)));
-  }
+  for (auto& d : domains_) scratch_regs_.push_back(d->register_host(scratch_.data(), scratch_.size(), next_key_.fetch_add(1)));
 
   // Control-message receive slots on domain 0, one registration for all of them.
   size_t slot_size = options_.max_message_bytes;
   recv_buffer_.assign(slot_size * options_.recv_slots, 0);
-  recv_reg_ = domains_[0]->register_memory(recv_buffer_.data(), recv_buffer_.size(), false, -1,
-                                           next_key_.fetch_add(1));
+  recv_reg_ = domains_[0]->register_host(recv_buffer_.data(), recv_buffer_.size(), next_key_.fetch_add(1));
   for (uint32_t i = 0; i < options_.recv_slots; ++i) {
     auto slot = std::make_unique<RecvSlot>();
     slot->hdr.kind = ContextKind::kRecv;
@@ -524,18 +596,15 @@ void EngineCore::on_imm(uint32_t imm, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Registration and validation
 
-std::shared_ptr<MemoryRegion> EngineCore::register_memory(uint64_t ptr, uint64_t length, bool cuda, int device) {
+std::shared_ptr<MemoryRegion> EngineCore::register_memory(uint64_t ptr, uint64_t length, bool cuda, int device,
+                                                          bool staged) {
   check_open("register");
   JG_CHECK_ARG(ptr != 0, "register: null pointer");
   JG_CHECK_ARG(length > 0, "register: length must be > 0, got ", length);
   JG_CHECK_ARG(ptr + length > ptr, "register: region [0x", std::hex, ptr, ", +0x", length, ") wraps around");
-  if (cuda && !provider_->hmem) {
-    throw InvalidArgument(str_cat("register: provider '", provider_->name,
-                                  "' cannot register GPU memory (it does not offer FI_HMEM); use a provider with "
-                                  "GPUDirect (efa, verbs) or register host memory"));
-  }
   auto region = std::shared_ptr<MemoryRegion>(new MemoryRegion());
   region->core_ = shared_from_this();
+  region->id_ = next_id_.fetch_add(1);
   region->base_ = ptr;
   region->length_ = length;
   auto& desc = region->descriptor_;
@@ -544,19 +613,93 @@ std::shared_ptr<MemoryRegion> EngineCore::register_memory(uint64_t ptr, uint64_t
   desc.length = length;
   desc.virtual_addressing = provider_->virtual_addressing;
   desc.kind = cuda ? MemoryKind::kCuda : MemoryKind::kHost;
-  desc.device = cuda ? device : -1;
-  region->id_ = next_id_.fetch_add(1);
-  std::vector<MemoryRegistration> regs;
-  run_on_worker([&]() {
-    for (auto& d : domains_) {
-      regs.push_back(d->register_memory(reinterpret_cast<void*>(ptr), length, cuda, device,
-                                        provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
+  desc.device = -1;
+  desc.imm_base = reinterpret_cast<uint64_t>(scratch_.data());
+  desc.stage_chunk_bytes = options_.stage_chunk_bytes;
+  desc.host_id = host_id();
+  desc.pid = static_cast<uint32_t>(getpid());
+  desc.process_nonce = process_nonce();
+
+  RegistrationCaps caps;
+  caps.provider_hmem = provider_->hmem;
+#ifdef FI_MR_DMABUF
+  caps.headers_dmabuf = true;
+#endif
+  caps.runtime_dmabuf = fi_version() >= FI_VERSION(1, 20);
+  if (cuda) {
+    GpuRuntime& rt = gpu_runtime();
+    if (!rt.available()) {
+      throw InvalidArgument(str_cat("register: provider '", provider_->name, "' cannot use GPU memory here: ",
+                                    rt.status()));
     }
-    registrations_[region->id_] = regs;
+    PointerInfo pi = rt.query(ptr);
+    if (!pi.is_device) {
+      throw InvalidArgument(str_cat("register: provider '", provider_->name, "' was given GPU memory at 0x",
+                                    std::hex, ptr, " but CUDA does not know the pointer as device memory"));
+    }
+    JG_CHECK_ARG(ptr + length <= pi.alloc_base + pi.alloc_size, "register: [0x", std::hex, ptr, ", +0x", length,
+                 ") runs past the end of its CUDA allocation [0x", pi.alloc_base, ", +0x", pi.alloc_size, ")");
+    device = pi.device;
+    desc.device = device;
+    if (!pi.is_managed) {
+      try {
+        desc.ipc_handle = rt.ipc_export(pi.alloc_base);
+        desc.ipc_offset = ptr - pi.alloc_base;
+        desc.pci_bus_id = rt.pci_bus_id(device);
+        desc.has_ipc = !desc.pci_bus_id.empty();
+      } catch (const std::exception& e) {
+        region->note_ = str_cat("no CUDA IPC export (", e.what(), ")");
+        desc.has_ipc = false;
+      }
+    }
+    struct utsname u{};
+    caps.kernel_dmabuf = uname(&u) == 0 && kernel_release_at_least(u.release, 5, 12);
+    caps.device_dmabuf = rt.dmabuf_supported(device);
+  }
+  RegistrationArgs args = plan_registration(desc.kind, device, staged, caps);
+  int dmabuf_fd = -1;
+  uint64_t dmabuf_offset = 0;
+  PointerInfo pi;
+  if (args.mode == RegistrationMode::kHmemDmabuf) {
+    pi = gpu_runtime().query(ptr);
+    dmabuf_fd = gpu_runtime().dmabuf_fd(pi.alloc_base, pi.alloc_size);
+    dmabuf_offset = ptr - pi.alloc_base;
+    if (dmabuf_fd < 0) {
+      RegistrationCaps no_dmabuf = caps;
+      no_dmabuf.device_dmabuf = false;
+      args = plan_registration(desc.kind, device, staged, no_dmabuf);
+    }
+  }
+  std::vector<MemoryRegistration> regs;
+  std::weak_ptr<MemoryRegion> weak = region;
+  run_on_worker([&]() {
+    if (args.mode != RegistrationMode::kStaged) {
+      try {
+        for (auto& d : domains_) {
+          regs.push_back(d->register_memory(reinterpret_cast<void*>(ptr), length, args,
+                                            provider_->provider_keys ? 0 : next_key_.fetch_add(1), dmabuf_fd,
+                                            dmabuf_offset));
+        }
+      } catch (const std::exception& e) {
+        for (size_t d = 0; d < regs.size(); ++d) domains_[d]->unregister(regs[d]);
+        regs.clear();
+        if (args.mode == RegistrationMode::kSystem) throw;
+        // The provider advertised FI_HMEM but cannot pin this GPU memory (no peermem / DMA-BUF):
+        // fall back to staging, which always works.
+        region->note_ = str_cat("FI_HMEM registration failed (", e.what(), "); staged instead");
+        args.mode = RegistrationMode::kStaged;
+      }
+      if (!regs.empty()) registrations_[region->id_] = regs;
+    }
+    region_index_[region->id_] = weak;
   });
+  if (dmabuf_fd >= 0) ::close(dmabuf_fd);
+  region->mode_ = args.mode;
+  if (region->note_.empty()) region->note_ = args.reason;
+  desc.staged = args.mode == RegistrationMode::kStaged;
   for (size_t d = 0; d < domains_.size(); ++d) {
-    region->descs_.push_back(regs[d].desc);
-    desc.domains.push_back({address_.domains[d], regs[d].key});
+    if (!desc.staged) region->descs_.push_back(regs[d].desc);
+    desc.domains.push_back({address_.domains[d], desc.staged ? 0 : regs[d].key, scratch_regs_[d].key});
   }
   return region;
 }
@@ -571,9 +714,64 @@ double EngineCore::deadline_for(uint64_t bytes) const {
   return options_.timeout_s + double(bytes) / options_.min_rate_bytes_per_s;
 }
 
+namespace {
+
+void fill_rma_wr(WorkRequest& wr, const WritePiece& p, const MemoryRegion& src, const MemoryDescriptor& dst,
+                 std::optional<uint32_t> imm) {
+  auto& rk = dst.domains[p.domain % dst.domains.size()];
+  wr.domain = p.domain;
+  wr.local = reinterpret_cast<void*>(src.base() + p.src_offset);
+  wr.length = p.length;
+  wr.desc = src.desc(p.domain);
+  wr.peer_endpoint = rk.endpoint;
+  wr.remote_addr = dst.remote_address(p.dst_offset);
+  wr.remote_key = rk.key;
+  wr.has_imm = imm.has_value();
+  wr.imm = imm.value_or(0);
+}
+
+}  // namespace
+
+std::unique_ptr<Job> EngineCore::make_job(const std::string& what, uint64_t bytes,
+                                          const std::shared_ptr<MemoryRegion>& src) {
+  auto job = std::make_unique<Job>();
+  job->state = std::make_shared<TransferState>(next_id_.fetch_add(1), what);
+  job->deadline = deadline_after(deadline_for(bytes));
+  job->src = src;
+  return job;
+}
+
+void EngineCore::add_path_part(Job& job, const PathChoice& choice, const MemoryDescriptor& dst,
+                               std::vector<StageSegment> segments, std::optional<uint32_t> imm, uint64_t imm_count,
+                               const PagedCopy* paged) {
+  if (choice.path == TransferPath::kIpc) {
+    IpcPart::Spec spec;
+    spec.dst = dst;
+    for (auto& sg : segments) spec.segments.push_back({sg.dst_offset, sg.src_offset, sg.length});
+    if (paged) {
+      spec.paged = true;
+      spec.pages = *paged;
+    }
+    spec.has_imm = imm.has_value();
+    spec.imm = imm.value_or(0);
+    spec.imm_count = imm ? imm_count : 0;
+    job.parts.push_back(std::make_unique<IpcPart>(this, &job, std::move(spec)));
+    return;
+  }
+  StagedPart::Spec spec;
+  spec.dst = dst;
+  spec.segments = std::move(segments);
+  spec.stage_src = choice.stage_src;
+  spec.stage_dst = choice.stage_dst;
+  spec.has_imm = imm.has_value();
+  spec.imm = imm.value_or(0);
+  spec.imm_count = imm ? imm_count : 0;
+  job.parts.push_back(std::make_unique<StagedPart>(this, &job, std::move(spec)));
+}
+
 std::shared_ptr<TransferState> EngineCore::write(const std::shared_ptr<MemoryRegion>& src,
                                                  const MemoryDescriptor& dst, uint64_t length, uint64_t src_offset,
-                                                 uint64_t dst_offset, std::optional<uint32_t> imm) {
+                                                 uint64_t dst_offset, std::optional<uint32_t> imm, TransferPath path) {
   check_open("write");
   JG_CHECK_ARG(src && src->core_.get() == this, "write: the source region was not registered with this engine");
   check_descriptor(dst, "write");
@@ -581,28 +779,22 @@ std::shared_ptr<TransferState> EngineCore::write(const std::shared_ptr<MemoryReg
                src_offset + length, ") run past the end of the source region (", src->length(), " bytes)");
   JG_CHECK_ARG(fits(dst_offset, length, dst.length), "write: destination bytes [", dst_offset, ", ",
                dst_offset + length, ") run past the end of the destination region (", dst.length, " bytes)");
+  PathChoice choice = path_for(*src, dst, path);
+  std::string what = describe("write of " + std::to_string(length) + " bytes", dst);
+  if (choice.path != TransferPath::kFabric) {
+    auto job = make_job(what, length, src);
+    uint64_t count = imm_writes("write", num_domains(), length, 0, ScatterSharding::kTargets, options_.sharding);
+    add_path_part(*job, choice, dst, {{src_offset, dst_offset, length}}, imm, count, nullptr);
+    return submit_job(std::move(job));
+  }
   auto pieces = plan_write(length, src_offset, dst_offset, num_domains(), round_robin_.fetch_add(1),
                            options_.sharding);
   auto op = std::make_unique<Op>();
-  op->state = std::make_shared<TransferState>(next_id_.fetch_add(1),
-                                              str_cat("write of ", length, " bytes to ", dst.owner().to_string()));
+  op->state = std::make_shared<TransferState>(next_id_.fetch_add(1), what);
   op->deadline = deadline_after(deadline_for(length));
   op->keep_region = src;
   op->wrs.resize(pieces.size());
-  for (size_t i = 0; i < pieces.size(); ++i) {
-    auto& p = pieces[i];
-    auto& wr = op->wrs[i];
-    auto& rk = dst.domains[p.domain % dst.domains.size()];
-    wr.domain = p.domain;
-    wr.local = reinterpret_cast<void*>(src->base() + p.src_offset);
-    wr.length = p.length;
-    wr.desc = src->desc(p.domain);
-    wr.peer_endpoint = rk.endpoint;
-    wr.remote_addr = dst.remote_address(p.dst_offset);
-    wr.remote_key = rk.key;
-    wr.has_imm = imm.has_value();
-    wr.imm = imm.value_or(0);
-  }
+  for (size_t i = 0; i < pieces.size(); ++i) fill_rma_wr(op->wrs[i], pieces[i], *src, dst, imm);
   return submit(std::move(op));
 }
 
@@ -611,7 +803,7 @@ std::shared_ptr<TransferState> EngineCore::write_paged(const std::shared_ptr<Mem
                                                        const std::vector<uint32_t>& src_pages,
                                                        const std::vector<uint32_t>& dst_pages, uint64_t src_stride,
                                                        uint64_t dst_stride, uint64_t src_offset, uint64_t dst_offset,
-                                                       std::optional<uint32_t> imm) {
+                                                       std::optional<uint32_t> imm, TransferPath path) {
   check_open("write_paged");
   JG_CHECK_ARG(src && src->core_.get() == this, "write_paged: the source region was not registered with this engine");
   check_descriptor(dst, "write_paged");
@@ -637,40 +829,55 @@ std::shared_ptr<TransferState> EngineCore::write_paged(const std::shared_ptr<Mem
                  dst_stride, ", ", page_bytes, " bytes) runs past the end of the destination region (", dst.length,
                  " bytes)");
   }
-  auto pieces = plan_paged(page_bytes, src_pages, dst_pages, src_stride, dst_stride, src_offset, dst_offset,
-                           num_domains(), round_robin_.fetch_add(1));
+  PathChoice choice = path_for(*src, dst, path);
+  std::string what = describe(
+      "paged write of " + std::to_string(src_pages.size()) + " x " + std::to_string(page_bytes) + " bytes", dst);
+  std::vector<WritePiece> pieces;
+  if (choice.path != TransferPath::kIpc)
+    pieces = plan_paged(page_bytes, src_pages, dst_pages, src_stride, dst_stride, src_offset, dst_offset,
+                        num_domains(), round_robin_.fetch_add(1));
+  if (choice.path != TransferPath::kFabric) {
+    auto job = make_job(what, page_bytes * src_pages.size(), src);
+    std::vector<StageSegment> segs;
+    PagedCopy pc;
+    if (choice.path == TransferPath::kIpc) {
+      // offsets: resolved against the mapped bases when the copy starts
+      pc.src = src_offset;
+      pc.dst = dst_offset;
+      pc.page_bytes = page_bytes;
+      pc.src_stride = src_stride;
+      pc.dst_stride = dst_stride;
+      pc.src_pages = src_pages;
+      pc.dst_pages = dst_pages;
+    } else {
+      segs.reserve(pieces.size());
+      for (auto& p : pieces) segs.push_back({p.src_offset, p.dst_offset, p.length});
+    }
+    uint64_t count = imm_writes("paged", num_domains(), 0, src_pages.size(), ScatterSharding::kTargets,
+                                options_.sharding);
+    add_path_part(*job, choice, dst, std::move(segs), imm, count, choice.path == TransferPath::kIpc ? &pc : nullptr);
+    return submit_job(std::move(job));
+  }
   auto op = std::make_unique<Op>();
-  op->state = std::make_shared<TransferState>(
-      next_id_.fetch_add(1), str_cat("paged write of ", src_pages.size(), " x ", page_bytes, " bytes to ",
-                                     dst.owner().to_string()));
+  op->state = std::make_shared<TransferState>(next_id_.fetch_add(1), what);
   op->deadline = deadline_after(deadline_for(page_bytes * src_pages.size()));
   op->keep_region = src;
   op->wrs.resize(pieces.size());
-  for (size_t i = 0; i < pieces.size(); ++i) {
-    auto& p = pieces[i];
-    auto& wr = op->wrs[i];
-    auto& rk = dst.domains[p.domain % dst.domains.size()];
-    wr.domain = p.domain;
-    wr.local = reinterpret_cast<void*>(src->base() + p.src_offset);
-    wr.length = p.length;
-    wr.desc = src->desc(p.domain);
-    wr.peer_endpoint = rk.endpoint;
-    wr.remote_addr = dst.remote_address(p.dst_offset);
-    wr.remote_key = rk.key;
-    wr.has_imm = imm.has_value();
-    wr.imm = imm.value_or(0);
-  }
+  for (size_t i = 0; i < pieces.size(); ++i) fill_rma_wr(op->wrs[i], pieces[i], *src, dst, imm);
   return submit(std::move(op));
 }
 
 std::shared_ptr<TransferState> EngineCore::scatter(const std::shared_ptr<MemoryRegion>& src,
                                                    const std::vector<ScatterDestination>& dsts,
-                                                   ScatterSharding sharding, std::optional<uint32_t> imm) {
+                                                   ScatterSharding sharding, std::optional<uint32_t> imm,
+                                                   TransferPath path) {
   check_open("scatter");
   JG_CHECK_ARG(src && src->core_.get() == this, "scatter: the source region was not registered with this engine");
   JG_CHECK_ARG(!dsts.empty(), "scatter: the destination list is empty");
   std::vector<ScatterTarget> targets;
+  std::vector<PathChoice> choices;
   uint64_t total = 0;
+  bool all_fabric = true;
   for (size_t i = 0; i < dsts.size(); ++i) {
     const auto& d = dsts[i];
     check_descriptor(d.dst, "scatter");
@@ -682,30 +889,37 @@ std::shared_ptr<TransferState> EngineCore::scatter(const std::shared_ptr<MemoryR
                  d.dst.length, " bytes)");
     targets.push_back({d.length, d.src_offset, d.dst_offset});
     total += d.length;
+    choices.push_back(path_for(*src, d.dst, path));
+    all_fabric &= choices.back().path == TransferPath::kFabric;
   }
   auto pieces = plan_scatter(targets, num_domains(), sharding, round_robin_.fetch_add(1));
+  std::string what = str_cat("scatter of ", total, " bytes to ", dsts.size(), " targets");
   auto op = std::make_unique<Op>();
-  op->state = std::make_shared<TransferState>(next_id_.fetch_add(1),
-                                              str_cat("scatter of ", total, " bytes to ", dsts.size(), " targets"));
-  op->deadline = deadline_after(deadline_for(total));
   op->keep_region = src;
-  op->wrs.resize(pieces.size());
-  for (size_t i = 0; i < pieces.size(); ++i) {
-    auto& p = pieces[i];
-    auto& wr = op->wrs[i];
-    const auto& dst = dsts[p.target].dst;
-    auto& rk = dst.domains[p.domain % dst.domains.size()];
-    wr.domain = p.domain;
-    wr.local = reinterpret_cast<void*>(src->base() + p.src_offset);
-    wr.length = p.length;
-    wr.desc = src->desc(p.domain);
-    wr.peer_endpoint = rk.endpoint;
-    wr.remote_addr = dst.remote_address(p.dst_offset);
-    wr.remote_key = rk.key;
-    wr.has_imm = imm.has_value();
-    wr.imm = imm.value_or(0);
+  for (const auto& p : pieces) {
+    if (choices[p.target].path != TransferPath::kFabric) continue;
+    op->wrs.emplace_back();
+    fill_rma_wr(op->wrs.back(), p, *src, dsts[p.target].dst, imm);
   }
-  return submit(std::move(op));
+  if (all_fabric) {
+    op->state = std::make_shared<TransferState>(next_id_.fetch_add(1), what);
+    op->deadline = deadline_after(deadline_for(total));
+    return submit(std::move(op));
+  }
+  // Mixed or non-RMA targets: one job, a part per non-RMA target plus one for the RMA targets.
+  auto job = make_job(what, total, src);
+  uint64_t per_target = imm_writes("scatter", num_domains(), 0, 0, sharding, options_.sharding);
+  for (size_t i = 0; i < dsts.size(); ++i) {
+    if (choices[i].path == TransferPath::kFabric) continue;
+    add_path_part(*job, choices[i], dsts[i].dst, {{dsts[i].src_offset, dsts[i].dst_offset, dsts[i].length}}, imm,
+                  per_target, nullptr);
+  }
+  if (!op->wrs.empty()) {
+    op->state = std::make_shared<TransferState>(next_id_.fetch_add(1), what + " (RMA targets)");
+    op->deadline = job->deadline;
+    job->parts.push_back(std::make_unique<FabricPart>(this, job.get(), std::move(op)));
+  }
+  return submit_job(std::move(job));
 }
 
 std::shared_ptr<TransferState> EngineCore::write_imm(const MemoryDescriptor& dst, uint32_t imm) {
@@ -729,23 +943,26 @@ std::shared_ptr<TransferState> EngineCore::barrier(const std::vector<MemoryDescr
     auto& rk = peers[i].domains[d % peers[i].domains.size()];
     wr.domain = d;
     wr.local = scratch_.data();
-    wr.length = 0;  // imm only: a zero-byte write at the region's start
+    wr.length = 0;  // imm only: a zero-byte write
     wr.desc = scratch_regs_[d].desc;
     wr.peer_endpoint = rk.endpoint;
-    wr.remote_addr = peers[i].remote_address(0);
-    wr.remote_key = rk.key;
+    wr.remote_addr = peers[i].imm_address();  // the owner engine's imm target
+    wr.remote_key = rk.imm_key;
     wr.has_imm = true;
     wr.imm = imm;
   }
   return submit(std::move(op));
 }
 
+Bytes EngineCore::make_frame(MsgKind kind, const Bytes& payload) const {
+  return encode_frame(kind, address_bytes_, payload.data(), payload.size());
+}
+
 std::shared_ptr<TransferState> EngineCore::send(const NetAddress& to, const Bytes& payload) {
   check_open("send");
   JG_CHECK_ARG(to.provider == provider_->name, "send: the address is for provider '", to.provider,
                "' but this engine uses '", provider_->name, "'");
-  Bytes me = address_.to_bytes();
-  size_t header = 4 + 2 + me.size();
+  size_t header = frame_header_bytes(address_bytes_);
   JG_CHECK_ARG(payload.size() + header <= options_.max_message_bytes, "send: payload of ", payload.size(),
                " bytes exceeds the control-message limit of ", options_.max_message_bytes - header,
                " bytes (max_message_bytes=", options_.max_message_bytes, " minus a ", header,
@@ -754,13 +971,7 @@ std::shared_ptr<TransferState> EngineCore::send(const NetAddress& to, const Byte
   op->state = std::make_shared<TransferState>(next_id_.fetch_add(1),
                                               str_cat("send of ", payload.size(), " bytes to ", to.to_string()));
   op->deadline = deadline_after(options_.timeout_s);
-  op->owned.resize(header + payload.size());
-  uint8_t* p = op->owned.data();
-  std::memcpy(p, &kMessageMagic, 4);
-  uint16_t n = static_cast<uint16_t>(me.size());
-  std::memcpy(p + 4, &n, 2);
-  std::memcpy(p + 6, me.data(), me.size());
-  if (!payload.empty()) std::memcpy(p + header, payload.data(), payload.size());
+  op->owned = make_frame(MsgKind::kUser, payload);
   op->wrs.resize(1);
   auto& wr = op->wrs[0];
   wr.hdr.kind = ContextKind::kSend;
@@ -805,8 +1016,8 @@ std::shared_ptr<TransferState> EngineCore::submit(std::unique_ptr<Op> op) {
       return;
     }
     if (raw->owned.size() && provider_->mr_local) {
-      raw->owned_regs.push_back(domains_[0]->register_memory(raw->owned.data(), raw->owned.size(), false, -1,
-                                                             provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
+      raw->owned_regs.push_back(domains_[0]->register_host(raw->owned.data(), raw->owned.size(),
+                                                           provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
       raw->wrs[0].desc = raw->owned_regs[0].desc;
     }
     if (raw->wrs.empty()) {
@@ -831,6 +1042,12 @@ void EngineCore::worker_main() {
       progress |= post_pending(d);
       progress |= poll_cq(d);
     }
+    progress |= run_deferred();
+    progress |= handle_internal_messages();
+    if (transports_busy()) {
+      progress |= advance_jobs();
+      progress |= advance_inbound();
+    }
     auto now = Clock::now();
     if (now - last_timeout_check_ > std::chrono::milliseconds(1)) {
       check_timeouts();
@@ -844,6 +1061,8 @@ void EngineCore::worker_main() {
     // Spin (yielding, these machines may have 2 cores) while anything is in flight or awaited;
     // otherwise sleep in short naps so an incoming write is still noticed within ~200 us.
     bool busy = !active_.empty() || waiters_.load(std::memory_order_acquire) > 0 ||
+                transports_busy() ||
+                gpu_wait_count_.load(std::memory_order_relaxed) > 0 ||
                 now - last_activity_ < std::chrono::milliseconds(2);
     if (busy) {
       sched_yield();
@@ -855,7 +1074,7 @@ void EngineCore::worker_main() {
     }
     std::unique_lock lk(cmd_mu_);
     cmd_cv_.wait_for(lk, std::chrono::microseconds(200), [&] {
-      return !commands_.empty() || stop_worker_.load() || waiters_.load() > 0;
+      return !commands_.empty() || stop_worker_.load() || waiters_.load() > 0 || gpu_wait_count_.load() > 0;
     });
   }
   shutdown_on_worker();
@@ -923,7 +1142,7 @@ bool EngineCore::post_pending(uint32_t d) {
       msg.rma_iov_count = 1;
       msg.context = &wr->hdr.ctx;
       msg.data = wr->imm;
-      rc = fi_writemsg(dom.ep(), &msg, FI_COMPLETION | (wr->has_imm ? FI_REMOTE_CQ_DATA : 0));
+      rc = fi_writemsg(dom.ep(), &msg, FI_COMPLETION | wr->flags | (wr->has_imm ? FI_REMOTE_CQ_DATA : 0));
     }
     if (rc == -FI_EAGAIN) break;  // provider queue full: progress the CQ, retry next pass
     queue.pop_front();
@@ -973,28 +1192,20 @@ bool EngineCore::poll_cq(uint32_t d) {
     if (e.flags & FI_RECV) {
       auto* slot = reinterpret_cast<RecvSlot*>(e.op_context);
       slot->posted = false;
-      if (e.len >= 6) {
-        uint32_t magic;
-        uint16_t alen;
-        std::memcpy(&magic, slot->buffer, 4);
-        std::memcpy(&alen, slot->buffer + 4, 2);
-        if (magic == kMessageMagic && 6u + alen <= e.len) {
-          try {
-            Message m;
-            m.sender = NetAddress::from_bytes(slot->buffer + 6, alen);
-            m.payload.assign(slot->buffer + 6 + alen, slot->buffer + e.len);
-            {
-              std::lock_guard lk(msg_mu_);
-              messages_.push_back(std::move(m));
-            }
-            msg_cv_.notify_all();
-          } catch (const std::exception& ex) {
-            std::fprintf(stderr, "jax_garden.fabric: dropped a malformed control message: %s\n", ex.what());
+      try {
+        Frame f = decode_frame(slot->buffer, e.len);
+        if (f.kind == MsgKind::kUser) {
+          {
+            std::lock_guard lk(msg_mu_);
+            messages_.push_back(Message{std::move(f.sender), std::move(f.payload)});
           }
+          msg_cv_.notify_all();
         } else {
-          std::fprintf(stderr, "jax_garden.fabric: dropped a %zu-byte message without the jax_garden header\n",
-                       static_cast<size_t>(e.len));
+          internal_msgs_.push_back(std::move(f));  // handled by the worker loop, never by recv()
         }
+      } catch (const std::exception& ex) {
+        std::fprintf(stderr, "jax_garden.fabric: dropped a malformed %zu-byte control message: %s\n",
+                     static_cast<size_t>(e.len), ex.what());
       }
       post_recv(slot);
     } else if ((e.flags & FI_REMOTE_CQ_DATA) && (e.flags & (FI_REMOTE_WRITE | FI_RMA))) {
@@ -1022,6 +1233,9 @@ void EngineCore::complete_wr(WorkRequest* wr, int error, const std::string& mess
 
 void EngineCore::finish_op(Op* op) {
   if (!op->failed) op->state->finish(TransferState::Status::kDone);
+  if (op->on_done) {
+    deferred_.push_back([cb = std::move(op->on_done), ok = !op->failed, err = op->error]() { cb(ok, err); });
+  }
   for (auto& r : op->owned_regs) domains_[0]->unregister(r);
   active_.erase(op->state->id());  // frees op
 }
@@ -1031,15 +1245,17 @@ void EngineCore::check_timeouts() {
   for (auto& [id, op] : active_) {
     if (op->failed || now < op->deadline) continue;
     op->failed = true;
-    op->state->finish(TransferState::Status::kTimedOut,
-                      str_cat("no completion from the peer within the engine timeout (", options_.timeout_s,
-                              " s + size allowance); the peer may be dead or unreachable"));
+    op->error = str_cat("no completion from the peer within the engine timeout (", options_.timeout_s,
+                        " s + size allowance); the peer may be dead or unreachable");
+    op->state->finish(TransferState::Status::kTimedOut, op->error);
   }
   // Ops whose unposted work requests were all dropped and which have nothing in flight are done.
   std::vector<Op*> finished;
   for (auto& [id, op] : active_)
     if (op->failed && op->in_flight == 0 && op->done == op->wrs.size()) finished.push_back(op.get());
   for (Op* op : finished) finish_op(op);
+  check_job_timeouts(now);
+  check_gpu_waits(now);
 }
 
 void EngineCore::post_recv(RecvSlot* slot) {
@@ -1068,6 +1284,7 @@ void EngineCore::post_recv(RecvSlot* slot) {
 void EngineCore::shutdown_on_worker() {
   // Everything still pending fails: the caller sees an error, never silence.
   for (auto& [id, op] : active_) op->state->finish(TransferState::Status::kFailed, "the engine was closed");
+  for (auto& [id, job] : jobs_) job->state->finish(TransferState::Status::kFailed, "the engine was closed");
   // Run what is queued so that submits fail (stop_worker_ is set) and synchronous callers return.
   std::deque<std::function<void()>> cmds;
   {
@@ -1083,14 +1300,20 @@ void EngineCore::shutdown_on_worker() {
   for (auto& [id, regs] : registrations_)
     for (size_t d = 0; d < regs.size(); ++d) domains_[d]->unregister(regs[d]);
   registrations_.clear();
+  region_index_.clear();
   for (size_t d = 0; d < domains_.size(); ++d) domains_[d]->unregister(scratch_regs_[d]);
   domains_[0]->unregister(recv_reg_);
   for (auto& [id, op] : active_)
     for (auto& r : op->owned_regs) domains_[0]->unregister(r);
+  shutdown_transports();  // unregisters the bounce pools (their memory is freed after the domains)
   // Closing the endpoints cancels what is still posted; only then may the contexts be freed.
   domains_.clear();
   active_.clear();
   for (auto& q : pending_) q.clear();
+  deferred_.clear();
+  pending_imms_.clear();
+  jobs_.clear();  // destroys parts (copy jobs wait for nothing: their events are simply destroyed)
+  staging_.reset();
 }
 
 }  // namespace jax_garden::fabric

@@ -4,83 +4,13 @@
 #include <sstream>
 
 #include "common/error.h"
+#include "fabric/bytes_io.h"
 
 namespace jax_garden::fabric {
 namespace {
 
 constexpr uint32_t kAddressMagic = 0x414e474a;     // "JGNA"
 constexpr uint32_t kDescriptorMagic = 0x444d474a;  // "JGMD"
-
-class Writer {
- public:
-  template <typename T>
-  void put(T v) {
-    uint8_t b[sizeof(T)];
-    std::memcpy(b, &v, sizeof(T));  // little-endian hosts only (x86-64, aarch64)
-    out.insert(out.end(), b, b + sizeof(T));
-  }
-  void put_bytes(const Bytes& b) {
-    put<uint16_t>(static_cast<uint16_t>(b.size()));
-    out.insert(out.end(), b.begin(), b.end());
-  }
-  void put_string(const std::string& s) { put_bytes(Bytes(s.begin(), s.end())); }
-  Bytes finish() {
-    put<uint32_t>(checksum32(out.data(), out.size()));
-    return std::move(out);
-  }
-  Bytes out;
-};
-
-class Reader {
- public:
-  Reader(const uint8_t* d, size_t n, const char* what) : data(d), size(n), what(what) {}
-  template <typename T>
-  T get(const char* field) {
-    need(sizeof(T), field);
-    T v;
-    std::memcpy(&v, data + pos, sizeof(T));
-    pos += sizeof(T);
-    return v;
-  }
-  Bytes get_bytes(const char* field, size_t max_len) {
-    uint16_t n = get<uint16_t>(field);
-    JG_CHECK_ARG(n <= max_len, what, ": field '", field, "' claims ", n, " bytes (at most ", max_len, " allowed)");
-    need(n, field);
-    Bytes b(data + pos, data + pos + n);
-    pos += n;
-    return b;
-  }
-  void need(size_t n, const char* field) {
-    JG_CHECK_ARG(pos + n <= size, what, " is truncated: field '", field, "' needs ", n, " bytes at offset ", pos,
-                 " but only ", size - pos, " remain (", size, " bytes given)");
-  }
-  void verify_checksum() {
-    JG_CHECK_ARG(size >= 4, what, " is truncated: ", size, " bytes");
-    uint32_t stored;
-    std::memcpy(&stored, data + size - 4, 4);
-    uint32_t actual = checksum32(data, size - 4);
-    JG_CHECK_ARG(stored == actual, what, " is corrupt: checksum 0x", std::hex, actual, " != stored 0x", stored);
-    size -= 4;  // the rest of parsing must not reach into the checksum
-  }
-  void expect_end() {
-    JG_CHECK_ARG(pos == size, what, " has ", size - pos, " unexpected trailing bytes");
-  }
-  void expect_header(uint32_t magic) {
-    JG_CHECK_ARG(size >= 10, what, " is truncated: ", size, " bytes is shorter than any valid one");
-    uint32_t m = get<uint32_t>("magic");
-    JG_CHECK_ARG(m == magic, what, " has the wrong magic 0x", std::hex, m, " (expected 0x", magic,
-                 "): not a jax_garden ", what);
-    verify_checksum();
-    uint16_t version = get<uint16_t>("version");
-    JG_CHECK_ARG(version == kWireFormatVersion, what, " has format version ", version,
-                 " but this build reads version ", kWireFormatVersion);
-  }
-
-  const uint8_t* data;
-  size_t size;
-  size_t pos = 0;
-  const char* what;
-};
 
 }  // namespace
 
@@ -139,10 +69,22 @@ Bytes MemoryDescriptor::to_bytes() const {
   w.put<uint8_t>(virtual_addressing ? 1 : 0);
   w.put<uint8_t>(static_cast<uint8_t>(kind));
   w.put<int32_t>(device);
+  w.put<uint8_t>(static_cast<uint8_t>((staged ? 1 : 0) | (has_ipc ? 2 : 0)));
+  w.put<uint64_t>(imm_base);
+  w.put<uint32_t>(stage_chunk_bytes);
+  w.put_string(host_id);
+  w.put<uint32_t>(pid);
+  w.put<uint64_t>(process_nonce);
+  if (has_ipc) {
+    w.out.insert(w.out.end(), ipc_handle.begin(), ipc_handle.end());
+    w.put<uint64_t>(ipc_offset);
+    w.put_string(pci_bus_id);
+  }
   w.put<uint8_t>(static_cast<uint8_t>(domains.size()));
   for (const auto& d : domains) {
     w.put_bytes(d.endpoint);
     w.put<uint64_t>(d.key);
+    w.put<uint64_t>(d.imm_key);
   }
   return w.finish();
 }
@@ -167,6 +109,29 @@ MemoryDescriptor MemoryDescriptor::from_bytes(const uint8_t* data, size_t size) 
   d.device = r.get<int32_t>("device");
   JG_CHECK_ARG(d.kind == MemoryKind::kHost ? d.device == -1 : d.device >= 0, "MemoryDescriptor device ", d.device,
                " does not fit memory kind ", int(kind));
+  uint8_t flags = r.get<uint8_t>("flags");
+  JG_CHECK_ARG((flags & ~3u) == 0, "MemoryDescriptor has unknown flag bits 0x", std::hex, int(flags));
+  d.staged = (flags & 1) != 0;
+  d.has_ipc = (flags & 2) != 0;
+  JG_CHECK_ARG(!d.has_ipc || d.kind == MemoryKind::kCuda, "MemoryDescriptor carries a CUDA IPC handle for host memory");
+  d.imm_base = r.get<uint64_t>("imm target");
+  d.stage_chunk_bytes = r.get<uint32_t>("staging chunk size");
+  JG_CHECK_ARG(d.stage_chunk_bytes >= 4096, "MemoryDescriptor staging chunk size ", d.stage_chunk_bytes,
+               " is below 4096 bytes");
+  Bytes host = r.get_bytes("host id", kMaxHostIdBytes);
+  JG_CHECK_ARG(!host.empty(), "MemoryDescriptor has an empty host id");
+  d.host_id.assign(host.begin(), host.end());
+  d.pid = r.get<uint32_t>("pid");
+  d.process_nonce = r.get<uint64_t>("process nonce");
+  if (d.has_ipc) {
+    r.get_raw(d.ipc_handle.data(), kIpcHandleBytes, "ipc handle");
+    d.ipc_offset = r.get<uint64_t>("ipc offset");
+    JG_CHECK_ARG(d.ipc_offset <= d.base, "MemoryDescriptor IPC offset 0x", std::hex, d.ipc_offset,
+                 " exceeds the region base 0x", d.base);
+    Bytes bus = r.get_bytes("pci bus id", kMaxPciBusIdBytes);
+    JG_CHECK_ARG(!bus.empty(), "MemoryDescriptor has a CUDA IPC handle but no PCI bus id");
+    d.pci_bus_id.assign(bus.begin(), bus.end());
+  }
   uint8_t n = r.get<uint8_t>("domain count");
   JG_CHECK_ARG(n >= 1 && n <= kMaxDomains, "MemoryDescriptor claims ", int(n), " domains (1..", kMaxDomains,
                " allowed)");
@@ -175,6 +140,7 @@ MemoryDescriptor MemoryDescriptor::from_bytes(const uint8_t* data, size_t size) 
     k.endpoint = r.get_bytes("endpoint name", kMaxEndpointNameBytes);
     JG_CHECK_ARG(!k.endpoint.empty(), "MemoryDescriptor domain ", int(i), " has an empty endpoint name");
     k.key = r.get<uint64_t>("key");
+    k.imm_key = r.get<uint64_t>("imm key");
     d.domains.push_back(std::move(k));
   }
   r.expect_end();

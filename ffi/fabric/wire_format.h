@@ -4,6 +4,7 @@
 // InvalidArgument, never a wild write.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -12,9 +13,12 @@ namespace jax_garden::fabric {
 
 using Bytes = std::vector<uint8_t>;
 
-inline constexpr uint16_t kWireFormatVersion = 1;
+inline constexpr uint16_t kWireFormatVersion = 2;
 inline constexpr size_t kMaxDomains = 8;          // NICs per group we accept on the wire
 inline constexpr size_t kMaxEndpointNameBytes = 256;
+inline constexpr size_t kIpcHandleBytes = 64;      // cudaIpcMemHandle_t
+inline constexpr size_t kMaxHostIdBytes = 64;
+inline constexpr size_t kMaxPciBusIdBytes = 32;
 
 // One engine's endpoints: the provider name and, per domain, the raw fi_getname() bytes.
 struct NetAddress {
@@ -31,11 +35,22 @@ enum class MemoryKind : uint8_t { kHost = 0, kCuda = 1 };
 
 // Where a remote region lives: base address and length in the owner's address space, how RMA
 // addresses are formed (virtual addresses or offsets, provider-dependent), and per owner domain the
-// endpoint name and remote key.
+// endpoint name, the region's remote key and the key of the owner engine's imm target.
+//
+// Besides the RMA coordinates a descriptor tells a sender which other paths can reach the region:
+//   * imm target: a small scratch region of the owner engine (imm_base + per-domain imm_key) that
+//     zero-byte writes carrying only an imm go to, so imm-only traffic never needs the region
+//     itself to be libfabric-registered (staged regions are not);
+//   * host_id (kernel boot id) + pid + process nonce: same host / same process checks;
+//   * for CUDA regions with an IPC export: the cudaIpcMemHandle of the allocation holding the
+//     region, the region's offset in it and the GPU's PCI bus id (CUDA IPC path on one host);
+//   * staged: the provider cannot reach this memory (e.g. GPU memory on tcp); writes go through the
+//     owner's bounce slots (stage_chunk_bytes each) by rendezvous.
 struct MemoryDescriptor {
   struct DomainKey {
     Bytes endpoint;
-    uint64_t key = 0;
+    uint64_t key = 0;      // region key (0 for staged regions: they are not registered)
+    uint64_t imm_key = 0;  // key of the owner engine's imm target on this domain
     bool operator==(const DomainKey&) const = default;
   };
   std::string provider;
@@ -43,10 +58,21 @@ struct MemoryDescriptor {
   uint64_t length = 0;
   bool virtual_addressing = true;  // FI_MR_VIRT_ADDR: remote address = base + offset
   MemoryKind kind = MemoryKind::kHost;
-  int32_t device = -1;  // CUDA ordinal for kCuda
+  int32_t device = -1;  // CUDA ordinal (in the owner process) for kCuda
+  bool staged = false;
+  uint64_t imm_base = 0;
+  uint32_t stage_chunk_bytes = 0;
+  std::string host_id;
+  uint32_t pid = 0;
+  uint64_t process_nonce = 0;
+  bool has_ipc = false;
+  std::array<uint8_t, kIpcHandleBytes> ipc_handle{};
+  uint64_t ipc_offset = 0;  // region base - allocation base
+  std::string pci_bus_id;
   std::vector<DomainKey> domains;
 
   uint64_t remote_address(uint64_t offset) const { return virtual_addressing ? base + offset : offset; }
+  uint64_t imm_address() const { return virtual_addressing ? imm_base : 0; }
   Bytes to_bytes() const;
   static MemoryDescriptor from_bytes(const uint8_t* data, size_t size);
   NetAddress owner() const;

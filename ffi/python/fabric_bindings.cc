@@ -1,16 +1,20 @@
 // Bindings for jax_garden.fabric (submodule _jax_garden.fabric). No logic: argument conversion,
 // GIL handling and exception mapping only.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
+#include <nanobind/stl/map.h>
 
 #include "common/error.h"
 #include "common/registry.h"
 #include "fabric/engine.h"
+#include "fabric/gpu_runtime.h"
+#include "fabric/policy.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -23,6 +27,8 @@ Bytes to_bytes(nb::bytes b) {
   return Bytes(p, p + b.size());
 }
 nb::bytes from_bytes(const Bytes& b) { return nb::bytes(reinterpret_cast<const char*>(b.data()), b.size()); }
+
+using PageList = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 ScatterSharding parse_sharding(const std::string& s) {
   if (s == "targets") return ScatterSharding::kTargets;
@@ -93,11 +99,19 @@ void BindFabric(nb::module_& m) {
       .def_prop_ro("length", [](const MemoryDescriptor& d) { return d.length; })
       .def_prop_ro("num_domains", [](const MemoryDescriptor& d) { return d.domains.size(); })
       .def_prop_ro("is_cuda", [](const MemoryDescriptor& d) { return d.kind == MemoryKind::kCuda; })
+      .def_prop_ro("is_staged", [](const MemoryDescriptor& d) { return d.staged; })
+      .def_prop_ro("device", [](const MemoryDescriptor& d) { return d.device; })
+      .def_prop_ro("has_ipc_handle", [](const MemoryDescriptor& d) { return d.has_ipc; })
+      .def_prop_ro("pci_bus_id", [](const MemoryDescriptor& d) { return d.pci_bus_id; })
+      .def_prop_ro("host_id", [](const MemoryDescriptor& d) { return d.host_id; })
+      .def_prop_ro("pid", [](const MemoryDescriptor& d) { return d.pid; })
+      .def_prop_ro("staging_chunk_bytes", [](const MemoryDescriptor& d) { return d.stage_chunk_bytes; })
       .def_prop_ro("owner", &MemoryDescriptor::owner)
       .def("__eq__", [](const MemoryDescriptor& a, const MemoryDescriptor& b) { return a == b; })
       .def("__repr__", [](const MemoryDescriptor& d) {
         return str_cat("MemoryDescriptor(", d.provider, ", base=0x", std::hex, d.base, std::dec, ", length=", d.length,
-                       ", domains=", d.domains.size(), d.kind == MemoryKind::kCuda ? ", cuda" : "", ")");
+                       ", domains=", d.domains.size(), d.kind == MemoryKind::kCuda ? ", cuda" : "",
+                       d.staged ? ", staged" : "", d.has_ipc ? ", ipc" : "", ")");
       });
 
   nb::class_<TransferState>(m, "Transfer")
@@ -117,6 +131,10 @@ void BindFabric(nb::module_& m) {
 
   nb::class_<MemoryRegion>(m, "MemoryRegion")
       .def_prop_ro("descriptor", [](const MemoryRegion& r) { return r.descriptor(); })
+      .def_prop_ro("is_staged", &MemoryRegion::staged)
+      .def_prop_ro("device", &MemoryRegion::device)
+      .def_prop_ro("registration", [](const MemoryRegion& r) { return std::string(registration_mode_name(r.mode())); })
+      .def_prop_ro("registration_note", &MemoryRegion::registration_note)
       .def_prop_ro("base", &MemoryRegion::base)
       .def_prop_ro("length", &MemoryRegion::length);
 
@@ -145,7 +163,8 @@ void BindFabric(nb::module_& m) {
 
   nb::class_<EngineCore>(m, "Engine")
       .def_static("create", [](const std::string& provider, const std::string& node, uint32_t domains,
-                               double timeout, uint32_t max_message_bytes, uint64_t split_threshold) {
+                               double timeout, uint32_t max_message_bytes, uint64_t split_threshold,
+                               const std::string& path, uint32_t staging_chunk_bytes, uint32_t staging_slots) {
         EngineOptions o;
         o.provider = provider;
         o.node = node;
@@ -153,9 +172,13 @@ void BindFabric(nb::module_& m) {
         o.timeout_s = timeout;
         o.max_message_bytes = max_message_bytes;
         o.sharding.split_threshold = split_threshold;
+        o.default_path = parse_path(path);
+        o.stage_chunk_bytes = staging_chunk_bytes;
+        o.stage_slots = staging_slots;
         nb::gil_scoped_release release;
         return EngineCore::create(o);
-      }, "provider"_a, "node"_a, "domains"_a, "timeout"_a, "max_message_bytes"_a, "split_threshold"_a)
+      }, "provider"_a, "node"_a, "domains"_a, "timeout"_a, "max_message_bytes"_a, "split_threshold"_a, "path"_a,
+         "staging_chunk_bytes"_a, "staging_slots"_a)
       .def_prop_ro("address", [](const EngineCore& e) { return e.address(); })
       .def_prop_ro("provider", [](const EngineCore& e) { return e.provider(); })
       .def_prop_ro("num_domains", &EngineCore::num_domains)
@@ -164,18 +187,50 @@ void BindFabric(nb::module_& m) {
       .def_prop_ro("split_threshold", [](const EngineCore& e) { return e.options().sharding.split_threshold; })
       .def_prop_ro("max_message_bytes", [](const EngineCore& e) { return e.options().max_message_bytes; })
       .def_prop_ro("closed", &EngineCore::closed)
-      .def("register_memory", &EngineCore::register_memory, "ptr"_a, "length"_a, "cuda"_a, "device"_a,
+      .def_prop_ro("default_path", [](const EngineCore& e) { return std::string(path_name(e.options().default_path)); })
+      .def("register_memory", &EngineCore::register_memory, "ptr"_a, "length"_a, "cuda"_a, "device"_a, "staged"_a,
            nb::call_guard<nb::gil_scoped_release>())
-      .def("write", &EngineCore::write, "region"_a, "dst"_a, "length"_a, "src_offset"_a, "dst_offset"_a, "imm"_a)
-      .def("write_paged", &EngineCore::write_paged, "region"_a, "dst"_a, "page_bytes"_a, "src_pages"_a,
-           "dst_pages"_a, "src_stride"_a, "dst_stride"_a, "src_offset"_a, "dst_offset"_a, "imm"_a)
+      .def("write", [](EngineCore& e, const std::shared_ptr<MemoryRegion>& r, const MemoryDescriptor& d, uint64_t n,
+                       uint64_t so, uint64_t doff, std::optional<uint32_t> imm, const std::string& path) {
+        return e.write(r, d, n, so, doff, imm, parse_path(path));
+      }, "region"_a, "dst"_a, "length"_a, "src_offset"_a, "dst_offset"_a, "imm"_a, "path"_a)
+      .def("write_paged", [](EngineCore& e, const std::shared_ptr<MemoryRegion>& r, const MemoryDescriptor& d,
+                             uint64_t page_bytes, PageList sp, PageList dp, uint64_t ss, uint64_t ds, uint64_t so,
+                             uint64_t doff, std::optional<uint32_t> imm, const std::string& path) {
+        // Page lists arrive as uint32 numpy arrays (no per-element conversion).
+        std::vector<uint32_t> src(sp.data(), sp.data() + sp.shape(0)), dst(dp.data(), dp.data() + dp.shape(0));
+        return e.write_paged(r, d, page_bytes, src, dst, ss, ds, so, doff, imm, parse_path(path));
+      }, "region"_a, "dst"_a, "page_bytes"_a, "src_pages"_a, "dst_pages"_a, "src_stride"_a, "dst_stride"_a,
+         "src_offset"_a, "dst_offset"_a, "imm"_a, "path"_a)
       .def("scatter", [](EngineCore& e, const std::shared_ptr<MemoryRegion>& r,
                          const std::vector<std::tuple<MemoryDescriptor, uint64_t, uint64_t, uint64_t>>& dsts,
-                         const std::string& sharding, std::optional<uint32_t> imm) {
+                         const std::string& sharding, std::optional<uint32_t> imm, const std::string& path) {
         std::vector<ScatterDestination> v;
         for (auto& [d, len, so, doff] : dsts) v.push_back({d, len, so, doff});
-        return e.scatter(r, v, parse_sharding(sharding), imm);
-      }, "region"_a, "targets"_a, "sharding"_a, "imm"_a)
+        return e.scatter(r, v, parse_sharding(sharding), imm, parse_path(path));
+      }, "region"_a, "targets"_a, "sharding"_a, "imm"_a, "path"_a)
+      .def("path_for", [](const EngineCore& e, const MemoryRegion& r, const MemoryDescriptor& d, const std::string& path) {
+        auto c = e.path_for(r, d, parse_path(path));
+        return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst);
+      }, "region"_a, "dst"_a, "path"_a)
+      .def("check", &EngineCore::check)
+      .def("staging_stats", [](EngineCore& e) {
+        StagingStats s;
+        {
+          nb::gil_scoped_release release;
+          s = e.staging_stats();
+        }
+        nb::dict d;
+        d["send_buffers"] = s.send_buffers;
+        d["send_buffers_free"] = s.send_buffers_free;
+        d["recv_slots"] = s.recv_slots;
+        d["recv_slots_free"] = s.recv_slots_free;
+        d["inbound"] = s.inbound;
+        d["outbound"] = s.outbound;
+        d["chunk_bytes"] = s.chunk_bytes;
+        d["ipc_mappings"] = s.ipc_mappings;
+        return d;
+      })
       .def("write_imm", &EngineCore::write_imm, "dst"_a, "imm"_a)
       .def("barrier", &EngineCore::barrier, "peers"_a, "imm"_a)
       .def("send", [](EngineCore& e, const NetAddress& to, nb::bytes payload) {
@@ -195,6 +250,68 @@ void BindFabric(nb::module_& m) {
         return e.watcher([shared](uint32_t s, uint64_t o, uint64_t n) { call_python(shared, s, o, n); });
       }, "callback"_a)
       .def("close", &EngineCore::close, nb::call_guard<nb::gil_scoped_release>());
+
+  // Pure policy functions, exposed for unit tests.
+  m.def("choose_path", [](const std::string& requested, bool src_cuda, bool src_staged, bool dst_cuda,
+                          bool dst_staged, bool dst_has_ipc, bool same_host, bool same_process, bool gpu_can_map) {
+    PathQuery q;
+    q.requested = parse_path(requested);
+    q.src_cuda = src_cuda;
+    q.src_staged = src_staged;
+    q.dst_cuda = dst_cuda;
+    q.dst_staged = dst_staged;
+    q.dst_has_ipc = dst_has_ipc;
+    q.same_host = same_host;
+    q.same_process = same_process;
+    q.gpu_can_map = gpu_can_map;
+    auto c = choose_path(q);
+    return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst);
+  }, "requested"_a, "src_cuda"_a, "src_staged"_a, "dst_cuda"_a, "dst_staged"_a, "dst_has_ipc"_a, "same_host"_a,
+     "same_process"_a, "gpu_can_map"_a);
+  m.def("plan_registration", [](bool cuda, int device, bool staged, bool provider_hmem, bool headers_dmabuf,
+                                bool runtime_dmabuf, bool kernel_dmabuf, bool device_dmabuf) {
+    RegistrationCaps c{provider_hmem, headers_dmabuf, runtime_dmabuf, kernel_dmabuf, device_dmabuf};
+    auto a = plan_registration(cuda ? MemoryKind::kCuda : MemoryKind::kHost, device, staged, c);
+    nb::dict d;
+    d["mode"] = std::string(registration_mode_name(a.mode));
+    d["iface"] = a.iface;
+    d["device"] = a.device;
+    d["access"] = a.access;
+    d["flags"] = a.flags;
+    d["reason"] = a.reason;
+    return d;
+  }, "cuda"_a, "device"_a, "staged"_a, "provider_hmem"_a, "headers_dmabuf"_a, "runtime_dmabuf"_a,
+     "kernel_dmabuf"_a, "device_dmabuf"_a);
+  m.def("kernel_release_at_least", &kernel_release_at_least, "release"_a, "major"_a, "minor"_a);
+  m.def("plan_stage_chunks", [](const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& segs,
+                                uint64_t chunk_bytes, size_t max_segments) {
+    std::vector<StageSegment> v;
+    for (auto& [so, doff, n] : segs) v.push_back({so, doff, n});
+    std::vector<std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>> out;
+    for (auto& c : plan_stage_chunks(v, chunk_bytes, max_segments)) {
+      out.emplace_back();
+      for (auto& s : c.segments) out.back().emplace_back(s.src_offset, s.dst_offset, s.length);
+    }
+    return out;
+  }, "segments"_a, "chunk_bytes"_a, "max_segments"_a);
+  m.def("host_id", []() { return host_id(); });
+
+  // GPU runtime (CUDA builds; the CPU build reports it unavailable). Helpers for tests and the
+  // benchmark: plain device buffers and same-run copy baselines.
+  m.def("gpu_available", []() { return gpu_runtime().available(); });
+  m.def("gpu_status", []() { return gpu_runtime().status(); });
+  m.def("gpu_device_count", []() { return gpu_runtime().device_count(); });
+  m.def("gpu_alloc", [](int device, size_t bytes) { return gpu_runtime().device_alloc(device, bytes); },
+        "device"_a, "bytes"_a);
+  m.def("gpu_free", [](uint64_t ptr) { gpu_runtime().device_free(ptr); }, "ptr"_a);
+  m.def("gpu_memcpy", [](uint64_t dst, uint64_t src, size_t bytes) { gpu_runtime().memcpy_sync(dst, src, bytes); },
+        "dst"_a, "src"_a, "bytes"_a, nb::call_guard<nb::gil_scoped_release>());
+  m.def("bench_peer_copy", [](int src, int dst, size_t bytes, int iters) {
+    return gpu_runtime().bench_peer_copy(src, dst, bytes, iters);
+  }, "src_device"_a, "dst_device"_a, "bytes"_a, "iters"_a, nb::call_guard<nb::gil_scoped_release>());
+  m.def("bench_host_to_device", [](int device, size_t bytes, int iters) {
+    return gpu_runtime().bench_host_to_device(device, bytes, iters);
+  }, "device"_a, "bytes"_a, "iters"_a, nb::call_guard<nb::gil_scoped_release>());
 
   m.def("imm_writes", [](const std::string& op, uint32_t domains, uint64_t length, uint64_t pages,
                          const std::string& sharding, uint64_t split_threshold) {

@@ -1,8 +1,10 @@
 // XLA FFI handlers (CPU) for the fabric jit ops. They decode and delegate:
 //   jg_fabric_signal: store a value into a watcher slot, in program order.
 //   jg_fabric_wait:   block until an imm counter holds `count` credits, then take them.
-// Both pass their remaining operands through (aliased to the results), which is how callers order
-// other work after them.
+// Both pass their remaining operands through, which is how callers order other work after them
+// (signal's results alias its operands; wait copies its operands into its results after the wait,
+// so consumers see memory that peers wrote before the imms arrived). The static_value /
+// static_count attributes serve the CUDA handlers (fabric_cuda.cc); here the operands are used.
 #include <cstring>
 
 #include "common/error.h"
@@ -33,6 +35,7 @@ ffi::Error pass_through(ffi::RemainingArgs args, ffi::RemainingRets rets) {
 }
 
 ffi::Error SignalCpuImpl(uint64_t address,          // host address of a live watcher slot
+                         int64_t static_value,      // (CUDA only)
                          ffi::Buffer<ffi::U32> value,  // scalar stored into the slot (zero-extended; jax defaults to 32 bits)
                          ffi::RemainingArgs args, ffi::RemainingRets rets) {
   if (!is_live_watcher_slot(address)) {
@@ -47,6 +50,7 @@ ffi::Error SignalCpuImpl(uint64_t address,          // host address of a live wa
 
 ffi::Error WaitCpuImpl(uint64_t counter_id,         // ImmCounter.id
                        double timeout,              // seconds; the engine's timeout by default
+                       int64_t static_count,        // (CUDA only)
                        ffi::Buffer<ffi::S32> count,  // scalar: credits to take
                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto counter = find_imm_counter(counter_id);
@@ -69,6 +73,7 @@ ffi::Error WaitCpuImpl(uint64_t counter_id,         // ImmCounter.id
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kSignalCpu, SignalCpuImpl,
                               ffi::Ffi::Bind()
                                   .Attr<uint64_t>("address")
+                                  .Attr<int64_t>("static_value")
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .RemainingArgs()
                                   .RemainingRets());
@@ -77,6 +82,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kWaitCpu, WaitCpuImpl,
                               ffi::Ffi::Bind()
                                   .Attr<uint64_t>("counter_id")
                                   .Attr<double>("timeout")
+                                  .Attr<int64_t>("static_count")
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .RemainingRets());

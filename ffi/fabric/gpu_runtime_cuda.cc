@@ -1,0 +1,491 @@
+// The CUDA implementation of GpuRuntime (built only with CUDA). cudart is linked statically; the
+// driver API (address ranges, stream memory operations, DMA-BUF handles, device attributes) is
+// reached through cudaGetDriverEntryPointByVersion, so libcuda.so is loaded by cudart at run time
+// and never becomes a link dependency: the module imports on machines without a GPU, where
+// available() is simply false.
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "common/error.h"
+#include "fabric/gpu_kernels.h"
+#include "fabric/gpu_runtime.h"
+
+namespace jax_garden::fabric {
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so the next call starts clean
+    throw FabricError(str_cat(what, " failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e)));
+  }
+}
+
+void check_cu(CUresult r, const char* what) {
+  if (r != CUDA_SUCCESS) throw FabricError(str_cat(what, " failed: CUresult ", int(r)));
+}
+
+// Makes `device` current for the scope and restores the caller's device (XLA's and Python's threads
+// keep their own current device).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
+    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    else prev_ = -1;
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = -1;
+};
+
+using PFN_GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+using PFN_StreamValue64 = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
+using PFN_GetHandleForAddressRange = CUresult (*)(void*, CUdeviceptr, size_t, CUmemRangeHandleType,
+                                                  unsigned long long);
+using PFN_DeviceGet = CUresult (*)(CUdevice*, int);
+using PFN_DeviceGetAttribute = CUresult (*)(int*, CUdevice_attribute, CUdevice);
+
+template <typename F>
+F entry_point(const char* name, unsigned version) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult q{};
+  if (cudaGetDriverEntryPointByVersion(name, &fn, version, cudaEnableDefault, &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return reinterpret_cast<F>(fn);
+}
+
+class EventJob final : public CopyJob {
+ public:
+  // release() runs at destruction and gets the event back (the runtime pools events).
+  EventJob(cudaEvent_t ev, std::function<void(cudaEvent_t)> release) : ev_(ev), release_(std::move(release)) {}
+  ~EventJob() override { release_(ev_); }
+  int poll(std::string* error) override {
+    if (done_) return 1;
+    cudaError_t e = cudaEventQuery(ev_);
+    if (e == cudaSuccess) {
+      done_ = true;
+      return 1;
+    }
+    if (e == cudaErrorNotReady) return 0;
+    cudaGetLastError();
+    if (error) *error = str_cat("GPU copy failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
+    return -1;
+  }
+
+ private:
+  cudaEvent_t ev_;
+  std::function<void(cudaEvent_t)> release_;
+  bool done_ = false;
+};
+
+class CudaRuntime final : public GpuRuntime {
+ public:
+  CudaRuntime() {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n <= 0) {
+      cudaGetLastError();
+      status_ = e != cudaSuccess ? str_cat("no usable CUDA driver/GPU: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e))
+                                 : "no CUDA GPU found";
+      return;
+    }
+    count_ = n;
+    get_address_range_ = entry_point<PFN_GetAddressRange>("cuMemGetAddressRange", 12000);
+    write_value64_ = entry_point<PFN_StreamValue64>("cuStreamWriteValue64", 12000);
+    wait_value64_ = entry_point<PFN_StreamValue64>("cuStreamWaitValue64", 12000);
+    get_handle_for_range_ = entry_point<PFN_GetHandleForAddressRange>("cuMemGetHandleForAddressRange", 12000);
+    device_get_ = entry_point<PFN_DeviceGet>("cuDeviceGet", 12000);
+    device_get_attribute_ = entry_point<PFN_DeviceGetAttribute>("cuDeviceGetAttribute", 12000);
+    if (!get_address_range_) {
+      status_ = "the CUDA driver does not provide cuMemGetAddressRange";
+      return;
+    }
+    sms_.assign(n, 0);
+    for (int d = 0; d < n; ++d) cudaDeviceGetAttribute(&sms_[d], cudaDevAttrMultiProcessorCount, d);
+    streams_.assign(n, {nullptr, nullptr});
+    available_ = true;
+    status_ = str_cat(n, " CUDA device(s)");
+  }
+
+  bool available() override { return available_; }
+  std::string status() override { return status_; }
+  int device_count() override { return count_; }
+
+  PointerInfo query(uint64_t ptr) override {
+    PointerInfo info;
+    if (!available_) return info;
+    cudaPointerAttributes attr{};
+    cudaError_t e = cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(ptr));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return info;  // not memory CUDA knows
+    }
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) return info;
+    info.is_device = true;
+    info.is_managed = attr.type == cudaMemoryTypeManaged;
+    info.device = attr.device;
+    DeviceGuard g(attr.device);
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    check_cu(get_address_range_(&base, &size, static_cast<CUdeviceptr>(ptr)), "cuMemGetAddressRange");
+    info.alloc_base = base;
+    info.alloc_size = size;
+    return info;
+  }
+
+  std::array<uint8_t, 64> ipc_export(uint64_t alloc_base) override {
+    static_assert(sizeof(cudaIpcMemHandle_t) == 64, "cudaIpcMemHandle_t is 64 bytes");
+    cudaIpcMemHandle_t h{};
+    check(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(alloc_base)), "cudaIpcGetMemHandle");
+    std::array<uint8_t, 64> out{};
+    std::memcpy(out.data(), &h, 64);
+    return out;
+  }
+
+  uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device) override {
+    DeviceGuard g(device);
+    cudaIpcMemHandle_t h{};
+    std::memcpy(&h, handle.data(), 64);
+    void* p = nullptr;
+    check(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    return reinterpret_cast<uint64_t>(p);
+  }
+
+  void ipc_close(uint64_t mapped_base) override {
+    if (cudaIpcCloseMemHandle(reinterpret_cast<void*>(mapped_base)) != cudaSuccess) cudaGetLastError();
+  }
+
+  std::string pci_bus_id(int device) override {
+    char buf[64] = {0};
+    if (cudaDeviceGetPCIBusId(buf, sizeof(buf) - 1, device) != cudaSuccess) {
+      cudaGetLastError();
+      return "";
+    }
+    return buf;
+  }
+
+  int device_of_pci_bus_id(const std::string& bus_id) override {
+    if (!available_ || bus_id.empty()) return -1;
+    std::lock_guard lk(mu_);
+    auto it = bus_ids_.find(bus_id);
+    if (it != bus_ids_.end()) return it->second;
+    int d = -1;
+    if (cudaDeviceGetByPCIBusId(&d, bus_id.c_str()) != cudaSuccess) {
+      cudaGetLastError();
+      d = -1;
+    }
+    bus_ids_[bus_id] = d;
+    return d;
+  }
+
+  bool can_access(int device, int owner) override {
+    if (!available_ || device < 0 || owner < 0 || device >= count_ || owner >= count_) return false;
+    if (device == owner) return true;
+    std::lock_guard lk(mu_);
+    auto key = std::make_pair(device, owner);
+    auto it = peer_access_.find(key);
+    if (it != peer_access_.end()) return it->second;
+    int ok = 0;
+    if (cudaDeviceCanAccessPeer(&ok, device, owner) != cudaSuccess) {
+      cudaGetLastError();
+      ok = 0;
+    }
+    peer_access_[key] = ok != 0;
+    return ok != 0;
+  }
+
+  bool dmabuf_supported(int device) override {
+    if (!available_ || !device_get_ || !device_get_attribute_ || !get_handle_for_range_) return false;
+    CUdevice dev;
+    int v = 0;
+    if (device_get_(&dev, device) != CUDA_SUCCESS) return false;
+    if (device_get_attribute_(&v, CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED, dev) != CUDA_SUCCESS) return false;
+    return v != 0;
+  }
+
+  int dmabuf_fd(uint64_t base, uint64_t size) override {
+    if (!get_handle_for_range_) return -1;
+    int fd = -1;
+    if (get_handle_for_range_(&fd, static_cast<CUdeviceptr>(base), size, CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0) !=
+        CUDA_SUCCESS)
+      return -1;
+    return fd;
+  }
+
+  std::unique_ptr<CopyJob> copy(int device, int lane, const std::vector<CopySegment>& segments) override {
+    try {
+      DeviceGuard g(device);
+      cudaStream_t s = stream(device, lane);
+      for (const auto& seg : segments) {
+        if (!seg.bytes) continue;
+        check(cudaMemcpyAsync(reinterpret_cast<void*>(seg.dst), reinterpret_cast<const void*>(seg.src), seg.bytes,
+                              cudaMemcpyDefault, s),
+              "cudaMemcpyAsync");
+      }
+      return record(device, s, nullptr);
+    } catch (const std::exception& e) {
+      return failed_copy(e.what());
+    }
+  }
+
+  std::unique_ptr<CopyJob> paged_copy(int device, const PagedCopy& c) override {
+    try {
+      DeviceGuard g(device);
+      cudaStream_t s = stream(device, 0);
+      size_t n = c.src_pages.size();
+      if (n == 0) return record(device, s, nullptr);
+      // Page lists: packed into a pooled pinned buffer, copied to a stream-ordered device buffer
+      // (no host synchronisation anywhere), read by the kernel from device memory. The pinned
+      // buffer returns to the pool when the job (its event) is done.
+      size_t bytes = n * 2 * sizeof(uint32_t);
+      auto [buf, slot] = acquire_index_buffer(bytes);
+      auto* idx = static_cast<uint32_t*>(buf);
+      std::memcpy(idx, c.src_pages.data(), n * sizeof(uint32_t));
+      std::memcpy(idx + n, c.dst_pages.data(), n * sizeof(uint32_t));
+      void* dev_idx = nullptr;
+      cudaError_t e = cudaMallocAsync(&dev_idx, bytes, s);
+      if (e == cudaSuccess) e = cudaMemcpyAsync(dev_idx, idx, bytes, cudaMemcpyHostToDevice, s);
+      PagedCopyArgs a{};
+      a.dst = c.dst;
+      a.src = c.src;
+      a.page_bytes = c.page_bytes;
+      a.src_stride = c.src_stride;
+      a.dst_stride = c.dst_stride;
+      a.src_pages = static_cast<const uint32_t*>(dev_idx);
+      a.dst_pages = static_cast<const uint32_t*>(dev_idx) + n;
+      a.pages = static_cast<uint32_t>(n);
+      if (e == cudaSuccess) e = launch_paged_copy(a, sms_[device], s);
+      if (dev_idx) cudaFreeAsync(dev_idx, s);
+      if (e != cudaSuccess) {
+        release_index_buffer(slot);
+        check(e, "paged copy (page lists to the device, kernel launch)");
+      }
+      return record(device, s, [this, slot = slot]() { release_index_buffer(slot); });
+    } catch (const std::exception& e) {
+      return failed_copy(e.what());
+    }
+  }
+
+  void* host_alloc(size_t bytes) override {
+    if (!available_) return nullptr;
+    void* p = nullptr;
+    if (cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return p;
+  }
+
+  void host_free(void* p) override {
+    if (p && cudaFreeHost(p) != cudaSuccess) cudaGetLastError();
+  }
+
+  uint64_t device_address(void* host) override {
+    void* d = nullptr;
+    if (cudaHostGetDevicePointer(&d, host, 0) != cudaSuccess) {
+      cudaGetLastError();
+      return reinterpret_cast<uint64_t>(host);  // UVA: the same address
+    }
+    return reinterpret_cast<uint64_t>(d);
+  }
+
+  void stream_write_u64(void* stream, uint64_t address, uint64_t value) override {
+    if (!write_value64_) throw FabricError("cuStreamWriteValue64 is not available from this CUDA driver");
+    check_cu(write_value64_(static_cast<CUstream>(stream), static_cast<CUdeviceptr>(address), value, 0),
+             "cuStreamWriteValue64");
+  }
+
+  void stream_store_u32_from_device(int device, void* stream, uint64_t address, const void* device_value) override {
+    DeviceGuard g(device);
+    check(launch_store_u32(reinterpret_cast<uint64_t*>(address), static_cast<const uint32_t*>(device_value),
+                           static_cast<cudaStream_t>(stream)),
+          "signal store kernel launch");
+  }
+
+  void stream_wait_geq_u64(void* stream, uint64_t address, uint64_t value) override {
+    if (!wait_value64_) throw FabricError("cuStreamWaitValue64 is not available from this CUDA driver");
+    check_cu(wait_value64_(static_cast<CUstream>(stream), static_cast<CUdeviceptr>(address), value,
+                           CU_STREAM_WAIT_VALUE_GEQ),
+             "cuStreamWaitValue64");
+  }
+
+  void stream_copy(int device, void* stream, void* dst, const void* src, size_t bytes) override {
+    DeviceGuard g(device);
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)), "cudaMemcpyAsync");
+  }
+
+  double bench_peer_copy(int src_device, int dst_device, size_t bytes, int iters) override {
+    void *src = nullptr, *dst = nullptr;
+    {
+      DeviceGuard g(dst_device);
+      check(cudaMalloc(&dst, bytes), "cudaMalloc");
+    }
+    DeviceGuard g(src_device);
+    check(cudaMalloc(&src, bytes), "cudaMalloc");
+    cudaError_t pe = cudaDeviceEnablePeerAccess(dst_device, 0);
+    if (pe != cudaSuccess) cudaGetLastError();  // already enabled, or same device
+    double gbs = time_copies(iters, bytes, [&](cudaStream_t s) {
+      return cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, s);
+    });
+    cudaFree(src);
+    {
+      DeviceGuard g2(dst_device);
+      cudaFree(dst);
+    }
+    return gbs;
+  }
+
+  double bench_host_to_device(int device, size_t bytes, int iters) override {
+    DeviceGuard g(device);
+    void *host = nullptr, *dst = nullptr;
+    check(cudaHostAlloc(&host, bytes, cudaHostAllocPortable), "cudaHostAlloc");
+    check(cudaMalloc(&dst, bytes), "cudaMalloc");
+    std::memset(host, 1, bytes);
+    double gbs = time_copies(iters, bytes, [&](cudaStream_t s) {
+      return cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, s);
+    });
+    cudaFree(dst);
+    cudaFreeHost(host);
+    return gbs;
+  }
+
+  uint64_t device_alloc(int device, size_t bytes) override {
+    DeviceGuard g(device);
+    void* p = nullptr;
+    check(cudaMalloc(&p, bytes), "cudaMalloc");
+    return reinterpret_cast<uint64_t>(p);
+  }
+
+  void device_free(uint64_t ptr) override {
+    if (ptr && cudaFree(reinterpret_cast<void*>(ptr)) != cudaSuccess) cudaGetLastError();
+  }
+
+  void memcpy_sync(uint64_t dst, uint64_t src, size_t bytes) override {
+    check(cudaMemcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes, cudaMemcpyDefault),
+          "cudaMemcpy");
+  }
+
+ private:
+  cudaStream_t stream(int device, int lane) {
+    std::lock_guard lk(mu_);
+    JG_CHECK_ARG(device >= 0 && device < count_, "GPU device ", device, " out of range (", count_, " devices)");
+    auto& s = lane == 0 ? streams_[device].first : streams_[device].second;
+    if (!s) check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    return s;
+  }
+
+  // Events belong to a device's context: the pool is per device (the caller made `device` current).
+  std::unique_ptr<CopyJob> record(int device, cudaStream_t s, std::function<void()> release) {
+    cudaEvent_t ev = nullptr;
+    {
+      std::lock_guard lk(mu_);
+      auto& pool = free_events_[device];
+      if (!pool.empty()) {
+        ev = pool.back();
+        pool.pop_back();
+      }
+    }
+    cudaError_t e = ev ? cudaSuccess : cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventRecord(ev, s);
+    if (e != cudaSuccess) {
+      if (ev) cudaEventDestroy(ev);
+      if (release) release();
+      check(e, "cudaEventRecord");
+    }
+    return std::make_unique<EventJob>(ev, [this, device, release = std::move(release)](cudaEvent_t done) {
+      if (release) release();
+      std::lock_guard lk(mu_);
+      auto& pool = free_events_[device];
+      if (pool.size() < 4096)
+        pool.push_back(done);
+      else
+        cudaEventDestroy(done);
+    });
+  }
+
+  std::pair<void*, size_t> acquire_index_buffer(size_t bytes) {
+    std::lock_guard lk(mu_);
+    for (size_t i = 0; i < index_buffers_.size(); ++i) {
+      auto& b = index_buffers_[i];
+      if (!b.in_use && b.bytes >= bytes) {
+        b.in_use = true;
+        return {b.ptr, i};
+      }
+    }
+    size_t want = std::max<size_t>(bytes, 1 << 16);
+    void* p = nullptr;
+    check(cudaHostAlloc(&p, want, cudaHostAllocPortable | cudaHostAllocMapped), "cudaHostAlloc (page lists)");
+    index_buffers_.push_back({p, want, true});
+    return {p, index_buffers_.size() - 1};
+  }
+
+  void release_index_buffer(size_t slot) {
+    std::lock_guard lk(mu_);
+    index_buffers_[slot].in_use = false;
+  }
+
+  template <typename F>
+  double time_copies(int iters, size_t bytes, F&& one) {
+    cudaStream_t s;
+    check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    cudaEvent_t a, b;
+    check(cudaEventCreate(&a), "cudaEventCreate");
+    check(cudaEventCreate(&b), "cudaEventCreate");
+    for (int i = 0; i < 2; ++i) check(one(s), "warm-up copy");
+    check(cudaEventRecord(a, s), "cudaEventRecord");
+    for (int i = 0; i < iters; ++i) check(one(s), "timed copy");
+    check(cudaEventRecord(b, s), "cudaEventRecord");
+    check(cudaEventSynchronize(b), "cudaEventSynchronize");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, a, b), "cudaEventElapsedTime");
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    cudaStreamDestroy(s);
+    return double(bytes) * iters / (double(ms) * 1e-3) / 1e9;
+  }
+
+  struct IndexBuffer {
+    void* ptr;
+    size_t bytes;
+    bool in_use;
+  };
+
+  bool available_ = false;
+  std::string status_;
+  int count_ = 0;
+  std::vector<int> sms_;
+  std::mutex mu_;
+  std::vector<std::pair<cudaStream_t, cudaStream_t>> streams_;
+  std::vector<IndexBuffer> index_buffers_;
+  std::map<std::string, int> bus_ids_;
+  std::map<std::pair<int, int>, bool> peer_access_;
+  std::map<int, std::vector<cudaEvent_t>> free_events_;
+  PFN_GetAddressRange get_address_range_ = nullptr;
+  PFN_StreamValue64 write_value64_ = nullptr;
+  PFN_StreamValue64 wait_value64_ = nullptr;
+  PFN_GetHandleForAddressRange get_handle_for_range_ = nullptr;
+  PFN_DeviceGet device_get_ = nullptr;
+  PFN_DeviceGetAttribute device_get_attribute_ = nullptr;
+};
+
+}  // namespace
+
+GpuRuntime& gpu_runtime() {
+  static CudaRuntime* rt = new CudaRuntime();  // never destroyed: streams outlive static teardown order
+  return *rt;
+}
+
+}  // namespace jax_garden::fabric

@@ -1,0 +1,464 @@
+"""TransferEngine with GPU memory (marker ``gpu``; skipped without a CUDA GPU and a CUDA build).
+
+Across processes on one host with the ``tcp`` provider (no GPUDirect NIC here): GPU->GPU takes the
+CUDA IPC path, GPU<->host and forced GPU->GPU staging go through pinned bounce buffers. Contents
+are read back and imm counts checked exactly. Faults: a sender killed mid-copy (its receiver's
+waits fail within the timeout and it keeps working), a receiver killed mid-copy (the sender's ops
+fail within the timeout and it keeps working). jit programs signal after computing and wait before
+consuming, on the GPU stream, in both directions between two processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several processes share the GPUs
+
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from fabric_group import run_group
+
+PROVIDER = "tcp"
+
+
+def _gpu_count() -> int:
+    try:
+        from jax_garden._jax_garden import fabric as native
+    except Exception:
+        return 0
+    return native.gpu_device_count() if native.gpu_available() else 0
+
+
+NGPU = _gpu_count()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU and a CUDA build")]
+two_gpus = pytest.mark.skipif(NGPU < 2, reason="needs 2 GPUs")
+
+
+class DevBuf:
+    """A plain cudaMalloc buffer (what an IPC handle exports exactly), filled and read from numpy."""
+
+    def __init__(self, device: int, nbytes: int):
+        from jax_garden._jax_garden import fabric as native
+
+        self.native, self.device, self.nbytes = native, device, nbytes
+        self.ptr = native.gpu_alloc(device, nbytes)
+
+    def upload(self, arr: np.ndarray, offset: int = 0) -> None:
+        arr = np.ascontiguousarray(arr)
+        self.native.gpu_memcpy(self.ptr + offset, arr.ctypes.data, arr.nbytes)
+
+    def download(self, nbytes: int | None = None, offset: int = 0) -> np.ndarray:
+        out = np.empty(self.nbytes - offset if nbytes is None else nbytes, np.uint8)
+        self.native.gpu_memcpy(out.ctypes.data, self.ptr + offset, out.nbytes)
+        return out
+
+    def free(self) -> None:
+        self.native.gpu_free(self.ptr)
+
+
+def _data(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(1000 + seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def _wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# ---- every op GPU -> GPU across processes ---------------------------------------------------------
+
+def _gpu_ops_worker(rank: int, size: int, exchange, path):
+    from jax_garden import fabric
+    from jax_garden._jax_garden import fabric as native
+
+    dev = rank % native.gpu_device_count()
+    eng = fabric.TransferEngine(provider=PROVIDER, domains=2, staging_chunk_bytes=1 << 20)
+    n, page, npages = 8 << 20, 16 << 10, 256
+    src = DevBuf(dev, n)
+    src.upload(_data(rank, n))
+    dst_n = n + npages * page + 65536
+    dst = DevBuf(dev, dst_n)
+    dst.upload(np.zeros(dst_n, np.uint8))
+    rs, rd = eng.register((src.ptr, n), memory="cuda"), eng.register((dst.ptr, dst_n), memory="cuda")
+    assert rs.is_cuda and rs.device == dev and rd.descriptor.is_cuda and rd.descriptor.device == dev
+    assert rd.descriptor.has_ipc_handle, "a cudaMalloc buffer must export a CUDA IPC handle"
+    assert rd.is_staged and rd.registration == "staged"  # tcp has no FI_HMEM
+    peers = exchange(bytes(rd.descriptor))
+    descs = [fabric.MemoryDescriptor.from_bytes(d) for d in peers]
+    right, left = (rank + 1) % size, (rank - 1) % size
+    others = [r for r in range(size) if r != rank]
+    assert eng.path_for(rs, descs[right], path) == (path or "ipc")
+    t0 = time.monotonic()
+    ts = [eng.write(rs, descs[right], n, imm=10, path=path)]
+    pages = np.arange(npages)
+    ts.append(eng.write_paged(rs, descs[right], page, pages[::-1], pages, 2 * page, page, dst_offset=n, imm=20,
+                              path=path))
+    slot = 65536 // size
+    ts.append(eng.scatter(rs, [(descs[o], slot - 1, o * 1000, n + npages * page + rank * slot) for o in others],
+                          imm=30, sharding="bytes", path=path))
+    for t in ts:
+        t.wait(60)
+    eng.imm_counter(10).wait(fabric.imm_writes("write", domains=2, length=n, split_threshold=eng.split_threshold), 60)
+    eng.imm_counter(20).wait(npages, 60)
+    eng.imm_counter(30).wait(len(others) * 2, 60)
+    elapsed = time.monotonic() - t0
+    got = dst.download()
+    want = _data(left, n)
+    np.testing.assert_array_equal(got[:n], want)
+    for i in range(npages):
+        s = (npages - 1 - i) * 2 * page
+        np.testing.assert_array_equal(got[n + i * page:n + (i + 1) * page], want[s:s + page])
+    for o in others:
+        off = n + npages * page + o * slot
+        np.testing.assert_array_equal(got[off:off + slot - 1], _data(o, n)[rank * 1000:rank * 1000 + slot - 1])
+    time.sleep(0.05)
+    totals = [eng.imm_counter(i).total for i in (10, 20, 30)]
+    exchange(None)
+    stats = eng.staging_stats()
+    eng.close()
+    src.free()
+    dst.free()
+    return totals, stats, elapsed
+
+
+@pytest.mark.parametrize("path", [None, "staged"], ids=["ipc", "tcp-staged"])
+def test_gpu_every_op_across_processes(path):
+    out = run_group(_gpu_ops_worker, 2, path, exchanges=2, timeout=180)
+    for rank, (totals, stats, elapsed) in out.items():
+        assert totals == [2, 256, 2], (rank, totals)
+        if path is None:
+            assert stats["ipc_mappings"] >= 1 and stats["inbound"] == 0 and stats["outbound"] == 0, stats
+        else:
+            assert stats["recv_slots_free"] == stats["recv_slots"] > 0, stats
+            assert stats["send_buffers_free"] == stats["send_buffers"] > 0, stats
+
+
+def test_gpu_in_process_engines_and_jax_arrays():
+    import jax
+    import jax.numpy as jnp
+
+    from jax_garden import fabric
+
+    devs = jax.devices("gpu")
+    a = fabric.TransferEngine(provider=PROVIDER)
+    b = fabric.TransferEngine(provider=PROVIDER)
+    try:
+        n = 1 << 20
+        x = jax.device_put(jnp.arange(n // 4, dtype=jnp.float32), devs[0])
+        y = jax.device_put(jnp.zeros(n // 4, jnp.float32), devs[-1])
+        x.block_until_ready()
+        y.block_until_ready()
+        rx, ry = a.register(x), b.register(y)
+        assert rx.is_cuda and ry.is_cuda and ry.device == devs[-1].local_hardware_id
+        path = a.path_for(rx, ry.descriptor)
+        assert path == "ipc", path  # same process: pointers map directly
+        a.write(rx, ry.descriptor, n, imm=3).wait(30)
+        b.imm_counter(3).wait(1, 30)
+        np.testing.assert_array_equal(np.asarray(y), np.arange(n // 4, dtype=np.float32))
+        # a raw buffer on the same GPU through forced staging, and GPU -> host
+        buf = DevBuf(devs[0].local_hardware_id, n)
+        rbuf = b.register((buf.ptr, n), memory="cuda")
+        a.write(rx, rbuf.descriptor, n, imm=4, path="staged").wait(30)
+        b.imm_counter(4).wait(1, 30)
+        np.testing.assert_array_equal(buf.download().view(np.float32), np.arange(n // 4, dtype=np.float32))
+        host = np.zeros(n, np.uint8)
+        rh = b.register(host)
+        assert a.path_for(rx, rh.descriptor) == "staged"
+        a.write(rx, rh.descriptor, n, imm=5).wait(30)
+        b.imm_counter(5).wait(1, 30)
+        np.testing.assert_array_equal(host.view(np.float32), np.arange(n // 4, dtype=np.float32))
+        del rbuf
+        buf.free()
+    finally:
+        a.close()
+        b.close()
+
+
+# ---- GPU <-> host across processes ----------------------------------------------------------------
+
+def _gpu_host_worker(rank: int, size: int, exchange):
+    from jax_garden import fabric
+
+    eng = fabric.TransferEngine(provider=PROVIDER, staging_chunk_bytes=256 << 10, staging_slots=4)
+    n = 5 << 20  # more than the 1 MiB pools: slots are reused
+    if rank == 0:  # the GPU side
+        src, dst = DevBuf(0, n), DevBuf(0, n)
+        src.upload(_data(0, n))
+        dst.upload(np.zeros(n, np.uint8))
+        rs, rd = eng.register((src.ptr, n), memory="cuda"), eng.register((dst.ptr, n), memory="cuda")
+    else:  # the host side
+        src, dst = _data(1, n), np.zeros(n, np.uint8)
+        rs, rd = eng.register(src), eng.register(dst)
+    peer = fabric.MemoryDescriptor.from_bytes(exchange(bytes(rd.descriptor))[1 - rank])
+    assert eng.path_for(rs, peer) == "staged"
+    eng.write(rs, peer, n, imm=7).wait(60)
+    eng.imm_counter(7).wait(1, 60)
+    got = dst.download() if rank == 0 else dst
+    np.testing.assert_array_equal(got, _data(1 - rank, n))
+    exchange(None)
+    eng.close()
+    return True
+
+
+def test_gpu_to_host_and_host_to_gpu():
+    assert run_group(_gpu_host_worker, 2, exchanges=2, timeout=120) == {0: True, 1: True}
+
+
+# ---- faults -----------------------------------------------------------------------------------------
+
+def _killed_sender(rank: int, size: int, exchange):
+    from jax_garden import fabric
+    from jax_garden._jax_garden import fabric as native
+
+    timeout = 2.0
+    ngpu = native.gpu_device_count()
+    eng = fabric.TransferEngine(provider=PROVIDER, timeout=timeout)
+    n = 256 << 20
+    if rank == 1:  # the victim: keeps copying into rank 0's GPU until killed
+        src = DevBuf(1 % ngpu, n)
+        rs = eng.register((src.ptr, n), memory="cuda")
+        infos = exchange((os.getpid(), b""))
+        peer = fabric.MemoryDescriptor.from_bytes(infos[0][1])
+        while True:
+            ts = [eng.write(rs, peer, n, imm=1) for _ in range(4)]
+            for t in ts:
+                t.wait(60)
+    dst = DevBuf(0, n)
+    rd = eng.register((dst.ptr, n), memory="cuda")
+    infos = exchange((os.getpid(), bytes(rd.descriptor)))
+    c = eng.imm_counter(1)
+    _wait_for(lambda: c.total >= 2, 60, "copies from the victim")
+    os.kill(infos[1][0], signal.SIGKILL)
+    killed = time.monotonic()
+    time.sleep(0.2)
+    got = c.total
+    try:
+        c.wait(got + 1000, timeout)  # what the dead peer would have sent never comes
+        raise AssertionError("a dead sender's imms arrived")
+    except TimeoutError:
+        pass
+    failed_after = time.monotonic() - killed
+    # the survivor keeps working: its GPU memory, its engine, IPC from another engine
+    other = fabric.TransferEngine(provider=PROVIDER)
+    src2 = DevBuf(0, 1 << 20)
+    src2.upload(_data(5, 1 << 20))
+    r2 = other.register((src2.ptr, 1 << 20), memory="cuda")
+    other.write(r2, rd.descriptor, 1 << 20, imm=2).wait(30)
+    eng.imm_counter(2).wait(1, 30)
+    np.testing.assert_array_equal(dst.download(1 << 20), _data(5, 1 << 20))
+    other.close()
+    eng.close()
+    return failed_after
+
+
+def test_gpu_killed_sender_mid_copy():
+    out = run_group(_killed_sender, 2, timeout=180, expect_dead={1})
+    assert out[0] < 2.0 + 5, out
+
+
+def _killed_receiver(rank: int, size: int, exchange):
+    from jax_garden import fabric
+    from jax_garden._jax_garden import fabric as native
+
+    timeout = 2.0
+    ngpu = native.gpu_device_count()
+    eng = fabric.TransferEngine(provider=PROVIDER, timeout=timeout)
+    n = 256 << 20
+    if rank == 1:  # the victim receiver
+        dst = DevBuf(1 % ngpu, n)
+        rd = eng.register((dst.ptr, n), memory="cuda")
+        exchange((os.getpid(), bytes(rd.descriptor)))
+        time.sleep(600)
+    src = DevBuf(0, n)
+    rs = eng.register((src.ptr, n), memory="cuda")
+    infos = exchange((os.getpid(), b""))
+    peer = fabric.MemoryDescriptor.from_bytes(infos[1][1])
+    first = eng.write(rs, peer, n, imm=1)
+    first.wait(60)  # the path works while the peer lives
+    pending = [eng.write(rs, peer, n, imm=1) for _ in range(32)]
+    os.kill(infos[1][0], signal.SIGKILL)
+    killed = time.monotonic()
+    failures = 0
+    for t in pending:  # copies racing the kill: each completes or fails, none hangs
+        try:
+            t.wait(60)
+        except (fabric.TransferError, TimeoutError):
+            failures += 1
+    pending_after = time.monotonic() - killed
+    time.sleep(0.5)  # the peer is gone now
+    late = [eng.write(rs, peer, 4096, imm=1) for _ in range(2)]
+    t_late = time.monotonic()
+    late_failed = 0
+    for t in late:
+        try:
+            t.wait(60)
+        except (fabric.TransferError, TimeoutError):
+            late_failed += 1
+    late_after = time.monotonic() - t_late
+    # the sender keeps working with a live engine
+    other = fabric.TransferEngine(provider=PROVIDER)
+    dst2 = DevBuf(0, 1 << 20)
+    rd2 = other.register((dst2.ptr, 1 << 20), memory="cuda")
+    src.upload(_data(6, 1 << 20))
+    eng.write(rs, rd2.descriptor, 1 << 20, imm=2).wait(30)
+    other.imm_counter(2).wait(1, 30)
+    np.testing.assert_array_equal(dst2.download(), _data(6, 1 << 20))
+    other.close()
+    eng.close()
+    return dict(failures=failures, pending_after=pending_after, late_failed=late_failed, late_after=late_after)
+
+
+def test_gpu_killed_receiver_mid_copy():
+    out = run_group(_killed_receiver, 2, timeout=180, expect_dead={1})[0]
+    assert out["late_failed"] == 2, out  # ops toward the dead peer fail ...
+    assert out["late_after"] < 2.0 + 5, out  # ... within the timeout
+    assert out["pending_after"] < 2.0 + (256 << 20) / 200e6 + 10, out
+
+
+# ---- jit ops on the GPU stream ------------------------------------------------------------------------
+
+def test_gpu_jit_signal_in_stream_order_and_stalled_wait_released():
+    import jax
+    import jax.numpy as jnp
+
+    from jax_garden import fabric
+
+    assert "jg_fabric_signal" in fabric._ffi.registered_targets().get("CUDA", [])
+    eng = fabric.TransferEngine(provider=PROVIDER, timeout=1.0)
+    try:
+        fired = {}
+        w = eng.watcher(lambda slot, old, new: fired.setdefault(slot, (new, time.monotonic())))
+        s_static, s_traced = w.slot(0), w.slot(1)
+        dev = jax.devices("gpu")[0]
+        x = jax.device_put(jnp.ones((4096, 4096), jnp.float32) / 4096, dev)
+
+        @jax.jit
+        def produce(x):
+            y = x
+            for _ in range(80):
+                y = jnp.tanh(y @ x) + x
+            y = fabric.signal(s_static, 7, y)
+            return fabric.signal(s_traced, (y[0, 0] * 0).astype(jnp.uint32) + 9, y)
+
+        produce(x).block_until_ready()  # compile and warm up
+        fired.clear()
+        for s in (s_static, s_traced):
+            s.store(0)
+        time.sleep(0.1)
+        fired.clear()
+        t0 = time.monotonic()
+        out = produce(x)
+        t_dispatch = time.monotonic()
+        out.block_until_ready()
+        t_done = time.monotonic()
+        _wait_for(lambda: len(fired) == 2, 5, "both signals")
+        assert fired[0][0] == 7 and fired[1][0] == 9, fired
+        # stored by the stream after the compute, not by the host at dispatch
+        assert fired[0][1] > t_dispatch and fired[0][1] > t0 + 0.5 * (t_done - t0), (t0, t_dispatch, t_done, fired)
+
+        # a wait whose imms never come: the stream is released after the timeout, the error is kept
+        c = eng.imm_counter(77)
+        zeros = jax.device_put(jnp.zeros(4, jnp.float32), dev)
+        f = jax.jit(lambda v: fabric.wait(c, 2, v, timeout=0.5) + 1).lower(zeros).compile()
+        t0 = time.monotonic()
+        res = f(zeros)
+        assert time.monotonic() - t0 < 0.4  # the host did not block
+        res.block_until_ready()
+        assert time.monotonic() - t0 < 10
+        np.testing.assert_array_equal(np.asarray(res), np.ones(4))
+        with pytest.raises(fabric.TransferError, match="stream was released"):
+            eng.check()
+        eng.check()  # reported once
+        with pytest.raises(fabric.TransferError, match="stream was released"):
+            c.wait(0, 1)
+        # a traced count cannot be reserved at enqueue time
+        g = jax.jit(lambda v, k: fabric.wait(c, k, v))
+        with pytest.raises(Exception, match="static count"):
+            g(jnp.zeros(4), jnp.int32(1)).block_until_ready()
+    finally:
+        eng.close()
+
+
+def _jit_pingpong(rank: int, size: int, exchange):
+    import jax
+    import jax.numpy as jnp
+
+    from jax_garden import fabric
+    from jax_garden._jax_garden import fabric as native
+
+    ngpu = native.gpu_device_count()
+    dev = jax.devices("gpu")[rank % ngpu]
+    eng = fabric.TransferEngine(provider=PROVIDER)
+    n = 1 << 20  # float32 elements
+    payload = (np.arange(n, dtype=np.float32) + 1000 * rank)
+    src = DevBuf(dev.local_hardware_id, 4 * n)
+    src.upload(payload.view(np.uint8))
+    rs = eng.register((src.ptr, 4 * n), memory="cuda")
+    inbox = jax.device_put(jnp.zeros(n, jnp.float32), dev)
+    inbox.block_until_ready()
+    rin = eng.register(inbox)
+    counter = eng.imm_counter(50)
+    infos = exchange(bytes(rin.descriptor))
+    peer = fabric.MemoryDescriptor.from_bytes(infos[1 - rank])
+    sent = []
+
+    def on_signal(slot, old, new):  # the producer's program reached its signal: ship the data
+        if new:
+            sent.append(eng.write(rs, peer, 4 * n, imm=50))
+
+    slot = eng.watcher(on_signal).slot(0)
+    x = jax.device_put(jnp.ones((2048, 2048), jnp.float32) / 2048, dev)
+
+    @jax.jit
+    def produce(x, k):
+        y = x
+        for _ in range(20):
+            y = jnp.tanh(y @ x)
+        return fabric.signal(slot, k, y)  # after computing y (k: a traced value, stored by a kernel)
+
+    @jax.jit
+    def consume(box):
+        box = fabric.wait(counter, 1, box)  # before consuming what the peer wrote
+        return box * 2.0
+
+    produce(x, jnp.uint32(0)).block_until_ready()  # compile; the slot stays 0: nothing is sent
+    consume_out = None
+    results = {}
+    for turn in range(2):  # turn 0: rank 0 produces, rank 1 consumes; turn 1: the other way
+        producer = turn
+        if rank != producer:
+            t0 = time.monotonic()
+            consume_out = consume(inbox)  # enqueued; the stream waits on the GPU
+            results[f"dispatch_s_{turn}"] = time.monotonic() - t0
+        exchange(("ready", turn))
+        if rank == producer:
+            produce(x, jnp.uint32(turn + 1)).block_until_ready()
+        else:
+            got = np.asarray(consume_out)
+            np.testing.assert_array_equal(got, 2 * (np.arange(n, dtype=np.float32) + 1000 * (1 - rank)))
+        exchange(("done", turn))
+    for t in sent:
+        t.wait(30)
+    time.sleep(0.05)
+    results["imms"] = counter.total
+    exchange(None)
+    eng.close()
+    src.free()
+    return results
+
+
+def test_gpu_jit_signal_then_wait_both_directions():
+    out = run_group(_jit_pingpong, 2, exchanges=6, timeout=240)
+    for rank, r in out.items():
+        # one write per turn the peer produced
+        assert r["imms"] == 1, (rank, r)
+        for k, v in r.items():
+            if k.startswith("dispatch_s_"):
+                assert v < 5.0, (rank, r)  # enqueueing the wait never blocked on the peer
