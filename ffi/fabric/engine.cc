@@ -213,7 +213,8 @@ void ImmCounter::add(int64_t n) {
       expectations_.pop_front();
     }
   }
-  if (waiters_.load(std::memory_order_acquire) > 0) {
+  if (waiters_.load(std::memory_order_acquire) > 0 &&
+      credits_.load(std::memory_order_acquire) >= wake_at_.load(std::memory_order_acquire)) {
     std::lock_guard lk(mu_);  // pairs with the waiter's check-then-sleep
     cv_.notify_all();
   }
@@ -240,19 +241,28 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
     EngineCore* c;
     ~Leave() { c->waiter_leave(); }
   } leave{core.get()};
-  // Short spin first: a futex wake costs more than the 4 KiB round trip we are waiting for.
-  auto spin_until = Clock::now() + std::chrono::microseconds(50);
-  while (Clock::now() < spin_until) {
-    if (try_take()) return;
-    sched_yield();
+  // Spin first, polling the CQs on this thread: a futex wake plus a worker handoff cost more than
+  // the small-write round trip we are waiting for.
+  {
+    EngineCore::InlinePoller poller(core.get());
+    auto spin_until = Clock::now() + std::chrono::microseconds(100);
+    while (Clock::now() < spin_until) {
+      if (try_take()) return;
+      if (!core->progress_once()) sched_yield();
+    }
   }
   auto deadline = deadline_after(timeout_s);
   std::unique_lock lk(mu_);
   waiters_.fetch_add(1);
+  // Arrivals wake sleepers only once the smallest waiting count is reachable (a wait for 4,096
+  // page imms must not be woken 4,096 times).
+  if (count < wake_at_.load()) wake_at_.store(count);
   struct Dec {
-    std::atomic<int>& w;
-    ~Dec() { w.fetch_sub(1); }
-  } dec{waiters_};
+    ImmCounter* c;
+    ~Dec() {
+      if (c->waiters_.fetch_sub(1) == 1) c->wake_at_.store(std::numeric_limits<int64_t>::max());
+    }
+  } dec{this};
   while (true) {
     if (try_take()) return;
     if (!aborted_.empty()) throw TransferFailed(str_cat("imm counter ", imm_, ": ", aborted_));
@@ -1008,67 +1018,106 @@ std::shared_ptr<TransferState> EngineCore::submit(std::unique_ptr<Op> op) {
     wr.op = op.get();
   }
   auto state = op->state;
+  // Fast path: post on the caller's thread when nothing is queued ahead of us and no one else is
+  // progressing; saves the handoff to the worker (a few microseconds on a small write).
+  if (!has_commands_.load(std::memory_order_acquire) && progress_mu_.try_lock()) {
+    std::lock_guard pl(progress_mu_, std::adopt_lock);
+    if (!stop_worker_.load()) {
+      install_op(std::move(op));
+      for (uint32_t d = 0; d < domains_.size(); ++d) post_pending(d);
+      last_activity_ = Clock::now();
+      wake();  // the worker reaps the completions if nobody polls inline
+      return state;
+    }
+  }
   Op* raw = op.release();
-  enqueue([this, raw]() {
-    std::unique_ptr<Op> owned(raw);
-    if (stop_worker_.load()) {
-      raw->state->finish(TransferState::Status::kFailed, "the engine is closed");
-      return;
-    }
-    if (raw->owned.size() && provider_->mr_local) {
-      raw->owned_regs.push_back(domains_[0]->register_host(raw->owned.data(), raw->owned.size(),
-                                                           provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
-      raw->wrs[0].desc = raw->owned_regs[0].desc;
-    }
-    if (raw->wrs.empty()) {
-      raw->state->finish(TransferState::Status::kDone);
-      return;
-    }
-    uint64_t id = raw->state->id();
-    active_.emplace(id, std::move(owned));
-    for (auto& wr : raw->wrs) pending_[wr.domain].push_back(&wr);
-  });
+  enqueue([this, raw]() { install_op(std::unique_ptr<Op>(raw)); });
   return state;
+}
+
+void EngineCore::install_op(std::unique_ptr<Op> owned) {
+  Op* raw = owned.get();
+  if (stop_worker_.load()) {
+    raw->state->finish(TransferState::Status::kFailed, "the engine is closed");
+    return;
+  }
+  if (raw->owned.size() && provider_->mr_local) {
+    raw->owned_regs.push_back(domains_[0]->register_host(raw->owned.data(), raw->owned.size(),
+                                                         provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
+    raw->wrs[0].desc = raw->owned_regs[0].desc;
+  }
+  if (raw->wrs.empty()) {
+    raw->state->finish(TransferState::Status::kDone);
+    return;
+  }
+  uint64_t id = raw->state->id();
+  active_.emplace(id, std::move(owned));
+  for (auto& wr : raw->wrs) pending_[wr.domain].push_back(&wr);
+}
+
+bool EngineCore::progress_once() {
+  std::unique_lock pl(progress_mu_, std::try_to_lock);
+  if (!pl.owns_lock() || stop_worker_.load(std::memory_order_acquire)) return false;
+  bool progress = false;
+  for (uint32_t d = 0; d < domains_.size(); ++d) {
+    progress |= post_pending(d);
+    progress |= poll_cq(d);
+  }
+  if (progress) last_activity_ = Clock::now();
+  return progress;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Worker
 
+bool EngineCore::worker_pass() {
+  bool progress = run_commands();
+  for (uint32_t d = 0; d < domains_.size(); ++d) {
+    progress |= post_pending(d);
+    progress |= poll_cq(d);
+  }
+  progress |= run_deferred();
+  progress |= handle_internal_messages();
+  if (transports_busy()) {
+    progress |= advance_jobs();
+    progress |= advance_inbound();
+  }
+  auto now = Clock::now();
+  if (now - last_timeout_check_ > std::chrono::milliseconds(1)) {
+    check_timeouts();
+    last_timeout_check_ = now;
+  }
+  if (progress) last_activity_ = now;
+  return progress;
+}
+
 void EngineCore::worker_main() {
   uint32_t idle = 0;
   while (!stop_worker_.load(std::memory_order_acquire)) {
-    bool progress = run_commands();
-    for (uint32_t d = 0; d < domains_.size(); ++d) {
-      progress |= post_pending(d);
-      progress |= poll_cq(d);
+    // A caller spinning in a wait polls the CQs itself; on small machines two spinning threads
+    // per process only slow each other down, so nap while one does (it gives up within ~100 us).
+    if (inline_pollers_.load(std::memory_order_acquire) > 0 && !has_commands_.load(std::memory_order_acquire)) {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
-    progress |= run_deferred();
-    progress |= handle_internal_messages();
-    if (transports_busy()) {
-      progress |= advance_jobs();
-      progress |= advance_inbound();
-    }
-    auto now = Clock::now();
-    if (now - last_timeout_check_ > std::chrono::milliseconds(1)) {
-      check_timeouts();
-      last_timeout_check_ = now;
+    bool progress, busy;
+    {
+      std::unique_lock pl(progress_mu_, std::try_to_lock);
+      if (!pl.owns_lock()) {
+        sched_yield();
+        continue;
+      }
+      progress = worker_pass();
+      // Spin (yielding, these machines may have 2 cores) while anything is in flight or awaited;
+      // otherwise sleep in short naps so an incoming write is still noticed within ~200 us.
+      busy = !active_.empty() || waiters_.load(std::memory_order_acquire) > 0 || transports_busy() ||
+             gpu_wait_count_.load(std::memory_order_relaxed) > 0 ||
+             Clock::now() - last_activity_ < std::chrono::milliseconds(2);
     }
     if (progress) {
-      last_activity_ = now;
       idle = 0;
       continue;
     }
-    // Spin (yielding, these machines may have 2 cores) while anything is in flight or awaited;
-    // otherwise sleep in short naps so an incoming write is still noticed within ~200 us.
-    bool busy = !active_.empty() || waiters_.load(std::memory_order_acquire) > 0 ||
-                transports_busy() ||
-                gpu_wait_count_.load(std::memory_order_relaxed) > 0 ||
-                now - last_activity_ < std::chrono::milliseconds(2);
-    if (busy) {
-      sched_yield();
-      continue;
-    }
-    if (++idle < 16) {
+    if (busy || ++idle < 16) {
       sched_yield();
       continue;
     }
@@ -1077,6 +1126,7 @@ void EngineCore::worker_main() {
       return !commands_.empty() || stop_worker_.load() || waiters_.load() > 0 || gpu_wait_count_.load() > 0;
     });
   }
+  std::lock_guard pl(progress_mu_);
   shutdown_on_worker();
 }
 

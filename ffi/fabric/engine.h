@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -115,6 +116,7 @@ class ImmCounter {
   std::atomic<uint64_t> taken_{0};
   std::atomic<uint64_t> floor_{0};
   std::atomic<int> waiters_{0};
+  std::atomic<int64_t> wake_at_{std::numeric_limits<int64_t>::max()};
   std::mutex take_mu_;  // orders credit takes with GPU reservations
   std::mutex mu_;
   std::condition_variable cv_;
@@ -267,6 +269,14 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   void waiter_enter() { waiters_.fetch_add(1); wake(); }
   void waiter_leave() { waiters_.fetch_sub(1); }
   void on_imm(uint32_t imm, int64_t n);
+  // One pass of posting and CQ polling on the caller's thread, if no one else is progressing right
+  // now (try-lock). Waiters call it while they spin, so a reply is seen without a thread handoff.
+  bool progress_once();
+  struct InlinePoller {  // while alive, the worker naps instead of competing for the CPU
+    EngineCore* core;
+    explicit InlinePoller(EngineCore* c) : core(c) { core->inline_pollers_.fetch_add(1); }
+    ~InlinePoller() { core->inline_pollers_.fetch_sub(1); }
+  };
 
  private:
   explicit EngineCore(const EngineOptions& options);
@@ -414,6 +424,12 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   std::mutex gpu_wait_mu_;
   std::vector<GpuWait> gpu_waits_;
   std::atomic<int> gpu_wait_count_{0};
+  // Everything the worker loop touches (domains, pending queues, active ops, transports) is owned by
+  // whoever holds progress_mu_: the worker for its passes, or a caller posting or polling inline.
+  std::mutex progress_mu_;
+  std::atomic<int> inline_pollers_{0};
+  void install_op(std::unique_ptr<Op> op);
+  bool worker_pass();
 
   std::mutex close_mu_;
   friend class MemoryRegion;
