@@ -115,3 +115,52 @@ def random_routing(rng: np.random.Generator, r: int, t: int, k: int, num_experts
         idx = rng.integers(0, num_experts, size=(r, t, k))
     w = rng.random((r, t, k)).astype(np.float32)
     return idx.astype(np.int32), w
+
+
+@dataclasses.dataclass
+class Case:
+    """One test case of the MoE suites (CPU and GPU): sizes, routing pattern, bound_m pattern,
+    fp8 mode. ``inputs()`` draws stacked per-rank arrays from ``seed``."""
+    r: int
+    e: int
+    k: int
+    t: int = 8
+    h: int = 32
+    pad: int = 1
+    routing: str = "random"      # random | skewed | duplicates | invalid
+    bound: str = "full"          # full | zero | mixed
+    fp8: str = ""                # "" | "given" | "computed"
+    scale_block: int | None = None
+    m: int | None = None         # max_recv_tokens (None: worst case)
+    seed: int = 0
+
+    def config(self):
+        import jax.numpy as jnp
+        from jax_garden import moe
+
+        return moe.AllToAllConfig(
+            num_experts=self.e, experts_per_token=self.k, hidden=self.h, max_tokens=self.t,
+            dispatch_dtype=jnp.float8_e4m3fn if self.fp8 else jnp.bfloat16,
+            scale_block=self.scale_block if self.fp8 else None, expert_padding=self.pad,
+            max_recv_tokens=self.m)
+
+    def inputs(self):
+        rng = np.random.default_rng(self.seed)
+        r, t, k, e = self.r, self.t, self.k, self.e
+        idx, w = random_routing(rng, r, t, k, e, distinct=self.routing != "duplicates")
+        if self.routing == "skewed":  # every token of every rank picks the same experts
+            idx[:] = (np.arange(k) * 5 + 3) % e
+        if self.routing == "invalid":  # ignored ids: negative, == E, far out
+            idx[:, ::3, 0] = -1
+            idx[:, 1::3, -1] = e
+            idx[:, 2::5, 0] = 1 << 20
+        bm = {"full": np.full(r, t), "zero": np.zeros(r),
+              "mixed": (np.arange(r) * 5 + t // 2) % (t + 1)}[self.bound].astype(np.int32)
+        if self.bound == "mixed" and r > 1:
+            bm[-1] = 0              # a rank with no tokens
+            bm[0] = t
+            if r > 2:
+                bm[1] = t + 7       # out of range: clamped to T
+        x = rng.normal(size=(r, t, self.h)).astype(np.float32) * 3
+        x[:, 1] = 0                 # an all-zero token: fp8 scale of an all-zero block is 1
+        return idx, w, bm, x

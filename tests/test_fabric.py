@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jax_garden import fabric
+from conftest import random_bytes
 
 PROVIDER = "tcp"
 
@@ -19,23 +20,6 @@ PROVIDER = "tcp"
 def native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
-
-@pytest.fixture
-def engines(request):
-    made = []
-
-    def make(domains: int = 1, **kw):
-        e = fabric.TransferEngine(provider=PROVIDER, domains=domains, **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.close()
-
-
-def pattern(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 # ---- imm accounting ---------------------------------------------------------------------------
@@ -64,7 +48,7 @@ def test_imm_writes_table():
 @pytest.mark.parametrize("length", [1, 4096, 1_000_003, (3 << 20) + 12345])
 def test_write_contents_and_imm_count(engines, domains, length):
     a, b = engines(domains, split_threshold=64 << 10), engines(domains)
-    src, dst = pattern(length + 100, domains), np.zeros(length + 300, np.uint8)
+    src, dst = random_bytes(length + 100, domains), np.zeros(length + 300, np.uint8)
     ra, rb = a.register(src), b.register(dst)
     imm = 1000 + domains
     t = a.write(ra, rb.descriptor, length, src_offset=100, dst_offset=200, imm=imm)
@@ -82,7 +66,7 @@ def test_write_contents_and_imm_count(engines, domains, length):
 
 def test_write_without_imm_and_descriptor_bytes(engines):
     a, b = engines(), engines()
-    src, dst = pattern(10000, 1), np.zeros(10000, np.uint8)
+    src, dst = random_bytes(10000, 1), np.zeros(10000, np.uint8)
     ra, rb = a.register(src), b.register(dst)
     desc = fabric.MemoryDescriptor.from_bytes(bytes(rb.descriptor))
     assert desc == rb.descriptor and desc.length == 10000
@@ -98,7 +82,7 @@ def test_write_without_imm_and_descriptor_bytes(engines):
 def test_ten_thousand_small_writes_every_imm_counted(engines):
     a, b = engines(2), engines(2)
     n, size = 10_000, 64
-    src = pattern(n * size, 7)
+    src = random_bytes(n * size, 7)
     dst = np.zeros(n * size, np.uint8)
     ra, rb = a.register(src), b.register(dst)
     transfers = [a.write(ra, rb.descriptor, size, src_offset=i * size, dst_offset=i * size, imm=42 + (i % 3))
@@ -132,7 +116,7 @@ def test_write_256_mib(engines):
 def test_write_paged(engines, domains):
     a, b = engines(domains), engines(domains)
     page, src_stride, dst_stride, pages = 1000, 1024, 1500, 97
-    src = pattern(src_stride * 128 + 64, 3)
+    src = random_bytes(src_stride * 128 + 64, 3)
     dst = np.zeros(dst_stride * 160 + 32, np.uint8)
     ra, rb = a.register(src), b.register(dst)
     rng = np.random.default_rng(0)
@@ -152,7 +136,7 @@ def test_write_paged(engines, domains):
 def test_scatter(engines, sharding):
     a = engines(3)
     peers = [engines(2) for _ in range(3)]
-    src = pattern(300_000, 11)
+    src = random_bytes(300_000, 11)
     ra = a.register(src)
     dsts = [np.zeros(200_000, np.uint8) for _ in peers]
     regs = [p.register(d) for p, d in zip(peers, dsts)]
@@ -329,7 +313,7 @@ def test_garbled_and_truncated_bytes_rejected(engines):
 
 def test_out_of_bounds_and_bad_arguments_rejected_before_posting(engines):
     a, b = engines(), engines()
-    src, dst = pattern(1000, 5), np.zeros(1000, np.uint8)
+    src, dst = random_bytes(1000, 5), np.zeros(1000, np.uint8)
     ra, rb = a.register(src), b.register(dst)
     d = rb.descriptor
     cases = [

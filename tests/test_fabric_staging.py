@@ -15,26 +15,10 @@ import pytest
 
 from fabric_group import run_group
 from jax_garden import fabric
+from conftest import random_bytes
 
 PROVIDER = "tcp"
 
-
-@pytest.fixture
-def engines():
-    made = []
-
-    def make(domains: int = 1, **kw):
-        e = fabric.TransferEngine(provider=PROVIDER, domains=domains, **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.close()
-
-
-def pattern(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 def settle_counter(c, expected: int) -> None:
@@ -159,7 +143,7 @@ def test_staged_single_write(engines, domains, sides):
     kw = dict(staging_chunk_bytes=64 << 10, staging_slots=4)
     a, b = engines(domains, **kw), engines(domains, **kw)
     n = (1 << 20) + 12345  # more than the 4 x 64 KiB pools: slots are reused
-    src, dst = pattern(n + 64, domains), np.zeros(n + 128, np.uint8)
+    src, dst = random_bytes(n + 64, domains), np.zeros(n + 128, np.uint8)
     ra = a.register(src, staged=sides in ("src", "both"))
     rb = b.register(dst, staged=sides in ("dst", "both"))
     path = "staged" if sides == "forced" else None
@@ -181,7 +165,7 @@ def test_staged_paged_and_imm_counted_after_data(engines):
     kw = dict(staging_chunk_bytes=16 << 10, staging_slots=3)
     a, b = engines(2, **kw), engines(2, **kw)
     page, pages = 3000, 200
-    src = pattern(4096 * 256, 5)
+    src = random_bytes(4096 * 256, 5)
     dst = np.zeros(5000 * 256, np.uint8)
     ra, rb = a.register(src, staged=True), b.register(dst, staged=True)
     rng = np.random.default_rng(1)
@@ -200,7 +184,7 @@ def test_staged_paged_and_imm_counted_after_data(engines):
 def test_scatter_with_mixed_paths(engines):
     a = engines(2, staging_chunk_bytes=32 << 10, staging_slots=2)
     peers = [engines(1, staging_chunk_bytes=32 << 10) for _ in range(3)]
-    src = pattern(400_000, 9)
+    src = random_bytes(400_000, 9)
     ra = a.register(src)
     dsts = [np.zeros(150_000, np.uint8) for _ in peers]
     regs = [peers[0].register(dsts[0], staged=True), peers[1].register(dsts[1]), peers[2].register(dsts[2])]
@@ -236,7 +220,7 @@ def test_two_senders_into_one_staged_receiver(engines):
     n = 8 << 20
     dst = np.zeros(2 * n, np.uint8)
     rd = r.register(dst, staged=True)
-    srcs = [pattern(n, 30 + i) for i in range(2)]
+    srcs = [random_bytes(n, 30 + i) for i in range(2)]
     regs = [s.register(x, staged=True) for s, x in zip(senders, srcs)]
     ts = []
 
@@ -265,7 +249,7 @@ def test_two_senders_into_one_staged_receiver(engines):
 
 def test_imm_only_ops_reach_staged_regions_and_internal_messages_stay_internal(engines):
     a, b = engines(2), engines(2)
-    ra = a.register(pattern(70_000, 2), staged=True)
+    ra = a.register(random_bytes(70_000, 2), staged=True)
     rb = b.register(np.zeros(70_000, np.uint8), staged=True)
     a.write_imm(rb.descriptor, 600).wait(10)
     a.barrier([rb.descriptor], 601).wait(10)
@@ -283,7 +267,7 @@ def test_imm_only_ops_reach_staged_regions_and_internal_messages_stay_internal(e
 
 def test_staged_write_to_a_dropped_region_fails(engines):
     a, b = engines(), engines()
-    ra = a.register(pattern(10_000, 1), staged=True)
+    ra = a.register(random_bytes(10_000, 1), staged=True)
     rb = b.register(np.zeros(10_000, np.uint8), staged=True)
     desc = rb.descriptor
     del rb
@@ -315,7 +299,7 @@ def test_forced_paths_rejected_when_impossible(engines):
 
 def test_ipc_path_in_process_counts_exactly(engines):
     a, b = engines(2), engines(2)
-    src, dst = pattern(1 << 20, 3), np.zeros(1 << 20, np.uint8)
+    src, dst = random_bytes(1 << 20, 3), np.zeros(1 << 20, np.uint8)
     ra, rb = a.register(src), b.register(dst)
     assert a.path_for(ra, rb.descriptor) == "fabric" and a.path_for(ra, rb.descriptor, "ipc") == "ipc"
     a.write(ra, rb.descriptor, 1 << 20, imm=3, path="ipc").wait(10)

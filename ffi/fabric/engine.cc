@@ -1048,6 +1048,7 @@ void EngineCore::install_op(std::unique_ptr<Op> owned) {
   }
   if (raw->wrs.empty()) {
     raw->state->finish(TransferState::Status::kDone);
+    if (raw->on_done) deferred_.push_back([cb = std::move(raw->on_done)]() { cb(true, {}); });
     return;
   }
   uint64_t id = raw->state->id();

@@ -182,23 +182,7 @@ void EngineCore::submit_internal(std::unique_ptr<Op> op) {
   }
   if (!op->state) op->state = std::make_shared<TransferState>(next_id_.fetch_add(1), "internal");
   if (op->deadline == Clock::time_point{}) op->deadline = after(options_.timeout_s);
-  if (stop_worker_.load()) {
-    op->state->finish(TransferState::Status::kFailed, "the engine is closed");
-    return;
-  }
-  if (op->owned.size() && provider_->mr_local) {
-    op->owned_regs.push_back(domains_[0]->register_host(op->owned.data(), op->owned.size(),
-                                                        provider_->provider_keys ? 0 : next_key_.fetch_add(1)));
-    op->wrs[0].desc = op->owned_regs[0].desc;
-  }
-  if (op->wrs.empty()) {
-    op->state->finish(TransferState::Status::kDone);
-    if (op->on_done) deferred_.push_back([cb = std::move(op->on_done)]() { cb(true, {}); });
-    return;
-  }
-  Op* raw = op.get();
-  active_.emplace(raw->state->id(), std::move(op));
-  for (auto& wr : raw->wrs) pending_[wr.domain].push_back(&wr);
+  install_op(std::move(op));
 }
 
 std::unique_ptr<Op> EngineCore::make_send_op(const Bytes& endpoint, MsgKind kind, const Bytes& payload,
