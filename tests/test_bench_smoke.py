@@ -61,6 +61,13 @@ def test_fabric_bench_quick(tmp_path):
                     assert row["lat_vs_raw"] > 0 and row["lat_vs_tcp"] > 0, row
 
     if has_engine:
+        # The C++-loop engine row: latency rows only, with ratios to both baselines.
+        for test, size, pages in expected:
+            row = rows[("engine c++", test, size, pages)]
+            if test == "paged":
+                assert row["p50_us"] is None, row
+            else:
+                assert row["p50_us"] > 0 and row["lat_vs_raw"] > 0 and row["lat_vs_tcp"] > 0, row
         # The two targets are reported (met or not) for every engine row they apply to.
         metrics = {(t["name"], t["metric"]) for t in result["targets"]}
         for name in ("engine d=1", "engine d=2"):

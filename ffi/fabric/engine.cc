@@ -248,7 +248,7 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
     auto spin_until = Clock::now() + std::chrono::microseconds(100);
     while (Clock::now() < spin_until) {
       if (try_take()) return;
-      if (!core->progress_once()) sched_yield();
+      core->progress_once();
     }
   }
   auto deadline = deadline_after(timeout_s);
@@ -1098,7 +1098,7 @@ void EngineCore::worker_main() {
     // A caller spinning in a wait polls the CQs itself; on small machines two spinning threads
     // per process only slow each other down, so nap while one does (it gives up within ~100 us).
     if (inline_pollers_.load(std::memory_order_acquire) > 0 && !has_commands_.load(std::memory_order_acquire)) {
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
     }
     bool progress, busy;
     {

@@ -13,6 +13,7 @@
 #include "common/error.h"
 #include "common/registry.h"
 #include "fabric/engine.h"
+#include "fabric/latency_probe.h"
 #include "fabric/gpu_runtime.h"
 #include "fabric/policy.h"
 
@@ -249,6 +250,13 @@ void BindFabric(nb::module_& m) {
         auto shared = share_callable(std::move(fn));
         return e.watcher([shared](uint32_t s, uint64_t o, uint64_t n) { call_python(shared, s, o, n); });
       }, "callback"_a)
+      .def("ping_pong", [](EngineCore& e, const std::shared_ptr<MemoryRegion>& r, const MemoryDescriptor& peer,
+                           uint64_t bytes, uint32_t imm_data, uint32_t imm_ack, int warmup, int iters, bool initiator,
+                           double timeout) {
+        nb::gil_scoped_release release;
+        return ping_pong(e, r, peer, bytes, imm_data, imm_ack, warmup, iters, initiator, timeout);
+      }, "region"_a, "peer"_a, "bytes"_a, "imm_data"_a, "imm_ack"_a, "warmup"_a, "iters"_a, "initiator"_a, "timeout"_a,
+         "Benchmark loop in C++ (see latency_probe.h): round-trip ns per iteration on the initiator.")
       .def("close", &EngineCore::close, nb::call_guard<nb::gil_scoped_release>());
 
   // Pure policy functions, exposed for unit tests.

@@ -350,7 +350,11 @@ def _tcp_worker(role: str, plan: list[dict], ctl: Control, timeout: float, seed:
 # ----------------------------------------------------------------------------- engine worker
 
 
-def _engine_worker(role: str, plan: list[dict], ctl: Control, timeout: float, seed: int, domains: int) -> None:
+def _engine_worker(role: str, plan: list[dict], ctl: Control, timeout: float, seed: int, domains: int,
+                   cxx_loop: bool = False) -> None:
+    """The engine's side of every test. cxx_loop: latency tests only, driven by the engine's C++
+    ping-pong loop (same protocol, no Python per iteration) to separate the engine's own cost from
+    the Python call path; the other tests are left to the Python rows."""
     from jax_garden import fabric
 
     buf = np.zeros(plan_buffer_bytes(plan), np.uint8)
@@ -372,6 +376,15 @@ def _engine_worker(role: str, plan: list[dict], ctl: Control, timeout: float, se
             if role == "server":
                 buf[: 2 * t["page"] * t["pages"] if t["kind"] == "paged" else t["size"]] = 0
             ctl.barrier()
+            if cxx_loop:
+                if t["kind"] == "lat":
+                    rtt = eng._native.ping_pong(region._native, peer, t["size"], IMM_DATA, IMM_ACK, t["warmup"],
+                                                t["iters"], role == "client", float(timeout))
+                    if role == "client":
+                        _emit({"kind": "lat", "size": t["size"], "iters": t["iters"], "rtt_ns": list(rtt)})
+                    elif t["size"]:
+                        check_bytes(buf, 0, 0, t["size"], "engine c++ lat")
+                continue
             if t["kind"] == "lat":
                 size = t["size"]
                 if role == "client":
@@ -461,7 +474,8 @@ def _worker_main(args: argparse.Namespace) -> int:
         if args.worker_system == "tcp":
             _tcp_worker(args.worker, plan, ctl, args.timeout, args.seed)
         else:
-            _engine_worker(args.worker, plan, ctl, args.timeout, args.seed, args.worker_domains)
+            _engine_worker(args.worker, plan, ctl, args.timeout, args.seed, args.worker_domains,
+                           cxx_loop=args.worker_system == "engine-cxx")
     finally:
         sock.close()
     return 0
@@ -700,7 +714,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=64, help="writes in flight in bandwidth and paged tests (default 64)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds, median reported (default 5)")
     p.add_argument("--domains", default="1,2", help="engine domain counts, one engine row each (default 1,2)")
-    p.add_argument("--systems", default="engine,raw,tcp", help="subset of engine,raw,tcp (default all)")
+    p.add_argument("--systems", default="engine,engine-cxx,raw,tcp",
+                   help="subset of engine,engine-cxx,raw,tcp (default all; engine-cxx: latency rows from the "
+                        "engine's C++ ping-pong loop, d=1)")
     p.add_argument("--quick", action="store_true", help="small plan for CI smoke tests")
     p.add_argument("--out", default="bench_results/fabric.json", help="JSON output path")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per system run (default 300)")
@@ -709,7 +725,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                    help="pin server and client to CPU lists SERVER:CLIENT (e.g. 1:0); default: no pinning")
     # Internal: the worker processes this harness starts.
     p.add_argument("--worker", choices=("server", "client"), help=argparse.SUPPRESS)
-    p.add_argument("--worker-system", choices=("engine", "tcp"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-system", choices=("engine", "engine-cxx", "tcp"), help=argparse.SUPPRESS)
     p.add_argument("--worker-plan", help=argparse.SUPPRESS)
     p.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-domains", type=int, default=1, help=argparse.SUPPRESS)
@@ -741,8 +757,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name} must be > 0, got {value}")
     if not domain_counts or min(domain_counts) <= 0:
         raise SystemExit(f"--domains must list positive counts, got {args.domains!r}")
-    if unknown := set(systems) - {"engine", "raw", "tcp"}:
-        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from engine, raw, tcp")
+    if unknown := set(systems) - {"engine", "engine-cxx", "raw", "tcp"}:
+        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from engine, engine-cxx, raw, tcp")
     plan = build_plan(sizes, paged, iters, bw_bytes, paged_iters, args.window)
     notes: list[str] = []
     cpus = os.cpu_count() or 1
@@ -753,11 +769,14 @@ def main(argv: list[str] | None = None) -> int:
     # Run units: (label, system, domains). Engine rows need jax_garden.fabric; without it the
     # baselines still run and the report says why the engine rows are missing.
     units: list[tuple[str, str, int]] = []
-    if "engine" in systems:
+    if "engine" in systems or "engine-cxx" in systems:
         if importlib.util.find_spec("jax_garden.fabric") is None:
             notes.append("engine rows skipped: jax_garden.fabric is not in this build")
         else:
-            units += [(f"engine d={d}", "engine", d) for d in domain_counts]
+            if "engine" in systems:
+                units += [(f"engine d={d}", "engine", d) for d in domain_counts]
+            if "engine-cxx" in systems:
+                units.append(("engine c++", "engine-cxx", 1))
     units += [(s, s, 1) for s in ("raw", "tcp") if s in systems]
 
     per_round: dict[str, list[dict[tuple, dict]]] = {label: [] for label, _, _ in units}
@@ -834,11 +853,11 @@ def summarize(plan: list[dict], units: list[tuple[str, str, int]], per_round: di
             medians[(label, key)] = m
             rows.append({"test": key[0], "size": key[1], **({"pages": key[2]} if key[0] == "paged" else {}),
                          "label": row_label(key), "system": system, "name": label,
-                         **({"domains": domains} if system == "engine" else {}), **m,
+                         **({"domains": domains} if system.startswith("engine") else {}), **m,
                          "rounds": rounds})
     targets = []
     for row in rows:
-        if row["system"] != "engine":
+        if not row["system"].startswith("engine"):
             continue
         key = (row["test"], row["size"], row["pages"]) if row["test"] == "paged" else (row["test"], row["size"])
         for base in ("raw", "tcp"):
