@@ -284,7 +284,7 @@ def mesh_of(r: int):
 # Layout (a): one process, several GPUs.
 
 
-@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("r", [1, 2, 4, 8])
 @pytest.mark.parametrize("name", list(cases_for(1)))
 def test_single_process_matches_reference(r, name):
     _require(r)
@@ -293,14 +293,14 @@ def test_single_process_matches_reference(r, name):
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("r", [1, 2, 4, 8])
 def test_single_process_determinism(r):
     _require(r)
     errors = run_determinism(mesh_of(r), r)
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("r", [2, 4])
+@pytest.mark.parametrize("r", [2, 4, 8])
 def test_single_process_agrees_with_ragged_all_to_all(r):
     _require(r)
     errors = run_ragged_agreement(mesh_of(r), r)
@@ -565,7 +565,7 @@ def _report(results) -> list[str]:
 
 
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
-@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("r", [1, 2, 4, 8])
 def test_one_process_per_gpu(r):
     """Every case with one process per GPU: CUDA IPC handles via jax.distributed's KV store."""
     _require(r)
