@@ -388,6 +388,15 @@ class TransferEngine:
               dst_offset: int = 0, imm: int | None = None, *, path: str | None = None) -> Transfer:
         """Write ``length`` bytes from ``region[src_offset:]`` to the remote region at ``dst_offset``.
         Delivers ``imm_writes("write", domains=self.num_domains, length=length)`` imms."""
+        if (type(region) is MemoryRegion and type(remote_descriptor) is MemoryDescriptor and type(length) is int
+                and type(src_offset) is int and type(dst_offset) is int and (imm is None or type(imm) is int)
+                and path is None):
+            # Fast path (small writes are latency-bound): the native binding checks ranges itself;
+            # a negative or oversized number fails its conversion and takes the checked path below.
+            try:
+                return self._native.write(region._native, remote_descriptor, length, src_offset, dst_offset, imm, "")
+            except TypeError:
+                pass
         return self._native.write(_region(region), _descriptor(remote_descriptor), _check_count("length", length),
                                   _check_count("src_offset", src_offset), _check_count("dst_offset", dst_offset),
                                   _check_imm(imm), _check_path(path))
@@ -421,6 +430,11 @@ class TransferEngine:
 
     def write_imm(self, remote_descriptor: Any, imm: int) -> Transfer:
         """A zero-byte write that delivers only ``imm`` to the owner of ``remote_descriptor``."""
+        if type(remote_descriptor) is MemoryDescriptor and type(imm) is int:
+            try:  # fast path, as in write()
+                return self._native.write_imm(remote_descriptor, imm)
+            except TypeError:
+                pass
         return self._native.write_imm(_descriptor(remote_descriptor), _check_imm(imm, required=True))
 
     def barrier(self, remote_descriptors: Iterable[Any], imm: int) -> Transfer:

@@ -933,21 +933,26 @@ std::shared_ptr<TransferState> EngineCore::scatter(const std::shared_ptr<MemoryR
 }
 
 std::shared_ptr<TransferState> EngineCore::write_imm(const MemoryDescriptor& dst, uint32_t imm) {
-  return barrier({dst}, imm);
+  return imm_only(&dst, 1, imm);
 }
 
 std::shared_ptr<TransferState> EngineCore::barrier(const std::vector<MemoryDescriptor>& peers, uint32_t imm) {
+  return imm_only(peers.data(), peers.size(), imm);
+}
+
+// One zero-byte write with `imm` to each of `peers` (write_imm and barrier; no descriptor copies,
+// no stream formatting: this is the small-message hot path).
+std::shared_ptr<TransferState> EngineCore::imm_only(const MemoryDescriptor* peers, size_t n, uint32_t imm) {
   check_open("barrier");
-  JG_CHECK_ARG(!peers.empty(), "barrier: the peer list is empty");
+  JG_CHECK_ARG(n > 0, "barrier: the peer list is empty");
+  for (size_t i = 0; i < n; ++i) check_descriptor(peers[i], "barrier");
   auto op = std::make_unique<Op>();
   op->state = std::make_shared<TransferState>(
-      next_id_.fetch_add(1), peers.size() == 1 ? str_cat("imm write to ", peers[0].owner().to_string())
-                                               : str_cat("barrier to ", peers.size(), " peers"));
+      next_id_.fetch_add(1), n == 1 ? describe("imm write", peers[0]) : "barrier to " + std::to_string(n) + " peers");
   op->deadline = deadline_after(options_.timeout_s);
-  op->wrs.resize(peers.size());
+  op->wrs.resize(n);
   uint32_t first = round_robin_.fetch_add(1);
-  for (size_t i = 0; i < peers.size(); ++i) {
-    check_descriptor(peers[i], "barrier");
+  for (size_t i = 0; i < n; ++i) {
     auto& wr = op->wrs[i];
     uint32_t d = (first + i) % num_domains();
     auto& rk = peers[i].domains[d % peers[i].domains.size()];

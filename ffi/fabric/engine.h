@@ -244,6 +244,7 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   PathChoice path_for(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const;
   std::shared_ptr<TransferState> write_imm(const MemoryDescriptor& dst, uint32_t imm);
   std::shared_ptr<TransferState> barrier(const std::vector<MemoryDescriptor>& peers, uint32_t imm);
+  std::shared_ptr<TransferState> imm_only(const MemoryDescriptor* peers, size_t n, uint32_t imm);
   std::shared_ptr<TransferState> send(const NetAddress& to, const Bytes& payload);
   Message recv(double timeout_s);
 
