@@ -117,6 +117,26 @@ def random_routing(rng: np.random.Generator, r: int, t: int, k: int, num_experts
     return idx.astype(np.int32), w
 
 
+def scaled_expert_layers(idx, bm, w, x, num_experts: int, ranks: int, padding: int, scale, layers: int):
+    """Reference of `layers` rounds of dispatch -> expert e multiplies its rows by scale[e] (in f32,
+    rounded to bf16) -> combine, each round's output feeding the next (the split-phase scan tests)."""
+    plan_ = plan(idx, bm, num_experts, padding)
+    local = num_experts // ranks
+    want = x
+    for _ in range(layers):
+        ex, _, cnt = dispatch(plan_, want)
+        ey = np.zeros_like(ex)
+        for d in range(ranks):
+            start = 0
+            for le in range(local):
+                n = cnt[d, le]
+                ey[d, start:start + n] = (ex[d, start:start + n].astype(np.float32)
+                                          * scale[d * local + le]).astype(ml_dtypes.bfloat16)
+                start += round_up(n, padding)
+        want = combine(plan_, ey, w)
+    return want
+
+
 @dataclasses.dataclass
 class Case:
     """One test case of the MoE suites (CPU and GPU): sizes, routing pattern, bound_m pattern,

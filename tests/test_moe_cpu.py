@@ -214,23 +214,11 @@ def test_split_phases_with_expert_compute_and_layers():
 
         y, counts = spmd(mesh, body)(stack(x), stack(idx), stack(w), jnp.asarray(bm))
 
-    plan = ref.plan(idx, bm, e, cfg.expert_padding)
-    want = x
-    for _ in range(layers):
-        ex, _, cnt = ref.dispatch(plan, want)
-        ey = np.zeros_like(ex)
-        for d in range(r):
-            start = 0
-            for le in range(e // r):
-                n = cnt[d, le]
-                ey[d, start:start + n] = (ex[d, start:start + n].astype(np.float32)
-                                          * scale[d * (e // r) + le]).astype(BF16)
-                start += ref.round_up(n, cfg.expert_padding)
-        want = ref.combine(plan, ey, w)
+    want = ref.scaled_expert_layers(idx, bm, w, x, e, r, cfg.expert_padding, scale, layers)
     np.testing.assert_array_equal(unstack(y, r).astype(np.float32), want.astype(np.float32))
     # Per rank, scan stacks the counts of each layer: [R * layers, L] globally.
     np.testing.assert_array_equal(np.asarray(counts).reshape(r, layers, -1),
-                                  np.repeat(plan.counts[:, None], layers, axis=1))
+                                  np.repeat(ref.plan(idx, bm, e, cfg.expert_padding).counts[:, None], layers, axis=1))
 
 
 def test_dispatch_and_combine_in_separate_programs():

@@ -374,19 +374,7 @@ def test_split_phases_scan_of_layers():
         y = np.asarray(y)
         a2a._native.check()
 
-    plan = ref.plan(idx, bm, e, cfg.expert_padding)
-    want = x
-    for _ in range(layers):
-        ex, _, cnt = ref.dispatch(plan, want)
-        ey = np.zeros_like(ex)
-        for d in range(r):
-            start = 0
-            for le in range(e // r):
-                n = cnt[d, le]
-                ey[d, start:start + n] = (ex[d, start:start + n].astype(np.float32)
-                                          * scale[d * (e // r) + le]).astype(ref.ml_dtypes.bfloat16)
-                start += ref.round_up(n, cfg.expert_padding)
-        want = ref.combine(plan, ey, w)
+    want = ref.scaled_expert_layers(idx, bm, w, x, e, r, cfg.expert_padding, scale, layers)
     np.testing.assert_array_equal(y.reshape(r, t, h).astype(np.float32), want.astype(np.float32))
 
 

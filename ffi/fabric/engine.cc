@@ -982,18 +982,10 @@ std::shared_ptr<TransferState> EngineCore::send(const NetAddress& to, const Byte
                " bytes exceeds the control-message limit of ", options_.max_message_bytes - header,
                " bytes (max_message_bytes=", options_.max_message_bytes, " minus a ", header,
                "-byte header); use a write for bulk data");
-  auto op = std::make_unique<Op>();
+  auto op = make_send_op(to.domains[0], MsgKind::kUser, payload, nullptr);
   op->state = std::make_shared<TransferState>(next_id_.fetch_add(1),
                                               str_cat("send of ", payload.size(), " bytes to ", to.to_string()));
   op->deadline = deadline_after(options_.timeout_s);
-  op->owned = make_frame(MsgKind::kUser, payload);
-  op->wrs.resize(1);
-  auto& wr = op->wrs[0];
-  wr.hdr.kind = ContextKind::kSend;
-  wr.domain = 0;
-  wr.local = op->owned.data();
-  wr.length = op->owned.size();
-  wr.peer_endpoint = to.domains[0];
   return submit(std::move(op));
 }
 
