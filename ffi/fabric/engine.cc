@@ -81,6 +81,7 @@ bool TransferState::finish(Status status, const std::string& error) {
     std::lock_guard lk(mu_);
     if (status_ != Status::kPending) return false;
     status_ = status;
+    finished_.store(true, std::memory_order_release);
     error_ = error;
     cbs.swap(callbacks_);
   }
@@ -90,6 +91,15 @@ bool TransferState::finish(Status status, const std::string& error) {
 }
 
 void TransferState::wait(double timeout_s) {
+  // As in ImmCounter::wait: a short spin that polls the engine's CQs on this thread, so a local
+  // completion is reaped without waiting for the worker.
+  if (!finished_.load(std::memory_order_acquire)) {
+    if (auto core = engine_.lock()) {
+      EngineCore::InlinePoller poller(core.get());
+      auto spin_until = Clock::now() + std::chrono::microseconds(100);
+      while (!finished_.load(std::memory_order_acquire) && Clock::now() < spin_until) core->progress_once();
+    }
+  }
   std::unique_lock lk(mu_);
   auto deadline = deadline_after(timeout_s);
   while (status_ == Status::kPending) {
@@ -236,13 +246,9 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
   if (try_take()) return;
   auto core = core_.lock();
   if (!core) throw TransferFailed(str_cat("imm counter ", imm_, ": the engine is gone"));
-  core->waiter_enter();  // keeps the worker polling at full rate while someone waits
-  struct Leave {
-    EngineCore* c;
-    ~Leave() { c->waiter_leave(); }
-  } leave{core.get()};
   // Spin first, polling the CQs on this thread: a futex wake plus a worker handoff cost more than
-  // the small-write round trip we are waiting for.
+  // the small-write round trip we are waiting for. The worker is not woken for this phase (it
+  // would only compete for the progress lock and the CPU).
   {
     EngineCore::InlinePoller poller(core.get());
     auto spin_until = Clock::now() + std::chrono::microseconds(100);
@@ -251,6 +257,11 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
       core->progress_once();
     }
   }
+  core->waiter_enter();  // from here the worker polls at full rate while we sleep
+  struct Leave {
+    EngineCore* c;
+    ~Leave() { c->waiter_leave(); }
+  } leave{core.get()};
   auto deadline = deadline_after(timeout_s);
   std::unique_lock lk(mu_);
   waiters_.fetch_add(1);
@@ -1010,6 +1021,7 @@ Message EngineCore::recv(double timeout_s) {
 }
 
 std::shared_ptr<TransferState> EngineCore::submit(std::unique_ptr<Op> op) {
+  op->state->set_engine(weak_from_this());
   for (auto& wr : op->wrs) {
     if (wr.hdr.kind != ContextKind::kSend) wr.hdr.kind = ContextKind::kWrite;
     wr.op = op.get();

@@ -46,6 +46,8 @@ struct EngineOptions {
   uint32_t stage_slots = 8;               // staging: bounce buffers per side (send pool, receive slots)
 };
 
+class EngineCore;
+
 // Completion of one operation, shared between the worker and the caller.
 class TransferState {
  public:
@@ -60,10 +62,14 @@ class TransferState {
   Status status() const;
   std::string error() const;
   void on_finish(std::function<void(Status, const std::string&)> cb);
+  // The engine whose CQs a waiter may poll inline (set when the op is submitted).
+  void set_engine(std::weak_ptr<EngineCore> engine) { engine_ = std::move(engine); }
 
  private:
   uint64_t id_;
   std::string what_;
+  std::weak_ptr<EngineCore> engine_;
+  std::atomic<bool> finished_{false};
   mutable std::mutex mu_;
   std::condition_variable cv_;
   Status status_ = Status::kPending;

@@ -118,6 +118,7 @@ bool EngineCore::transports_busy() const {
 
 std::shared_ptr<TransferState> EngineCore::submit_job(std::unique_ptr<Job> job) {
   auto state = job->state;
+  state->set_engine(weak_from_this());
   Job* raw = job.release();
   enqueue([this, raw]() {
     std::unique_ptr<Job> owned(raw);
