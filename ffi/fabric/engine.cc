@@ -1074,6 +1074,7 @@ bool EngineCore::progress_once() {
     progress |= poll_cq(d);
   }
   if (progress) last_activity_ = Clock::now();
+  if (!deferred_.empty() || !internal_msgs_.empty()) worker_work_.store(true, std::memory_order_release);
   return progress;
 }
 
@@ -1098,6 +1099,8 @@ bool EngineCore::worker_pass() {
     last_timeout_check_ = now;
   }
   if (progress) last_activity_ = now;
+  worker_work_.store(transports_busy() || !deferred_.empty() || !internal_msgs_.empty(),
+                     std::memory_order_release);
   return progress;
 }
 
@@ -1106,7 +1109,8 @@ void EngineCore::worker_main() {
   while (!stop_worker_.load(std::memory_order_acquire)) {
     // A caller spinning in a wait polls the CQs itself; on small machines two spinning threads
     // per process only slow each other down, so nap while one does (it gives up within ~100 us).
-    if (inline_pollers_.load(std::memory_order_acquire) > 0 && !has_commands_.load(std::memory_order_acquire)) {
+    if (inline_pollers_.load(std::memory_order_acquire) > 0 && !has_commands_.load(std::memory_order_acquire) &&
+        !worker_work_.load(std::memory_order_acquire)) {
       std::this_thread::sleep_for(std::chrono::microseconds(100));
     }
     bool progress, busy;

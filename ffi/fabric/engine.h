@@ -435,6 +435,9 @@ class EngineCore : public std::enable_shared_from_this<EngineCore> {
   // whoever holds progress_mu_: the worker for its passes, or a caller posting or polling inline.
   std::mutex progress_mu_;
   std::atomic<int> inline_pollers_{0};
+  // Set by each worker pass: IPC/staged jobs, inbound staging or internal completions need the
+  // worker itself (inline pollers only post and poll CQs), so it must not nap for them.
+  std::atomic<bool> worker_work_{false};
   void install_op(std::unique_ptr<Op> op);
   bool worker_pass();
 
