@@ -323,18 +323,11 @@ def _tcp_worker(role: str, plan: list[dict], ctl: Control, timeout: float, seed:
             src, dst = page_slots(pages, seed + ti)
             if role == "client":
                 views = [mv[int(s) * page : (int(s) + 1) * page] for s in src]
-                samples = []
-                for it in range(t["iters"] + 1):
-                    t0 = time.perf_counter_ns()
+                def one_op() -> None:
                     _vec_io(sock.sendmsg, views, "paged send")
                     _recv_exact(sock, ackv)
-                    t1 = time.perf_counter_ns()
-                    if it > 0:
-                        samples.append(t1 - t0)
-                    else:
-                        ctl.barrier()
-                _emit({"kind": "paged", "page": page, "pages": pages, "iters": t["iters"], "window": t["window"],
-                       "op_ns": samples})
+
+                _time_paged_ops(t, one_op, ctl)
             else:
                 views = [mv[int(d) * page : (int(d) + 1) * page] for d in dst]
                 recv = lambda b: sock.recvmsg_into(b)[0]  # noqa: E731
@@ -434,19 +427,12 @@ def _engine_worker(role: str, plan: list[dict], ctl: Control, timeout: float, se
                 page, pages = t["page"], t["pages"]
                 src, dst = page_slots(pages, seed + ti)
                 if role == "client":
-                    samples = []
-                    for it in range(t["iters"] + 1):
-                        t0 = time.perf_counter_ns()
+                    def one_op() -> None:
                         tr = eng.write_paged(region, peer, page, src, dst, page, page, imm=IMM_DATA)
                         counter.wait(1, timeout=timeout)
                         tr.wait(timeout=timeout)
-                        t1 = time.perf_counter_ns()
-                        if it > 0:
-                            samples.append(t1 - t0)
-                        else:
-                            ctl.barrier()
-                    _emit({"kind": "paged", "page": page, "pages": pages, "iters": t["iters"], "window": t["window"],
-                           "op_ns": samples})
+
+                    _time_paged_ops(t, one_op, ctl)
                 else:
                     need = fabric.imm_writes("paged", domains=domains, pages=pages)
                     for it in range(t["iters"] + 1):
@@ -457,6 +443,22 @@ def _engine_worker(role: str, plan: list[dict], ctl: Control, timeout: float, se
                                         "engine paged")
                             ctl.barrier()
         ctl.barrier()
+
+
+def _time_paged_ops(t: dict, one_op: Callable[[], None], ctl: Control) -> None:
+    """Writer side of a paged test: one untimed op (then a barrier, while the target checks the
+    bytes), then t["iters"] timed ops, each posted -> answered; emits the samples."""
+    samples = []
+    for it in range(t["iters"] + 1):
+        t0 = time.perf_counter_ns()
+        one_op()
+        t1 = time.perf_counter_ns()
+        if it > 0:
+            samples.append(t1 - t0)
+        else:
+            ctl.barrier()
+    _emit({"kind": "paged", "page": t["page"], "pages": t["pages"], "iters": t["iters"], "window": t["window"],
+           "op_ns": samples})
 
 
 def _emit(obj: dict) -> None:
