@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Verifies every GPU claim on a GPU machine, from a clean checkout:
+#   1. builds and installs the package with the README's install command, on this machine;
+#   2. runs every GPU test (pytest -m gpu over tests/) plus the build-link and staging suites;
+#   3. runs the GPU benchmarks with quick settings (moe, fabric-gpu, kv, weights);
+#   4. writes logs and JSON under OUTDIR and prints pass/fail counts and headline ratios last.
+# Usage: bash .ci/gpu_verify.sh OUTDIR     (PYTHON=python3 by default: the image's jax/nanobind)
+# Needs libfabric headers: the system's, or LIBFABRIC_ROOT (default: .deps/root when present,
+# the Debian libfabric-dev package unpacked there; see README). Exit status 0 only if the build
+# worked and no test failed. Designed to finish in < 9 minutes on 2 GPUs.
+set -uo pipefail
+out=${1:?usage: bash .ci/gpu_verify.sh OUTDIR}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+python=${PYTHON:-python3}
+budget_s=${GPU_VERIFY_BUDGET_S:-530}
+start=$(date +%s)
+# NVLink multicast stays off on shared machines; no process grabs 75% of every GPU up front.
+export NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+if [ -z "${LIBFABRIC_ROOT:-}" ] && [ -d "$root/.deps/root/usr/include/rdma" ]; then
+  export LIBFABRIC_ROOT="$root/.deps/root"
+fi
+elapsed() { echo $(( $(date +%s) - start )); }
+note() { echo "[$(elapsed)s] $*" | tee -a "$out/steps.txt"; }
+left() { echo $(( budget_s - $(elapsed) )); }
+
+{
+  echo "date: $(date -u +%FT%TZ)"; nvidia-smi -L 2>&1; nvidia-smi topo -m 2>&1 | head -5
+  echo "python: $($python -c 'import sys, jax, jaxlib; print(sys.executable, "jax", jax.__version__)' 2>&1)"
+  echo "CXX=${CXX:-} CUDAHOSTCXX=${CUDAHOSTCXX:-} LIBFABRIC_ROOT=${LIBFABRIC_ROOT:-}"
+  echo "nvcc: $(nvcc --version 2>&1 | tail -1)"; echo "git: $(git -C "$root" rev-parse --short HEAD 2>/dev/null)"
+} > "$out/env.txt" 2>&1
+note "machine: $(nvidia-smi -L 2>/dev/null | wc -l) GPU(s), $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+
+# 1. Build exactly as README says: pip install --no-build-isolation . (CUDA parts when nvcc is found).
+note "build: $python -m pip install --no-build-isolation ."
+if ! timeout 420 "$python" -m pip install --no-build-isolation -v . > "$out/build.log" 2>&1; then
+  note "BUILD FAILED (see build.log)"; tail -30 "$out/build.log"; exit 1
+fi
+so=$(cd /tmp && "$python" -c 'import jax_garden._jax_garden as m; print(m.__file__)' 2>>"$out/build.log")
+{ echo "module: $so"; readelf -d "$so" | grep NEEDED; } >> "$out/build.log" 2>&1
+note "built in $(elapsed)s: $(grep -c NEEDED "$out/build.log") NEEDED entries, libstdc++ $(grep -q 'NEEDED.*libstdc++' "$out/build.log" && echo dynamic || echo MISSING)"
+cuda=$(cd /tmp && "$python" -c 'from jax_garden import _ffi, fabric; print(_ffi.built_with_cuda(), fabric.gpu_available())' 2>&1 | tail -1)
+note "built_with_cuda, gpu_available: $cuda"
+
+# 2. Tests. -P keeps the source tree off sys.path: the installed module is what runs.
+run_tests() {  # name, timeout, pytest args...
+  local name=$1 t=$2; shift 2
+  if [ "$(left)" -lt 30 ]; then note "tests $name: SKIPPED (time budget)"; echo "$name skipped" >> "$out/test_counts.txt"; return; fi
+  [ "$t" -gt "$(left)" ] && t=$(left)
+  note "tests $name (timeout ${t}s)"
+  timeout -k 10 "$t" "$python" -P -m pytest -q -rfE -p no:cacheprovider "$@" > "$out/tests_$name.log" 2>&1
+  local rc=$? line
+  line=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran' "$out/tests_$name.log" | tail -1)
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && line="TIMED OUT after ${t}s; $line"
+  echo "$name rc=$rc $line" >> "$out/test_counts.txt"
+  note "tests $name: rc=$rc $line"
+}
+: > "$out/test_counts.txt"
+run_tests build 60 tests/test_build.py
+run_tests fabric_gpu 150 tests/test_fabric_gpu.py tests/test_fabric_staging.py
+run_tests moe_gpu 240 -m gpu tests/test_moe_gpu.py
+others=$(grep -l -E 'pytest\.mark\.gpu' tests/test_*.py | grep -v -E 'test_(fabric_gpu|fabric_staging|moe_gpu)\.py' | tr '\n' ' ')
+[ -n "$others" ] && run_tests other_gpu 200 -m gpu $others
+
+# 3. Benchmarks, quick settings, JSON under OUTDIR (GPU_VERIFY_BENCH=0 skips them).
+run_bench() {  # name, timeout, args...
+  local name=$1 t=$2; shift 2
+  if [ "${GPU_VERIFY_BENCH:-1}" = 0 ]; then note "bench $name: not asked for"; return; fi
+  if [ "$(left)" -lt 20 ]; then note "bench $name: SKIPPED (time budget)"; return; fi
+  [ "$t" -gt "$(left)" ] && t=$(left)
+  note "bench $name (timeout ${t}s)"
+  (cd "$out" && timeout -k 10 "$t" "$python" -P -m jax_garden.bench "$@") > "$out/bench_$name.log" 2>&1
+  note "bench $name: rc=$?"
+}
+run_bench fabric-gpu 120 fabric-gpu --quick --json "$out/bench_fabric_gpu.json"
+run_bench moe 150 moe --iters 200 --prefill-iters 10 --ragged-iters 20 --ragged-prefill-iters 3 --out "$out/bench_moe.json"
+"$python" -P -c 'import sys; from jax_garden.bench.__main__ import BENCHMARKS as b; sys.exit(0 if "kv" in b else 1)' 2>/dev/null \
+  && run_bench kv 90 kv --quick --json "$out/bench_kv.json"
+"$python" -P -c 'import sys; from jax_garden.bench.__main__ import BENCHMARKS as b; sys.exit(0 if "weights" in b else 1)' 2>/dev/null \
+  && run_bench weights 90 weights --quick --json "$out/bench_weights.json"
+
+# 4. Summary: counts and headline ratios, last.
+"$python" "$root/.ci/gpu_summary.py" "$out" | tee "$out/summary.txt"
+note "done in $(elapsed)s"
+! grep -q -E 'rc=[1-9]' "$out/test_counts.txt"
