@@ -23,3 +23,25 @@ def distributed_client():
     except ImportError:  # pragma: no cover - moved in a later jax
         return None
     return getattr(getattr(_distributed, "global_state", None), "client", None)
+
+
+def settle_effects() -> list[Exception]:
+    """Waits for every dispatched program with side effects (``jax.effects_barrier``), returns
+    the errors of those that failed, and forgets them. ``jax.effects_barrier`` re-raises the first
+    failed program's error and keeps it, so after an expected failure jax would report it again
+    at every later barrier, and at interpreter exit ("Exception ignored in atexit callback").
+    Private jax API (``jax._src.dispatch.runtime_tokens``, stable through 0.11)."""
+    try:
+        from jax._src import dispatch
+    except ImportError:  # pragma: no cover - moved in a later jax
+        jax.effects_barrier()
+        return []
+    tokens = dispatch.runtime_tokens
+    errors = []
+    for token in [*tokens.current_tokens.values(), *tokens.output_runtime_tokens.values()]:
+        try:
+            token.block_until_ready()
+        except jax.errors.JaxRuntimeError as e:
+            errors.append(e)
+    tokens.clear()
+    return errors

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_garden import _compat
 from jax_garden import _jax_garden as _native
 
 __all__ = [
@@ -389,10 +390,7 @@ class AllToAll:
     def close(self) -> None:
         """Waits for dispatched programs to finish (they may still be running: jax dispatches
         asynchronously), then releases the native context. Idempotent."""
-        try:
-            jax.effects_barrier()
-        except jax.errors.JaxRuntimeError:
-            pass  # a failed program: its outputs carry the error already
+        _compat.settle_effects()  # a failed program's outputs carry its error already
         self._native.close()
 
     def __enter__(self):
