@@ -1,0 +1,54 @@
+"""Every setting jax_garden reads from the environment, in one place. Each is read when it is
+used (never at import), so a process may change it between calls; README lists them.
+
+======================================  ========  ===========================================
+variable                                default   meaning
+======================================  ========  ===========================================
+``JAX_GARDEN_TCP_NODE``                 127.0.0.1 address the ``tcp`` provider binds when
+                                                  ``TransferEngine(node=None)``
+``JAX_GARDEN_MOE_TIMEOUT_S``            30        default bound of every MoE kernel wait (s)
+``JAX_GARDEN_MOE_CHUNK_BYTES``          (auto)    CUDA MoE: bytes per copy chunk (tuning)
+``JAX_GARDEN_MOE_BLOCKS_PER_SM``        (auto)    CUDA MoE: thread blocks per SM (tuning)
+``JAX_GARDEN_MOE_CUDA_GRAPHS``          1         0: MoE CUDA ops refuse XLA command buffers
+======================================  ========  ===========================================
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, NamedTuple
+
+
+class Setting(NamedTuple):
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+SETTINGS: dict[str, Setting] = {
+    "tcp_node": Setting("JAX_GARDEN_TCP_NODE", str, "127.0.0.1",
+                        "address the tcp provider binds when TransferEngine(node=None)"),
+    "moe_timeout_s": Setting("JAX_GARDEN_MOE_TIMEOUT_S", float, 30.0, "default bound of every MoE kernel wait (s)"),
+    "moe_chunk_bytes": Setting("JAX_GARDEN_MOE_CHUNK_BYTES", int, None, "CUDA MoE: bytes per copy chunk"),
+    "moe_blocks_per_sm": Setting("JAX_GARDEN_MOE_BLOCKS_PER_SM", int, None, "CUDA MoE: thread blocks per SM"),
+    "moe_cuda_graphs": Setting("JAX_GARDEN_MOE_CUDA_GRAPHS", _flag, True,
+                               "0: the MoE CUDA ops refuse XLA command buffers"),
+}
+
+
+def get(name: str) -> Any:
+    """The current value of setting ``name`` (its environment variable if set, else the default).
+    A malformed value raises ValueError naming the variable."""
+    s = SETTINGS[name]
+    raw = os.environ.get(s.env)
+    if raw is None:
+        return s.default
+    try:
+        return s.parse(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {s.env}={raw!r} is not valid: {e}") from None

@@ -1,0 +1,73 @@
+"""Argument checks shared by every public module, following jax's convention: a wrong *type*
+raises ``TypeError``, a wrong *value* (range, shape, choice) raises ``ValueError``. Messages name
+the argument and the value that was wrong."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable
+
+import numpy as np
+
+U32_MAX = (1 << 32) - 1
+U64_LIMIT = 1 << 64
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = 0, maximum: int | None = U64_LIMIT - 1) -> int:
+    """An integer (Python or NumPy, never bool) in ``[minimum, maximum]`` (either bound may be None)."""
+    if type(value) is int:  # fast path: the hot ops check several of these
+        if (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+            return value
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {_type_name(value)} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value: Any, *, maximum: int | None = U64_LIMIT - 1) -> int:
+    return check_int(name, value, minimum=1, maximum=maximum)
+
+
+def check_float(name: str, value: Any, *, positive: bool = True) -> float:
+    """A real number (int or float, never bool); finite and > 0 when ``positive``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number, got {_type_name(value)} {value!r}")
+    value = float(value)
+    if positive and not (0 < value < float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """One of ``choices`` (TypeError when the type matches none of them)."""
+    choices = tuple(choices)
+    if value in choices:
+        return value
+    if not any(isinstance(value, type(c)) for c in choices):
+        raise TypeError(f"{name} must be one of {choices!r}, got {_type_name(value)} {value!r}")
+    raise ValueError(f"{name} must be one of {choices!r}, got {value!r}")
+
+
+def check_instance(name: str, value: Any, cls: type | tuple[type, ...], what: str | None = None) -> Any:
+    if not isinstance(value, cls):
+        expected = what or (cls.__name__ if isinstance(cls, type) else " or ".join(c.__name__ for c in cls))
+        raise TypeError(f"{name} must be {expected}, got {_type_name(value)}")
+    return value
+
+
+def check_bytes_like(name: str, value: Any) -> bytes:
+    """bytes, bytearray, memoryview or any object with the buffer protocol, as bytes."""
+    if isinstance(value, bytes):
+        return value
+    try:
+        return bytes(memoryview(value))
+    except TypeError:
+        raise TypeError(f"{name} must be bytes-like (bytes, bytearray, memoryview), got {_type_name(value)}") from None
