@@ -28,6 +28,8 @@ def check_int(name: str, value: Any, *, minimum: int | None = 0, maximum: int | 
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
+        if maximum in (U64_LIMIT - 1, U32_MAX):
+            raise ValueError(f"{name} must fit in {64 if maximum > U32_MAX else 32} bits (0..{maximum}), got {value}")
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 

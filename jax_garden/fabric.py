@@ -37,12 +37,16 @@ Both run on CPU and on CUDA (see their docstrings for the GPU semantics).
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from jax_garden import _ffi
+from jax_garden import _ffi, _settings
 from jax_garden._jax_garden import fabric as _native
+from jax_garden._validate import (U32_MAX, check_bytes_like, check_choice, check_float, check_instance, check_int,
+                                  check_positive_int)
 
 NetAddress = _native.NetAddress
 MemoryDescriptor = _native.MemoryDescriptor
@@ -55,6 +59,7 @@ DEFAULT_SPLIT_THRESHOLD = 1 << 20
 IMM_MAX = (1 << 32) - 1
 
 PATHS = (None, "fabric", "ipc", "staged")
+COMPLETIONS = ("delivery", "transmit")
 
 __all__ = [
     "TransferEngine", "NetAddress", "MemoryDescriptor", "MemoryRegion", "Transfer", "ImmCounter",
@@ -64,9 +69,7 @@ __all__ = [
 
 
 def _check_path(path: Any) -> str:
-    if path not in PATHS:
-        raise ValueError(f"path must be None, 'fabric', 'ipc' or 'staged', got {path!r}")
-    return path or ""
+    return check_choice("path", path, PATHS) or ""
 
 
 def gpu_available() -> bool:
@@ -96,16 +99,7 @@ def plan_registration(*, cuda: bool, device: int = 0, staged: bool = False, prov
 
 
 def _check_count(name: str, value: Any, *, positive: bool = False) -> int:
-    if type(value) is int and (0 < value if positive else 0 <= value) and value < 1 << 64:
-        return value  # fast path: every op checks several of these
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
-    if value >= 1 << 64:
-        raise ValueError(f"{name} must fit in 64 bits, got {value}")
-    return value
+    return check_int(name, value, minimum=1 if positive else 0)
 
 
 def _check_imm(imm: Any, *, required: bool = False) -> int | None:
@@ -113,26 +107,23 @@ def _check_imm(imm: Any, *, required: bool = False) -> int | None:
         if required:
             raise ValueError("imm is required for this operation")
         return None
-    imm = _check_count("imm", imm)
-    if imm > IMM_MAX:
-        raise ValueError(f"imm must fit in 32 bits (0..{IMM_MAX}), got {imm}")
-    return imm
+    return check_int("imm", imm, maximum=U32_MAX)
 
 
 def _descriptor(d: Any, what: str = "remote_descriptor") -> MemoryDescriptor:
     if isinstance(d, MemoryDescriptor):
         return d
     if isinstance(d, (bytes, bytearray, memoryview)):
-        return MemoryDescriptor.from_bytes(bytes(d))
-    raise ValueError(f"{what} must be a fabric.MemoryDescriptor or its bytes, got {type(d).__name__}")
+        return MemoryDescriptor.from_bytes(d)
+    raise TypeError(f"{what} must be a fabric.MemoryDescriptor or its bytes, got {type(d).__name__}")
 
 
 def _address(a: Any) -> NetAddress:
     if isinstance(a, NetAddress):
         return a
     if isinstance(a, (bytes, bytearray, memoryview)):
-        return NetAddress.from_bytes(bytes(a))
-    raise ValueError(f"address must be a fabric.NetAddress or its bytes, got {type(a).__name__}")
+        return NetAddress.from_bytes(a)
+    raise TypeError(f"address must be a fabric.NetAddress or its bytes, got {type(a).__name__}")
 
 
 def _page_list(name: str, pages: Any) -> np.ndarray:
@@ -140,7 +131,7 @@ def _page_list(name: str, pages: Any) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of page indices, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.size and arr.dtype != np.uint32:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 0xFFFFFFFF:
@@ -169,17 +160,18 @@ def imm_writes(op: str, *, domains: int, length: int = 0, pages: int = 0, shardi
     The engine cuts its ops with the same C++ planner this calls, so the counts match by
     construction.
     """
-    return int(_native.imm_writes(op, _check_count("domains", domains, positive=True),
+    return int(_native.imm_writes(op, check_int("domains", domains, minimum=1, maximum=8),
                                   _check_count("length", length), _check_count("pages", pages), sharding,
                                   _check_count("split_threshold", split_threshold, positive=True)))
 
 
 class MemoryRegion:
-    """A registered local buffer. Keeps the registered object alive; unregisters when dropped."""
+    """A registered local buffer. Unregisters when dropped; the registered object (the buffer) is
+    kept alive until the engine has closed the registration, so a late write never lands in freed
+    memory."""
 
-    def __init__(self, native: Any, keepalive: Any, is_cuda: bool):
+    def __init__(self, native: Any, is_cuda: bool):
         self._native = native
-        self._keepalive = keepalive
         self.is_cuda = is_cuda
 
     @property
@@ -268,25 +260,35 @@ class TransferEngine:
       staging_chunk_bytes: size of one bounce buffer / bounce slot (multiple of 4096).
       staging_slots: bounce buffers on each side (local source staging, and slots peers write into);
         the pools are allocated (pinned when a GPU exists) on first use.
+      completion: ``"delivery"`` (default): a Transfer completes once the target placed the data, so
+        no op is reported successful while its bytes did not land; ``"transmit"``: once the source
+        may be reused (the provider's default; faster on tcp, where a write the peer never placed
+        can then be reported successful). Receivers always learn placement by counting imms.
+
+    Memory: each domain pre-posts ``16 x max_message_bytes`` of control-message receive buffers;
+    on ``tcp`` libfabric's ``ofi_rxm`` layer adds its own buffers (about 68 MiB per domain measured
+    here), so an engine costs tens of MiB per domain before any registration.
     """
 
     def __init__(self, provider: str | None = None, domains: int = 1, *, node: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = 256 * 1024,
                  split_threshold: int = DEFAULT_SPLIT_THRESHOLD, path: str | None = None,
-                 staging_chunk_bytes: int = 1 << 20, staging_slots: int = 8):
-        import os
-
-        domains = _check_count("domains", domains, positive=True)
-        if not (timeout > 0):
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+                 staging_chunk_bytes: int = 1 << 20, staging_slots: int = 8, completion: str = "delivery"):
+        if provider is not None:
+            check_instance("provider", provider, str)
+        domains = check_int("domains", domains, minimum=1, maximum=8)
+        timeout = check_float("timeout", timeout)
         if node is None:
-            node = os.environ.get("JAX_GARDEN_TCP_NODE", "127.0.0.1") if provider in ("tcp", "tcp;ofi_rxm") else ""
-        self._native = _native.Engine.create(provider or "", node, domains, float(timeout),
+            node = _settings.get("tcp_node") if provider in ("tcp", "tcp;ofi_rxm") else ""
+        check_instance("node", node, str)
+        check_choice("completion", completion, COMPLETIONS)
+        self._native = _native.Engine.create(provider or "", node, domains, timeout,
                                              _check_count("max_message_bytes", max_message_bytes, positive=True),
                                              _check_count("split_threshold", split_threshold, positive=True),
                                              _check_path(path),
                                              _check_count("staging_chunk_bytes", staging_chunk_bytes, positive=True),
-                                             _check_count("staging_slots", staging_slots, positive=True))
+                                             _check_count("staging_slots", staging_slots, positive=True), completion)
+        _live_engines.add(self)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -308,6 +310,11 @@ class TransferEngine:
     @property
     def split_threshold(self) -> int:
         return self._native.split_threshold
+
+    @property
+    def completion(self) -> str:
+        """``"delivery"`` or ``"transmit"`` (see the class docstring)."""
+        return self._native.completion
 
     @property
     def supports_gpu_memory(self) -> bool:
@@ -348,8 +355,7 @@ class TransferEngine:
         *staged* (writes go through pinned bounce buffers); either way it carries a CUDA IPC handle
         for peers on the same host. ``staged=True`` stages any region (host memory included)."""
         is_cuda = False
-        if memory not in (None, "host", "cuda"):
-            raise ValueError(f"register: memory must be None, 'host' or 'cuda', got {memory!r}")
+        check_choice("memory", memory, (None, "host", "cuda"))
         if isinstance(obj, tuple):
             if len(obj) != 2:
                 raise ValueError(f"register((pointer, nbytes)) takes a pair, got {len(obj)} items")
@@ -375,13 +381,14 @@ class TransferEngine:
             ptr, nbytes = obj.unsafe_buffer_pointer(), obj.nbytes
             is_cuda = devices[0].platform != "cpu"
         else:
-            raise ValueError(f"register: cannot register {type(obj).__name__}; pass a numpy array, a jax array, "
-                             "a CUDA array or (pointer, nbytes)")
+            raise TypeError(f"register: cannot register {type(obj).__name__}; pass a numpy array, a jax array, "
+                            "a CUDA array or (pointer, nbytes)")
         if nbytes <= 0:
             raise ValueError(f"register: the buffer is empty ({nbytes} bytes)")
-        # The native side looks the CUDA device up from the pointer.
-        native = self._native.register_memory(ptr, nbytes, is_cuda, -1, bool(staged))
-        return MemoryRegion(native, obj, is_cuda)
+        # The native side looks the CUDA device up from the pointer, and keeps `obj` alive until the
+        # registration is closed.
+        native = self._native.register_memory(ptr, nbytes, is_cuda, bool(staged), obj)
+        return MemoryRegion(native, is_cuda)
 
     # -- one-sided operations -------------------------------------------------------------------
     def write(self, region: MemoryRegion, remote_descriptor: Any, length: int, src_offset: int = 0,
@@ -422,7 +429,7 @@ class TransferEngine:
         native_targets = []
         for i, t in enumerate(targets):
             if len(t) != 4:
-                raise ValueError(f"scatter target {i} must be (descriptor, length, src_offset, dst_offset), got {t!r}")
+                raise TypeError(f"scatter target {i} must be (descriptor, length, src_offset, dst_offset), got {t!r}")
             d, n, so, do = t
             native_targets.append((_descriptor(d, f"scatter target {i} descriptor"), _check_count("length", n),
                                    _check_count("src_offset", so), _check_count("dst_offset", do)))
@@ -445,17 +452,17 @@ class TransferEngine:
 
     # -- two-sided control messages -------------------------------------------------------------
     def send(self, address: Any, payload: bytes) -> Transfer:
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise ValueError(f"send: payload must be bytes, got {type(payload).__name__}")
-        return self._native.send(_address(address), bytes(payload))
+        """A two-sided control message (at most ``max_message_bytes`` with its header) to the engine
+        at ``address``; it arrives through that engine's ``recv``."""
+        return self._native.send(_address(address), check_bytes_like("send: payload", payload))
 
     def recv(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
         """Next control message's payload (TimeoutError if none arrives in time)."""
-        return self._native.recv(float(timeout))[1]
+        return self._native.recv(check_float("timeout", timeout))[1]
 
     def recv_message(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[NetAddress, bytes]:
         """Next control message as ``(sender address, payload)``."""
-        return self._native.recv(float(timeout))
+        return self._native.recv(check_float("timeout", timeout))
 
     # -- completion ------------------------------------------------------------------------------
     def imm_counter(self, imm: int) -> ImmCounter:
@@ -464,12 +471,14 @@ class TransferEngine:
 
     def watcher(self, callback: Callable[[int, int, int], Any]) -> Watcher:
         if not callable(callback):
-            raise ValueError("watcher: callback must be callable(slot, old, new)")
+            raise TypeError("watcher: callback must be callable(slot, old, new)")
         return Watcher(self._native.watcher(callback), self)
 
     def close(self) -> None:
-        """Fail every op in flight (TransferError), stop the threads, close the endpoints."""
+        """Fail every op in flight (TransferError), stop the threads, close the endpoints, and drop
+        the watchers' callbacks. Idempotent; engines still open at interpreter exit are closed."""
         self._native.close()
+        _live_engines.discard(self)
 
     def __enter__(self) -> "TransferEngine":
         return self
@@ -481,9 +490,23 @@ class TransferEngine:
         return f"TransferEngine({self.provider}, domains={self.num_domains}{', closed' if self.closed else ''})"
 
 
+# Engines still open at interpreter exit are closed first: their threads stop and the Python
+# callables they hold (watcher callbacks, buffers kept alive) are released while Python still runs.
+_live_engines: "weakref.WeakSet[TransferEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for eng in list(_live_engines):
+        try:
+            eng.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
 def _region(region: Any) -> Any:
     if not isinstance(region, MemoryRegion):
-        raise ValueError(f"expected a MemoryRegion from TransferEngine.register, got {type(region).__name__}")
+        raise TypeError(f"expected a MemoryRegion from TransferEngine.register, got {type(region).__name__}")
     return region._native
 
 
@@ -527,7 +550,7 @@ def signal(slot: WatcherSlot, value: Any, *after: Any) -> Any:
     import jax.numpy as jnp
 
     if not isinstance(slot, WatcherSlot):
-        raise ValueError(f"signal: slot must be a WatcherSlot from Watcher.slot(i), got {type(slot).__name__}")
+        raise TypeError(f"signal: slot must be a WatcherSlot from Watcher.slot(i), got {type(slot).__name__}")
     static = _static_int(value)
     if static > 0xFFFFFFFF:
         raise ValueError(f"signal: value must fit in 32 bits, got {static}")
@@ -560,7 +583,7 @@ def wait(counter: ImmCounter, count: Any, *operands: Any, timeout: float | None 
     import jax.numpy as jnp
 
     if not isinstance(counter, ImmCounter):
-        raise ValueError(f"wait: counter must be an ImmCounter from TransferEngine.imm_counter, "
+        raise TypeError(f"wait: counter must be an ImmCounter from TransferEngine.imm_counter, "
                          f"got {type(counter).__name__}")
     static = _static_int(count)
     count = jnp.asarray(count)

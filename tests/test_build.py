@@ -104,8 +104,14 @@ def test_parser_finds_runtime_symbols_where_they_are_defined():
 
 def test_error_messages_format_numbers():
     # A private, uninitialised runtime silently drops numbers from std::ostream output: "domains
-    # must be in 1.., got" instead of "1..8, got 99" (what the broken build printed).
+    # must be in 1.., got" instead of "1..8, got 99" (what the broken build printed). This message
+    # is formatted in C++.
+    import numpy as np
+
     from jax_garden import fabric
 
-    with pytest.raises(ValueError, match=r"domains must be in 1\.\.8, got 99"):
-        fabric.TransferEngine(provider="tcp", domains=99)
+    with fabric.TransferEngine(provider="tcp") as eng:
+        r = eng.register(np.zeros(4096, np.uint8))
+        with pytest.raises(ValueError, match=r"source bytes \[0, 8192\) run past the end of the source "
+                                             r"region \(4096 bytes\)"):
+            eng.write(r, r.descriptor, 8192)

@@ -334,16 +334,26 @@ def test_out_of_bounds_and_bad_arguments_rejected_before_posting(engines):
         (lambda: a.scatter(ra, []), "empty"),
         (lambda: a.scatter(ra, [(d, 10, 0, 0)], sharding="rows"), "'targets' or 'bytes'"),
         (lambda: a.barrier([], imm=1), "empty"),
-        (lambda: a.write(d, d, 1), "MemoryRegion"),
         (lambda: a.write(rb, d, 1), "not registered with this engine"),
         (lambda: a.register(np.zeros(0, np.uint8)), "empty"),
         (lambda: a.register(np.zeros((4, 4))[:, ::2]), "C-contiguous"),
-        (lambda: a.register([1, 2]), "cannot register list"),
         (lambda: fabric.TransferEngine(provider=PROVIDER, domains=9), "domains"),
         (lambda: fabric.TransferEngine(provider=PROVIDER, timeout=0), "timeout"),
     ]
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
+            fn()
+    # wrong types are TypeError, as in jax
+    type_cases = [
+        (lambda: a.write(d, d, 1), "MemoryRegion"),
+        (lambda: a.register([1, 2]), "cannot register list"),
+        (lambda: a.write(ra, d, 1.5), "length must be an integer"),
+        (lambda: a.write(ra, "not a descriptor", 1), "MemoryDescriptor"),
+        (lambda: a.send(a.address, 12), "bytes-like"),
+        (lambda: fabric.TransferEngine(provider=PROVIDER, timeout="1"), "timeout must be a number"),
+    ]
+    for fn, msg in type_cases:
+        with pytest.raises(TypeError, match=msg):
             fn()
     time.sleep(0.1)
     assert not dst.any(), "a rejected op wrote data"

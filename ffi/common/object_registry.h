@@ -33,6 +33,16 @@ class ObjectRegistry {
     return id;
   }
 
+  // For objects that carry their own id: make(id) builds the object, which is then registered.
+  template <typename Make>
+  std::shared_ptr<T> emplace(Make&& make) {
+    uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+    std::shared_ptr<T> object = make(id);
+    std::lock_guard lk(mu_);
+    slots_.emplace(id, Slot(object));
+    return object;
+  }
+
   std::shared_ptr<T> find(uint64_t id) const {
     std::lock_guard lk(mu_);
     auto it = slots_.find(id);

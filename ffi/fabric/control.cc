@@ -6,7 +6,7 @@
 namespace jax_garden::fabric {
 namespace {
 
-constexpr uint32_t kFrameMagic = 0x3243474a;  // "JGC2"
+constexpr uint32_t kFrameMagic = 0x3343474a;  // "JGC3"
 
 }  // namespace
 
@@ -56,6 +56,7 @@ ImmBatchMsg decode_imm_batch(const Bytes& b) {
 Bytes encode(const StageOpenMsg& m) {
   Writer w;
   w.put<uint64_t>(m.xfer);
+  w.put<uint64_t>(m.dst_region_key);
   w.put<uint64_t>(m.dst_base);
   w.put<uint64_t>(m.dst_length);
   w.put<uint64_t>(m.total_bytes);
@@ -70,6 +71,7 @@ StageOpenMsg decode_stage_open(const Bytes& b) {
   Reader r(b.data(), b.size(), "stage open message");
   StageOpenMsg m;
   m.xfer = r.get<uint64_t>("xfer");
+  m.dst_region_key = r.get<uint64_t>("dst region key");
   m.dst_base = r.get<uint64_t>("dst base");
   m.dst_length = r.get<uint64_t>("dst length");
   m.total_bytes = r.get<uint64_t>("total bytes");
@@ -168,6 +170,62 @@ StageErrorMsg decode_stage_error(const Bytes& b) {
   m.xfer = r.get<uint64_t>("xfer");
   Bytes e = r.get_bytes("error", 4096);
   m.error.assign(e.begin(), e.end());
+  r.expect_end();
+  return m;
+}
+
+Bytes encode(const RegionQueryMsg& m) {
+  Writer w;
+  w.put<uint64_t>(m.query);
+  w.put<uint32_t>(static_cast<uint32_t>(m.entries.size()));
+  for (const auto& e : m.entries) {
+    w.put<uint64_t>(e.region_key);
+    w.put<uint64_t>(e.key);
+    w.put<uint64_t>(e.base);
+    w.put<uint64_t>(e.length);
+  }
+  return std::move(w.out);
+}
+
+RegionQueryMsg decode_region_query(const Bytes& b) {
+  Reader r(b.data(), b.size(), "region query message");
+  RegionQueryMsg m;
+  m.query = r.get<uint64_t>("query");
+  uint32_t n = r.get<uint32_t>("entry count");
+  JG_CHECK_ARG(n >= 1 && n <= kMaxRegionQueries, "region query message: ", n, " entries");
+  JG_CHECK_ARG(r.remaining() == size_t(n) * 32, "region query message: ", r.remaining(), " bytes for ", n, " entries");
+  for (uint32_t i = 0; i < n; ++i) {
+    RegionQueryMsg::Entry e;
+    e.region_key = r.get<uint64_t>("region key");
+    e.key = r.get<uint64_t>("key");
+    e.base = r.get<uint64_t>("base");
+    e.length = r.get<uint64_t>("length");
+    m.entries.push_back(e);
+  }
+  r.expect_end();
+  return m;
+}
+
+Bytes encode(const RegionReplyMsg& m) {
+  Writer w;
+  w.put<uint64_t>(m.query);
+  w.put<uint32_t>(static_cast<uint32_t>(m.live.size()));
+  for (uint8_t l : m.live) w.put<uint8_t>(l);
+  return std::move(w.out);
+}
+
+RegionReplyMsg decode_region_reply(const Bytes& b) {
+  Reader r(b.data(), b.size(), "region reply message");
+  RegionReplyMsg m;
+  m.query = r.get<uint64_t>("query");
+  uint32_t n = r.get<uint32_t>("entry count");
+  JG_CHECK_ARG(n <= kMaxRegionQueries && r.remaining() == n, "region reply message: ", r.remaining(), " bytes for ",
+               n, " entries");
+  for (uint32_t i = 0; i < n; ++i) {
+    uint8_t l = r.get<uint8_t>("live flag");
+    JG_CHECK_ARG(l <= 1, "region reply message: bad live flag ", int(l));
+    m.live.push_back(l);
+  }
   r.expect_end();
   return m;
 }

@@ -1,7 +1,7 @@
 // The engine's two-sided control messages. Every message is a frame
-//   magic "JGC2" | kind u8 | sender NetAddress (u16 length + bytes) | payload
+//   magic "JGC3" | kind u8 | sender NetAddress (u16 length + bytes) | payload
 // kind 0 is a user message (TransferEngine.send/recv); the other kinds are internal (imm batches
-// for non-RMA paths, the staging rendezvous) and never reach recv(). Everything is validated when
+// for non-RMA paths, the staging rendezvous, failure queries) and never reach recv(). Everything is validated when
 // decoded: a malformed frame or payload is an InvalidArgument, and the worker drops it.
 #pragma once
 
@@ -23,8 +23,11 @@ enum class MsgKind : uint8_t {
   kStageDone = 5,   // receiver -> sender: every byte landed and the imms were counted
   kStageError = 6,  // receiver -> sender: the transfer was refused or failed
   kStageAbort = 7,  // sender -> receiver: the transfer is abandoned; free its slots
+  kRegionQuery = 8,  // sender -> owner: do these regions still exist? (after a write to one failed)
+  kRegionReply = 9,  // owner -> sender: yes or no for each
 };
-inline constexpr uint8_t kMaxMsgKind = 7;
+inline constexpr uint8_t kMaxMsgKind = 9;
+inline constexpr size_t kMaxRegionQueries = 1024;  // entries per query message
 inline constexpr size_t kMaxStageSegments = 4096;  // per chunk message
 
 struct Frame {
@@ -42,6 +45,7 @@ struct ImmBatchMsg {
 };
 struct StageOpenMsg {
   uint64_t xfer = 0;  // sender-unique id of this transfer
+  uint64_t dst_region_key = 0;            // the capability: the destination descriptor's region key
   uint64_t dst_base = 0, dst_length = 0;  // the destination descriptor's region
   uint64_t total_bytes = 0;
   uint64_t chunks = 0;  // chunk announcements (one grant each) the receiver will see
@@ -69,12 +73,26 @@ struct StageErrorMsg {
   std::string error;
 };
 
+struct RegionQueryMsg {
+  struct Entry {
+    uint64_t region_key = 0, key = 0, base = 0, length = 0;
+  };
+  uint64_t query = 0;  // sender-unique id
+  std::vector<Entry> entries;
+};
+struct RegionReplyMsg {
+  uint64_t query = 0;
+  std::vector<uint8_t> live;  // one per queried entry: 1 = the owner has that region
+};
+
 Bytes encode(const ImmBatchMsg& m);
 Bytes encode(const StageOpenMsg& m);
 Bytes encode(const StageGrantMsg& m);
 Bytes encode(const StageChunkMsg& m);
 Bytes encode(const StageXferMsg& m);
 Bytes encode(const StageErrorMsg& m);
+Bytes encode(const RegionQueryMsg& m);
+Bytes encode(const RegionReplyMsg& m);
 
 ImmBatchMsg decode_imm_batch(const Bytes& b);
 StageOpenMsg decode_stage_open(const Bytes& b);
@@ -82,5 +100,7 @@ StageGrantMsg decode_stage_grant(const Bytes& b);
 StageChunkMsg decode_stage_chunk(const Bytes& b);
 StageXferMsg decode_stage_xfer(const Bytes& b);
 StageErrorMsg decode_stage_error(const Bytes& b);
+RegionQueryMsg decode_region_query(const Bytes& b);
+RegionReplyMsg decode_region_reply(const Bytes& b);
 
 }  // namespace jax_garden::fabric

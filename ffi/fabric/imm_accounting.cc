@@ -62,15 +62,31 @@ std::vector<WritePiece> plan_scatter(const std::vector<ScatterTarget>& targets, 
   return pieces;
 }
 
-uint64_t imm_writes(const std::string& op, uint32_t domains, uint64_t length, uint64_t pages,
-                    ScatterSharding sharding, const ShardingPolicy& policy) {
-  JG_CHECK_ARG(domains >= 1 && domains <= 8, "imm_writes: domains must be in 1..8, got ", domains);
-  if (op == "write") return plan_write(length, 0, 0, domains, 0, policy).size();
-  if (op == "paged" || op == "write_paged") return pages;
-  if (op == "scatter") return sharding == ScatterSharding::kTargets ? 1 : domains;
-  if (op == "imm" || op == "write_imm" || op == "barrier") return 1;
-  throw InvalidArgument(str_cat("imm_writes: unknown op '", op,
-                                "' (expected write, paged, scatter, imm or barrier)"));
+const char* op_kind_name(OpKind kind) {
+  switch (kind) {
+    case OpKind::kWrite: return "write";
+    case OpKind::kPaged: return "write_paged";
+    case OpKind::kScatter: return "scatter";
+    case OpKind::kImm: return "write_imm";
+    case OpKind::kBarrier: return "barrier";
+    case OpKind::kSend: return "send";
+  }
+  return "?";
+}
+
+uint64_t imm_writes(OpKind op, uint32_t domains, uint64_t length, uint64_t pages, ScatterSharding sharding,
+                    const ShardingPolicy& policy) {
+  JG_CHECK_ARG(domains >= 1 && domains <= kMaxDomains, "imm_writes: domains must be in 1..", kMaxDomains, ", got ",
+               domains);
+  switch (op) {
+    case OpKind::kWrite: return plan_write(length, 0, 0, domains, 0, policy).size();
+    case OpKind::kPaged: return pages;
+    case OpKind::kScatter: return sharding == ScatterSharding::kTargets ? 1 : domains;
+    case OpKind::kImm:
+    case OpKind::kBarrier: return 1;
+    case OpKind::kSend: break;
+  }
+  throw InvalidArgument(str_cat("imm_writes: ", op_kind_name(op), " carries no imm"));
 }
 
 }  // namespace jax_garden::fabric

@@ -6,8 +6,9 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 #include <vector>
+
+#include "fabric/requests.h"
 
 namespace jax_garden::fabric {
 
@@ -18,11 +19,6 @@ struct WritePiece {
   uint64_t dst_offset;  // into the destination region
   uint64_t length;      // may be 0 (then only the imm travels)
   uint32_t target;      // index of the destination in the op (scatter / barrier), else 0
-};
-
-enum class ScatterSharding {
-  kTargets,  // each target is one write; targets are spread over the domains
-  kBytes,    // each target is cut into one piece per domain (`domains` imms per target)
 };
 
 struct ShardingPolicy {
@@ -50,10 +46,10 @@ std::vector<WritePiece> plan_scatter(const std::vector<ScatterTarget>& targets, 
                                      ScatterSharding sharding, uint32_t first_domain);
 
 // The accounting function: imm-carrying writes that one destination receives from one op.
-//   op = "write": `length` bytes;  "paged": `pages` pages;  "scatter": per target of `length` bytes
-//   with `sharding`;  "imm": 1;  "barrier": 1 per peer.
+//   kWrite: `length` bytes;  kPaged: `pages` pages;  kScatter: per target, with `sharding`;
+//   kImm: 1;  kBarrier: 1 per peer.  (kSend carries no imm: InvalidArgument.)
 // `domains` is the SENDER's domain count (NetAddress / MemoryDescriptor carry it).
-uint64_t imm_writes(const std::string& op, uint32_t domains, uint64_t length, uint64_t pages,
-                    ScatterSharding sharding, const ShardingPolicy& policy);
+uint64_t imm_writes(OpKind op, uint32_t domains, uint64_t length, uint64_t pages, ScatterSharding sharding,
+                    const ShardingPolicy& policy);
 
 }  // namespace jax_garden::fabric

@@ -15,7 +15,7 @@ namespace jax_garden::fabric {
 
 // Returns the round-trip time of each timed iteration in nanoseconds (initiator), or nothing
 // (responder). Throws on any failure or timeout.
-std::vector<int64_t> ping_pong(EngineCore& engine, const std::shared_ptr<MemoryRegion>& region,
+std::vector<int64_t> ping_pong(Engine& engine, const std::shared_ptr<MemoryRegion>& region,
                                const MemoryDescriptor& peer, uint64_t bytes, uint32_t imm_data, uint32_t imm_ack,
                                int warmup, int iters, bool initiator, double timeout_s);
 

@@ -14,13 +14,6 @@ static_assert(kFiHmemSystem == FI_HMEM_SYSTEM && kFiHmemCuda == FI_HMEM_CUDA, "l
 static_assert(kFiMrDmabufFlag == FI_MR_DMABUF, "FI_MR_DMABUF value");
 #endif
 
-TransferPath parse_path(const std::string& name) {
-  if (name.empty() || name == "auto") return TransferPath::kAuto;
-  if (name == "fabric") return TransferPath::kFabric;
-  if (name == "ipc") return TransferPath::kIpc;
-  if (name == "staged") return TransferPath::kStaged;
-  throw InvalidArgument(str_cat("path must be None, 'fabric', 'ipc' or 'staged', got '", name, "'"));
-}
 
 const char* path_name(TransferPath path) {
   switch (path) {

@@ -19,7 +19,6 @@ namespace jax_garden::fabric {
 
 enum class TransferPath : uint8_t { kAuto = 0, kFabric = 1, kIpc = 2, kStaged = 3 };
 
-TransferPath parse_path(const std::string& name);  // "", "auto", "fabric", "ipc", "staged"
 const char* path_name(TransferPath path);
 
 struct PathQuery {

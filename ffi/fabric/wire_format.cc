@@ -75,6 +75,8 @@ Bytes MemoryDescriptor::to_bytes() const {
   w.put_string(host_id);
   w.put<uint32_t>(pid);
   w.put<uint64_t>(process_nonce);
+  w.put<uint64_t>(region_key);
+  w.put<uint32_t>(region_slot);
   if (has_ipc) {
     w.out.insert(w.out.end(), ipc_handle.begin(), ipc_handle.end());
     w.put<uint64_t>(ipc_offset);
@@ -123,6 +125,9 @@ MemoryDescriptor MemoryDescriptor::from_bytes(const uint8_t* data, size_t size) 
   d.host_id.assign(host.begin(), host.end());
   d.pid = r.get<uint32_t>("pid");
   d.process_nonce = r.get<uint64_t>("process nonce");
+  d.region_key = r.get<uint64_t>("region key");
+  JG_CHECK_ARG(d.region_key != 0, "MemoryDescriptor has no region key");
+  d.region_slot = r.get<uint32_t>("region slot");
   if (d.has_ipc) {
     r.get_raw(d.ipc_handle.data(), kIpcHandleBytes, "ipc handle");
     d.ipc_offset = r.get<uint64_t>("ipc offset");

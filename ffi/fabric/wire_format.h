@@ -13,7 +13,7 @@ namespace jax_garden::fabric {
 
 using Bytes = std::vector<uint8_t>;
 
-inline constexpr uint16_t kWireFormatVersion = 2;
+inline constexpr uint16_t kWireFormatVersion = 3;
 inline constexpr size_t kMaxDomains = 8;          // NICs per group we accept on the wire
 inline constexpr size_t kMaxEndpointNameBytes = 256;
 inline constexpr size_t kIpcHandleBytes = 64;      // cudaIpcMemHandle_t
@@ -45,7 +45,11 @@ enum class MemoryKind : uint8_t { kHost = 0, kCuda = 1 };
 //   * for CUDA regions with an IPC export: the cudaIpcMemHandle of the allocation holding the
 //     region, the region's offset in it and the GPU's PCI bus id (CUDA IPC path on one host);
 //   * staged: the provider cannot reach this memory (e.g. GPU memory on tcp); writes go through the
-//     owner's bounce slots (stage_chunk_bytes each) by rendezvous.
+//     owner's bounce slots (stage_chunk_bytes each) by rendezvous;
+//   * region_key: a random 64-bit secret of this registration, never reused: the capability that the
+//     paths the provider does not check (staging, same-host copies) ask for, and what a failure query
+//     names; region_slot: the region's slot in the owner process's shared region table
+//     (shared_regions.h), which same-host copies check for liveness and bounds.
 struct MemoryDescriptor {
   struct DomainKey {
     Bytes endpoint;
@@ -65,6 +69,8 @@ struct MemoryDescriptor {
   std::string host_id;
   uint32_t pid = 0;
   uint64_t process_nonce = 0;
+  uint64_t region_key = 0;
+  uint32_t region_slot = 0xFFFFFFFFu;
   bool has_ipc = false;
   std::array<uint8_t, kIpcHandleBytes> ipc_handle{};
   uint64_t ipc_offset = 0;  // region base - allocation base

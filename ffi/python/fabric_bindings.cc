@@ -14,6 +14,7 @@
 #include "common/registry.h"
 #include "fabric/engine.h"
 #include "fabric/latency_probe.h"
+#include "fabric/shared_regions.h"
 #include "fabric/gpu_runtime.h"
 #include "fabric/policy.h"
 
@@ -23,13 +24,33 @@ using namespace nb::literals;
 namespace jax_garden::fabric {
 namespace {
 
-Bytes to_bytes(nb::bytes b) {
-  const auto* p = static_cast<const uint8_t*>(b.data());
-  return Bytes(p, p + b.size());
-}
 nb::bytes from_bytes(const Bytes& b) { return nb::bytes(reinterpret_cast<const char*>(b.data()), b.size()); }
 
+// Any object with the buffer protocol (bytes, bytearray, memoryview, numpy) as Bytes.
+Bytes buffer_bytes(nb::handle obj, const char* what) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_SIMPLE) != 0) {
+    PyErr_Clear();
+    throw nb::type_error(str_cat(what, " must be bytes-like (bytes, bytearray, memoryview), got ",
+                                 nb::type_name(obj.type()).c_str())
+                             .c_str());
+  }
+  const auto* p = static_cast<const uint8_t*>(view.buf);
+  Bytes out(p, p + view.len);
+  PyBuffer_Release(&view);
+  return out;
+}
+
 using PageList = nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// Strings are parsed here, at the Python boundary, and nowhere else.
+TransferPath parse_path(const std::string& name) {
+  if (name.empty() || name == "auto") return TransferPath::kAuto;
+  if (name == "fabric") return TransferPath::kFabric;
+  if (name == "ipc") return TransferPath::kIpc;
+  if (name == "staged") return TransferPath::kStaged;
+  throw InvalidArgument(str_cat("path must be None, 'fabric', 'ipc' or 'staged', got '", name, "'"));
+}
 
 ScatterSharding parse_sharding(const std::string& s) {
   if (s == "targets") return ScatterSharding::kTargets;
@@ -37,9 +58,24 @@ ScatterSharding parse_sharding(const std::string& s) {
   throw InvalidArgument(str_cat("sharding must be 'targets' or 'bytes', got '", s, "'"));
 }
 
-// A Python callable that can be copied and dropped on threads that do not hold the GIL.
-std::shared_ptr<nb::object> share_callable(nb::object fn) {
-  return std::shared_ptr<nb::object>(new nb::object(std::move(fn)), [](nb::object* p) {
+OpKind parse_op_kind(const std::string& s) {
+  if (s == "write") return OpKind::kWrite;
+  if (s == "paged" || s == "write_paged") return OpKind::kPaged;
+  if (s == "scatter") return OpKind::kScatter;
+  if (s == "imm" || s == "write_imm") return OpKind::kImm;
+  if (s == "barrier") return OpKind::kBarrier;
+  throw InvalidArgument(str_cat("unknown op '", s, "' (expected write, paged, scatter, imm or barrier)"));
+}
+
+CompletionMode parse_completion(const std::string& s) {
+  if (s == "delivery") return CompletionMode::kDelivery;
+  if (s == "transmit") return CompletionMode::kTransmit;
+  throw InvalidArgument(str_cat("completion must be 'delivery' or 'transmit', got '", s, "'"));
+}
+
+// A Python object that can be copied and dropped on threads that do not hold the GIL.
+std::shared_ptr<nb::object> share_object(nb::object obj) {
+  return std::shared_ptr<nb::object>(new nb::object(std::move(obj)), [](nb::object* p) {
     if (!Py_IsInitialized()) return;  // interpreter gone: leak rather than crash
     nb::gil_scoped_acquire gil;
     delete p;
@@ -79,9 +115,10 @@ void BindFabric(nb::module_& m) {
     }
   });
 
-  nb::class_<NetAddress>(m, "NetAddress")
-      .def_static("from_bytes", [](nb::bytes b) {
-        return NetAddress::from_bytes(static_cast<const uint8_t*>(b.data()), b.size());
+  nb::class_<NetAddress>(m, "NetAddress", "How to reach an engine: its provider and endpoint names (bytes(addr) to ship).")
+      .def_static("from_bytes", [](nb::handle b) {
+        Bytes raw = buffer_bytes(b, "NetAddress.from_bytes: data");
+        return NetAddress::from_bytes(raw.data(), raw.size());
       }, "data"_a)
       .def("__bytes__", [](const NetAddress& a) { return from_bytes(a.to_bytes()); })
       .def_prop_ro("provider", [](const NetAddress& a) { return a.provider; })
@@ -90,9 +127,12 @@ void BindFabric(nb::module_& m) {
       .def("__hash__", [](const NetAddress& a) { auto b = a.to_bytes(); return checksum32(b.data(), b.size()); })
       .def("__repr__", [](const NetAddress& a) { return "NetAddress(" + a.to_string() + ")"; });
 
-  nb::class_<MemoryDescriptor>(m, "MemoryDescriptor")
-      .def_static("from_bytes", [](nb::bytes b) {
-        return MemoryDescriptor::from_bytes(static_cast<const uint8_t*>(b.data()), b.size());
+  nb::class_<MemoryDescriptor>(m, "MemoryDescriptor",
+                               "How to write into a registered region: bytes(desc) to ship; holding it (and reaching "
+                               "the engine) is the capability to write into that region and nothing else.")
+      .def_static("from_bytes", [](nb::handle b) {
+        Bytes raw = buffer_bytes(b, "MemoryDescriptor.from_bytes: data");
+        return MemoryDescriptor::from_bytes(raw.data(), raw.size());
       }, "data"_a)
       .def("__bytes__", [](const MemoryDescriptor& d) { return from_bytes(d.to_bytes()); })
       .def_prop_ro("provider", [](const MemoryDescriptor& d) { return d.provider; })
@@ -115,16 +155,21 @@ void BindFabric(nb::module_& m) {
                        d.staged ? ", staged" : "", d.has_ipc ? ", ipc" : "", ")");
       });
 
-  nb::class_<TransferState>(m, "Transfer")
-      .def("wait", &TransferState::wait, "timeout"_a, nb::call_guard<nb::gil_scoped_release>(),
-           "Block until the operation completed; raises TransferError on failure, TimeoutError on timeout.")
-      .def_prop_ro("done", [](const TransferState& t) { return t.status() != TransferState::Status::kPending; })
+  nb::class_<TransferState>(m, "Transfer",
+                            "Completion of one operation (TransferEngine.write, ...). It completes within the "
+                            "engine timeout plus a size allowance, with success or an error.")
+      .def("wait", [](TransferState& t, std::optional<double> timeout) { t.wait(timeout.value_or(-1.0)); },
+           "timeout"_a = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
+           "Block until the operation completed (at most `timeout` seconds; None: until its own deadline, which "
+           "every op has). Raises TransferError on failure, TimeoutError on a timeout.")
+      .def_prop_ro("done", [](const TransferState& t) { return t.finished(); })
       .def_prop_ro("failed", [](const TransferState& t) {
         auto s = t.status();
         return s == TransferState::Status::kFailed || s == TransferState::Status::kTimedOut;
       })
       .def_prop_ro("error", &TransferState::error)
       .def_prop_ro("id", &TransferState::id)
+      .def_prop_ro("what", &TransferState::what)
       .def("__repr__", [](const TransferState& t) {
         const char* names[] = {"pending", "done", "failed", "timed out"};
         return str_cat("Transfer(", t.what(), ", ", names[int(t.status())], ")");
@@ -139,10 +184,13 @@ void BindFabric(nb::module_& m) {
       .def_prop_ro("base", &MemoryRegion::base)
       .def_prop_ro("length", &MemoryRegion::length);
 
-  nb::class_<ImmCounter>(m, "ImmCounter")
-      .def("wait", &ImmCounter::wait, "count"_a, "timeout"_a, nb::call_guard<nb::gil_scoped_release>())
+  nb::class_<ImmCounter>(m, "ImmCounter",
+                         "Credit counter of one imm value's arrivals (arrivals before a wait are kept).")
+      .def("wait", &ImmCounter::wait, "count"_a, "timeout"_a = 10.0, nb::call_guard<nb::gil_scoped_release>(),
+           "Block until `count` arrivals are there (at most `timeout` seconds), then take them. Raises "
+           "TimeoutError (nothing taken) or TransferError (engine closed, GPU wait stalled).")
       .def("on_count", [](ImmCounter& c, int64_t count, nb::object fn) {
-        auto shared = share_callable(std::move(fn));
+        auto shared = share_object(std::move(fn));
         c.on_count(count, [shared]() { call_python(shared); });
       }, "count"_a, "callback"_a)
       .def_prop_ro("credits", &ImmCounter::credits)
@@ -152,20 +200,21 @@ void BindFabric(nb::module_& m) {
 
   nb::class_<Watcher>(m, "Watcher")
       .def("slot_address", &Watcher::slot_address, "index"_a)
-      .def("read", [](Watcher& w, uint32_t i) {
-        JG_CHECK_ARG(i < Watcher::kSlots, "watcher slot ", i, " out of range");
-        return __atomic_load_n(&w.slots()[i], __ATOMIC_ACQUIRE);
-      }, "index"_a)
-      .def("store", [](Watcher& w, uint32_t i, uint64_t v) {
-        JG_CHECK_ARG(i < Watcher::kSlots, "watcher slot ", i, " out of range");
-        __atomic_store_n(&w.slots()[i], v, __ATOMIC_RELEASE);
-      }, "index"_a, "value"_a)
+      .def("read", &Watcher::read, "index"_a)
+      .def("store", &Watcher::store, "index"_a, "value"_a)
+      .def("detach", &Watcher::detach, nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro_static("num_slots", [](nb::handle) { return Watcher::kSlots; });
 
-  nb::class_<EngineCore>(m, "Engine")
-      .def_static("create", [](const std::string& provider, const std::string& node, uint32_t domains,
-                               double timeout, uint32_t max_message_bytes, uint64_t split_threshold,
-                               const std::string& path, uint32_t staging_chunk_bytes, uint32_t staging_slots) {
+  nb::class_<Engine>(m, "Engine")
+      .def_static("create", [](const std::string& provider,  // "" = auto
+                               const std::string& node,      // address to bind ("" = provider's choice)
+                               uint32_t domains,             // NICs in the group
+                               double timeout,               // seconds before a silent peer fails an op
+                               uint32_t max_message_bytes,   // control-message limit
+                               uint64_t split_threshold,     // single writes this long split over domains
+                               const std::string& path,      // default path ("" = choose per destination)
+                               uint32_t staging_chunk_bytes, uint32_t staging_slots,
+                               const std::string& completion) {  // "delivery" or "transmit"
         EngineOptions o;
         o.provider = provider;
         o.node = node;
@@ -176,46 +225,82 @@ void BindFabric(nb::module_& m) {
         o.default_path = parse_path(path);
         o.stage_chunk_bytes = staging_chunk_bytes;
         o.stage_slots = staging_slots;
+        o.completion = parse_completion(completion);
         nb::gil_scoped_release release;
-        return EngineCore::create(o);
+        return Engine::create(o);
       }, "provider"_a, "node"_a, "domains"_a, "timeout"_a, "max_message_bytes"_a, "split_threshold"_a, "path"_a,
-         "staging_chunk_bytes"_a, "staging_slots"_a)
-      .def_prop_ro("address", [](const EngineCore& e) { return e.address(); })
-      .def_prop_ro("provider", [](const EngineCore& e) { return e.provider(); })
-      .def_prop_ro("num_domains", &EngineCore::num_domains)
-      .def_prop_ro("supports_gpu_memory", &EngineCore::provider_supports_hmem)
-      .def_prop_ro("timeout", [](const EngineCore& e) { return e.options().timeout_s; })
-      .def_prop_ro("split_threshold", [](const EngineCore& e) { return e.options().sharding.split_threshold; })
-      .def_prop_ro("max_message_bytes", [](const EngineCore& e) { return e.options().max_message_bytes; })
-      .def_prop_ro("closed", &EngineCore::closed)
-      .def_prop_ro("default_path", [](const EngineCore& e) { return std::string(path_name(e.options().default_path)); })
-      .def("register_memory", &EngineCore::register_memory, "ptr"_a, "length"_a, "cuda"_a, "device"_a, "staged"_a,
-           nb::call_guard<nb::gil_scoped_release>())
-      .def("write", [](EngineCore& e, const std::shared_ptr<MemoryRegion>& r, const MemoryDescriptor& d, uint64_t n,
-                       uint64_t so, uint64_t doff, std::optional<uint32_t> imm, const std::string& path) {
-        return e.write(r, d, n, so, doff, imm, parse_path(path));
+         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a)
+      .def_prop_ro("address", [](const Engine& e) { return e.address(); })
+      .def_prop_ro("provider", [](const Engine& e) { return e.provider(); })
+      .def_prop_ro("num_domains", &Engine::num_domains)
+      .def_prop_ro("supports_gpu_memory", &Engine::provider_supports_hmem)
+      .def_prop_ro("timeout", [](const Engine& e) { return e.options().timeout_s; })
+      .def_prop_ro("split_threshold", [](const Engine& e) { return e.options().sharding.split_threshold; })
+      .def_prop_ro("max_message_bytes", [](const Engine& e) { return e.options().max_message_bytes; })
+      .def_prop_ro("completion", [](const Engine& e) {
+        return std::string(e.options().completion == CompletionMode::kDelivery ? "delivery" : "transmit");
+      })
+      .def_prop_ro("closed", &Engine::closed)
+      .def_prop_ro("default_path", [](const Engine& e) { return std::string(path_name(e.options().default_path)); })
+      .def("register_memory", [](Engine& e, uint64_t ptr, uint64_t length, bool cuda, bool staged, nb::object keep) {
+        std::shared_ptr<MemoryRegion> r;
+        {
+          nb::gil_scoped_release release;
+          r = e.register_memory(ptr, length, cuda, staged);
+        }
+        // The buffer outlives the registration: released only once nothing can write into it.
+        if (!keep.is_none()) r->set_keepalive(share_object(std::move(keep)));
+        return r;
+      }, "ptr"_a, "length"_a, "cuda"_a, "staged"_a, "keepalive"_a)
+      .def("write", [](Engine& e, std::shared_ptr<MemoryRegion> r, const MemoryDescriptor& d, uint64_t n,
+                       uint64_t src_offset, uint64_t dst_offset, std::optional<uint32_t> imm, const std::string& path) {
+        WriteRequest q;
+        q.src = std::move(r);
+        q.dst = &d;
+        q.length = n;
+        q.src_offset = src_offset;
+        q.dst_offset = dst_offset;
+        q.imm = imm;
+        q.path = parse_path(path);
+        return e.write(q);
       }, "region"_a, "dst"_a, "length"_a, "src_offset"_a, "dst_offset"_a, "imm"_a, "path"_a)
-      .def("write_paged", [](EngineCore& e, const std::shared_ptr<MemoryRegion>& r, const MemoryDescriptor& d,
-                             uint64_t page_bytes, PageList sp, PageList dp, uint64_t ss, uint64_t ds, uint64_t so,
-                             uint64_t doff, std::optional<uint32_t> imm, const std::string& path) {
+      .def("write_paged", [](Engine& e, std::shared_ptr<MemoryRegion> r, const MemoryDescriptor& d,
+                             uint64_t page_bytes, PageList src_pages, PageList dst_pages, uint64_t src_stride,
+                             uint64_t dst_stride, uint64_t src_offset, uint64_t dst_offset, std::optional<uint32_t> imm,
+                             const std::string& path) {
+        PagedWriteRequest q;
+        q.src = std::move(r);
+        q.dst = &d;
+        q.page_bytes = page_bytes;
         // Page lists arrive as uint32 numpy arrays (no per-element conversion).
-        std::vector<uint32_t> src(sp.data(), sp.data() + sp.shape(0)), dst(dp.data(), dp.data() + dp.shape(0));
-        return e.write_paged(r, d, page_bytes, src, dst, ss, ds, so, doff, imm, parse_path(path));
+        q.src_pages.assign(src_pages.data(), src_pages.data() + src_pages.shape(0));
+        q.dst_pages.assign(dst_pages.data(), dst_pages.data() + dst_pages.shape(0));
+        q.src_stride = src_stride;
+        q.dst_stride = dst_stride;
+        q.src_offset = src_offset;
+        q.dst_offset = dst_offset;
+        q.imm = imm;
+        q.path = parse_path(path);
+        return e.write_paged(q);
       }, "region"_a, "dst"_a, "page_bytes"_a, "src_pages"_a, "dst_pages"_a, "src_stride"_a, "dst_stride"_a,
          "src_offset"_a, "dst_offset"_a, "imm"_a, "path"_a)
-      .def("scatter", [](EngineCore& e, const std::shared_ptr<MemoryRegion>& r,
-                         const std::vector<std::tuple<MemoryDescriptor, uint64_t, uint64_t, uint64_t>>& dsts,
+      .def("scatter", [](Engine& e, std::shared_ptr<MemoryRegion> r,
+                         const std::vector<std::tuple<MemoryDescriptor, uint64_t, uint64_t, uint64_t>>& targets,
                          const std::string& sharding, std::optional<uint32_t> imm, const std::string& path) {
-        std::vector<ScatterDestination> v;
-        for (auto& [d, len, so, doff] : dsts) v.push_back({d, len, so, doff});
-        return e.scatter(r, v, parse_sharding(sharding), imm, parse_path(path));
+        ScatterRequest q;
+        q.src = std::move(r);
+        for (auto& [d, len, so, doff] : targets) q.targets.push_back({&d, len, so, doff});
+        q.sharding = parse_sharding(sharding);
+        q.imm = imm;
+        q.path = parse_path(path);
+        return e.scatter(q);
       }, "region"_a, "targets"_a, "sharding"_a, "imm"_a, "path"_a)
-      .def("path_for", [](const EngineCore& e, const MemoryRegion& r, const MemoryDescriptor& d, const std::string& path) {
+      .def("path_for", [](const Engine& e, const MemoryRegion& r, const MemoryDescriptor& d, const std::string& path) {
         auto c = e.path_for(r, d, parse_path(path));
         return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst);
       }, "region"_a, "dst"_a, "path"_a)
-      .def("check", &EngineCore::check)
-      .def("staging_stats", [](EngineCore& e) {
+      .def("check", &Engine::check)
+      .def("staging_stats", [](Engine& e) {
         StagingStats s;
         {
           nb::gil_scoped_release release;
@@ -232,12 +317,18 @@ void BindFabric(nb::module_& m) {
         d["ipc_mappings"] = s.ipc_mappings;
         return d;
       })
-      .def("write_imm", &EngineCore::write_imm, "dst"_a, "imm"_a)
-      .def("barrier", &EngineCore::barrier, "peers"_a, "imm"_a)
-      .def("send", [](EngineCore& e, const NetAddress& to, nb::bytes payload) {
-        return e.send(to, to_bytes(payload));
+      .def("write_imm", [](Engine& e, const MemoryDescriptor& d, uint32_t imm) {
+        return e.write_imm(ImmRequest{OpKind::kImm, {&d}, imm});
+      }, "dst"_a, "imm"_a)
+      .def("barrier", [](Engine& e, const std::vector<MemoryDescriptor>& peers, uint32_t imm) {
+        ImmRequest q{OpKind::kBarrier, {}, imm};
+        for (const auto& p : peers) q.peers.push_back(&p);
+        return e.write_imm(q);
+      }, "peers"_a, "imm"_a)
+      .def("send", [](Engine& e, const NetAddress& to, nb::handle payload) {
+        return e.send(to, buffer_bytes(payload, "send: payload"));
       }, "to"_a, "payload"_a)
-      .def("recv", [](EngineCore& e, double timeout) {
+      .def("recv", [](Engine& e, double timeout) {
         Message m;
         {
           nb::gil_scoped_release release;
@@ -245,19 +336,19 @@ void BindFabric(nb::module_& m) {
         }
         return std::make_pair(m.sender, from_bytes(m.payload));
       }, "timeout"_a)
-      .def("imm_counter", &EngineCore::imm_counter, "imm"_a)
-      .def("watcher", [](EngineCore& e, nb::object fn) {
-        auto shared = share_callable(std::move(fn));
+      .def("imm_counter", &Engine::imm_counter, "imm"_a)
+      .def("watcher", [](Engine& e, nb::object fn) {
+        auto shared = share_object(std::move(fn));
         return e.watcher([shared](uint32_t s, uint64_t o, uint64_t n) { call_python(shared, s, o, n); });
       }, "callback"_a)
-      .def("ping_pong", [](EngineCore& e, const std::shared_ptr<MemoryRegion>& r, const MemoryDescriptor& peer,
+      .def("ping_pong", [](Engine& e, const std::shared_ptr<MemoryRegion>& r, const MemoryDescriptor& peer,
                            uint64_t bytes, uint32_t imm_data, uint32_t imm_ack, int warmup, int iters, bool initiator,
                            double timeout) {
         nb::gil_scoped_release release;
         return ping_pong(e, r, peer, bytes, imm_data, imm_ack, warmup, iters, initiator, timeout);
       }, "region"_a, "peer"_a, "bytes"_a, "imm_data"_a, "imm_ack"_a, "warmup"_a, "iters"_a, "initiator"_a, "timeout"_a,
          "Benchmark loop in C++ (see latency_probe.h): round-trip ns per iteration on the initiator.")
-      .def("close", &EngineCore::close, nb::call_guard<nb::gil_scoped_release>());
+      .def("close", &Engine::close, nb::call_guard<nb::gil_scoped_release>());
 
   // Pure policy functions, exposed for unit tests.
   m.def("choose_path", [](const std::string& requested, bool src_cuda, bool src_staged, bool dst_cuda,
@@ -325,7 +416,7 @@ void BindFabric(nb::module_& m) {
                          const std::string& sharding, uint64_t split_threshold) {
     ShardingPolicy p;
     p.split_threshold = split_threshold;
-    return imm_writes(op, domains, length, pages, parse_sharding(sharding), p);
+    return imm_writes(parse_op_kind(op), domains, length, pages, parse_sharding(sharding), p);
   }, "op"_a, "domains"_a, "length"_a, "pages"_a, "sharding"_a, "split_threshold"_a);
 }
 

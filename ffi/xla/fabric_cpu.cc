@@ -9,7 +9,8 @@
 
 #include "common/error.h"
 #include "common/registry.h"
-#include "fabric/engine.h"
+#include "fabric/imm_counter.h"
+#include "fabric/watcher.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

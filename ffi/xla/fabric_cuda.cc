@@ -16,8 +16,9 @@
 
 #include "common/error.h"
 #include "common/registry.h"
-#include "fabric/engine.h"
 #include "fabric/gpu_runtime.h"
+#include "fabric/imm_counter.h"
+#include "fabric/watcher.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -49,19 +50,10 @@ ffi::Error pass_through(int device, cudaStream_t stream, ffi::RemainingArgs args
 
 ffi::Error SignalCudaImpl(cudaStream_t stream, int32_t device, uint64_t address, int64_t static_value,
                           ffi::Buffer<ffi::U32> value, ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  if (!is_gpu_writable_watcher_slot(address)) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      str_cat("fabric.signal (GPU): 0x", std::hex, address,
-                              " is not a slot of a live watcher in host-mapped pinned memory (was the watcher or "
-                              "engine closed, or created without a GPU runtime?)"));
-  }
   try {
-    GpuRuntime& rt = gpu_runtime();
-    uint64_t dev = rt.device_address(reinterpret_cast<void*>(address));
-    if (static_value >= 0)
-      rt.stream_write_u64(stream, dev, static_cast<uint64_t>(static_value));
-    else
-      rt.stream_store_u32_from_device(device, stream, dev, value.untyped_data());
+    store_watcher_slot_on_stream(address, device, stream, static_value, value.untyped_data());
+  } catch (const InvalidArgument& e) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, str_cat("fabric.signal (GPU): ", e.what()));
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, str_cat("fabric.signal (GPU): ", e.what()));
   }
@@ -80,24 +72,10 @@ ffi::Error WaitCudaImpl(cudaStream_t stream, int32_t device, uint64_t counter_id
                       "fabric.wait on GPU needs a static count (a Python int): the credits are reserved when the "
                       "wait is enqueued, without reading device memory");
   }
-  if (std::string e = counter->take_error(); !e.empty()) {
-    return ffi::Error(ffi::ErrorCode::kAborted, str_cat("fabric.wait: ", e));
-  }
-  auto core = counter->core();
-  if (!core || core->closed()) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "fabric.wait: the counter's engine is closed");
-  }
   try {
-    GpuRuntime& rt = gpu_runtime();
-    volatile uint64_t* mirror = counter->ensure_mirror();
-    if (!counter->mirror_pinned()) {
-      return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                        "fabric.wait (GPU): could not allocate host-mapped pinned memory for the counter");
-    }
-    uint64_t target = counter->reserve(static_count);
-    rt.stream_wait_geq_u64(stream, rt.device_address(const_cast<uint64_t*>(mirror)), target);
-    auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout));
-    core->watch_gpu_wait(counter, target, deadline);
+    counter->enqueue_gpu_wait(stream, static_count, timeout);
+  } catch (const TransferFailed& e) {
+    return ffi::Error(ffi::ErrorCode::kAborted, str_cat("fabric.wait: ", e.what()));
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, str_cat("fabric.wait (GPU): ", e.what()));
   }

@@ -1,0 +1,85 @@
+// Jobs: user operations with at least one destination outside plain RMA (CUDA IPC, staging). A job
+// has parts (one per destination path: a group of RMA targets, an IPC copy, a staged stream); it
+// finishes when every part did, and fails at the first failed part or at its deadline. It is
+// destroyed only once every part is idle (nothing of it in flight), so buffers and contexts never
+// dangle. The JobRunner owns the jobs and advances them in the worker's passes.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fabric/control_plane.h"
+#include "fabric/engine_context.h"
+
+namespace jax_garden::fabric {
+
+struct Job;
+
+class Part {
+ public:
+  Part(EngineContext& ctx, Job* job) : ctx_(ctx), job_(job) {}
+  virtual ~Part() = default;
+  virtual bool advance() JG_REQUIRES_PROGRESS = 0;  // progress; true if something happened
+  virtual bool idle() const JG_REQUIRES_PROGRESS = 0;  // nothing of this part is in flight
+  virtual void cancel() JG_REQUIRES_PROGRESS { cancelled_ = true; }
+  bool finished() const { return finished_; }
+
+ protected:
+  void finish(bool ok, const std::string& error) JG_REQUIRES_PROGRESS;
+  EngineContext& ctx_;
+  Job* job_;
+  bool cancelled_ = false;
+  bool finished_ = false;
+};
+
+struct Job {
+  std::shared_ptr<TransferState> state;
+  Clock::time_point deadline;
+  std::shared_ptr<MemoryRegion> src;
+  std::vector<std::unique_ptr<Part>> parts;
+  size_t parts_finished = 0;
+  bool failed = false;
+
+  void part_finished(bool ok, const std::string& error);
+  void fail(TransferState::Status status, const std::string& error);
+  bool removable() const;
+};
+
+// The plain RMA targets of a mixed scatter: one internal op.
+class FabricPart final : public Part {
+ public:
+  FabricPart(EngineContext& ctx, Job* job, std::unique_ptr<Op> op) : Part(ctx, job), op_(std::move(op)) {}
+  bool advance() override JG_REQUIRES_PROGRESS;
+  bool idle() const override JG_REQUIRES_PROGRESS { return !in_flight_; }
+
+ private:
+  std::unique_ptr<Op> op_;
+  bool in_flight_ = false;
+};
+
+class JobRunner final : public WorkerTask {
+ public:
+  explicit JobRunner(EngineContext& ctx) : ctx_(ctx) {}
+  // Any thread: the job starts at once on the caller's thread when nobody else is progressing
+  // (an IPC copy is then issued before this returns), else in the worker's next pass.
+  void submit(std::unique_ptr<Job> job) JG_EXCLUDES(ctx_.worker->progress_lock());
+  bool advance(Clock::time_point now) override JG_REQUIRES_PROGRESS;
+  bool busy() const override JG_REQUIRES_PROGRESS;
+  void close() JG_REQUIRES_PROGRESS;  // engine close: fail and drop every job
+
+ private:
+  void install(std::unique_ptr<Job> job) JG_REQUIRES_PROGRESS;
+  bool advance_jobs() JG_REQUIRES_PROGRESS;
+
+  EngineContext& ctx_;
+  Mutex inbox_mu_;
+  std::vector<std::unique_ptr<Job>> inbox_ JG_GUARDED_BY(inbox_mu_);
+  std::atomic<bool> has_inbox_{false};
+  std::map<uint64_t, std::unique_ptr<Job>> jobs_ JG_GUARDED_BY_PROGRESS;  // by id: submission order
+};
+
+}  // namespace jax_garden::fabric
