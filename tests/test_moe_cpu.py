@@ -270,8 +270,8 @@ CFG = dict(num_experts=8, experts_per_token=2, hidden=32, max_tokens=4)
     (dict(expert_padding=16, max_recv_tokens=40), ValueError,
      r"max_recv_tokens=40 is not a multiple of expert_padding=16"),
     (dict(num_experts=0), ValueError, r"num_experts must be >= 1, got 0"),
-    (dict(hidden="32"), TypeError, r"hidden must be an int, got '32'"),
-    (dict(max_tokens=True), TypeError, r"max_tokens must be an int, got True"),
+    (dict(hidden="32"), TypeError, r"hidden must be an integer, got str '32'"),
+    (dict(max_tokens=True), TypeError, r"max_tokens must be an integer, got bool True"),
 ])
 def test_bad_config_rejected(kwargs, exc, match):
     with pytest.raises(exc, match=match):
