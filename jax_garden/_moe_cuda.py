@@ -141,7 +141,7 @@ def _close_native(native_ctx, uid: int, multiprocess: bool) -> None:
 _ORDINALS: dict = {}
 
 
-def cuda_ordinal(device) -> int:
+def cuda_ordinal(device: Any) -> int:
     """The CUDA device number of a jax GPU device in this extension's CUDA runtime (which sees
     every GPU of the host), found by asking the device itself: jax may renumber its devices
     (``jax.distributed.initialize(local_device_ids=...)``), so ``local_hardware_id`` is only a
@@ -170,7 +170,8 @@ def _groups(mesh, axis_name: str):
         yield group, idx[ax], devices[idx]
 
 
-def create_context(cfg, mesh, axis_name: str, *, timeout: float | None = None) -> CudaContext:
+def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
+                   timeout: float | None = None) -> CudaContext:
     """Builds the CUDA context of ``cfg`` (an ``AllToAllConfig`` whose ``max_recv_tokens`` is
     resolved) over ``mesh`` axis ``axis_name``. Collective across processes: every process of
     the job must call it, in the same order as its other contexts."""
@@ -203,8 +204,8 @@ def create_context(cfg, mesh, axis_name: str, *, timeout: float | None = None) -
         raise ValueError("moe (CUDA): no device of the mesh belongs to this process")
     by_pos = {(g, r): d for g, r, d in placement}
 
-    ctx = _native.moe_cuda.NvlinkAllToAll(cfg.native_shape(num_ranks), np.dtype(cfg.dispatch_dtype).name,
-                                          timeout_s=timeout, **_tuning())
+    ctx = _native.moe_cuda.NvlinkAllToAll(cfg._native_shape(num_ranks), np.dtype(cfg.dispatch_dtype).name,
+                                          timeout_s=timeout, **_tuning())  # checks the shape
     uid = next(_uid)
     remote_needed = any(by_pos[(g, p)].process_index != me
                         for g, _, _ in local for p in range(num_ranks))

@@ -192,7 +192,7 @@ class AllToAllConfig:
         return worst_case_recv_tokens(num_ranks, self.max_tokens, self.experts_per_token,
                                       self.local_experts(num_ranks), self.expert_padding)
 
-    def native_shape(self, num_ranks: int):
+    def _native_shape(self, num_ranks: int):
         """The native ``MoeShape`` every implementation takes (M resolved for ``num_ranks``),
         checked by the native layer (ValueError naming the field)."""
         shape = _native.moe.MoeShape(
@@ -328,7 +328,7 @@ class _CpuContext:
     """Native CPU reference context (ffi/moe/cpu_all_to_all), owned by an AllToAll."""
 
     def __init__(self, cfg: AllToAllConfig, num_ranks: int, timeout: float):
-        native = _native.moe.CpuAllToAll(cfg.native_shape(num_ranks), cfg.dispatch_dtype.name,
+        native = _native.moe.CpuAllToAll(cfg._native_shape(num_ranks), cfg.dispatch_dtype.name,
                                          cfg.combine_dtype.name, float(timeout))
         self.context_id = int(native.id)
         self._ctx = native

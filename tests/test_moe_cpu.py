@@ -55,7 +55,7 @@ def test_sizes_agree_between_python_native_and_reference():
     cfg = moe.AllToAllConfig(num_experts=256, experts_per_token=8, hidden=7168, max_tokens=128,
                              expert_padding=16)
     assert cfg.recv_tokens(4) == 4 * 128 * 8 + 64 * 15 + 0 and cfg.recv_tokens(4) % 16 == 0
-    shape = cfg.native_shape(4)
+    shape = cfg._native_shape(4)
     assert (shape.num_ranks, shape.local_experts, shape.max_recv_tokens, shape.scale_cols) == \
         (4, 64, cfg.recv_tokens(4), 0)
 
