@@ -339,9 +339,9 @@ class _CpuContext:
 
     def check(self) -> None:
         # The CPU reference fails the call that hit an error, and every later call with it.
-        message = self._ctx.error()
+        message, timed_out = self._ctx.error()
         if message:
-            raise (MoeTimeoutError if "timed out" in message else MoeDeviceError)(message)
+            raise (MoeTimeoutError if timed_out else MoeDeviceError)(message)
 
     def dropped_rows(self) -> list[int]:
         return list(self._ctx.dropped_rows())

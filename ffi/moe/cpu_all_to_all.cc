@@ -105,7 +105,10 @@ void CpuAllToAll::check_usable_locked(const char* phase, int32_t rank) const {
 
 void CpuAllToAll::fail_locked(const std::string& message, bool timeout) {
   // Poison the context so the other ranks fail at once instead of waiting for the timeout.
-  if (broken_.empty()) broken_ = message;
+  if (broken_.empty()) {
+    broken_ = message;
+    broken_by_timeout_ = timeout;
+  }
   cv_.notify_all();
   if (timeout) throw Timeout(message);
   throw InvalidArgument(message);
@@ -386,9 +389,9 @@ void CpuAllToAll::close() {
   cv_.notify_all();
 }
 
-std::string CpuAllToAll::error() const {
+std::pair<std::string, bool> CpuAllToAll::error() const {
   std::lock_guard lock(mu_);
-  return broken_;
+  return {broken_, broken_by_timeout_};
 }
 
 ObjectRegistry<CpuAllToAll>& cpu_contexts() {

@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/object_registry.h"
@@ -60,8 +61,9 @@ class CpuAllToAll {
   // Rows dropped because they did not fit in max_recv_tokens, per receiving rank, since creation.
   std::vector<int64_t> dropped_rows() const;
 
-  // The first error of any rank ("" if none): every later call fails with it.
-  std::string error() const;
+  // The first error of any rank ("" if none; every later call fails with it), and whether it was
+  // a wait that timed out.
+  std::pair<std::string, bool> error() const;
 
   // Called when the context leaves the registry: ranks still inside a call fail at once instead of
   // waiting for peers that can no longer find the context.
@@ -105,6 +107,7 @@ class CpuAllToAll {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::string broken_;  // non-empty once a call failed: every later call fails with it
+  bool broken_by_timeout_ = false;
 };
 
 // Process-wide registry: the XLA handlers find a context by the id baked into the HLO

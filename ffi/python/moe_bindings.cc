@@ -2,6 +2,7 @@
 // ffi/moe/layout.h (Python computes sizes with them, never by itself), the CUDA kernels' error
 // codes (DeviceError), and the CPU reference context. No logic here.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
@@ -121,7 +122,8 @@ void bind_cpu_context(nb::module_& m) {
       .def("dropped_rows", [](const CpuContextHandle& h) { return h.context->dropped_rows(); },
            "Rows dropped for lack of max_recv_tokens space, per receiving rank, since creation.")
       .def("error", [](const CpuContextHandle& h) { return h.context->error(); },
-           "The first error of any rank ('' if none): every later call fails with it.");
+           "(message, timed_out) of the first error of any rank (message '' if none); every later "
+           "call fails with it.");
 
   m.def("live_cpu_contexts", []() { return cpu_contexts().size(); },
         "CPU contexts registered now (created and not closed).");
