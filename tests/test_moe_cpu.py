@@ -58,6 +58,13 @@ def test_sizes_agree_between_python_native_and_reference():
     shape = cfg._native_shape(4)
     assert (shape.num_ranks, shape.local_experts, shape.max_recv_tokens, shape.scale_cols) == \
         (4, 64, cfg.recv_tokens(4), 0)
+    # The native shape check is the same rule set (the contexts run it too).
+    bad = native.moe.MoeShape(num_ranks=2, num_experts=8, experts_per_token=9, hidden=32, max_tokens=4,
+                              max_recv_tokens=16)
+    with pytest.raises(ValueError, match=r"experts_per_token=9 exceeds num_experts=8"):
+        bad.validate()
+    with pytest.raises(ValueError, match=r"experts_per_token=9 exceeds num_experts=8"):
+        native.moe.CpuAllToAll(bad, "bfloat16", "bfloat16", 1.0)
 
 
 def test_traced_segments_match_native_layout():
@@ -172,6 +179,8 @@ CFG = dict(num_experts=8, experts_per_token=2, hidden=32, max_tokens=4)
     (dict(expert_padding=16, max_recv_tokens=40), ValueError,
      r"max_recv_tokens=40 is not a multiple of expert_padding=16"),
     (dict(num_experts=0), ValueError, r"num_experts must be >= 1, got 0"),
+    (dict(experts_per_token=9), ValueError, r"experts_per_token=9 exceeds num_experts=8"),
+    (dict(hidden=2 ** 31), ValueError, r"hidden must be <= 2147483647, got 2147483648"),
     (dict(hidden="32"), TypeError, r"hidden must be an integer, got str '32'"),
     (dict(max_tokens=True), TypeError, r"max_tokens must be an integer, got bool True"),
 ])
