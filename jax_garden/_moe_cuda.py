@@ -9,35 +9,36 @@ Two process layouts, R = 1, 2, 4 or 8 ranks per group (one NVLink node):
     exchanged through the coordination service's key-value store.
 Mesh axes other than ``axis_name`` form independent groups, each with its own ranks.
 
-Waits inside the kernels are bounded (``timeout`` seconds, default 30 or the environment variable
-``JAX_GARDEN_MOE_TIMEOUT_S``): a rank that never arrives sets a sticky error instead of hanging;
+Waits inside the kernels are bounded (``timeout`` seconds; default: the setting
+``moe_timeout_s``, 30): a rank that never arrives sets a sticky error instead of hanging;
 :meth:`CudaContext.check` raises it, and every later call of the context's FFI targets fails
-with it.
+with it. The error codes are the kernels' own (``_jax_garden.moe.DeviceError``).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import weakref
+from typing import Any
 
 import jax
 import numpy as np
 
-from jax_garden import _compat
+from jax_garden import _compat, _settings, _validate
 from jax_garden import _jax_garden as _native
 
-__all__ = ["available", "create_context", "CudaContext", "MoeDeviceError"]
+__all__ = ["available", "create_context", "CudaContext", "MoeDeviceError", "MoeTimeoutError"]
 
-# Error codes of ffi/moe/moe_cuda.h that are waits which timed out.
-_TIMEOUT_CODES = (1, 2, 3, 4)
+DeviceError = _native.moe.DeviceError  # the kernels' sticky error codes (nvlink_protocol.h)
 _KERNELS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
 _uid = itertools.count()  # same sequence in every process of an SPMD job: names KV keys
 _KV_TIMEOUT_MS = 120_000
 
 
 class MoeDeviceError(RuntimeError):
-    """A sticky error recorded by the CUDA MoE kernels (see the message)."""
+    """An error recorded by an AllToAll's native context (see the message): the CUDA kernels'
+    sticky error word, or the CPU reference's first failed call. The context is unusable
+    afterwards."""
 
 
 class MoeTimeoutError(MoeDeviceError, TimeoutError):
@@ -49,18 +50,15 @@ def available() -> bool:
     return bool(getattr(_native, "built_with_cuda", False)) and bool(_native.moe_cuda.available)
 
 
-def _default_timeout() -> float:
-    return float(os.environ.get("JAX_GARDEN_MOE_TIMEOUT_S", "30"))
-
-
-def _tuning() -> dict:
+def _tuning() -> dict[str, int]:
     """Kernel tuning knobs (benchmarks): bytes of a row one warp sends (512, 1024, 2048) and
-    blocks per multiprocessor (1, 2), from JAX_GARDEN_MOE_CHUNK_BYTES / _BLOCKS_PER_SM."""
+    blocks per multiprocessor (1, 2), from the settings moe_chunk_bytes / moe_blocks_per_sm
+    (unset: the kernels' defaults). The native context checks the values."""
     out = {}
-    if "JAX_GARDEN_MOE_CHUNK_BYTES" in os.environ:
-        out["chunk_bytes"] = int(os.environ["JAX_GARDEN_MOE_CHUNK_BYTES"])
-    if "JAX_GARDEN_MOE_BLOCKS_PER_SM" in os.environ:
-        out["blocks_per_sm"] = int(os.environ["JAX_GARDEN_MOE_BLOCKS_PER_SM"])
+    for key, setting in (("chunk_bytes", "moe_chunk_bytes"), ("blocks_per_sm", "moe_blocks_per_sm")):
+        value = _settings.get(setting)
+        if value is not None:
+            out[key] = value
     return out
 
 
@@ -92,13 +90,16 @@ class CudaContext:
 
     def check(self) -> None:
         """Raises the sticky error recorded by the kernels, if any (no device synchronisation:
-        the error word lives in mapped host memory; call after the program finished)."""
+        the error word lives in mapped host memory; call after the program finished):
+        :class:`MoeTimeoutError` for a wait that ran out of time, else :class:`MoeDeviceError`."""
         code, msg = self._ctx.error()
         if code:
-            raise (MoeTimeoutError if code in _TIMEOUT_CODES else MoeDeviceError)(msg)
+            raise (MoeTimeoutError if _native.moe.is_timeout_error(code) else MoeDeviceError)(msg)
 
-    def error(self) -> tuple[int, str]:
-        return tuple(self._ctx.error())
+    def error(self) -> tuple[Any, str]:
+        """``(DeviceError, message)`` of the sticky error (``DeviceError.NONE, ""`` if none)."""
+        code, msg = self._ctx.error()
+        return DeviceError(code), msg
 
     def dropped_rows(self) -> list[int]:
         """Rows dropped for lack of max_recv_tokens space, per receiving rank, since creation,
@@ -140,7 +141,7 @@ def _close_native(native_ctx, uid: int, multiprocess: bool) -> None:
 _ORDINALS: dict = {}
 
 
-def cuda_ordinal(device) -> int:
+def cuda_ordinal(device: Any) -> int:
     """The CUDA device number of a jax GPU device in this extension's CUDA runtime (which sees
     every GPU of the host), found by asking the device itself: jax may renumber its devices
     (``jax.distributed.initialize(local_device_ids=...)``), so ``local_hardware_id`` is only a
@@ -169,13 +170,16 @@ def _groups(mesh, axis_name: str):
         yield group, idx[ax], devices[idx]
 
 
-def create_context(cfg, mesh, axis_name: str, *, timeout: float | None = None) -> CudaContext:
+def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
+                   timeout: float | None = None) -> CudaContext:
     """Builds the CUDA context of ``cfg`` (an ``AllToAllConfig`` whose ``max_recv_tokens`` is
     resolved) over ``mesh`` axis ``axis_name``. Collective across processes: every process of
     the job must call it, in the same order as its other contexts."""
     if not available():
         raise RuntimeError("jax_garden was built without the CUDA MoE kernels "
                            "(rebuild with nvcc available, JAX_GARDEN_CUDA=ON)")
+    _validate.check_instance("moe (CUDA): mesh", mesh, jax.sharding.Mesh)
+    _validate.check_instance("moe (CUDA): axis_name", axis_name, str)
     if axis_name not in mesh.axis_names:
         raise ValueError(f"moe (CUDA): axis {axis_name!r} is not in the mesh axes "
                          f"{tuple(mesh.axis_names)}")
@@ -187,9 +191,8 @@ def create_context(cfg, mesh, axis_name: str, *, timeout: float | None = None) -
     if cfg.max_recv_tokens is None:
         raise ValueError("moe (CUDA): create_context needs cfg.max_recv_tokens resolved "
                          "(AllToAll passes cfg.recv_tokens(R))")
-    timeout = _default_timeout() if timeout is None else float(timeout)
-    if not timeout > 0:
-        raise ValueError(f"moe (CUDA): timeout must be > 0 seconds, got {timeout}")
+    timeout = _validate.check_float("moe (CUDA): timeout",
+                                    _settings.get("moe_timeout_s") if timeout is None else timeout)
 
     me = jax.process_index()
     placement = list(_groups(mesh, axis_name))
@@ -201,12 +204,8 @@ def create_context(cfg, mesh, axis_name: str, *, timeout: float | None = None) -
         raise ValueError("moe (CUDA): no device of the mesh belongs to this process")
     by_pos = {(g, r): d for g, r, d in placement}
 
-    ctx = _native.moe_cuda.Context(
-        num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token, hidden=cfg.hidden,
-        max_tokens=cfg.max_tokens, max_recv_tokens=int(cfg.max_recv_tokens), num_ranks=num_ranks,
-        dispatch_elem_bytes=int(np.dtype(cfg.dispatch_dtype).itemsize),
-        scale_cols=int(cfg.scale_cols), expert_padding=cfg.expert_padding, timeout_s=timeout,
-        **_tuning())
+    ctx = _native.moe_cuda.NvlinkAllToAll(cfg._native_shape(num_ranks), np.dtype(cfg.dispatch_dtype).name,
+                                          timeout_s=timeout, **_tuning())  # checks the shape
     uid = next(_uid)
     remote_needed = any(by_pos[(g, p)].process_index != me
                         for g, _, _ in local for p in range(num_ranks))

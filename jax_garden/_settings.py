@@ -9,7 +9,8 @@ variable                                default   meaning
 ``JAX_GARDEN_MOE_TIMEOUT_S``            30        default bound of every MoE kernel wait (s)
 ``JAX_GARDEN_MOE_CHUNK_BYTES``          (auto)    CUDA MoE: bytes per copy chunk (tuning)
 ``JAX_GARDEN_MOE_BLOCKS_PER_SM``        (auto)    CUDA MoE: thread blocks per SM (tuning)
-``JAX_GARDEN_MOE_CUDA_GRAPHS``          1         0: MoE CUDA ops refuse XLA command buffers
+``JAX_GARDEN_MOE_CUDA_GRAPHS``          1         0: MoE CUDA calls traced from now on use the
+                                                  targets without the command-buffer trait
 ======================================  ========  ===========================================
 """
 
@@ -37,7 +38,8 @@ SETTINGS: dict[str, Setting] = {
     "moe_chunk_bytes": Setting("JAX_GARDEN_MOE_CHUNK_BYTES", int, None, "CUDA MoE: bytes per copy chunk"),
     "moe_blocks_per_sm": Setting("JAX_GARDEN_MOE_BLOCKS_PER_SM", int, None, "CUDA MoE: thread blocks per SM"),
     "moe_cuda_graphs": Setting("JAX_GARDEN_MOE_CUDA_GRAPHS", _flag, True,
-                               "0: the MoE CUDA ops refuse XLA command buffers"),
+                               "0: MoE CUDA calls traced from now on use the targets without the "
+                               "command-buffer trait (no CUDA graphs)"),
 }
 
 

@@ -22,7 +22,8 @@ their outputs are zero; values outside ``[0, T]`` are clamped). Rank ``r`` of ``
   returns ``expert_scale[M, H/scale_block]``. Give ``x`` already in fp8 together with ``x_scale``,
   or give ``x`` in bf16/f16/f32 without ``x_scale`` and it is quantised here: per block,
   ``scale = amax * f32(1/448)`` (1 for an all-zero block) and ``x_fp8 = x / scale``, see
-  :func:`quantize_fp8`. For bf16 dispatch ``expert_scale`` is ``None``.
+  :func:`quantize_fp8` (``±inf`` saturates to ``±448 * scale``, NaN stays NaN). For bf16 dispatch
+  ``expert_scale`` is ``None``.
 * ``combine`` returns ``y[T, H]`` (combine dtype) with
   ``y[t] = sum_k weights[t, k] * expert_y[row(t, k)]`` accumulated in f32 in ``k`` order, each
   product and sum rounded separately, then rounded once to the combine dtype: bitwise identical
@@ -36,6 +37,10 @@ their outputs are zero; values outside ``[0, T]`` are clamped). Rank ``r`` of ``
   ``combine_send`` takes the ``expert_counts`` of ``dispatch_recv`` and returns the token that
   ``combine_recv`` takes. One ``AllToAll`` has at most one dispatch and one combine in flight: use
   one ``AllToAll`` per micro-batch to overlap several.
+* Errors: wrong argument types raise ``TypeError`` and wrong values ``ValueError`` when a call is
+  traced (as in jax). At run time a failed wait or a broken call order fails the program, or, on
+  CUDA, is recorded by the kernels and raised by :meth:`AllToAll.check` (:class:`MoeTimeoutError`,
+  :class:`MoeDeviceError`) and by the next call at the latest (docs/moe-ffi.md).
 
 :class:`RaggedAllToAll` computes the same dispatch/combine with ``jax.lax.ragged_all_to_all``
 (GPU/TPU only: XLA:CPU has no ragged all-to-all). It is the baseline of the GPU benchmark and the
@@ -45,7 +50,6 @@ GPU tests.
 from __future__ import annotations
 
 import dataclasses
-import operator
 import weakref
 from typing import Any, Callable
 
@@ -53,13 +57,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_garden import _compat
+from jax_garden import _compat, _settings
 from jax_garden import _jax_garden as _native
+from jax_garden import _validate
+from jax_garden._moe_cuda import MoeDeviceError, MoeTimeoutError
 
 __all__ = [
     "AllToAllConfig",
     "AllToAll",
     "RaggedAllToAll",
+    "MoeDeviceError",
+    "MoeTimeoutError",
     "quantize_fp8",
     "worst_case_recv_tokens",
     "gather_ragged_all_to_all",
@@ -72,30 +80,20 @@ _FP8 = np.dtype(jnp.float8_e4m3fn)
 _DISPATCH_DTYPES = (_BF16, _FP8)
 _COMBINE_DTYPES = (_BF16,)
 _QUANTIZABLE = (np.dtype(np.float32), np.dtype(np.float16), _BF16)
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+_LAYOUT = _native.moe  # ffi/moe/layout.h: the one definition of sizes and segments
 
 
 def worst_case_recv_tokens(num_ranks: int, max_tokens: int, experts_per_token: int,
                            local_experts: int, expert_padding: int) -> int:
     """Receive rows that always suffice: all ``R*T*K`` rows on one rank, plus up to
-    ``expert_padding - 1`` padding rows per local expert, rounded up to ``expert_padding``."""
-    return _round_up(num_ranks * max_tokens * experts_per_token
-                     + local_experts * (expert_padding - 1), expert_padding)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"AllToAllConfig.{name} must be an int, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"AllToAllConfig.{name} must be an int, got {value!r}") from None
-    if v < 1:
-        raise ValueError(f"AllToAllConfig.{name} must be >= 1, got {v}")
-    return v
+    ``expert_padding - 1`` padding rows per local expert, rounded up to ``expert_padding``
+    (``ffi/moe/layout.h``)."""
+    args = {"num_ranks": num_ranks, "max_tokens": max_tokens, "experts_per_token": experts_per_token,
+            "local_experts": local_experts, "expert_padding": expert_padding}
+    args = {k: _validate.check_positive_int(f"worst_case_recv_tokens: {k}", x, maximum=_INT32_MAX)
+            for k, x in args.items()}
+    return int(_LAYOUT.worst_case_recv_tokens(**args))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +102,7 @@ class AllToAllConfig:
 
     Attributes:
       num_experts: E, global experts; must be divisible by the number of ranks.
-      experts_per_token: K, routing entries per token.
+      experts_per_token: K, routing entries per token (at most E).
       hidden: H, channels per token.
       max_tokens: T, static token rows per rank (the real count is ``bound_m``).
       dispatch_dtype: ``jnp.bfloat16`` or ``jnp.float8_e4m3fn`` (then ``scale_block`` is required).
@@ -113,6 +111,10 @@ class AllToAllConfig:
       expert_padding: each expert segment starts at a multiple of this.
       max_recv_tokens: M, receive rows per rank; ``None`` = worst case (nothing dropped). Must be a
         multiple of ``expert_padding``.
+
+    Raises ``TypeError`` for a field of the wrong type (a non-integer size, a dtype that is not
+    supported) and ``ValueError`` for a wrong value (a size < 1, ``experts_per_token >
+    num_experts``, ``hidden`` not divisible by ``scale_block``, ...).
     """
 
     num_experts: int
@@ -126,8 +128,14 @@ class AllToAllConfig:
     max_recv_tokens: int | None = None
 
     def __post_init__(self):
+        def positive(name: str, value: Any) -> int:
+            return _validate.check_positive_int(f"AllToAllConfig.{name}", value, maximum=_INT32_MAX)
+
         for name in ("num_experts", "experts_per_token", "hidden", "max_tokens", "expert_padding"):
-            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+            object.__setattr__(self, name, positive(name, getattr(self, name)))
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(f"AllToAllConfig: experts_per_token={self.experts_per_token} exceeds "
+                             f"num_experts={self.num_experts}")
         try:
             dd = np.dtype(self.dispatch_dtype)
             cd = np.dtype(self.combine_dtype)
@@ -144,7 +152,7 @@ class AllToAllConfig:
             if self.scale_block is None:
                 raise ValueError("AllToAllConfig: float8_e4m3fn dispatch needs scale_block "
                                  "(channels per f32 scale, usually 128)")
-            sb = _positive_int("scale_block", self.scale_block)
+            sb = positive("scale_block", self.scale_block)
             if self.hidden % sb:
                 raise ValueError(f"AllToAllConfig: hidden={self.hidden} is not divisible by "
                                  f"scale_block={sb}")
@@ -153,7 +161,7 @@ class AllToAllConfig:
             raise ValueError(f"AllToAllConfig: scale_block={self.scale_block} is only meaningful "
                              f"for float8_e4m3fn dispatch (dispatch_dtype is {dd.name})")
         if self.max_recv_tokens is not None:
-            m = _positive_int("max_recv_tokens", self.max_recv_tokens)
+            m = positive("max_recv_tokens", self.max_recv_tokens)
             if m % self.expert_padding:
                 raise ValueError(f"AllToAllConfig: max_recv_tokens={m} is not a multiple of "
                                  f"expert_padding={self.expert_padding}")
@@ -161,6 +169,7 @@ class AllToAllConfig:
 
     @property
     def is_fp8(self) -> bool:
+        """True for float8_e4m3fn dispatch (with f32 scales)."""
         return self.dispatch_dtype == _FP8
 
     @property
@@ -169,6 +178,8 @@ class AllToAllConfig:
         return self.hidden // self.scale_block if self.is_fp8 else 0
 
     def local_experts(self, num_ranks: int) -> int:
+        """L = E / R: experts owned by each of ``num_ranks`` ranks (ValueError if E % R != 0)."""
+        num_ranks = _validate.check_positive_int("num_ranks", num_ranks, maximum=_INT32_MAX)
         if self.num_experts % num_ranks:
             raise ValueError(f"num_experts={self.num_experts} is not divisible by the number of "
                              f"ranks R={num_ranks}")
@@ -181,16 +192,35 @@ class AllToAllConfig:
         return worst_case_recv_tokens(num_ranks, self.max_tokens, self.experts_per_token,
                                       self.local_experts(num_ranks), self.expert_padding)
 
+    def _native_shape(self, num_ranks: int):
+        """The native ``MoeShape`` every implementation takes (M resolved for ``num_ranks``),
+        checked by the native layer (ValueError naming the field)."""
+        shape = _native.moe.MoeShape(
+            num_ranks=num_ranks, num_experts=self.num_experts,
+            experts_per_token=self.experts_per_token, hidden=self.hidden,
+            max_tokens=self.max_tokens, max_recv_tokens=self.recv_tokens(num_ranks),
+            expert_padding=self.expert_padding, scale_cols=self.scale_cols)
+        shape.validate()
+        return shape
+
 
 def quantize_fp8(x: jax.Array, scale_block: int) -> tuple[jax.Array, jax.Array]:
     """Per-block fp8 e4m3 quantisation of ``x[T, H]``: for each block of ``scale_block`` channels,
-    ``scale = amax * f32(1/448)`` (1 for an all-zero block) and ``x_fp8 = x / scale`` (in f32,
-    clipped to ±448, rounded to nearest even). Returns ``(x_fp8[T, H], scale[T, H/scale_block] f32)``; ``x_fp8 * scale`` ≈ ``x``."""
-    t, h = x.shape
+    ``scale = amax * f32(1/448)`` (1 for a block whose finite values are all zero) and ``x_fp8 =
+    x / scale`` (in f32, clipped to ±448, rounded to nearest even). Returns ``(x_fp8[T, H],
+    scale[T, H/scale_block] f32)``; ``x_fp8 * scale`` ≈ ``x``.
+
+    Non-finite inputs saturate: ``amax`` is taken over the block's finite values only, so the
+    scale stays finite, ``±inf`` becomes ``±448`` (i.e. ``±448 * scale`` after dequantisation) and
+    NaN stays NaN."""
+    scale_block = _validate.check_positive_int("quantize_fp8: scale_block", scale_block)
+    if len(np.shape(x)) != 2:
+        raise ValueError(f"quantize_fp8: x must be 2-D [tokens, hidden], got shape {np.shape(x)}")
+    t, h = np.shape(x)
     if h % scale_block:
         raise ValueError(f"quantize_fp8: hidden={h} is not divisible by scale_block={scale_block}")
-    xb = x.astype(jnp.float32).reshape(t, h // scale_block, scale_block)
-    amax = jnp.max(jnp.abs(xb), axis=-1)
+    xb = jnp.asarray(x).astype(jnp.float32).reshape(t, h // scale_block, scale_block)
+    amax = jnp.max(jnp.where(jnp.isfinite(xb), jnp.abs(xb), jnp.float32(0)), axis=-1)
     # A product with the f32 constant 1/448, not a division: XLA rewrites division by a constant
     # into this product anyway, and writing it out keeps every implementation bit-identical.
     scale = jnp.where(amax > 0, amax * _INV_FP8_MAX, jnp.float32(1.0))
@@ -200,15 +230,12 @@ def quantize_fp8(x: jax.Array, scale_block: int) -> tuple[jax.Array, jax.Array]:
 
 # ---------------------------------------------------------------------------------------------
 # Trace-time checks shared by AllToAll and RaggedAllToAll ("abstract evaluation": they name the
-# wrong value and return nothing but normalised operands).
+# wrong value and return nothing but normalised operands). Wrong dtypes are TypeErrors, wrong
+# shapes and placements ValueErrors, as in jax.
 
 
-def _aval(v):
-    return jax.typeof(v) if isinstance(v, jax.Array) else jax.typeof(jnp.asarray(v))
-
-
-def _check(op: str, name: str, v, shape: tuple[int, ...], dtypes) -> None:
-    a = _aval(v)
+def _check(op: str, name: str, x: Any, shape: tuple[int, ...], dtypes) -> None:
+    a = _compat.typeof(x)
     dtypes = tuple(np.dtype(d) for d in (dtypes if isinstance(dtypes, tuple) else (dtypes,)))
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)} "
@@ -218,12 +245,15 @@ def _check(op: str, name: str, v, shape: tuple[int, ...], dtypes) -> None:
         raise TypeError(f"{op}: {name} has dtype {np.dtype(a.dtype).name}, expected {want}")
 
 
-def _bound(op: str, cfg: AllToAllConfig, bound_m) -> jax.Array:
+def _bound(op: str, cfg: AllToAllConfig, bound_m: Any) -> jax.Array:
+    """bound_m as the int32 scalar operand. Every implementation clamps it to [0, T]
+    (layout.h clamp_bound); a Python integer outside int32 is first saturated into int32, which
+    the clamp maps to the same value."""
     if bound_m is None:
         return jnp.int32(cfg.max_tokens)
-    if isinstance(bound_m, (int, np.integer)) and not isinstance(bound_m, bool):
-        return jnp.int32(bound_m)
-    a = _aval(bound_m)
+    if isinstance(bound_m, (int, np.integer)) and not isinstance(bound_m, (bool, np.bool_)):
+        return jnp.int32(min(max(int(bound_m), _INT32_MIN), _INT32_MAX))
+    a = _compat.typeof(bound_m)
     if tuple(a.shape) != ():
         raise ValueError(f"{op}: bound_m must be a scalar, got shape {tuple(a.shape)}")
     if np.dtype(a.dtype) != np.dtype(np.int32):
@@ -243,14 +273,14 @@ def _rank(op: str, axis_name: str, num_ranks: int) -> jax.Array:
     return jax.lax.axis_index(axis_name).astype(jnp.int32)
 
 
-def _routing(op: str, cfg: AllToAllConfig, indices, weights, bound_m):
+def _routing(op: str, cfg: AllToAllConfig, indices: Any, weights: Any, bound_m: Any) -> jax.Array:
     t, k = cfg.max_tokens, cfg.experts_per_token
     _check(op, "indices", indices, (t, k), np.int32)
     _check(op, "weights", weights, (t, k), np.float32)
     return _bound(op, cfg, bound_m)
 
 
-def _dispatch_input(op: str, cfg: AllToAllConfig, x, x_scale):
+def _dispatch_input(op: str, cfg: AllToAllConfig, x: Any, x_scale: Any):
     """Returns (x in dispatch dtype, x_scale[T, S] f32), quantising when fp8 has no scales."""
     t, h, s = cfg.max_tokens, cfg.hidden, cfg.scale_cols
     if not cfg.is_fp8:
@@ -260,7 +290,7 @@ def _dispatch_input(op: str, cfg: AllToAllConfig, x, x_scale):
         _check(op, "x", x, (t, h), cfg.dispatch_dtype)
         return x, jnp.zeros((t, 0), jnp.float32)
     if x_scale is None:
-        if np.dtype(_aval(x).dtype) == _FP8:
+        if np.dtype(_compat.typeof(x).dtype) == _FP8:
             raise TypeError(f"{op}: x has dtype float8_e4m3fn but no x_scale: pass its x_scale "
                             f"[{t}, {s}] f32, or pass x in bf16/f16/f32 to quantise it here")
         _check(op, "x", x, (t, h), _QUANTIZABLE)
@@ -275,30 +305,18 @@ def _dispatch_input(op: str, cfg: AllToAllConfig, x, x_scale):
 # same target name from the platform the program is lowered for.
 
 
-def _varying(v) -> frozenset:
-    mat = getattr(jax.typeof(v), "mat", None)
-    return frozenset(getattr(mat, "varying", ()))
-
-
 def _ffi(target: str, results, context_id: int, *operands):
     """Calls ``target`` inside shard_map. ffi_call gives its results the varying manual axes of the
     result structs (none by default), which would type each rank's output as equal on every rank,
     so results are declared varying over the operands' axes (at least the AllToAll's, through
-    ``rank``) and operands are cast to the same set, as ffi_call requires. (jax 0.11 API: move to
-    _compat.py if it changes.)"""
+    ``rank``) and operands are cast to the same set, as ffi_call requires."""
     operands = [jnp.asarray(o) for o in operands]
-    vma = frozenset().union(*map(_varying, operands))
+    varying = [_compat.varying_axes(o) for o in operands]
+    vma = frozenset().union(*varying)
     if vma:  # empty when shard_map runs with check_vma=False
-        operands = [o if _varying(o) == vma else
-                    jax.lax.pcast(o, tuple(sorted(vma - _varying(o))), to="varying")
-                    for o in operands]
-        mat = jax.sharding.ManualAxisType(varying=vma)
-        mesh = jax.sharding.get_abstract_mesh()
-        results = jax.tree.map(
-            lambda r: jax.ShapeDtypeStruct(
-                r.shape, r.dtype, manual_axis_type=mat,
-                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
-            results)
+        operands = [o if va == vma else _compat.cast_varying(o, vma - va)
+                    for o, va in zip(operands, varying)]
+        results = jax.tree.map(lambda r: _compat.varying_result(r, vma), results)
     call = jax.ffi.ffi_call(target, results, has_side_effect=True)
     return call(*operands, context_id=np.uint64(context_id))
 
@@ -309,25 +327,28 @@ _TOKEN = jax.ShapeDtypeStruct((1,), jnp.uint32)
 class _CpuContext:
     """Native CPU reference context (ffi/moe/cpu_all_to_all), owned by an AllToAll."""
 
-    def __init__(self, cfg: AllToAllConfig, num_ranks: int, max_recv_tokens: int,
-                 timeout: float):
-        self.context_id = _native.moe.create_cpu_context(
-            num_ranks=num_ranks, num_experts=cfg.num_experts,
-            experts_per_token=cfg.experts_per_token, hidden=cfg.hidden,
-            max_tokens=cfg.max_tokens, max_recv_tokens=max_recv_tokens,
-            expert_padding=cfg.expert_padding, scale_cols=cfg.scale_cols,
-            dispatch_dtype=cfg.dispatch_dtype.name, combine_dtype=cfg.combine_dtype.name,
-            timeout_s=float(timeout))
-        self._finalizer = weakref.finalize(self, _native.moe.destroy_cpu_context, self.context_id)
+    def __init__(self, cfg: AllToAllConfig, num_ranks: int, timeout: float):
+        native = _native.moe.CpuAllToAll(cfg._native_shape(num_ranks), cfg.dispatch_dtype.name,
+                                         cfg.combine_dtype.name, float(timeout))
+        self.context_id = int(native.id)
+        self._ctx = native
+        self._finalizer = weakref.finalize(self, native.close)
 
     def close(self) -> None:
         self._finalizer()
 
+    def check(self) -> None:
+        # The CPU reference fails the call that hit an error, and every later call with it.
+        message, timed_out = self._ctx.error()
+        if message:
+            raise (MoeTimeoutError if timed_out else MoeDeviceError)(message)
+
     def dropped_rows(self) -> list[int]:
-        return list(_native.moe.cpu_dropped_rows(self.context_id))
+        return list(self._ctx.dropped_rows())
 
 
-def _create_native_context(cfg, mesh, axis_name, num_ranks, max_recv_tokens, timeout):
+def _create_native_context(cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_name: str,
+                           num_ranks: int, timeout: float):
     platforms = {d.platform for d in mesh.devices.flat}
     if len(platforms) != 1:
         raise ValueError(f"AllToAll: the mesh mixes platforms {sorted(platforms)}")
@@ -337,16 +358,16 @@ def _create_native_context(cfg, mesh, axis_name, num_ranks, max_recv_tokens, tim
         if others:
             raise ValueError(f"AllToAll on CPU: mesh axes other than {axis_name!r} must have size "
                              f"1 (the CPU reference has one group of ranks), got {others}")
-        return platform, _CpuContext(cfg, num_ranks, max_recv_tokens, timeout)
+        return platform, _CpuContext(cfg, num_ranks, timeout)
     if platform in ("gpu", "cuda"):
         if not bool(_native.built_with_cuda):
             raise RuntimeError("AllToAll on GPUs: jax_garden was built without CUDA "
                                "(rebuild with JAX_GARDEN_CUDA=ON)")
-        # The CUDA implementation's hook: returns an object with .context_id and .close() (and
-        # optionally .dropped_rows()). It gets the config with max_recv_tokens resolved, so both
-        # sides agree on M, and the same wait timeout.
+        # The CUDA implementation: returns an object with .context_id, .close(), .check() and
+        # .dropped_rows(). It gets the config with max_recv_tokens resolved, so both sides agree
+        # on M, and the same wait timeout.
         from jax_garden import _moe_cuda
-        resolved = dataclasses.replace(cfg, max_recv_tokens=max_recv_tokens)
+        resolved = dataclasses.replace(cfg, max_recv_tokens=cfg.recv_tokens(num_ranks))
         return "cuda", _moe_cuda.create_context(resolved, mesh, axis_name, timeout=timeout)
     raise ValueError(f"AllToAll: no MoE implementation for platform {platform!r}")
 
@@ -355,35 +376,46 @@ class AllToAll:
     """Native expert-parallel dispatch/combine over ``mesh`` axis ``axis_name``.
 
     Create it outside jit (it allocates the native context: receive buffers, peer mappings);
-    call its methods inside ``jax.shard_map`` over ``axis_name``. ``timeout`` (seconds) bounds
-    every rendezvous of the CPU reference: a rank that never arrives becomes an error naming the
-    phase and the missing ranks, and the context is unusable afterwards. Close it with
-    :meth:`close` (or a ``with`` block); executables that still reference it then fail cleanly.
+    call its methods inside ``jax.shard_map`` over ``axis_name``. ``timeout`` (seconds; default:
+    the setting ``moe_timeout_s``, 30) bounds every wait: a rank that never arrives becomes an
+    error naming the phase and the missing ranks, and the context is unusable afterwards. Close it
+    with :meth:`close` (or a ``with`` block); executables that still reference it then fail
+    cleanly.
 
     The context id is an attribute of the compiled program, so each AllToAll compiles its own
     executables, and every rank must run the same sequence of dispatch/combine calls on it.
+
+    Attributes:
+      config: the :class:`AllToAllConfig`.
+      mesh, axis_name: where the ranks are; ``num_ranks`` = R, the size of that axis.
+      num_local_experts: L = E / R.
+      max_recv_tokens: M, receive rows per rank (the config's, or the worst case).
+      platform: ``"cpu"`` (the reference) or ``"cuda"`` (the NVLink kernels).
+      context_id: the id of the native context in the compiled programs.
     """
 
     def __init__(self, cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_name: str = "ep", *,
-                 timeout: float = 30.0):
-        if not isinstance(cfg, AllToAllConfig):
-            raise TypeError(f"AllToAll: cfg must be an AllToAllConfig, got {type(cfg).__name__}")
+                 timeout: float | None = None):
+        _validate.check_instance("AllToAll: cfg", cfg, AllToAllConfig)
+        _validate.check_instance("AllToAll: mesh", mesh, jax.sharding.Mesh)
+        _validate.check_instance("AllToAll: axis_name", axis_name, str)
         if axis_name not in mesh.axis_names:
             raise ValueError(f"AllToAll: axis {axis_name!r} is not in the mesh axes "
                              f"{tuple(mesh.axis_names)}")
-        if not timeout > 0:
-            raise ValueError(f"AllToAll: timeout must be > 0 seconds, got {timeout}")
+        if timeout is None:
+            timeout = _settings.get("moe_timeout_s")
+        timeout = _validate.check_float("AllToAll: timeout", timeout)
         self.config = cfg
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
         self.num_local_experts = cfg.local_experts(self.num_ranks)
         self.max_recv_tokens = cfg.recv_tokens(self.num_ranks)
-        self.platform, self._native = _create_native_context(
-            cfg, mesh, axis_name, self.num_ranks, self.max_recv_tokens, timeout)
+        self.platform, self._native = _create_native_context(cfg, mesh, axis_name, self.num_ranks,
+                                                             timeout)
         self.context_id = int(self._native.context_id)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"AllToAll({self.config}, R={self.num_ranks}, axis={self.axis_name!r}, "
                 f"M={self.max_recv_tokens}, platform={self.platform!r}, id={self.context_id})")
 
@@ -393,24 +425,36 @@ class AllToAll:
         _compat.settle_effects()  # a failed program's outputs carry its error already
         self._native.close()
 
-    def __enter__(self):
+    def __enter__(self) -> AllToAll:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
+
+    def check(self) -> None:
+        """Raises the error that made this AllToAll unusable, if any (outside jit, after the
+        program finished): :class:`MoeTimeoutError` when a peer never arrived, else
+        :class:`MoeDeviceError`. On CUDA the kernels record errors without synchronising with the
+        host, so this is where a program that returned learns about them (docs/moe-ffi.md)."""
+        self._native.check()
 
     def dropped_rows(self) -> list[int]:
         """Rows dropped for lack of ``max_recv_tokens`` space, per receiving rank, since creation
         (host-side, outside jit; run after the program finished). Always zeros when
-        ``max_recv_tokens`` is the worst case."""
-        fn = getattr(self._native, "dropped_rows", None)
-        if fn is None:
-            raise NotImplementedError(f"dropped_rows is not provided on {self.platform}")
-        return list(fn())
+        ``max_recv_tokens`` is the worst case. Ranks held by other processes read -1."""
+        return list(self._native.dropped_rows())
+
+    def _target(self, name: str) -> str:
+        # The setting is read when a call is traced (a jitted function keeps what it traced).
+        if self.platform == "cuda" and not _settings.get("moe_cuda_graphs"):
+            return name + "_no_cuda_graph"
+        return name
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def dispatch_send(self, x, indices, weights, x_scale=None, bound_m=None) -> jax.Array:
+    def dispatch_send(self, x: jax.Array, indices: jax.Array, weights: jax.Array,
+                      x_scale: jax.Array | None = None, bound_m: jax.Array | int | None = None
+                      ) -> jax.Array:
         """First half of :meth:`dispatch`: hands this rank's tokens over. Returns ``send_done``
         (uint32[1]) for :meth:`dispatch_recv`."""
         op = "AllToAll.dispatch_send"
@@ -418,10 +462,11 @@ class AllToAll:
         x, x_scale = _dispatch_input(op, cfg, x, x_scale)
         bound_m = _routing(op, cfg, indices, weights, bound_m)
         rank = _rank(op, self.axis_name, self.num_ranks)
-        return _ffi("jg_moe_dispatch_send", _TOKEN, self.context_id,
+        return _ffi(self._target("jg_moe_dispatch_send"), _TOKEN, self.context_id,
                     x, x_scale, indices, weights, bound_m, rank)
 
-    def dispatch_recv(self, send_done):
+    def dispatch_recv(self, send_done: jax.Array
+                      ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """Second half of :meth:`dispatch`: returns ``(expert_x[M, H], expert_scale[M, S] or None,
         expert_counts[E/R] int32)``."""
         op = "AllToAll.dispatch_recv"
@@ -430,14 +475,16 @@ class AllToAll:
         rank = _rank(op, self.axis_name, self.num_ranks)
         m, s = self.max_recv_tokens, cfg.scale_cols
         expert_x, expert_scale, counts = _ffi(
-            "jg_moe_dispatch_recv",
+            self._target("jg_moe_dispatch_recv"),
             (jax.ShapeDtypeStruct((m, cfg.hidden), cfg.dispatch_dtype),
              jax.ShapeDtypeStruct((m, s), jnp.float32),
              jax.ShapeDtypeStruct((self.num_local_experts,), jnp.int32)),
             self.context_id, send_done, rank)
         return expert_x, (expert_scale if cfg.is_fp8 else None), counts
 
-    def dispatch(self, x, indices, weights, x_scale=None, bound_m=None):
+    def dispatch(self, x: jax.Array, indices: jax.Array, weights: jax.Array,
+                 x_scale: jax.Array | None = None, bound_m: jax.Array | int | None = None
+                 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """Sends every (token, k) to the rank owning expert ``indices[t, k]``.
 
         Returns ``(expert_x[M, H], expert_scale[M, H/scale_block] f32 or None, expert_counts[E/R]
@@ -447,7 +494,8 @@ class AllToAll:
 
     # -- combine -------------------------------------------------------------------------------
 
-    def combine_send(self, expert_y, expert_counts=None) -> jax.Array:
+    def combine_send(self, expert_y: jax.Array, expert_counts: jax.Array | None = None
+                     ) -> jax.Array:
         """First half of :meth:`combine`: sends ``expert_y[M, H]`` (combine dtype, rows in the
         layout of the last dispatch) back. Pass the ``expert_counts`` dispatch returned: it orders
         this call after the dispatch and is checked against it. Without it (all -1 is sent) the
@@ -459,9 +507,11 @@ class AllToAll:
             expert_counts = jnp.full((self.num_local_experts,), -1, jnp.int32)
         _check(op, "expert_counts", expert_counts, (self.num_local_experts,), np.int32)
         rank = _rank(op, self.axis_name, self.num_ranks)
-        return _ffi("jg_moe_combine_send", _TOKEN, self.context_id, expert_y, expert_counts, rank)
+        return _ffi(self._target("jg_moe_combine_send"), _TOKEN, self.context_id, expert_y,
+                    expert_counts, rank)
 
-    def combine_recv(self, send_done, indices, weights, bound_m=None) -> jax.Array:
+    def combine_recv(self, send_done: jax.Array, indices: jax.Array, weights: jax.Array,
+                     bound_m: jax.Array | int | None = None) -> jax.Array:
         """Second half of :meth:`combine`: returns ``y[T, H]`` (combine dtype). ``indices`` and
         ``bound_m`` must be those of the matching dispatch."""
         op = "AllToAll.combine_recv"
@@ -469,11 +519,13 @@ class AllToAll:
         _check(op, "send_done", send_done, (1,), np.uint32)
         bound_m = _routing(op, cfg, indices, weights, bound_m)
         rank = _rank(op, self.axis_name, self.num_ranks)
-        return _ffi("jg_moe_combine_recv",
+        return _ffi(self._target("jg_moe_combine_recv"),
                     jax.ShapeDtypeStruct((cfg.max_tokens, cfg.hidden), cfg.combine_dtype),
                     self.context_id, send_done, indices, weights, bound_m, rank)
 
-    def combine(self, expert_y, indices, weights, bound_m=None, expert_counts=None) -> jax.Array:
+    def combine(self, expert_y: jax.Array, indices: jax.Array, weights: jax.Array,
+                bound_m: jax.Array | int | None = None, expert_counts: jax.Array | None = None
+                ) -> jax.Array:
         """``y[t] = sum_k weights[t, k] * expert_y[row(t, k)]`` in f32, k order, for ``t < bound_m``
         (zero rows after), where ``row(t, k)`` is where the last dispatch put (t, k)."""
         return self.combine_recv(self.combine_send(expert_y, expert_counts), indices, weights,
@@ -484,8 +536,9 @@ class AllToAll:
 # The same dispatch/combine on jax.lax.ragged_all_to_all (baseline and oracle on GPU).
 
 
-def gather_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
-                             recv_sizes, *, axis_name):
+def gather_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
+                             send_sizes: jax.Array, output_offsets: jax.Array,
+                             recv_sizes: jax.Array, *, axis_name: str) -> jax.Array:
     """``jax.lax.ragged_all_to_all`` rebuilt from ``all_gather`` + scatter: slow, but it runs on
     XLA:CPU (which has no ragged all-to-all), so the CPU tests can check :class:`RaggedAllToAll`'s
     offset arithmetic. Same arguments and result."""
@@ -510,6 +563,23 @@ def gather_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_
     return output.at[dst.reshape(-1)].set(flat, mode="drop")
 
 
+def _segments_traced(counts: jax.Array, expert_padding: int, max_recv_tokens: int
+                     ) -> tuple[jax.Array, jax.Array]:
+    """``compute_segments`` of ffi/moe/layout.h on traced counts ``[..., L]`` (a program cannot
+    call the native one): ``(start, kept)``, vectorised over the leading axes. Closed form of the
+    same formula: ``start[l] = min(sum_{l'<l} round_up(count[l'], pad), M)``, ``kept[l] =
+    min(count[l], M - start[l])``. tests/test_moe_cpu.py checks it against the native function."""
+    pad, m = expert_padding, max_recv_tokens
+    padded = (counts + pad - 1) // pad * pad
+    start = jnp.minimum(jnp.cumsum(padded, axis=-1) - padded, m)
+    return start, jnp.minimum(counts, m - start)
+
+
+def _clamp_bound_traced(bound_m: jax.Array, max_tokens: int) -> jax.Array:
+    """``clamp_bound`` of ffi/moe/layout.h on a traced bound_m."""
+    return jnp.clip(bound_m, 0, max_tokens)
+
+
 class RaggedAllToAll:
     """Dispatch/combine with ``jax.lax.ragged_all_to_all``: same signatures, layout and semantics
     as :class:`AllToAll` (including capacity drops), no native state. Needs no ``close``.
@@ -522,6 +592,12 @@ class RaggedAllToAll:
 
     def __init__(self, cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_name: str = "ep", *,
                  ragged_all_to_all: Callable | None = None):
+        _validate.check_instance("RaggedAllToAll: cfg", cfg, AllToAllConfig)
+        _validate.check_instance("RaggedAllToAll: mesh", mesh, jax.sharding.Mesh)
+        _validate.check_instance("RaggedAllToAll: axis_name", axis_name, str)
+        if ragged_all_to_all is not None and not callable(ragged_all_to_all):
+            raise TypeError(f"RaggedAllToAll: ragged_all_to_all must be callable, got "
+                            f"{type(ragged_all_to_all).__name__}")
         if axis_name not in mesh.axis_names:
             raise ValueError(f"RaggedAllToAll: axis {axis_name!r} is not in the mesh axes "
                              f"{tuple(mesh.axis_names)}")
@@ -541,19 +617,14 @@ class RaggedAllToAll:
         t, k = cfg.max_tokens, cfg.experts_per_token
         me = _rank(op, self.axis_name, r)
         e = indices.reshape(-1)
-        valid = (jnp.arange(t * k) // k < jnp.clip(bound_m, 0, t)) & (e >= 0) & (e < cfg.num_experts)
+        valid = ((jnp.arange(t * k) // k < _clamp_bound_traced(bound_m, t))
+                 & (e >= 0) & (e < cfg.num_experts))
         key = jnp.where(valid, e, cfg.num_experts)                  # invalid entries sort last
         order = jnp.argsort(key, stable=True)
         mine = jnp.zeros((cfg.num_experts + 1,), jnp.int32).at[key].add(1)[:-1]
         cnt = jax.lax.all_gather(mine.reshape(r, n_l), self.axis_name)   # [s, d, l]
-        m, pad = self.max_recv_tokens, cfg.expert_padding
         total = cnt.sum(axis=0)                                          # [d, l]
-        # Segment starts and kept rows per (d, l), the formula of ffi/moe/layout.h in closed form:
-        # start[l] = min(sum_{l'<l} round_up(total[l'], pad), M), kept[l] = min(total[l], M - start[l])
-        # (M and every start are multiples of pad, so truncation happens at exactly one segment).
-        padded = (total + pad - 1) // pad * pad
-        start = jnp.minimum(jnp.cumsum(padded, axis=1) - padded, m)
-        kept = jnp.minimum(total, m - start)
+        start, kept = _segments_traced(total, cfg.expert_padding, self.max_recv_tokens)
         before = jnp.cumsum(cnt, axis=0) - cnt                           # rows of ranks s' < s
         keep = jnp.clip(kept[None] - before, 0, cnt)                     # [s, d, l]
         dst_off = start[None] + before                                   # where s's rows land
@@ -561,7 +632,9 @@ class RaggedAllToAll:
         return dict(me=me, order=order, valid=valid, cnt=cnt, keep=keep, dst_off=dst_off,
                     src_off=src_off, kept=kept)
 
-    def dispatch(self, x, indices, weights, x_scale=None, bound_m=None):
+    def dispatch(self, x: jax.Array, indices: jax.Array, weights: jax.Array,
+                 x_scale: jax.Array | None = None, bound_m: jax.Array | int | None = None
+                 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
         """Same as :meth:`AllToAll.dispatch`."""
         op = "RaggedAllToAll.dispatch"
         cfg = self.config
@@ -587,7 +660,9 @@ class RaggedAllToAll:
                                         axis_name=self.axis_name, **args)
         return expert_x, expert_scale, p["kept"][me]
 
-    def combine(self, expert_y, indices, weights, bound_m=None, expert_counts=None):
+    def combine(self, expert_y: jax.Array, indices: jax.Array, weights: jax.Array,
+                bound_m: jax.Array | int | None = None, expert_counts: jax.Array | None = None
+                ) -> jax.Array:
         """Same as :meth:`AllToAll.combine` (``expert_counts`` is accepted and unused)."""
         op = "RaggedAllToAll.combine"
         cfg = self.config

@@ -24,13 +24,15 @@ def worst_case_recv_tokens(r: int, t: int, k: int, l: int, pad: int) -> int:
 
 
 def quantize_fp8(x: np.ndarray, scale_block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per block of ``scale_block`` channels: scale = amax * f32(1/448) (1 if the block is all zero),
-    x_fp8 = clip(x/scale, ±448) rounded to float8_e4m3fn. ``x`` is [..., H]."""
+    """Per block of ``scale_block`` channels: amax = max |x| over the block's finite values,
+    scale = amax * f32(1/448) (1 if that is zero), x_fp8 = clip(x/scale, ±448) rounded to
+    float8_e4m3fn (so ±inf saturate to ±448 and NaN stays NaN). ``x`` is [..., H]."""
     *lead, h = x.shape
     xb = x.astype(np.float32).reshape(*lead, h // scale_block, scale_block)
-    amax = np.abs(xb).max(axis=-1)
+    amax = np.where(np.isfinite(xb), np.abs(xb), np.float32(0)).max(axis=-1)
     scale = np.where(amax > 0, amax * np.float32(1.0 / 448.0), np.float32(1.0)).astype(np.float32)
-    q = np.clip(xb / scale[..., None], -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    with np.errstate(invalid="ignore"):  # NaN / scale
+        q = np.clip(xb / scale[..., None], -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
     return q.reshape(*lead, h), scale
 
 

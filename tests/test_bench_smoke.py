@@ -77,6 +77,12 @@ def test_fabric_bench_quick(tmp_path):
 
     assert result["host"]["raw_fabric"]["provider"].startswith("tcp")
     assert "lat/raw" in proc.stdout and "write 4 KiB" in proc.stdout
+    # The headline: every target's ratio, under its name, first in the file.
+    assert next(iter(result)) == "headline"
+    for t in result["targets"]:
+        assert result["headline"][f"{t['name']} {t['row']} {t['metric']}"] == t["value"]
+    if has_engine:
+        assert any(k.startswith("engine d=1 paged") for k in result["headline"]), result["headline"]
 
 
 @pytest.mark.timeout(120)
@@ -89,3 +95,50 @@ def test_fabric_bench_rejects_bad_options(tmp_path):
                               cwd=tmp_path)
         assert proc.returncode != 0, bad
         assert not (tmp_path / "x.json").exists()
+
+
+def test_harness_statistics_table_and_json(tmp_path):
+    """The shared benchmark harness: nearest-rank and interpolated percentiles (numpy's), medians
+    that skip missing values, ratios, aligned tables, JSON with the headline first."""
+    import numpy as np
+
+    from jax_garden.bench import _harness as h
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100):
+        v = rng.random(n).tolist()
+        for q in (0.0, 0.5, 0.99, 1.0):
+            assert h.percentile(v, q, interpolate=True) == pytest.approx(np.percentile(v, 100 * q), rel=1e-12)
+            assert h.percentile(v, q) == sorted(v)[max(0, int(np.ceil(q * n)) - 1)]
+    assert np.isnan(h.percentile([], 0.5))
+    assert h.median([3.0, None, 1.0, 2.0]) == 2.0 and h.median([None]) is None
+    assert h.ratio(3.0, 2.0) == 1.5 and h.ratio(None, 2.0) is None and h.ratio(1.0, 0.0) is None
+    lines = h.format_table([("name", 6, "<"), ("", 0, ""), ("x", 5, ">")], [["ab", "", "1.5"], ["abcdefgh", "", "22"]])
+    assert lines == ["name        x", "-" * 13, "ab        1.5", "abcdefgh     22"]  # padded, never cut
+    out = h.write_json(tmp_path / "sub" / "r.json", {"rows": [(1, 2)], "headline": {"old": 1}}, {"a x": 2.5})
+    data = json.loads(out.read_text())
+    assert list(data) == ["headline", "rows"] and data["headline"] == {"a x": 2.5} and data["rows"] == [[1, 2]]
+
+
+def test_moe_bench_summary_from_rows():
+    """bench moe's ratios and headline from one run's rows (the GPU run itself is in
+    .ci/gpu_verify.sh): speedup = ragged p50 / native p50, bandwidth against the best peer copy."""
+    from jax_garden.bench import moe as bench_moe
+
+    def phases(scale, gbps):
+        return {p: {"p50_us": scale * f, "p99_us": 2 * scale * f, "n": 8, "gbps_p50": gbps}
+                for p, f in (("dispatch", 1.0), ("combine", 2.0), ("round_trip", 3.0))}
+
+    result = {"rows": [{"impl": "native", "mode": "decode", "dtype": "bf16", "phases": phases(10.0, 120.0)},
+                       {"impl": "ragged_all_to_all", "mode": "decode", "dtype": "bf16", "phases": phases(500.0, 3.0)},
+                       {"impl": "native", "mode": "prefill", "dtype": "fp8", "phases": phases(100.0, 150.0)}],
+              "peer_copy": {"pair_0_to_1": {"gbps": 200.0}, "all_to_all_egress_per_gpu": {"gbps_mean": 300.0}},
+              "ratios": {}, "errors": []}
+    headline = bench_moe.summarize(result)
+    assert headline == {"decode bf16 round_trip_speedup_vs_ragged": 50.0,
+                        "decode bf16 dispatch_bw_vs_peer_copy": 0.4, "decode bf16 combine_bw_vs_peer_copy": 0.4,
+                        "prefill fp8 dispatch_bw_vs_peer_copy": 0.5, "prefill fp8 combine_bw_vs_peer_copy": 0.5}
+    decode = result["ratios"]["decode bf16"]
+    assert decode["dispatch_speedup_vs_ragged"] == 50.0 and decode["target_round_trip_30x_ragged"] is True
+    assert decode["target_dispatch_le_30us"] is True and decode["target_combine_le_40us"] is True
+    assert result["ratios"]["prefill fp8"]["target_dispatch_60pct_peer_copy"] is False

@@ -3,38 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <unordered_map>
 
 #include "common/error.h"
 
 namespace jax_garden::moe {
-
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kBF16: return "bfloat16";
-    case DType::kF8E4M3FN: return "float8_e4m3fn";
-    case DType::kF32: return "float32";
-    case DType::kS32: return "int32";
-    case DType::kU32: return "uint32";
-    default: return "other";
-  }
-}
-
-size_t dtype_size(DType t) {
-  switch (t) {
-    case DType::kBF16: return 2;
-    case DType::kF8E4M3FN: return 1;
-    case DType::kF32: case DType::kS32: case DType::kU32: return 4;
-    default: return 0;
-  }
-}
-
-DType parse_dtype(const std::string& name) {
-  for (DType t : {DType::kBF16, DType::kF8E4M3FN, DType::kF32, DType::kS32, DType::kU32}) {
-    if (name == dtype_name(t)) return t;
-  }
-  throw InvalidArgument(str_cat("MoE: unsupported dtype '", name, "'"));
-}
 
 namespace {
 
@@ -94,13 +66,7 @@ CpuAllToAll::CpuAllToAll(const MoeShape& shape, DType dispatch_dtype, DType comb
     : shape_(shape), dispatch_dtype_(dispatch_dtype), combine_dtype_(combine_dtype),
       timeout_s_(timeout_s) {
   validate_shape(shape_);
-  JG_CHECK_ARG(dispatch_dtype == DType::kBF16 || dispatch_dtype == DType::kF8E4M3FN,
-               "MoE: dispatch dtype must be bfloat16 or float8_e4m3fn, got ",
-               dtype_name(dispatch_dtype));
-  JG_CHECK_ARG(dispatch_dtype != DType::kF8E4M3FN || shape_.scale_cols > 0,
-               "MoE: float8_e4m3fn dispatch needs scale_cols > 0 (hidden / scale_block)");
-  JG_CHECK_ARG(dispatch_dtype != DType::kBF16 || shape_.scale_cols == 0,
-               "MoE: bfloat16 dispatch carries no scales, got scale_cols=", shape_.scale_cols);
+  validate_dispatch_dtype(shape_, dispatch_dtype_);
   JG_CHECK_ARG(combine_dtype == DType::kBF16, "MoE: combine dtype must be bfloat16, got ",
                dtype_name(combine_dtype));
   JG_CHECK_ARG(timeout_s > 0, "MoE: timeout must be > 0 seconds, got ", timeout_s);
@@ -139,7 +105,10 @@ void CpuAllToAll::check_usable_locked(const char* phase, int32_t rank) const {
 
 void CpuAllToAll::fail_locked(const std::string& message, bool timeout) {
   // Poison the context so the other ranks fail at once instead of waiting for the timeout.
-  if (broken_.empty()) broken_ = message;
+  if (broken_.empty()) {
+    broken_ = message;
+    broken_by_timeout_ = timeout;
+  }
   cv_.notify_all();
   if (timeout) throw Timeout(message);
   throw InvalidArgument(message);
@@ -240,7 +209,7 @@ void CpuAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const ArrayRef
     const Rank& src = ranks_[s];
     for (int64_t i = 0; i < int64_t{src.bound_m} * K; ++i) {
       const int32_t e = src.indices[i];
-      if (valid_expert(e, shape_.num_experts) && e >= first && e < first + L) ++counts[e - first];
+      if (valid_expert(e, shape_.num_experts) && owner_rank(e, L) == rank) ++counts[e - first];
     }
   }
   int64_t used_rows = 0;
@@ -260,7 +229,7 @@ void CpuAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const ArrayRef
     for (int64_t t = 0; t < src.bound_m; ++t) {
       for (int64_t k = 0; k < K; ++k) {
         const int32_t e = src.indices[t * K + k];
-        if (!valid_expert(e, shape_.num_experts) || e < first || e >= first + L) continue;
+        if (!valid_expert(e, shape_.num_experts) || owner_rank(e, L) != rank) continue;
         const int32_t le = e - first;
         if (cursor[le] >= kept[le]) continue;  // overflow: dropped, counted above
         const int64_t row = start[le] + cursor[le]++;
@@ -420,48 +389,30 @@ void CpuAllToAll::close() {
   cv_.notify_all();
 }
 
-// ---- registry ----
-
-namespace {
-std::mutex g_registry_mu;
-std::unordered_map<uint64_t, std::shared_ptr<CpuAllToAll>>& registry() {
-  static auto* map = new std::unordered_map<uint64_t, std::shared_ptr<CpuAllToAll>>();
-  return *map;
+std::pair<std::string, bool> CpuAllToAll::error() const {
+  std::lock_guard lock(mu_);
+  return {broken_, broken_by_timeout_};
 }
-uint64_t g_next_id = 1;
-}  // namespace
 
-uint64_t register_cpu_context(std::shared_ptr<CpuAllToAll> context) {
-  std::lock_guard lock(g_registry_mu);
-  const uint64_t id = g_next_id++;  // never reused: a stale id baked into an HLO stays unknown
-  registry().emplace(id, std::move(context));
-  return id;
+ObjectRegistry<CpuAllToAll>& cpu_contexts() {
+  static auto* registry = new ObjectRegistry<CpuAllToAll>();  // never destroyed: handlers may run late
+  return *registry;
 }
 
 std::shared_ptr<CpuAllToAll> find_cpu_context(uint64_t id) {
-  std::lock_guard lock(g_registry_mu);
-  auto it = registry().find(id);
-  if (it == registry().end()) {
+  auto context = cpu_contexts().find(id);
+  if (!context) {
     throw InvalidArgument(str_cat("MoE: no live CPU AllToAll context with id ", id,
                                   " (closed, or created in another process)"));
   }
-  return it->second;
+  return context;
 }
 
-bool unregister_cpu_context(uint64_t id) {
-  std::shared_ptr<CpuAllToAll> doomed;  // destroyed outside the lock
-  std::lock_guard lock(g_registry_mu);
-  auto it = registry().find(id);
-  if (it == registry().end()) return false;
-  doomed = std::move(it->second);
-  registry().erase(it);
-  doomed->close();
+bool close_cpu_context(uint64_t id) {
+  auto context = cpu_contexts().remove(id);  // the last reference may go with a running call
+  if (!context) return false;
+  context->close();
   return true;
-}
-
-size_t live_cpu_contexts() {
-  std::lock_guard lock(g_registry_mu);
-  return registry().size();
 }
 
 }  // namespace jax_garden::moe

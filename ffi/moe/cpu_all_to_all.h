@@ -26,17 +26,14 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "common/object_registry.h"
+#include "moe/dtype.h"
 #include "moe/layout.h"
 
 namespace jax_garden::moe {
-
-enum class DType : int32_t { kBF16, kF8E4M3FN, kF32, kS32, kU32, kOther };
-
-const char* dtype_name(DType t);
-size_t dtype_size(DType t);
-DType parse_dtype(const std::string& name);  // numpy names: "bfloat16", "float8_e4m3fn"
 
 // A dense row-major array handed over by an FFI handler (no ownership).
 struct ArrayRef {
@@ -63,6 +60,10 @@ class CpuAllToAll {
 
   // Rows dropped because they did not fit in max_recv_tokens, per receiving rank, since creation.
   std::vector<int64_t> dropped_rows() const;
+
+  // The first error of any rank ("" if none; every later call fails with it), and whether it was
+  // a wait that timed out.
+  std::pair<std::string, bool> error() const;
 
   // Called when the context leaves the registry: ranks still inside a call fail at once instead of
   // waiting for peers that can no longer find the context.
@@ -106,12 +107,15 @@ class CpuAllToAll {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::string broken_;  // non-empty once a call failed: every later call fails with it
+  bool broken_by_timeout_ = false;
 };
 
-// Process-wide registry: the XLA handlers find a context by the id baked into the HLO.
-uint64_t register_cpu_context(std::shared_ptr<CpuAllToAll> context);
+// Process-wide registry: the XLA handlers find a context by the id baked into the HLO
+// (`context_id` attribute). The registry keeps a context alive until it is closed; a call that
+// found it keeps its own reference until it returns.
+ObjectRegistry<CpuAllToAll>& cpu_contexts();
 std::shared_ptr<CpuAllToAll> find_cpu_context(uint64_t id);  // throws InvalidArgument if unknown
-bool unregister_cpu_context(uint64_t id);
-size_t live_cpu_contexts();
+// Unregisters and closes the context (ranks inside a call fail at once). False if unknown.
+bool close_cpu_context(uint64_t id);
 
 }  // namespace jax_garden::moe

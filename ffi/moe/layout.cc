@@ -11,6 +11,8 @@ void validate_shape(const MoeShape& s) {
                " is not divisible by the number of ranks R=", s.num_ranks);
   JG_CHECK_ARG(s.experts_per_token >= 1, "MoE: experts_per_token must be >= 1, got ",
                s.experts_per_token);
+  JG_CHECK_ARG(s.experts_per_token <= s.num_experts, "MoE: experts_per_token=",
+               s.experts_per_token, " exceeds num_experts=", s.num_experts);
   JG_CHECK_ARG(s.hidden >= 1, "MoE: hidden must be >= 1, got ", s.hidden);
   JG_CHECK_ARG(s.max_tokens >= 1, "MoE: max_tokens must be >= 1, got ", s.max_tokens);
   JG_CHECK_ARG(s.expert_padding >= 1, "MoE: expert_padding must be >= 1, got ", s.expert_padding);
@@ -27,6 +29,15 @@ void validate_shape(const MoeShape& s) {
   JG_CHECK_ARG(s.scale_cols >= 0, "MoE: scale_cols must be >= 0, got ", s.scale_cols);
   JG_CHECK_ARG(s.scale_cols == 0 || s.hidden % s.scale_cols == 0, "MoE: hidden=", s.hidden,
                " is not divisible by scale_cols=", s.scale_cols);
+}
+
+void validate_dispatch_dtype(const MoeShape& s, DType dispatch_dtype) {
+  JG_CHECK_ARG(dispatch_dtype == DType::kBF16 || dispatch_dtype == DType::kF8E4M3FN,
+               "MoE: dispatch dtype must be bfloat16 or float8_e4m3fn, got ", dtype_name(dispatch_dtype));
+  JG_CHECK_ARG(dispatch_dtype != DType::kF8E4M3FN || s.scale_cols > 0,
+               "MoE: float8_e4m3fn dispatch needs scale_cols > 0 (hidden / scale_block)");
+  JG_CHECK_ARG(dispatch_dtype != DType::kBF16 || s.scale_cols == 0,
+               "MoE: bfloat16 dispatch carries no scales, got scale_cols=", s.scale_cols);
 }
 
 std::string describe(const MoeShape& s) {

@@ -101,19 +101,6 @@ void BindFabric(nb::module_& m) {
                                 "engine was closed with the operation in flight.",
                                 PyExc_RuntimeError, nullptr));
   m.attr("TransferError") = transfer_error;
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const Timeout& e) {
-      PyErr_SetString(PyExc_TimeoutError, e.what());
-    } catch (const TransferFailed& e) {
-      PyErr_SetString(transfer_error.ptr(), e.what());
-    } catch (const InvalidArgument& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    } catch (const FabricError& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
-    }
-  });
 
   nb::class_<NetAddress>(m, "NetAddress", "How to reach an engine: its provider and endpoint names (bytes(addr) to ship).")
       .def_static("from_bytes", [](nb::handle b) {

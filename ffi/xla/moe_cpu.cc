@@ -2,22 +2,20 @@
 // by id, delegate to ffi/moe/cpu_all_to_all. Operands, results and attributes follow
 // docs/moe-ffi.md exactly. Operands are decoded as AnyBuffer so that a wrong dtype or shape gets
 // the context's message naming the operand, not a generic decoding error.
-#include <exception>
+#include <vector>
 
 #include "common/error.h"
 #include "common/registry.h"
 #include "moe/cpu_all_to_all.h"
-// The XLA headers are not warning-clean under -Wall -Wextra; keep our own diagnostics on.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wsign-compare"
-#pragma GCC diagnostic ignored "-Wreturn-type"
-#include "xla/ffi/api/ffi.h"
-#pragma GCC diagnostic pop
+#include "xla/handler_util.h"
 
 namespace ffi = xla::ffi;
 
 namespace jax_garden::moe {
 namespace {
+
+using handlers::guarded;
+using handlers::scalar_operand;
 
 DType to_dtype(ffi::DataType t) {
   switch (t) {
@@ -36,56 +34,33 @@ ArrayRef ref(const ffi::AnyBuffer& b) {
                   std::vector<int64_t>(dims.begin(), dims.end())};
 }
 
-// Reads a one-element operand: rank and bound_m (int32 scalars) or a send_done token (uint32[1]).
-template <typename T>
-T scalar(const char* target, const char* what, const ffi::AnyBuffer& b, DType dtype) {
-  if (to_dtype(b.element_type()) != dtype || b.element_count() != 1) {
-    throw InvalidArgument(str_cat(target, ": operand ", what, " must hold one ", dtype_name(dtype),
-                                  ", got ", b.element_count(), " elements of ",
-                                  dtype_name(to_dtype(b.element_type()))));
-  }
-  return *static_cast<const T*>(b.untyped_data());
-}
-
+// rank and bound_m are int32 scalars; send_done tokens are uint32[1].
 int32_t s32_scalar(const char* target, const char* what, const ffi::AnyBuffer& b) {
-  return scalar<int32_t>(target, what, b, DType::kS32);
+  return scalar_operand<int32_t>(target, what, b, ffi::DataType::S32);
 }
 uint32_t token(const char* target, const ffi::AnyBuffer& b) {
-  return scalar<uint32_t>(target, "send_done", b, DType::kU32);
+  return scalar_operand<uint32_t>(target, "send_done", b, ffi::DataType::U32);
+}
+void check_token_result(const char* target, const ffi::AnyBuffer& b) {
+  std::string bad = handlers::check_buffer(target, "result send_done", b, ffi::DataType::U32, {1});
+  if (!bad.empty()) throw InvalidArgument(bad);
 }
 
-// Exceptions never cross the FFI boundary.
-template <typename F>
-ffi::Error guarded(F&& body) {
-  try {
-    body();
-    return ffi::Error::Success();
-  } catch (const InvalidArgument& e) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, e.what());
-  } catch (const Timeout& e) {
-    return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, e.what());
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
-  }
-}
-
-ffi::Error DispatchSend(ffi::AnyBuffer x, ffi::AnyBuffer x_scale, ffi::AnyBuffer indices,
+ffi::Error dispatch_send(ffi::AnyBuffer x, ffi::AnyBuffer x_scale, ffi::AnyBuffer indices,
                         ffi::AnyBuffer weights, ffi::AnyBuffer bound_m, ffi::AnyBuffer rank,
                         ffi::Result<ffi::AnyBuffer> send_done, uint64_t context_id) {
   return guarded([&] {
     constexpr const char* kName = "jg_moe_dispatch_send";
     auto ctx = find_cpu_context(context_id);
-    ArrayRef done = ref(*send_done);
-    JG_CHECK_ARG(done.dtype == DType::kU32 && done.dims == std::vector<int64_t>{1}, kName,
-                 ": result send_done must be uint32[1]");
+    check_token_result(kName, *send_done);
     const uint32_t gen = ctx->dispatch_send(s32_scalar(kName, "rank", rank), ref(x), ref(x_scale),
                                             ref(indices), ref(weights),
                                             s32_scalar(kName, "bound_m", bound_m));
-    *static_cast<uint32_t*>(done.data) = gen;
+    *static_cast<uint32_t*>(send_done->untyped_data()) = gen;
   });
 }
 
-ffi::Error DispatchRecv(ffi::AnyBuffer send_done, ffi::AnyBuffer rank,
+ffi::Error dispatch_recv(ffi::AnyBuffer send_done, ffi::AnyBuffer rank,
                         ffi::Result<ffi::AnyBuffer> expert_x,
                         ffi::Result<ffi::AnyBuffer> expert_scale,
                         ffi::Result<ffi::AnyBuffer> expert_counts, uint64_t context_id) {
@@ -97,21 +72,19 @@ ffi::Error DispatchRecv(ffi::AnyBuffer send_done, ffi::AnyBuffer rank,
   });
 }
 
-ffi::Error CombineSend(ffi::AnyBuffer expert_y, ffi::AnyBuffer expert_counts, ffi::AnyBuffer rank,
+ffi::Error combine_send(ffi::AnyBuffer expert_y, ffi::AnyBuffer expert_counts, ffi::AnyBuffer rank,
                        ffi::Result<ffi::AnyBuffer> send_done, uint64_t context_id) {
   return guarded([&] {
     constexpr const char* kName = "jg_moe_combine_send";
     auto ctx = find_cpu_context(context_id);
-    ArrayRef done = ref(*send_done);
-    JG_CHECK_ARG(done.dtype == DType::kU32 && done.dims == std::vector<int64_t>{1}, kName,
-                 ": result send_done must be uint32[1]");
+    check_token_result(kName, *send_done);
     const uint32_t gen =
         ctx->combine_send(s32_scalar(kName, "rank", rank), ref(expert_y), ref(expert_counts));
-    *static_cast<uint32_t*>(done.data) = gen;
+    *static_cast<uint32_t*>(send_done->untyped_data()) = gen;
   });
 }
 
-ffi::Error CombineRecv(ffi::AnyBuffer send_done, ffi::AnyBuffer indices, ffi::AnyBuffer weights,
+ffi::Error combine_recv(ffi::AnyBuffer send_done, ffi::AnyBuffer indices, ffi::AnyBuffer weights,
                        ffi::AnyBuffer bound_m, ffi::AnyBuffer rank, ffi::Result<ffi::AnyBuffer> y,
                        uint64_t context_id) {
   return guarded([&] {
@@ -127,7 +100,7 @@ ffi::Error CombineRecv(ffi::AnyBuffer send_done, ffi::AnyBuffer indices, ffi::An
 
 namespace jgm = jax_garden::moe;
 
-XLA_FFI_DEFINE_HANDLER(kMoeDispatchSendCpu, jgm::DispatchSend,
+XLA_FFI_DEFINE_HANDLER(kMoeDispatchSendCpu, jgm::dispatch_send,
                        ffi::Ffi::Bind()
                            .Arg<ffi::AnyBuffer>()   // x[T,H]
                            .Arg<ffi::AnyBuffer>()   // x_scale[T,S] f32
@@ -138,7 +111,7 @@ XLA_FFI_DEFINE_HANDLER(kMoeDispatchSendCpu, jgm::DispatchSend,
                            .Ret<ffi::AnyBuffer>()   // send_done[1] u32
                            .Attr<uint64_t>("context_id"));
 
-XLA_FFI_DEFINE_HANDLER(kMoeDispatchRecvCpu, jgm::DispatchRecv,
+XLA_FFI_DEFINE_HANDLER(kMoeDispatchRecvCpu, jgm::dispatch_recv,
                        ffi::Ffi::Bind()
                            .Arg<ffi::AnyBuffer>()   // send_done[1] u32
                            .Arg<ffi::AnyBuffer>()   // rank[] i32
@@ -147,7 +120,7 @@ XLA_FFI_DEFINE_HANDLER(kMoeDispatchRecvCpu, jgm::DispatchRecv,
                            .Ret<ffi::AnyBuffer>()   // expert_counts[L] i32
                            .Attr<uint64_t>("context_id"));
 
-XLA_FFI_DEFINE_HANDLER(kMoeCombineSendCpu, jgm::CombineSend,
+XLA_FFI_DEFINE_HANDLER(kMoeCombineSendCpu, jgm::combine_send,
                        ffi::Ffi::Bind()
                            .Arg<ffi::AnyBuffer>()   // expert_y[M,H]
                            .Arg<ffi::AnyBuffer>()   // expert_counts[L] i32
@@ -155,7 +128,7 @@ XLA_FFI_DEFINE_HANDLER(kMoeCombineSendCpu, jgm::CombineSend,
                            .Ret<ffi::AnyBuffer>()   // send_done[1] u32
                            .Attr<uint64_t>("context_id"));
 
-XLA_FFI_DEFINE_HANDLER(kMoeCombineRecvCpu, jgm::CombineRecv,
+XLA_FFI_DEFINE_HANDLER(kMoeCombineRecvCpu, jgm::combine_recv,
                        ffi::Ffi::Bind()
                            .Arg<ffi::AnyBuffer>()   // send_done[1] u32
                            .Arg<ffi::AnyBuffer>()   // indices[T,K] i32

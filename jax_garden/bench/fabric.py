@@ -39,23 +39,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
-import queue
 import shutil
-import signal
 import socket
-import statistics
 import struct
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from jax_garden.bench._harness import (BenchError, Child, Progress, child_env, median, percentile, print_table,
+                                       ratio, write_json)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -483,83 +480,7 @@ def _worker_main(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------- process harness
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-class Child:
-    """A child process in its own session; stdout lines are queued, stderr kept for error messages."""
-
-    def __init__(self, cmd: list[str], name: str, env: dict[str, str] | None = None):
-        self.name = name
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True, env=env)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        self._threads = [threading.Thread(target=self._pump_out, daemon=True),
-                         threading.Thread(target=self._pump_err, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _pump_out(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def _pump_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-
-    def _stderr_tail(self) -> str:
-        lines = [l.rstrip() for l in self.stderr if l.strip()]
-        return " | ".join(lines[-4:]) or "(no stderr)"
-
-    def line(self, timeout: float) -> str:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise BenchError(f"{self.name}: no output within {timeout:.0f} s; stderr: {self._stderr_tail()}") from None
-        if line is None:
-            self.proc.wait(timeout=5)
-            for t in self._threads:
-                t.join(timeout=5)
-            raise BenchError(f"{self.name} exited with status {self.proc.returncode}; stderr: {self._stderr_tail()}")
-        return line
-
-    def finish(self, deadline: float) -> list[str]:
-        """Waits for exit (until the monotonic deadline); returns the remaining stdout lines."""
-        try:
-            self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{self.name}: still running after its time limit; stderr: {self._stderr_tail()}") from None
-        for t in self._threads:
-            t.join(timeout=5)
-        if self.proc.returncode != 0:
-            raise BenchError(f"{self.name} exited with status {self.proc.returncode}; stderr: {self._stderr_tail()}")
-        out = []
-        while True:
-            item = self.lines.get_nowait() if not self.lines.empty() else None
-            if item is None:
-                return out
-            out.append(item)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the group is just this child's
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for t in self._threads:
-            t.join(timeout=2)
+# ------------------------------------------------------------------------- process pairs
 
 
 def parse_pin(text: str | None) -> tuple[str, str] | None:
@@ -605,7 +526,7 @@ def run_pair(server_cmd: list[str], client_cmd: Callable[[int], list[str]], name
             # A dying server takes the client down with it; its own message is the useful one.
             if server.proc.poll() not in (None, 0):
                 raise BenchError(f"{e}; {name} server exited with status {server.proc.returncode}: "
-                                 f"{server._stderr_tail()}") from None
+                                 f"{server.stderr_tail()}") from None
             raise
         server.finish(deadline)
         return [json.loads(l) for l in lines if l.strip().startswith("{")]
@@ -625,17 +546,6 @@ def _python_cmd() -> list[str]:
     return [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "jax_garden.bench", "fabric"]
 
 
-def _child_env() -> dict[str, str]:
-    # The workers must import this very jax_garden (e.g. a side-by-side dev build), whatever their
-    # cwd holds: put the directory holding the package first. Not resolved: dev builds are symlinks.
-    import jax_garden
-
-    env = dict(os.environ)
-    pkg_parent = str(Path(jax_garden.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 def run_system(system: str, plan: list[dict], args: argparse.Namespace, domains: int = 1) -> list[dict]:
     if system == "raw":
         binary = raw_binary()
@@ -647,18 +557,13 @@ def run_system(system: str, plan: list[dict], args: argparse.Namespace, domains:
                         "raw_fabric_bench", args.timeout, pin=args.pin_cpus)
     common = ["--worker-system", system, "--worker-plan", json.dumps(plan), "--worker-domains", str(domains),
               "--seed", str(args.seed), "--timeout", str(args.timeout)]
-    env = _child_env()
+    env = child_env()
     return run_pair([*_python_cmd(), "--worker", "server", *common],
                     lambda port: [*_python_cmd(), "--worker", "client", "--worker-port", str(port), *common],
                     f"{system} worker", args.timeout, env, pin=args.pin_cpus)
 
 
 # ------------------------------------------------------------------------------- statistics
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))]
 
 
 def metrics_from_records(records: list[dict]) -> dict[tuple, dict]:
@@ -694,15 +599,6 @@ def row_label(key: tuple) -> str:
     return f"paged {fmt_size(key[1])} x{key[2]}"
 
 
-def _median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 # ------------------------------------------------------------------------------------- main
 
 
@@ -720,7 +616,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                    help="subset of engine,engine-cxx,raw,tcp (default all; engine-cxx: latency rows from the "
                         "engine's C++ ping-pong loop, d=1)")
     p.add_argument("--quick", action="store_true", help="small plan for CI smoke tests")
-    p.add_argument("--out", default="bench_results/fabric.json", help="JSON output path")
+    p.add_argument("--out", "--json", dest="out", default="bench_results/fabric.json", help="JSON output path")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per system run (default 300)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--pin", default=None,
@@ -784,9 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     per_round: dict[str, list[dict[tuple, dict]]] = {label: [] for label, _, _ in units}
     errors: list[str] = []
     info: dict[str, Any] = {}
-    t_start = time.monotonic()
-    print(f"fabric benchmark: {len(units)} systems x {rounds} rounds, buffer {fmt_size(plan_buffer_bytes(plan))}",
-          file=sys.stderr, flush=True)
+    progress = Progress()  # stderr
+    progress.line(f"fabric benchmark: {len(units)} systems x {rounds} rounds, buffer "
+                  f"{fmt_size(plan_buffer_bytes(plan))}")
     load_seen: list[float] = []
     for r in range(rounds):
         order = units[r % len(units):] + units[: r % len(units)]  # rotate so no system always runs first
@@ -797,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                 records = run_system(system, plan, args, domains)
             except Exception as e:  # noqa: BLE001 - reported, the other systems still run
                 errors.append(f"round {r + 1} {label}: {e}")
-                print(f"  round {r + 1} {label}: FAILED: {e}", file=sys.stderr, flush=True)
+                progress.line(f"  round {r + 1} {label}: FAILED: {e}")
                 continue
             for rec in records:
                 if rec.get("event") == "fabric":
@@ -805,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif rec.get("event") == "engine":
                     info.setdefault("engine", {})[label] = {k: v for k, v in rec.items() if k != "event"}
             per_round[label].append(metrics_from_records(records))
-            print(f"  round {r + 1} {label}: {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+            progress.line(f"  round {r + 1} {label}: {time.monotonic() - t0:.1f} s")
 
     result = summarize(plan, units, per_round)
     result.update(
@@ -814,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                 "window": args.window, "rounds": rounds, "domains": domain_counts, "systems": systems,
                 "quick": quick, "seed": args.seed, "pin": args.pin, "plan": plan},
         host={"hostname": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(), **info},
-        errors=errors, notes=notes, elapsed_s=round(time.monotonic() - t_start, 1),
+        errors=errors, notes=notes, elapsed_s=round(progress.elapsed(), 1),
         loadavg_1min={"start": load_seen[0] if load_seen else None, "max": max(load_seen, default=None),
                       "end": os.getloadavg()[0]},
         method={
@@ -826,18 +722,10 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": "systems interleaved with rotating order; median over rounds of each metric",
         },
     )
-    print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    print_report(result)
+    out = write_json(args.out, result, headline(result))
     print(f"wrote {out}", file=sys.stderr)
     return 1 if errors else 0
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def summarize(plan: list[dict], units: list[tuple[str, str, int]], per_round: dict[str, list[dict]]) -> dict:
@@ -846,7 +734,7 @@ def summarize(plan: list[dict], units: list[tuple[str, str, int]], per_round: di
     for key in row_order(plan):
         for label, system, domains in units:
             rounds = [rm.get(key, {}) for rm in per_round[label]]
-            m = {f: _median([x.get(f) for x in rounds]) for f in ("p50_us", "p99_us", "gbps")}
+            m = {f: median([x.get(f) for x in rounds]) for f in ("p50_us", "p99_us", "gbps")}
             # Best round too: loopback here is bimodal per process pair (see the module docstring).
             p50s = [x["p50_us"] for x in rounds if x.get("p50_us") is not None]
             bws = [x["gbps"] for x in rounds if x.get("gbps") is not None]
@@ -866,9 +754,9 @@ def summarize(plan: list[dict], units: list[tuple[str, str, int]], per_round: di
             b = medians.get((base, key))
             if b is None:
                 continue
-            row[f"lat_vs_{base}"] = _ratio(row["p50_us"], b["p50_us"]) if row["test"] != "paged" else None
-            row[f"bw_vs_{base}"] = _ratio(row["gbps"], b["gbps"])
-            row[f"bw_best_vs_{base}"] = _ratio(row["gbps_best"], b["gbps_best"])
+            row[f"lat_vs_{base}"] = ratio(row["p50_us"], b["p50_us"]) if row["test"] != "paged" else None
+            row[f"bw_vs_{base}"] = ratio(row["gbps"], b["gbps"])
+            row[f"bw_best_vs_{base}"] = ratio(row["gbps_best"], b["gbps_best"])
         if row["test"] == "write" and row["size"] >= MiB and row.get("bw_vs_raw") is not None:
             targets.append({"name": row["name"], "row": row["label"], "metric": "bandwidth / raw",
                             "value": row["bw_vs_raw"], "target": ">= 0.9", "met": row["bw_vs_raw"] >= 0.9})
@@ -886,19 +774,31 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def print_table(result: dict) -> None:
-    head = (f"{'test':<20} {'system':<11} {'p50 us':>9} {'p99 us':>9} {'GB/s':>6} {'best':>6}  "
-            f"{'lat/raw':>7} {'bw/raw':>6} {'best':>6}  {'lat/tcp':>7} {'bw/tcp':>6}")
-    print(head)
-    print("-" * len(head))
+def headline(result: dict) -> dict[str, float]:
+    """The key same-run ratios: every engine row's value for the issue's targets (bandwidth / raw
+    for writes >= 1 MiB, p50 latency / raw at 4 KiB) and the paged bandwidth / raw."""
+    out = {f"{t['name']} {t['row']} {t['metric']}": t["value"] for t in result["targets"]}
+    for row in result["rows"]:
+        if row["system"].startswith("engine") and row["test"] == "paged" and row.get("bw_vs_raw") is not None:
+            out[f"{row['name']} {row['label']} bandwidth / raw"] = row["bw_vs_raw"]
+    return out
+
+
+TABLE_COLUMNS = [("test", 20, "<"), ("system", 11, "<"), ("p50 us", 9, ">"), ("p99 us", 9, ">"), ("GB/s", 6, ">"),
+                 ("best", 6, ">"), ("", 0, ""), ("lat/raw", 7, ">"), ("bw/raw", 6, ">"), ("best", 6, ">"),
+                 ("", 0, ""), ("lat/tcp", 7, ">"), ("bw/tcp", 6, ">")]
+
+
+def print_report(result: dict) -> None:
+    cells = []
     last = None
     for row in result["rows"]:
         label = row["label"] if row["label"] != last else ""
         last = row["label"]
-        print(f"{label:<20} {row['name']:<11} {_f(row['p50_us'], 9, 1)} {_f(row['p99_us'], 9, 1)} "
-              f"{_f(row['gbps'], 6, 2)} {_f(row['gbps_best'], 6, 2)}  {_x(row.get('lat_vs_raw')):>7} "
-              f"{_x(row.get('bw_vs_raw')):>6} {_x(row.get('bw_best_vs_raw')):>6}  "
-              f"{_x(row.get('lat_vs_tcp')):>7} {_x(row.get('bw_vs_tcp')):>6}")
+        cells.append([label, row["name"], _f(row["p50_us"], 9, 1), _f(row["p99_us"], 9, 1), _f(row["gbps"], 6, 2),
+                      _f(row["gbps_best"], 6, 2), "", _x(row.get("lat_vs_raw")), _x(row.get("bw_vs_raw")),
+                      _x(row.get("bw_best_vs_raw")), "", _x(row.get("lat_vs_tcp")), _x(row.get("bw_vs_tcp"))])
+    print_table(TABLE_COLUMNS, cells)
     print("latency: half round trip (write -> target's imm-only answer); paged: whole op round trip; "
           "GB/s: many writes in flight (paged: at p50 op time); medians over rounds, 'best': best round")
     for t in result["targets"]:

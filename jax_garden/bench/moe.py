@@ -25,12 +25,13 @@ do. bytes per selection: H*2 (bf16), H + 4*H/128 (fp8 + scales), H*2 for combine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
+# jax's own variable, read when its GPU client starts: the benchmark shares the GPUs with cupy.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from jax_garden.bench._harness import Progress, percentile, print_table, write_json  # noqa: E402
 
 E, K, H = 256, 8, 7168
 MODES = {"decode": 128, "prefill": 4096}
@@ -38,15 +39,10 @@ N_ROUTINGS = 8
 RAGGED_REFERENCE_US = {"decode": 2689.0, "prefill": 95129.0}  # DEVICE.md, 4xH100, bf16 round trip
 
 
-def _pct(a, q):
-    import numpy as np
-
-    return float(np.percentile(np.asarray(a, np.float64), q)) if len(a) else float("nan")
-
-
 def _stats(samples_ns, gb_per_sample=None):
-    p50 = _pct(samples_ns, 50) / 1e3
-    p99 = _pct(samples_ns, 99) / 1e3
+    """p50 / p99 (µs, interpolated as numpy does) of device-timed samples, and GB/s at p50."""
+    p50 = percentile(samples_ns, 0.5, interpolate=True) / 1e3
+    p99 = percentile(samples_ns, 0.99, interpolate=True) / 1e3
     out = {"p50_us": p50, "p99_us": p99, "n": len(samples_ns)}
     if gb_per_sample is not None and p50 > 0:
         out["gbps_p50"] = gb_per_sample / (p50 * 1e-6)
@@ -138,9 +134,11 @@ def _spmd(mesh, fn, fp8):
     import jax
     from jax.sharding import PartitionSpec as P
 
+    from jax_garden import _compat
+
     del fp8  # x_scale is None for bf16: an empty pytree under the same spec
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"),
-                                 check_vma=False))
+    return jax.jit(_compat.shard_map(fn, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"),
+                                     check_vma=False))
 
 
 def bench_native(mesh, r, mode, t, dtype, iters, recv_factor, seed=0):
@@ -262,7 +260,7 @@ def bench_peer_copy(r, nbytes=256 << 20, iters=20):
                 e1.record(s)
             e1.synchronize()
             samples.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3)
-        p50 = _pct(samples[2:], 50)
+        p50 = percentile(samples[2:], 0.5, interpolate=True)
         out["pair_0_to_1"] = {"bytes": nbytes, "p50_us": p50, "gbps": nbytes / (p50 * 1e-6) / 1e9}
 
         chunk = nbytes // (r - 1) // 256 * 256
@@ -293,7 +291,8 @@ def bench_peer_copy(r, nbytes=256 << 20, iters=20):
             for d, (e0, e1) in evs.items():
                 e1.synchronize()
                 per_gpu[d].append(cp.cuda.get_elapsed_time(e0, e1) * 1e3)
-        gbps = [chunk * (r - 1) / (_pct(v[2:], 50) * 1e-6) / 1e9 for v in per_gpu.values()]
+        gbps = [chunk * (r - 1) / (percentile(v[2:], 0.5, interpolate=True) * 1e-6) / 1e9
+                for v in per_gpu.values()]
         out["all_to_all_egress_per_gpu"] = {"bytes_per_gpu": chunk * (r - 1),
                                             "gbps_mean": float(sum(gbps) / len(gbps)),
                                             "gbps_min": float(min(gbps))}
@@ -305,79 +304,15 @@ def bench_peer_copy(r, nbytes=256 << 20, iters=20):
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jax_garden.bench moe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="decode,prefill")
-    ap.add_argument("--dtypes", default="bf16,fp8")
-    ap.add_argument("--iters", type=int, default=200, help="timed round trips (decode)")
-    ap.add_argument("--prefill-iters", type=int, default=20)
-    ap.add_argument("--ragged-iters", type=int, default=20)
-    ap.add_argument("--ragged-prefill-iters", type=int, default=3)
-    ap.add_argument("--recv-factor", type=float, default=1.5,
-                    help="max_recv_tokens = factor * tokens * K rounded up to 128 (random routing "
-                         "receives tokens*K rows per rank on average)")
-    ap.add_argument("--ranks", type=int, default=0, help="GPUs to use (0: all)")
-    ap.add_argument("--no-ragged", action="store_true")
-    ap.add_argument("--no-peer-copy", action="store_true")
-    ap.add_argument("--out", default="moe_bench.json")
-    args = ap.parse_args(argv)
-
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    from jax_garden import _moe_cuda
-
-    gpus = [d for d in jax.devices() if d.platform == "gpu"]
-    if not gpus:
-        print("moe bench: no CUDA GPU", file=sys.stderr)
-        return 2
-    if not _moe_cuda.available():
-        print("moe bench: jax_garden was built without the CUDA MoE kernels", file=sys.stderr)
-        return 2
-    r = args.ranks or len(gpus)
-    mesh = Mesh(np.array(gpus[:r]), ("ep",))
-    modes = [m for m in args.modes.split(",") if m]
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    for m in modes:
-        if m not in MODES:
-            ap.error(f"--modes: unknown mode {m!r} (decode, prefill)")
-    for d in dtypes:
-        if d not in ("bf16", "fp8"):
-            ap.error(f"--dtypes: unknown dtype {d!r} (bf16, fp8)")
-
-    result = {"benchmark": "moe", "device": gpus[0].device_kind, "ranks": r,
-              "experts": E, "top_k": K, "hidden": H, "method": __doc__.split("Method", 1)[1].strip(),
-              "local_traffic_counted": True, "rows": [], "peer_copy": {}, "ratios": {},
-              "errors": []}
-    t_start = time.time()
-    if not args.no_peer_copy:
-        try:
-            result["peer_copy"] = bench_peer_copy(r)
-        except Exception as e:  # cupy missing: the rest still runs
-            result["errors"].append(f"peer copy: {type(e).__name__}: {e}")
-    for mode in modes:
-        t = MODES[mode]
-        for dtype in dtypes:
-            iters = args.iters if mode == "decode" else args.prefill_iters
-            try:
-                result["rows"].append(bench_native(mesh, r, mode, t, dtype, iters, args.recv_factor))
-            except Exception as e:
-                result["errors"].append(f"native {mode} {dtype}: {type(e).__name__}: {e}")
-            if not args.no_ragged:
-                it = args.ragged_iters if mode == "decode" else args.ragged_prefill_iters
-                try:
-                    result["rows"].append(bench_ragged(mesh, r, mode, t, dtype, it, args.recv_factor))
-                except Exception as e:
-                    result["errors"].append(f"ragged {mode} {dtype}: {type(e).__name__}: {e}")
-            print(f"[{time.time() - t_start:6.1f}s] {mode} {dtype} done", flush=True)
-
-    # Ratios and targets.
+def summarize(result: dict) -> dict[str, float]:
+    """Fills ``result["ratios"]`` (per "mode dtype": speedups over ragged_all_to_all, bandwidth
+    against the peer copy, and whether the targets are met) from the rows of the same run; returns
+    the headline (the ratios .ci/gpu_verify.sh prints)."""
     pc = result["peer_copy"]
     ref_bw = max([pc.get("pair_0_to_1", {}).get("gbps", 0.0),
                   pc.get("all_to_all_egress_per_gpu", {}).get("gbps_mean", 0.0)])
     rows = {(x["impl"], x["mode"], x["dtype"]): x for x in result["rows"]}
+    headline = {}
     for (impl, mode, dtype), row in rows.items():
         if impl != "native":
             continue
@@ -402,29 +337,119 @@ def main(argv=None) -> int:
                 ratio["target_dispatch_60pct_peer_copy"] = ratio["dispatch_bw_vs_peer_copy"] >= 0.6
                 ratio["target_combine_60pct_peer_copy"] = ratio["combine_bw_vs_peer_copy"] >= 0.6
         result["ratios"][key] = ratio
+        for k in ("round_trip_speedup_vs_ragged", "dispatch_bw_vs_peer_copy", "combine_bw_vs_peer_copy"):
+            if k in ratio:
+                headline[f"{key} {k}"] = ratio[k]
+    return headline
 
-    # Table.
-    print(f"\nMoE dispatch/combine, {r} x {result['device']}, E={E} top-{K} H={H}; device timers; "
-          f"logical GB/s per GPU incl. local traffic")
-    if pc:
-        for k, v in pc.items():
-            print(f"  peer copy {k}: {v.get('gbps', v.get('gbps_mean')):.1f} GB/s")
-    hdr = f"{'mode':8} {'dtype':5} {'impl':18} {'phase':14} {'p50 us':>10} {'p99 us':>10} {'GB/s':>8}"
-    print(hdr)
-    print("-" * len(hdr))
+
+TABLE_COLUMNS = [("mode", 8, "<"), ("dtype", 5, "<"), ("impl", 18, "<"), ("phase", 14, "<"),
+                 ("p50 us", 10, ">"), ("p99 us", 10, ">"), ("GB/s", 8, ">")]
+
+
+def print_report(result: dict) -> None:
+    print(f"\nMoE dispatch/combine, {result['ranks']} x {result['device']}, E={E} top-{K} H={H}; device "
+          f"timers; logical GB/s per GPU incl. local traffic")
+    for k, v in result["peer_copy"].items():
+        print(f"  peer copy {k}: {v.get('gbps', v.get('gbps_mean')):.1f} GB/s")
+    cells = []
     for row in result["rows"]:
         for ph, st in row["phases"].items():
-            gbs = f"{st['gbps_p50']:8.1f}" if "gbps_p50" in st else f"{'':8}"
-            print(f"{row['mode']:8} {row['dtype']:5} {row['impl']:18} {ph:14} {st['p50_us']:10.1f} "
-                  f"{st['p99_us']:10.1f} {gbs}")
+            cells.append([row["mode"], row["dtype"], row["impl"], ph, f"{st['p50_us']:.1f}", f"{st['p99_us']:.1f}",
+                          f"{st['gbps_p50']:.1f}" if "gbps_p50" in st else ""])
+    print_table(TABLE_COLUMNS, cells)
     for key, ratio in result["ratios"].items():
         print(f"  {key}: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in ratio.items()))
     for e in result["errors"]:
         print(f"  error: {e}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jax_garden.bench moe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default=None, help="decode,prefill (default both; --quick: decode)")
+    ap.add_argument("--dtypes", default="bf16,fp8")
+    ap.add_argument("--iters", type=int, default=None, help="timed round trips (decode; default 200, --quick 50)")
+    ap.add_argument("--prefill-iters", type=int, default=20)
+    ap.add_argument("--ragged-iters", type=int, default=None, help="default 20, --quick 10")
+    ap.add_argument("--ragged-prefill-iters", type=int, default=3)
+    ap.add_argument("--recv-factor", type=float, default=1.5,
+                    help="max_recv_tokens = factor * tokens * K rounded up to 128 (random routing "
+                         "receives tokens*K rows per rank on average)")
+    ap.add_argument("--ranks", type=int, default=0, help="GPUs to use (0: all)")
+    ap.add_argument("--no-ragged", action="store_true")
+    ap.add_argument("--no-peer-copy", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="decode only, fewer iterations, a smaller peer copy: well under a minute")
+    ap.add_argument("--out", "--json", dest="out", default="moe_bench.json", help="JSON output path")
+    args = ap.parse_args(argv)
+    modes_arg = args.modes or ("decode" if args.quick else "decode,prefill")
+    iters = args.iters if args.iters is not None else (50 if args.quick else 200)
+    ragged_iters = args.ragged_iters if args.ragged_iters is not None else (10 if args.quick else 20)
+    for name, value in (("--iters", iters), ("--prefill-iters", args.prefill_iters),
+                        ("--ragged-iters", ragged_iters), ("--ragged-prefill-iters", args.ragged_prefill_iters)):
+        if value <= 0:
+            ap.error(f"{name} must be > 0, got {value}")
+    if not args.recv_factor > 0:
+        ap.error(f"--recv-factor must be > 0, got {args.recv_factor}")
+
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jax_garden import _moe_cuda
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+        print("moe bench: no CUDA GPU", file=sys.stderr)
+        return 2
+    if not _moe_cuda.available():
+        print("moe bench: jax_garden was built without the CUDA MoE kernels", file=sys.stderr)
+        return 2
+    r = args.ranks or len(gpus)
+    mesh = Mesh(np.array(gpus[:r]), ("ep",))
+    modes = [m for m in modes_arg.split(",") if m]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"--modes: unknown mode {m!r} (decode, prefill)")
+    for d in dtypes:
+        if d not in ("bf16", "fp8"):
+            ap.error(f"--dtypes: unknown dtype {d!r} (bf16, fp8)")
+
+    result = {"benchmark": "moe", "device": gpus[0].device_kind, "ranks": r,
+              "experts": E, "top_k": K, "hidden": H, "method": __doc__.split("Method", 1)[1].strip(),
+              "local_traffic_counted": True, "quick": args.quick, "rows": [], "peer_copy": {},
+              "ratios": {}, "errors": []}
+    progress = Progress(sys.stdout)
+    if not args.no_peer_copy:
+        try:
+            result["peer_copy"] = (bench_peer_copy(r, nbytes=64 << 20, iters=5) if args.quick
+                                   else bench_peer_copy(r))
+        except Exception as e:  # cupy missing: the rest still runs
+            result["errors"].append(f"peer copy: {type(e).__name__}: {e}")
+        progress.timed("peer copy done")
+    for mode in modes:
+        t = MODES[mode]
+        for dtype in dtypes:
+            it = iters if mode == "decode" else args.prefill_iters
+            try:
+                result["rows"].append(bench_native(mesh, r, mode, t, dtype, it, args.recv_factor))
+            except Exception as e:
+                result["errors"].append(f"native {mode} {dtype}: {type(e).__name__}: {e}")
+            if not args.no_ragged:
+                it = ragged_iters if mode == "decode" else args.ragged_prefill_iters
+                try:
+                    result["rows"].append(bench_ragged(mesh, r, mode, t, dtype, it, args.recv_factor))
+                except Exception as e:
+                    result["errors"].append(f"ragged {mode} {dtype}: {type(e).__name__}: {e}")
+            progress.timed(f"{mode} {dtype} done")
+
+    headline = summarize(result)
+    print_report(result)
+    out = write_json(args.out, result, headline)
+    print(f"wrote {out}")
     return 1 if result["errors"] else 0
 
 

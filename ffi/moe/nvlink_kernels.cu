@@ -1,4 +1,5 @@
-// CUDA kernels of the NVLink MoE dispatch/combine (protocol: moe_cuda.h).
+// CUDA kernels of the NVLink MoE dispatch/combine (protocol: nvlink_protocol.h; routing and
+// layout math: layout.h, the same functions the CPU reference runs).
 //
 // Every kernel: a prologue (read the generation, wait with a deadline for the peers' flags),
 // a grid-stride body where one warp moves one chunk of one row with 16-byte accesses, and a
@@ -10,9 +11,10 @@
 #include <cstdio>
 #include <string>
 
-#include "moe/moe_cuda.h"
+#include "moe/layout.h"
+#include "moe/nvlink_kernels.h"
 
-namespace jax_garden::moe_cuda {
+namespace jax_garden::moe {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
@@ -92,10 +94,7 @@ __device__ void prologue(const DeviceView& v, Shared& s, int kernel, int gen_wor
     // Closed: the symmetric buffers are gone (a CUDA graph may still replay this launch).
     s.ok = vload(v.state + kDead) == 0 && vload(v.state + kClosed) == 0;
     int bm = v.T;
-    if (bound_m_p != nullptr) {
-      bm = *bound_m_p;
-      bm = bm < 0 ? 0 : (bm > v.T ? v.T : bm);
-    }
+    if (bound_m_p != nullptr) bm = clamp_bound(*bound_m_p, v.T);
     s.bm = bm;
     if (blockIdx.x == 0) {
       stamp(v, kernel, s.gen, 0);
@@ -179,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DeviceView v
     if (static_cast<int>(blockIdx.x) < route_blocks) {
       const int e = blockIdx.x * kWarps + warp;
       const bool active = e < v.E;
-      const int d = active ? e / v.L : 0, el = active ? e % v.L : 0;
+      const int d = active ? owner_rank(e, v.L) : 0, el = active ? e - d * v.L : 0;
       int32_t* list = reinterpret_cast<int32_t*>(s.sym[d] + v.off_routes) + (static_cast<int64_t>(v.rank) * v.L + el) * TK;
       int base = 0;
       for (int start = 0; start < N; start += kRouteTile) {
@@ -228,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DeviceView v
       unsigned mine = 0;
       if (lane < v.K) {
         const int e = __ldg(idx + static_cast<int64_t>(t) * v.K + lane);
-        if (static_cast<unsigned>(e) < static_cast<unsigned>(v.E)) mine = 1u << (e / v.L);
+        if (valid_expert(e, v.E)) mine = 1u << owner_rank(e, v.L);
         if (c == 0) v.routed_idx[static_cast<int64_t>(t) * v.K + lane] = e;
       }
       const unsigned dmask = __reduce_or_sync(kFull, mine);
@@ -301,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DeviceView v
         acc += s.ok ? s_cnt_src[r * L + el] : 0;
       }
       s_cnt[el] = acc;
-      local_sum += (acc + v.pad - 1) / v.pad * v.pad;
+      local_sum += static_cast<int>(round_up(acc, v.pad));
     }
   }
   // Block exclusive scan of the padded sizes.
@@ -322,20 +321,20 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DeviceView v
     }
   }
   __syncthreads();
-  // Capacity M (a multiple of pad): start = min(padded prefix, M), kept = min(count, M - start);
-  // a segment that does not fit keeps its first rows in (source, token, k) order.
+  // Capacity M (layout.h): a segment that does not fit keeps its first rows in (source, token, k)
+  // order.
   int run = s_scan[warp] + incl - local_sum;
   int dropped = 0;
   for (int q = 0; q < per; ++q) {
     const int el = threadIdx.x * per + q;
     if (el < L) {
-      const int start = min(run, v.M);
-      const int kept = min(s_cnt[el], v.M - start);
+      const int start = static_cast<int>(segment_start(run, v.M));
+      const int kept = static_cast<int>(segment_kept(s_cnt[el], start, v.M));
       dropped += s_cnt[el] - kept;
-      run += (s_cnt[el] + v.pad - 1) / v.pad * v.pad;
+      run += static_cast<int>(round_up(s_cnt[el], v.pad));
       s_seg[el] = start;
       s_cnt[el] = kept;
-      if (el == L - 1) s_seg[L] = min(run, v.M);
+      if (el == L - 1) s_seg[L] = static_cast<int>(segment_start(run, v.M));
     }
   }
   __syncthreads();
@@ -516,7 +515,7 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(DeviceView v,
       const int64_t n = static_cast<int64_t>(t) * K + lane;
       const int32_t e = __ldg(idx + n);
       wk = __ldg(w + n);
-      valid = static_cast<unsigned>(e) < static_cast<unsigned>(v.E) &&
+      valid = valid_expert(e, v.E) &&
               __ldcg(reinterpret_cast<const uint32_t*>(s.sym[v.rank] + v.off_cgen) + n) == s.gen + 1;
       if (c == 0) {  // combine undoes the last dispatch: its routing must be the one given here
         const int32_t routed = v.routed_idx[n];
@@ -592,50 +591,52 @@ __global__ void write_ints_kernel(int32_t* out, int32_t a, int32_t b) {
 
 }  // namespace
 
-size_t RecvSharedBytes(const DeviceView& v) {
+size_t recv_shared_bytes(const DeviceView& v) {
   return sizeof(int32_t) * (2 * static_cast<size_t>(v.R) * v.L + 2 * static_cast<size_t>(v.L) + 1);
 }
 
-int LaunchDispatchSend(const DeviceView& v, void* stream, const void* x, const float* x_scale,
-                       const int32_t* indices, const int32_t* bound_m, const int32_t* rank,
-                       uint32_t* send_done) {
+int launch_dispatch_send(const DeviceView& v, void* stream, const void* x, const float* x_scale,
+                         const int32_t* indices, const int32_t* bound_m, const int32_t* rank,
+                         uint32_t* send_done) {
   dispatch_send_kernel<<<v.grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       v, static_cast<const char*>(x), x_scale, indices, bound_m, rank, send_done);
   return static_cast<int>(cudaGetLastError());
 }
 
-int LaunchDispatchRecv(const DeviceView& v, void* stream, const uint32_t* send_done, const int32_t* rank,
-                       void* expert_x, float* expert_scale, int32_t* expert_counts) {
-  dispatch_recv_kernel<<<v.grid, kThreads, RecvSharedBytes(v), static_cast<cudaStream_t>(stream)>>>(
+int launch_dispatch_recv(const DeviceView& v, void* stream, const uint32_t* send_done,
+                         const int32_t* rank, void* expert_x, float* expert_scale,
+                         int32_t* expert_counts) {
+  dispatch_recv_kernel<<<v.grid, kThreads, recv_shared_bytes(v), static_cast<cudaStream_t>(stream)>>>(
       v, send_done, rank, static_cast<char*>(expert_x), expert_scale, expert_counts);
   return static_cast<int>(cudaGetLastError());
 }
 
-int LaunchCombineSend(const DeviceView& v, void* stream, const void* expert_y, const int32_t* expert_counts,
-                      const int32_t* rank, uint32_t* send_done) {
+int launch_combine_send(const DeviceView& v, void* stream, const void* expert_y,
+                        const int32_t* expert_counts, const int32_t* rank, uint32_t* send_done) {
   combine_send_kernel<<<v.grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       v, static_cast<const char*>(expert_y), expert_counts, rank, send_done);
   return static_cast<int>(cudaGetLastError());
 }
 
-int LaunchCombineRecv(const DeviceView& v, void* stream, const uint32_t* send_done, const int32_t* indices,
-                      const float* weights, const int32_t* bound_m, const int32_t* rank, void* y) {
+int launch_combine_recv(const DeviceView& v, void* stream, const uint32_t* send_done,
+                        const int32_t* indices, const float* weights, const int32_t* bound_m,
+                        const int32_t* rank, void* y) {
   combine_recv_kernel<<<v.grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       v, send_done, indices, weights, bound_m, rank, static_cast<__nv_bfloat16*>(y));
   return static_cast<int>(cudaGetLastError());
 }
 
-int LaunchTimestamp(void* stream, uint64_t* out) {
+int launch_timestamp(void* stream, uint64_t* out) {
   timestamp_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(out);
   return static_cast<int>(cudaGetLastError());
 }
 
-int LaunchWriteInts(void* stream, int32_t* out, int32_t a, int32_t b) {
+int launch_write_ints(void* stream, int32_t* out, int32_t a, int32_t b) {
   write_ints_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(out, a, b);
   return static_cast<int>(cudaGetLastError());
 }
 
-int PreloadKernels(std::string* report) {
+int preload_kernels(std::string* report) {
   struct Entry {
     const char* name;
     const void* fn;
@@ -661,4 +662,4 @@ int PreloadKernels(std::string* report) {
   return 0;
 }
 
-}  // namespace jax_garden::moe_cuda
+}  // namespace jax_garden::moe

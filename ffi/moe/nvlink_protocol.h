@@ -1,0 +1,104 @@
+// The NVLink MoE dispatch/combine protocol: the symmetric-buffer layout, the flags and state words
+// the kernels synchronise on, the sticky error codes they record, and DeviceView (everything a
+// kernel reads, passed by value). Plain C++ (no CUDA headers): the host context
+// (nvlink_all_to_all_cuda.cc), the kernels (nvlink_kernels.cu) and the bindings (which export the
+// error codes to Python) all include it, in CPU-only builds too.
+//
+// Protocol (one rank = one GPU of the expert-parallel group, R <= 8, all on one NVLink node):
+//  * every rank owns one "symmetric" buffer with the same layout everywhere, mapped into every
+//    peer (peer access in one process, CUDA IPC across processes):
+//      flags | route counts [src][L] | route lists [src][L][T*K] | dispatch slots [src][T] |
+//      combine slots [T*K] | combine slot generations [T*K]
+//  * dispatch_send writes each token once per destination rank (deduplicated) into slot
+//    [me][t] of that rank, plus, per destination expert, the stable-sorted list of (t*K+k)
+//    routed to it and its count; then a release flag DDATA[me] = generation.
+//  * dispatch_recv waits for DDATA from every source, computes segment offsets (layout.h; the
+//    tail of a segment that does not fit in M is dropped and counted), gathers slots into
+//    expert_x rows (source rank, then token, then k), remembers row -> (src, t, k), and acks
+//    DFREE[me] in every source (the source may reuse our buffer from then on).
+//  * combine_send writes expert_y[row] into slot [t*K+k] of the source rank and stamps that
+//    slot with the combine generation, then CDATA[me].
+//  * combine_recv waits for CDATA from every rank, sums the slots [t*K+0..K) stamped by this
+//    combine (ignored or dropped entries are not) in f32 in k order, and acks CFREE[me].
+//  Generations live in device memory (advanced by the kernels), so the launches are identical
+//  every call and capturable in CUDA graphs. Every wait is bounded by a globaltimer deadline
+//  and sets a sticky error (read by the host later) instead of hanging.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace jax_garden::moe {
+
+inline constexpr int kMaxRanks = 8;
+inline constexpr int kThreads = 256;         // threads per block of every kernel
+inline constexpr int kDefaultChunkBytes = 2048;  // bytes of a row one warp sends (32 lanes x 4 x 16 B)
+inline constexpr int kCombineChunk = 256;    // channels of one token handled by one warp in combine_recv
+inline constexpr int kTimingRing = 4096;     // per-kernel device timestamps kept (benchmarks)
+
+// Flag arrays at the start of the symmetric buffer, one 128-byte line each, indexed by rank.
+enum Flag : int { kFlagDData = 0, kFlagDFree = 1, kFlagCData = 2, kFlagCFree = 3 };
+inline constexpr int64_t kFlagsBytes = 4096;
+
+// Words of the per-rank local state (device memory).
+enum StateWord : int {
+  kGenDSend = 0, kGenDRecv = 1, kGenCSend = 2, kGenCRecv = 3,  // calls completed, per kernel
+  kCtrDSend = 4, kCtrDRecv = 5, kCtrCSend = 6, kCtrCRecv = 7,  // blocks finished (last-block)
+  kTotalRows = 8,                                              // padded rows of the last dispatch
+  kDead = 9,                                                   // a wait timed out: skip peers
+  kDropped = 10,                                               // u64 (words 10-11): rows dropped
+  kRoutedBm = 12,                                              // bound_m of the last dispatch
+  kClosed = 13,                                                // context closed: touch nothing
+  kStateWords = 16,
+};
+
+// Sticky error codes the kernels record (first one wins; exported to Python as
+// `_jax_garden.moe.DeviceError`). a, b, c are the details device_error_message names.
+enum DeviceError : int32_t {
+  kErrNone = 0,
+  kErrTimeoutDispatchData = 1,   // a = source rank whose dispatch data never arrived
+  kErrTimeoutDispatchFree = 2,   // a = destination rank that never released its buffer
+  kErrTimeoutCombineData = 3,    // a = expert rank whose combine data never arrived
+  kErrTimeoutCombineFree = 4,    // a = source rank that never released its combine buffer
+  kErrRankMismatch = 5,          // a = rank operand, b = rank of this device
+  kErrCountsMismatch = 6,        // a = local expert, b = expert_counts[a] given, c = rows received
+  kErrPhaseOrder = 7,            // a = call (PhaseCall), b = its calls so far, c = the other half's
+  kErrRoutingMismatch = 8,       // a = t*K+k (-1: bound_m), b = value given to combine, c = dispatch's
+};
+
+// Which call broke the phase order (kErrPhaseOrder).
+enum PhaseCall : int32_t {
+  kCallDispatchSend = 0, kCallDispatchRecv = 1, kCallCombineSend = 2, kCallCombineRecv = 3,
+  kCallCombineBeforeDispatch = 4,
+};
+
+// True for the codes that are waits which ran out of time (a peer that never arrived).
+bool is_timeout_error(int32_t code);
+// The message of a recorded error, naming the rank, the peer and the values.
+std::string device_error_message(int32_t code, int32_t a, int32_t b, int32_t rank, int32_t c);
+
+// Everything a kernel needs, passed by value (fixed per device, so graph replays stay valid).
+// The shape fields are MoeShape's (make_device_view in the context fills them), as int32 for the
+// kernels' index arithmetic.
+struct DeviceView {
+  int32_t E, K, H, T, M, R, L, S, pad, rank;
+  int32_t xbytes;       // bytes of one dispatch row (H * elem)
+  int32_t sbytes;       // bytes of one scale row (S * 4)
+  int32_t cbytes;       // bytes of one combine row (H * 2)
+  int32_t grid;         // blocks of every kernel
+  int32_t chunk_bytes;  // bytes of a row one warp sends at a time: 512, 1024 or 2048
+  int64_t rec_stride;   // dispatch slot: round16(xbytes) + round16(sbytes)
+  int64_t crec_stride;  // combine slot: round16(cbytes)
+  int64_t off_counts, off_routes, off_data, off_cdata, off_cgen;  // offsets into the symmetric buffer
+  uint64_t timeout_ns;
+  char* sym[kMaxRanks];  // every rank's symmetric buffer as mapped on this device
+  int32_t* row_map;      // [M]: src * T*K + t*K + k of each gathered row, -1 for padding
+  int32_t* kept;         // [L]: rows of each local expert in the last dispatch
+  int32_t* routed_idx;   // [T*K]: indices of the last dispatch (combine_recv checks its own)
+  uint32_t* state;       // [kStateWords]
+  int32_t* err_dev;      // [1] device copy of the sticky error code
+  int32_t* err_host;     // [8] mapped pinned host memory: code, a, b, rank, c
+  uint64_t* timing;      // [4][kTimingRing][2] kernel start/end (globaltimer ns)
+};
+
+}  // namespace jax_garden::moe
