@@ -61,8 +61,8 @@ run_tests() {  # name, timeout, pytest args...
 : > "$out/test_counts.txt"
 run_tests build 60 tests/test_build.py
 run_tests fabric_gpu 150 tests/test_fabric_gpu.py tests/test_fabric_staging.py
-run_tests moe_gpu 240 -m gpu tests/test_moe_gpu.py
-others=$(grep -l -E 'pytest\.mark\.gpu' tests/test_*.py | grep -v -E 'test_(fabric_gpu|fabric_staging|moe_gpu)\.py' | tr '\n' ' ')
+run_tests moe_gpu 300 -m gpu tests/test_moe_gpu.py tests/test_moe.py
+others=$(grep -l -E 'pytest\.mark\.gpu' tests/test_*.py | grep -v -E 'test_(fabric_gpu|fabric_staging|moe_gpu|moe)\.py' | tr '\n' ' ')
 [ -n "$others" ] && run_tests other_gpu 200 -m gpu $others
 
 # 3. Benchmarks, quick settings, JSON under OUTDIR (GPU_VERIFY_BENCH=0 skips them).

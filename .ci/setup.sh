@@ -5,10 +5,15 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-if ! pkg-config --exists libfabric 2>/dev/null; then
+need=()
+pkg-config --exists libfabric 2>/dev/null || need+=(libfabric-dev pkg-config)
+# clang: .ci/thread_safety.sh checks the engine's lock annotations with -Wthread-safety
+command -v clang++ >/dev/null 2>&1 || command -v clang++-14 >/dev/null 2>&1 || need+=(clang)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]} (apt)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq libfabric-dev pkg-config >/dev/null
+  apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 find_python312() {
@@ -27,10 +32,14 @@ if [ -z "$py" ]; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $py"
   "$py" -m venv .venv
 fi
+echo "setup: installing jax 0.11.2 and the build tools into .venv (pip)"
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "jax==0.11.2" "jaxlib==0.11.2" numpy ml_dtypes nanobind "scikit-build-core>=0.10" \
   pytest pytest-timeout ninja cmake
 # CPU-only unless asked otherwise: CI has nvcc but no GPU, and the CUDA build is checked on GPU machines.
+echo "setup: building and installing jax_garden from this checkout (about a minute)"
 JAX_GARDEN_CUDA=${JAX_GARDEN_CUDA:-OFF} .venv/bin/pip install -q --no-build-isolation .
+echo "setup: done"

@@ -101,6 +101,7 @@ struct Options {
   std::string plan;
   uint64_t seed = 1234;
   double timeout_s = 120.0;  // per test
+  bool delivery_complete = false;  // FI_DELIVERY_COMPLETE on every write (the engine's default semantics)
 };
 
 uint64_t parse_u64(const std::string& s, const char* what) {
@@ -279,8 +280,11 @@ struct Fabric {
   std::vector<fi_context> ctx;
   size_t next_ctx = 0;
 
+  uint64_t write_flags = FI_REMOTE_CQ_DATA | FI_COMPLETION;
+
   void open(const Options& opt, uint64_t nbytes) {
     timeout_s = opt.timeout_s;
+    if (opt.delivery_complete) write_flags |= FI_DELIVERY_COMPLETE;
     fi_info* hints = fi_allocinfo();
     hints->caps = FI_MSG | FI_RMA;
     hints->mode = FI_CONTEXT;
@@ -410,7 +414,7 @@ struct Fabric {
     msg.data = imm;
     int64_t deadline = now_ns() + static_cast<int64_t>(timeout_s * 1e9);
     while (true) {
-      ssize_t rc = fi_writemsg(ep, &msg, FI_REMOTE_CQ_DATA | FI_COMPLETION);
+      ssize_t rc = fi_writemsg(ep, &msg, write_flags);
       if (rc == 0) break;
       if (rc != -FI_EAGAIN) die("fi_writemsg(len=%" PRIu64 "): %zd (%s)", n, rc, fi_strerror(static_cast<int>(-rc)));
       progress();
@@ -574,7 +578,7 @@ void run_server(Fabric& f, Control& c, const std::vector<Test>& tests, uint64_t 
 void usage() {
   std::fprintf(stderr,
                "usage: raw_fabric_bench --role server|client --plan PLAN [--port N] [--host 127.0.0.1] "
-               "[--provider tcp] [--seed N] [--timeout SECONDS]\n");
+               "[--provider tcp] [--seed N] [--timeout SECONDS] [--delivery-complete]\n");
 }
 
 }  // namespace
@@ -594,6 +598,7 @@ int main(int argc, char** argv) {
     else if (a == "--plan") opt.plan = value();
     else if (a == "--seed") opt.seed = parse_u64(value(), "--seed");
     else if (a == "--timeout") opt.timeout_s = std::atof(value().c_str());
+    else if (a == "--delivery-complete") opt.delivery_complete = true;
     else if (a == "-h" || a == "--help") { usage(); return 0; }
     else { usage(); die("unknown argument '%s'", a.c_str()); }
   }

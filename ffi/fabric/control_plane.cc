@@ -69,6 +69,7 @@ bool ControlPlane::flush_imms() {
   for (auto& [key, p] : batch) {
     auto cbs = std::make_shared<std::vector<DoneCallback>>(std::move(p.callbacks));
     deliver_imms(*p.dst, key.second, p.count, [cbs](bool ok, const std::string& error) {
+      progress_role.assert_held();  // run by the worker under its lock
       for (auto& cb : *cbs) cb(ok, error);
     });
   }
@@ -185,6 +186,7 @@ bool ControlPlane::send_queries() {
       uint64_t id = m.query;
       queries_.emplace(id, std::move(q));
       send(owner, MsgKind::kRegionQuery, encode(m), [this, id](bool ok, const std::string& error) {
+        progress_role.assert_held();  // run by the worker under its lock
         if (!ok) on_query_failed(id, error);
       });
     }

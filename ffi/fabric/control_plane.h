@@ -15,9 +15,6 @@
 #include "fabric/control.h"
 #include "fabric/engine_context.h"
 
-// Members that only the progress owner (the worker, or an inline poller) may touch.
-#define JG_REQUIRES_PROGRESS JG_REQUIRES(ctx_.worker->progress_lock())
-#define JG_GUARDED_BY_PROGRESS JG_GUARDED_BY(ctx_.worker->progress_lock())
 
 namespace jax_garden::fabric {
 

@@ -154,7 +154,7 @@ void Engine::close() {
   ctx_.counters->release_gpu_waits("fabric.wait on GPU: the engine was closed before the imms arrived");
   ctx_.messages.close();
   {
-    MutexLock pl(ctx_.worker->progress_lock());
+    ProgressLock pl(*ctx_.worker);
     ctx_.jobs->close();
     ctx_.staging->close();
   }
@@ -176,7 +176,7 @@ void Engine::check() {
 StagingStats Engine::staging_stats() {
   StagingStats s;
   if (!closed()) {
-    MutexLock pl(ctx_.worker->progress_lock());
+    ProgressLock pl(*ctx_.worker);
     s = ctx_.staging->stats();
   }
   s.chunk_bytes = ctx_.options.stage_chunk_bytes;

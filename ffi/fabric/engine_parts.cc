@@ -6,7 +6,7 @@
 namespace jax_garden::fabric {
 
 ImmTarget::ImmTarget(Worker& worker) : buffer_(64, 0) {
-  MutexLock pl(worker.progress_lock());
+  ProgressLock pl(worker);
   for (uint32_t d = 0; d < worker.num_domains(); ++d) {
     regs_.push_back(worker.register_host(d, buffer_.data(), buffer_.size()));
     keys_.push_back(regs_.back().key);
@@ -27,7 +27,7 @@ void ImmTarget::fill(WorkRequest& wr, const MemoryDescriptor& peer, uint32_t dom
 }
 
 void ImmTarget::close(Worker& worker) {
-  MutexLock pl(worker.progress_lock());
+  ProgressLock pl(worker);
   for (size_t d = 0; d < regs_.size(); ++d) worker.domain(static_cast<uint32_t>(d)).unregister(regs_[d]);
 }
 

@@ -44,6 +44,7 @@ bool FabricPart::advance() {
   }
   in_flight_ = true;
   op_->on_done = [this](bool ok, const std::string& error) {
+    progress_role.assert_held();  // run by the worker under its lock
     in_flight_ = false;
     finish(ok, error);
   };
@@ -53,9 +54,8 @@ bool FabricPart::advance() {
 
 void JobRunner::submit(std::unique_ptr<Job> job) {
   job->state->set_driver(ctx_.worker);
-  Mutex& progress = ctx_.worker->progress_lock();
-  if (!has_inbox_.load(std::memory_order_acquire) && progress.try_lock()) {
-    MutexLock pl(progress, std::adopt_lock);
+  if (!has_inbox_.load(std::memory_order_acquire) && ctx_.worker->try_lock_progress()) {
+    ProgressLock pl(*ctx_.worker, std::adopt_lock);
     install(std::move(job));
     advance_jobs();
     ctx_.worker->wake();  // the worker polls the copies and delivers the imms

@@ -44,9 +44,9 @@ struct Job {
   size_t parts_finished = 0;
   bool failed = false;
 
-  void part_finished(bool ok, const std::string& error);
-  void fail(TransferState::Status status, const std::string& error);
-  bool removable() const;
+  void part_finished(bool ok, const std::string& error) JG_REQUIRES_PROGRESS;
+  void fail(TransferState::Status status, const std::string& error) JG_REQUIRES_PROGRESS;
+  bool removable() const JG_REQUIRES_PROGRESS;
 };
 
 // The plain RMA targets of a mixed scatter: one internal op.
@@ -66,7 +66,7 @@ class JobRunner final : public WorkerTask {
   explicit JobRunner(EngineContext& ctx) : ctx_(ctx) {}
   // Any thread: the job starts at once on the caller's thread when nobody else is progressing
   // (an IPC copy is then issued before this returns), else in the worker's next pass.
-  void submit(std::unique_ptr<Job> job) JG_EXCLUDES(ctx_.worker->progress_lock());
+  void submit(std::unique_ptr<Job> job) JG_EXCLUDES(progress_role);
   bool advance(Clock::time_point now) override JG_REQUIRES_PROGRESS;
   bool busy() const override JG_REQUIRES_PROGRESS;
   void close() JG_REQUIRES_PROGRESS;  // engine close: fail and drop every job

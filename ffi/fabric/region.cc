@@ -21,7 +21,7 @@ std::shared_ptr<MemoryRegion> RegionTable::add(MemoryRegion::Init init, Registra
   entry.length = init.length;
   const uint32_t domains = worker_->num_domains();
   if (args.mode != RegistrationMode::kStaged) {
-    MutexLock pl(worker_->progress_lock());
+    ProgressLock pl(*worker_);
     if (worker_->stopped()) throw TransferFailed("register: the engine is closed");
     try {
       for (uint32_t d = 0; d < domains; ++d) {
@@ -113,7 +113,7 @@ void RegionTable::close_all() {
     by_region_key_.clear();
   }
   for (auto& [id, e] : entries) SharedRegionTable::local()->retire(e.slot, e.region_key, timeout_s_);
-  MutexLock pl(worker_->progress_lock());
+  ProgressLock pl(*worker_);
   for (auto& [id, e] : entries)
     for (uint32_t d = 0; d < e.regs.size(); ++d) worker_->domain(d).unregister(e.regs[d]);
 }

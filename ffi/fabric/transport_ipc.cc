@@ -135,6 +135,7 @@ bool IpcPart::advance() {
         // The copy completed (its event fired): only now may the receiver count the imms.
         imm_in_flight_ = true;
         ctx_.control->queue_imms(spec_.dst, spec_.imm, spec_.imm_count, [this](bool ok, const std::string& error) {
+          progress_role.assert_held();  // run by the worker under its lock
           imm_in_flight_ = false;
           if (ok)
             finish(true, {});

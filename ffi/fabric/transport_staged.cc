@@ -277,6 +277,7 @@ bool StagingTransport::grant_slots(Clock::time_point now) {
       for (auto& r : pool.regs) g.keys.push_back(r.key);
       auto key = std::make_pair(in.sender.to_bytes(), in.xfer);
       ctx_.control->send(in.sender_endpoint, MsgKind::kStageGrant, encode(g), [this, key](bool ok, const std::string&) {
+        progress_role.assert_held();  // run by the worker under its lock
         if (ok) return;
         auto it = inbound_.find(key);  // the sender is unreachable: give up on it
         if (it != inbound_.end()) it->second->dead = true;
@@ -400,6 +401,7 @@ bool StagedPart::advance() {
     ops_in_flight_++;
     ctx_.control->send(dst().domains[0].endpoint, MsgKind::kStageOpen, encode(m),
                        [this](bool ok, const std::string& error) {
+                         progress_role.assert_held();  // run by the worker under its lock
                          ops_in_flight_--;
                          if (!ok) {
                            done_received_ = true;  // it never arrived: nothing to abort
@@ -459,6 +461,7 @@ bool StagedPart::advance() {
     ops_in_flight_++;
     ctx_.control->queue_imms(spec_.dst, spec_.imm, spec_.has_imm ? spec_.imm_count : 0,
                              [this](bool ok, const std::string& error) {
+                               progress_role.assert_held();  // run by the worker under its lock
                                ops_in_flight_--;
                                if (ok)
                                  finish(true, {});
@@ -510,6 +513,7 @@ void StagedPart::write_chunk(size_t chunk, int buffer, const Grant* grant) {
   uint32_t slot = grant ? grant->slot : 0;
   ops_in_flight_++;
   op->on_done = [this, chunk, buffer, has_grant, slot](bool ok, const std::string& error) {
+    progress_role.assert_held();  // run by the worker under its lock
     ops_in_flight_--;
     if (buffer >= 0) {
       ctx_.staging->send_pool().free.push_back(static_cast<uint32_t>(buffer));
@@ -528,6 +532,7 @@ void StagedPart::write_chunk(size_t chunk, int buffer, const Grant* grant) {
     ops_in_flight_++;
     ctx_.control->send(dst().domains[0].endpoint, MsgKind::kStageChunk, encode(m),
                        [this](bool ok2, const std::string& error2) {
+                         progress_role.assert_held();  // run by the worker under its lock
                          ops_in_flight_--;
                          if (!ok2) fail(str_cat("staged transfer: announcing a chunk failed: ", error2));
                        });

@@ -11,6 +11,16 @@
 #include "common/error.h"
 
 namespace jax_garden::fabric {
+
+ProgressRole progress_role;
+
+// These bridge the real mutex and the role the analysis tracks.
+ProgressLock::ProgressLock(Worker& worker) JG_NO_THREAD_SAFETY_ANALYSIS : worker_(worker) {
+  worker_.progress_mu_.lock();
+}
+ProgressLock::~ProgressLock() JG_NO_THREAD_SAFETY_ANALYSIS { worker_.progress_mu_.unlock(); }
+bool Worker::try_lock_progress() JG_NO_THREAD_SAFETY_ANALYSIS { return progress_mu_.try_lock(); }
+
 namespace {
 
 // Errors that mean nobody answers at that address (as opposed to a connection that was reset,
@@ -25,7 +35,7 @@ bool unreachable_error(int err) {
 Worker::Worker(const ProviderInfo& provider, uint32_t domains, const WorkerOptions& options, CompletionSink* sink,
                std::weak_ptr<CallbackRunner> callbacks, KeyAllocator* keys)
     : provider_(provider), options_(options), sink_(sink), keys_(keys), callbacks_(std::move(callbacks)) {
-  MutexLock pl(progress_mu_);
+  ProgressLock pl(*this);
   for (uint32_t d = 0; d < domains; ++d) {
     domains_.push_back(std::make_unique<Domain>(provider_, static_cast<int>(d)));
     names_.push_back(domains_.back()->name());
@@ -37,7 +47,7 @@ Worker::~Worker() { stop(); }
 
 void Worker::start(std::vector<WorkerTask*> tasks) {
   {
-    MutexLock pl(progress_mu_);
+    ProgressLock pl(*this);
     tasks_ = std::move(tasks);
     // Control-message receives on domain 0, one registration for all of them.
     size_t slot = options_.max_message_bytes;
@@ -69,7 +79,7 @@ void Worker::stop() {
       return;
     }
   }
-  MutexLock pl(progress_mu_);
+  ProgressLock pl(*this);
   shutdown();
 }
 
@@ -91,8 +101,8 @@ void Worker::submit(std::unique_ptr<Op> op) {
   op->state->set_driver(weak_from_this());
   // Fast path: post on the caller's thread when nothing is queued ahead of us and no one else is
   // progressing; saves the handoff to the worker (a few microseconds on a small write).
-  if (!has_commands_.load(std::memory_order_acquire) && progress_mu_.try_lock()) {
-    MutexLock pl(progress_mu_, std::adopt_lock);
+  if (!has_commands_.load(std::memory_order_acquire) && try_lock_progress()) {
+    ProgressLock pl(*this, std::adopt_lock);
     if (!stop_.load(std::memory_order_acquire)) {
       uint32_t touched = 0;
       for (auto& wr : op->wrs) touched |= 1u << wr.domain;
@@ -187,8 +197,8 @@ void Worker::queue_link(PeerLink* link) {
 }
 
 bool Worker::poll_once() {
-  if (!progress_mu_.try_lock()) return false;
-  MutexLock pl(progress_mu_, std::adopt_lock);
+  if (!try_lock_progress()) return false;
+  ProgressLock pl(*this, std::adopt_lock);
   if (stop_.load(std::memory_order_acquire)) return false;
   bool progress = false;
   for (uint32_t d = 0; d < domains_.size(); ++d) {
@@ -437,11 +447,11 @@ void Worker::main() {
     }
     bool progress, busy;
     {
-      if (!progress_mu_.try_lock()) {
+      if (!try_lock_progress()) {
         sched_yield();
         continue;
       }
-      MutexLock pl(progress_mu_, std::adopt_lock);
+      ProgressLock pl(*this, std::adopt_lock);
       progress = pass();
       // Spin (yielding: these machines may have 2 cores) while anything is in flight or awaited;
       // otherwise sleep in short naps so that an incoming write is still noticed within ~200 us.
@@ -459,12 +469,12 @@ void Worker::main() {
     MutexLock lk(cmd_mu_);
     cmd_cv_.wait_for(cmd_mu_, std::chrono::microseconds(200));
   }
-  MutexLock pl(progress_mu_);
+  ProgressLock pl(*this);
   shutdown();
 }
 
 void Worker::close_domains() {
-  MutexLock pl(progress_mu_);
+  ProgressLock pl(*this);
   domains_.clear();
   active_.clear();
   links_.clear();

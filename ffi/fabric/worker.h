@@ -37,6 +37,34 @@
 
 namespace jax_garden::fabric {
 
+class Worker;
+
+// For clang's thread-safety analysis: the role of "the thread that holds an engine's progress lock".
+// Every progress-owned member and function of the worker and of the transports names this one role
+// (per-object mutexes reached through different pointers would look distinct to the analysis).
+class JG_CAPABILITY("progress") ProgressRole {
+ public:
+  // In callbacks the worker runs under its lock (deferred completions): tells the analysis so.
+  void assert_held() const JG_ASSERT_CAPABILITY(this) {}
+};
+extern ProgressRole progress_role;
+
+#define JG_REQUIRES_PROGRESS JG_REQUIRES(::jax_garden::fabric::progress_role)
+#define JG_GUARDED_BY_PROGRESS JG_GUARDED_BY(::jax_garden::fabric::progress_role)
+
+// Holds a worker's progress lock (blocking), or takes over one that try_lock_progress() got.
+class JG_SCOPED_CAPABILITY ProgressLock {
+ public:
+  explicit ProgressLock(Worker& worker) JG_ACQUIRE(progress_role);
+  ProgressLock(Worker& worker, std::adopt_lock_t) JG_REQUIRES(progress_role) : worker_(worker) {}
+  ~ProgressLock() JG_RELEASE();
+  ProgressLock(const ProgressLock&) = delete;
+  ProgressLock& operator=(const ProgressLock&) = delete;
+
+ private:
+  Worker& worker_;
+};
+
 // What the worker reports upward (implemented by the engine). Called under progress_mu_, on the
 // worker thread or an inline poller's thread: implementations only record or queue.
 class CompletionSink {
@@ -84,7 +112,7 @@ class Worker final : public ProgressDriver, public std::enable_shared_from_this<
   bool stopped() const { return stop_.load(std::memory_order_acquire); }
   // After stop() and after the engine unregistered everything it registered: closes the endpoints
   // (which cancels what is still posted) and only then frees the ops whose contexts they held.
-  void close_domains() JG_EXCLUDES(progress_mu_);
+  void close_domains() JG_EXCLUDES(progress_role);
   bool on_thread() const { return std::this_thread::get_id() == thread_.get_id(); }
 
   uint32_t num_domains() const { return static_cast<uint32_t>(names_.size()); }
@@ -93,15 +121,15 @@ class Worker final : public ProgressDriver, public std::enable_shared_from_this<
   // ---- any thread ----
   // Installs `op` and posts it (inline when possible). Its state finishes later (or at once when
   // the worker is stopped).
-  void submit(std::unique_ptr<Op> op) JG_EXCLUDES(progress_mu_);
+  void submit(std::unique_ptr<Op> op) JG_EXCLUDES(progress_role);
   // Closes these registrations (on domains 0..n-1, in order), then releases `keepalive` on the
   // callback thread: the memory stays valid until the provider can no longer write into it.
-  void unregister(std::vector<MemoryRegistration> regs, std::shared_ptr<void> keepalive) JG_EXCLUDES(progress_mu_);
+  void unregister(std::vector<MemoryRegistration> regs, std::shared_ptr<void> keepalive) JG_EXCLUDES(progress_role);
   void wake();
-  Mutex& progress_lock() JG_RETURN_CAPABILITY(progress_mu_) { return progress_mu_; }
+  bool try_lock_progress() JG_TRY_ACQUIRE(true, progress_role);  // then ProgressLock(w, std::adopt_lock)
 
   // ---- ProgressDriver ----
-  bool poll_once() override JG_EXCLUDES(progress_mu_);
+  bool poll_once() override JG_EXCLUDES(progress_role);
   void inline_poll_begin() override { inline_pollers_.fetch_add(1, std::memory_order_acq_rel); }
   void inline_poll_end() override { inline_pollers_.fetch_sub(1, std::memory_order_acq_rel); }
   void sleeper_begin() override {
@@ -111,13 +139,13 @@ class Worker final : public ProgressDriver, public std::enable_shared_from_this<
   void sleeper_end() override { sleepers_.fetch_sub(1, std::memory_order_acq_rel); }
 
   // ---- the progress owner (tasks, transports) ----
-  void post_internal(std::unique_ptr<Op> op) JG_REQUIRES(progress_mu_);
-  void defer(std::function<void()> fn) JG_REQUIRES(progress_mu_);  // runs in the next worker pass
-  Domain& domain(uint32_t d) JG_REQUIRES(progress_mu_) { return *domains_[d]; }
+  void post_internal(std::unique_ptr<Op> op) JG_REQUIRES_PROGRESS;
+  void defer(std::function<void()> fn) JG_REQUIRES_PROGRESS;  // runs in the next worker pass
+  Domain& domain(uint32_t d) JG_REQUIRES_PROGRESS { return *domains_[d]; }
   // Host memory registration on domain d with a fresh key (or the provider's).
-  MemoryRegistration register_host(uint32_t d, void* addr, size_t length) JG_REQUIRES(progress_mu_);
+  MemoryRegistration register_host(uint32_t d, void* addr, size_t length) JG_REQUIRES_PROGRESS;
   uint64_t new_key() { return provider_.provider_keys ? 0 : keys_->next(); }
-  size_t active_ops() const JG_REQUIRES(progress_mu_) { return active_.size(); }
+  size_t active_ops() const JG_REQUIRES_PROGRESS { return active_.size(); }
 
  private:
   struct InstallOp {
@@ -139,24 +167,24 @@ class Worker final : public ProgressDriver, public std::enable_shared_from_this<
   };
 
   void main();
-  bool pass() JG_REQUIRES(progress_mu_);
-  void enqueue(Command c) JG_EXCLUDES(progress_mu_);
-  bool run_commands() JG_REQUIRES(progress_mu_);
-  void run(Command& c) JG_REQUIRES(progress_mu_);
-  void install(std::unique_ptr<Op> op) JG_REQUIRES(progress_mu_);
-  void queue_link(PeerLink* link) JG_REQUIRES(progress_mu_);
-  bool post_pending(uint32_t d) JG_REQUIRES(progress_mu_);
-  int post(WorkRequest* wr) JG_REQUIRES(progress_mu_);
-  bool poll_cq(uint32_t d) JG_REQUIRES(progress_mu_);
-  void complete_wr(WorkRequest* wr, int error, const std::string& message) JG_REQUIRES(progress_mu_);
+  bool pass() JG_REQUIRES_PROGRESS;
+  void enqueue(Command c);
+  bool run_commands() JG_REQUIRES_PROGRESS;
+  void run(Command& c) JG_REQUIRES_PROGRESS;
+  void install(std::unique_ptr<Op> op) JG_REQUIRES_PROGRESS;
+  void queue_link(PeerLink* link) JG_REQUIRES_PROGRESS;
+  bool post_pending(uint32_t d) JG_REQUIRES_PROGRESS;
+  int post(WorkRequest* wr) JG_REQUIRES_PROGRESS;
+  bool poll_cq(uint32_t d) JG_REQUIRES_PROGRESS;
+  void complete_wr(WorkRequest* wr, int error, const std::string& message) JG_REQUIRES_PROGRESS;
   void fail_op(Op* op, TransferState::Status status, const std::string& message, bool provider_error)
-      JG_REQUIRES(progress_mu_);
-  void finish_op(Op* op) JG_REQUIRES(progress_mu_);
-  void check_timeouts(Clock::time_point now) JG_REQUIRES(progress_mu_);
-  bool run_deferred() JG_REQUIRES(progress_mu_);
-  void post_recv(RecvSlot* slot) JG_REQUIRES(progress_mu_);
+      JG_REQUIRES_PROGRESS;
+  void finish_op(Op* op) JG_REQUIRES_PROGRESS;
+  void check_timeouts(Clock::time_point now) JG_REQUIRES_PROGRESS;
+  bool run_deferred() JG_REQUIRES_PROGRESS;
+  void post_recv(RecvSlot* slot) JG_REQUIRES_PROGRESS;
   void release(std::shared_ptr<void> keepalive);
-  void shutdown() JG_REQUIRES(progress_mu_);
+  void shutdown() JG_REQUIRES_PROGRESS;
 
   const ProviderInfo& provider_;
   const WorkerOptions options_;
@@ -165,18 +193,19 @@ class Worker final : public ProgressDriver, public std::enable_shared_from_this<
   std::weak_ptr<CallbackRunner> callbacks_;
   std::vector<Bytes> names_;  // endpoint names, immutable after construction
 
-  Mutex progress_mu_;
-  std::vector<std::unique_ptr<Domain>> domains_ JG_GUARDED_BY(progress_mu_);
-  std::deque<LinkTable> links_ JG_GUARDED_BY(progress_mu_);  // per domain (deque: never relocated)
-  std::unordered_map<uint64_t, std::unique_ptr<Op>> active_ JG_GUARDED_BY(progress_mu_);
-  std::deque<std::function<void()>> deferred_ JG_GUARDED_BY(progress_mu_);
-  std::vector<WorkerTask*> tasks_ JG_GUARDED_BY(progress_mu_);
-  std::vector<RecvSlot> recv_slots_ JG_GUARDED_BY(progress_mu_);
-  std::vector<uint8_t> recv_buffer_ JG_GUARDED_BY(progress_mu_);
-  MemoryRegistration recv_reg_ JG_GUARDED_BY(progress_mu_);
-  Clock::time_point last_activity_ JG_GUARDED_BY(progress_mu_);
-  Clock::time_point last_timeout_check_ JG_GUARDED_BY(progress_mu_);
-  uint64_t next_internal_id_ JG_GUARDED_BY(progress_mu_) = 1ull << 63;  // ids of internal ops' states
+  friend class ProgressLock;
+  Mutex progress_mu_;  // the progress lock itself (progress_role is its name for the analysis)
+  std::vector<std::unique_ptr<Domain>> domains_ JG_GUARDED_BY_PROGRESS;
+  std::deque<LinkTable> links_ JG_GUARDED_BY_PROGRESS;  // per domain (deque: never relocated)
+  std::unordered_map<uint64_t, std::unique_ptr<Op>> active_ JG_GUARDED_BY_PROGRESS;
+  std::deque<std::function<void()>> deferred_ JG_GUARDED_BY_PROGRESS;
+  std::vector<WorkerTask*> tasks_ JG_GUARDED_BY_PROGRESS;
+  std::vector<RecvSlot> recv_slots_ JG_GUARDED_BY_PROGRESS;
+  std::vector<uint8_t> recv_buffer_ JG_GUARDED_BY_PROGRESS;
+  MemoryRegistration recv_reg_ JG_GUARDED_BY_PROGRESS;
+  Clock::time_point last_activity_ JG_GUARDED_BY_PROGRESS;
+  Clock::time_point last_timeout_check_ JG_GUARDED_BY_PROGRESS;
+  uint64_t next_internal_id_ JG_GUARDED_BY_PROGRESS = 1ull << 63;  // ids of internal ops' states
 
   Mutex cmd_mu_;
   CondVar cmd_cv_;
