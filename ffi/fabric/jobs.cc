@@ -55,9 +55,16 @@ bool FabricPart::advance() {
 void JobRunner::submit(std::unique_ptr<Job> job) {
   job->state->set_driver(ctx_.worker);
   if (!has_inbox_.load(std::memory_order_acquire) && ctx_.worker->try_lock_progress()) {
+    // Start only this job here (its copy is issued before we return); the worker advances the rest.
     ProgressLock pl(*ctx_.worker, std::adopt_lock);
+    Job* started = job.get();
     install(std::move(job));
-    advance_jobs();
+    if (jobs_.count(started->state->id())) {
+      ctx_.ipc->begin_pass();
+      for (auto& p : started->parts)
+        if (!p->finished()) p->advance();
+      ctx_.ipc->end_pass();
+    }
     ctx_.worker->wake();  // the worker polls the copies and delivers the imms
     return;
   }
