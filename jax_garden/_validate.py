@@ -38,13 +38,14 @@ def check_positive_int(name: str, value: Any, *, maximum: int | None = U64_LIMIT
     return check_int(name, value, minimum=1, maximum=maximum)
 
 
-def check_float(name: str, value: Any, *, positive: bool = True) -> float:
-    """A real number (int or float, never bool); finite and > 0 when ``positive``."""
+def check_float(name: str, value: Any, *, positive: bool = True, allow_zero: bool = False) -> float:
+    """A real number (int or float, never bool); finite and > 0 when ``positive`` (>= 0 with
+    ``allow_zero``: a timeout of 0 polls)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
         raise TypeError(f"{name} must be a number, got {_type_name(value)} {value!r}")
     value = float(value)
-    if positive and not (0 < value < float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if positive and not ((0 <= value if allow_zero else 0 < value) and value < float("inf")):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
     return value
 
 

@@ -458,11 +458,11 @@ class TransferEngine:
 
     def recv(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
         """Next control message's payload (TimeoutError if none arrives in time)."""
-        return self._native.recv(check_float("timeout", timeout))[1]
+        return self._native.recv(check_float("timeout", timeout, allow_zero=True))[1]
 
     def recv_message(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[NetAddress, bytes]:
         """Next control message as ``(sender address, payload)``."""
-        return self._native.recv(check_float("timeout", timeout))
+        return self._native.recv(check_float("timeout", timeout, allow_zero=True))
 
     # -- completion ------------------------------------------------------------------------------
     def imm_counter(self, imm: int) -> ImmCounter:
