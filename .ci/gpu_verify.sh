@@ -51,7 +51,8 @@ run_tests() {  # name, timeout, pytest args...
   if [ "$(left)" -lt 30 ]; then note "tests $name: SKIPPED (time budget)"; echo "$name skipped" >> "$out/test_counts.txt"; return; fi
   [ "$t" -gt "$(left)" ] && t=$(left)
   note "tests $name (timeout ${t}s)"
-  timeout -k 10 "$t" "$python" -P -m pytest -q -rfE -p no:cacheprovider "$@" > "$out/tests_$name.log" 2>&1
+  # --timeout: one hung test fails alone (with its traceback) instead of eating the slot
+  timeout -k 10 "$t" "$python" -P -m pytest -q -rfE -p no:cacheprovider --timeout=120 "$@" > "$out/tests_$name.log" 2>&1
   local rc=$? line
   line=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran' "$out/tests_$name.log" | tail -1)
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && line="TIMED OUT after ${t}s; $line"

@@ -212,33 +212,23 @@ def test_scatter_with_mixed_paths(engines):
 
 
 def test_two_senders_into_one_staged_receiver(engines):
-    import threading
-
     kw = dict(staging_chunk_bytes=32 << 10, staging_slots=4)
     r = engines(1, **kw)
     senders = [engines(1, **kw) for _ in range(2)]
-    n = 8 << 20
+    n = 32 << 20
     dst = np.zeros(2 * n, np.uint8)
     rd = r.register(dst, staged=True)
     srcs = [random_bytes(n, 30 + i) for i in range(2)]
     regs = [s.register(x, staged=True) for s, x in zip(senders, srcs)]
-    ts = []
-
-    def go(i):
-        ts.append(senders[i].write(regs[i], rd.descriptor, n, dst_offset=i * n, imm=40 + i))
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
-    for th in threads:
-        th.start()
+    # Both submitted back to back (ops are asynchronous): 1,024 chunks each through 4 shared slots.
+    ts = [senders[i].write(regs[i], rd.descriptor, n, dst_offset=i * n, imm=40 + i) for i in range(2)]
     seen_both = False
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and r.imm_counter(40).total + r.imm_counter(41).total < 2:
         seen_both |= r.staging_stats()["inbound"] == 2
-        time.sleep(0.002)
-    for th in threads:
-        th.join()
+        time.sleep(0.001)
     for t in ts:
-        t.wait(20)
+        t.wait(30)
     for i in range(2):
         r.imm_counter(40 + i).wait(1, 20)
         np.testing.assert_array_equal(dst[i * n:(i + 1) * n], srcs[i])

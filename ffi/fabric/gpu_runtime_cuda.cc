@@ -35,10 +35,13 @@ void check_cu(CUresult r, const char* what) {
 // keep their own current device).
 class DeviceGuard {
  public:
+  // Always sets the device: on a thread that never used CUDA, cudaGetDevice() reports device 0
+  // while no context is current, and driver-API calls (cuMemGetAddressRange) would fail with
+  // CUDA_ERROR_INVALID_CONTEXT. cudaSetDevice makes the primary context current.
   explicit DeviceGuard(int device) {
     if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
-    if (prev_ != device) check(cudaSetDevice(device), "cudaSetDevice");
-    else prev_ = -1;
+    check(cudaSetDevice(device), "cudaSetDevice");
+    if (prev_ == device) prev_ = -1;
   }
   ~DeviceGuard() {
     if (prev_ >= 0) cudaSetDevice(prev_);

@@ -64,8 +64,7 @@ class FabricPart final : public Part {
 class JobRunner final : public WorkerTask {
  public:
   explicit JobRunner(EngineContext& ctx) : ctx_(ctx) {}
-  // Any thread: the job starts at once on the caller's thread when nobody else is progressing
-  // (an IPC copy is then issued before this returns), else in the worker's next pass.
+  // Any thread: the job starts in the worker's next pass.
   void submit(std::unique_ptr<Job> job) JG_EXCLUDES(progress_role);
   bool advance(Clock::time_point now) override JG_REQUIRES_PROGRESS;
   bool busy() const override JG_REQUIRES_PROGRESS;
