@@ -4,9 +4,12 @@
 
 Two processes on 127.0.0.1 per system: a client (the writer) and a server (the target). Systems:
 
-* ``engine``  jax_garden.fabric.TransferEngine (provider tcp), once per ``--domains`` value;
+* ``engine``  jax_garden.fabric.TransferEngine (provider tcp), once per ``--domains`` value and
+              ``--completion`` mode (``delivery``: the engine's default, a write completes once
+              placed at the target; rows marked ``tx``: ``completion="transmit"``);
 * ``raw``     ``jax_garden/bin/raw_fabric_bench``: one endpoint, fi_writemsg + FI_REMOTE_CQ_DATA,
-              busy-polled CQ (ffi/baselines/raw_fabric_bench.cc);
+              busy-polled CQ (ffi/baselines/raw_fabric_bench.cc), with the same completion mode
+              (``raw dc``: FI_DELIVERY_COMPLETE on every write; ``raw``: the provider's default);
 * ``tcp``     a Python socket stream (sendall / recv_into into a preallocated buffer).
 
 Every system runs the same plan with the same protocol:
@@ -28,7 +31,8 @@ libfabric with the target pinned to vCPU 1: fast; to vCPU 0: slow). ``--pin SERV
 fixes the placement for every system, at the price of putting all of a process's threads (the
 engine's worker included) on its CPUs.
 
-Ratios are engine/raw and engine/tcp; the issue's targets (bandwidth >= 0.9x raw for writes
+Ratios are engine/raw (against the raw row of the same completion mode) and engine/tcp; the
+headline also reports what delivery completion costs the engine (delivery / transmit). The targets (bandwidth >= 0.9x raw for writes
 >= 1 MiB, latency <= 1.3x raw at 4 KiB) are reported, never enforced. The first op of each lat
 and paged test is verified at sampled byte positions, so every system provably moves the bytes
 it is timed on.
@@ -341,6 +345,7 @@ def _tcp_worker(role: str, plan: list[dict], ctl: Control, timeout: float, seed:
 
 
 def _engine_worker(role: str, plan: list[dict], ctl: Control, timeout: float, seed: int, domains: int,
+                   completion: str = "delivery",
                    cxx_loop: bool = False) -> None:
     """The engine's side of every test. cxx_loop: latency tests only, driven by the engine's C++
     ping-pong loop (same protocol, no Python per iteration) to separate the engine's own cost from
@@ -350,7 +355,7 @@ def _engine_worker(role: str, plan: list[dict], ctl: Control, timeout: float, se
     buf = np.zeros(plan_buffer_bytes(plan), np.uint8)
     if role == "client":
         fill_pattern(buf)
-    with fabric.TransferEngine(provider="tcp", domains=domains) as eng:
+    with fabric.TransferEngine(provider="tcp", domains=domains, completion=completion) as eng:
         region = eng.register(buf)
         ctl.send(bytes(region.descriptor))
         peer = fabric.MemoryDescriptor.from_bytes(ctl.recv())
@@ -473,7 +478,7 @@ def _worker_main(args: argparse.Namespace) -> int:
         if args.worker_system == "tcp":
             _tcp_worker(args.worker, plan, ctl, args.timeout, args.seed)
         else:
-            _engine_worker(args.worker, plan, ctl, args.timeout, args.seed, args.worker_domains,
+            _engine_worker(args.worker, plan, ctl, args.timeout, args.seed, args.worker_domains, args.worker_completion,
                            cxx_loop=args.worker_system == "engine-cxx")
     finally:
         sock.close()
@@ -546,17 +551,19 @@ def _python_cmd() -> list[str]:
     return [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "jax_garden.bench", "fabric"]
 
 
-def run_system(system: str, plan: list[dict], args: argparse.Namespace, domains: int = 1) -> list[dict]:
+def run_system(system: str, plan: list[dict], args: argparse.Namespace, domains: int = 1,
+               completion: str = "delivery") -> list[dict]:
     if system == "raw":
         binary = raw_binary()
         if not binary.exists():
             raise BenchError(f"raw baseline binary not found at {binary} (build the project first)")
         common = ["--plan", raw_plan_string(plan), "--seed", str(args.seed), "--timeout", str(args.timeout)]
+        common += ["--delivery-complete"] if completion == "delivery" else []
         return run_pair([str(binary), "--role", "server", *common],
                         lambda port: [str(binary), "--role", "client", "--port", str(port), *common],
                         "raw_fabric_bench", args.timeout, pin=args.pin_cpus)
     common = ["--worker-system", system, "--worker-plan", json.dumps(plan), "--worker-domains", str(domains),
-              "--seed", str(args.seed), "--timeout", str(args.timeout)]
+              "--worker-completion", completion, "--seed", str(args.seed), "--timeout", str(args.timeout)]
     env = child_env()
     return run_pair([*_python_cmd(), "--worker", "server", *common],
                     lambda port: [*_python_cmd(), "--worker", "client", "--worker-port", str(port), *common],
@@ -616,6 +623,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                    help="subset of engine,engine-cxx,raw,tcp (default all; engine-cxx: latency rows from the "
                         "engine's C++ ping-pong loop, d=1)")
     p.add_argument("--quick", action="store_true", help="small plan for CI smoke tests")
+    p.add_argument("--completion", default="delivery,transmit",
+                   help="engine completion modes to run, each against the raw loop with the same semantics "
+                        "(default delivery,transmit)")
     p.add_argument("--out", "--json", dest="out", default="bench_results/fabric.json", help="JSON output path")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per system run (default 300)")
     p.add_argument("--seed", type=int, default=1234)
@@ -624,6 +634,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     # Internal: the worker processes this harness starts.
     p.add_argument("--worker", choices=("server", "client"), help=argparse.SUPPRESS)
     p.add_argument("--worker-system", choices=("engine", "engine-cxx", "tcp"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-completion", choices=("delivery", "transmit"), default="delivery", help=argparse.SUPPRESS)
     p.add_argument("--worker-plan", help=argparse.SUPPRESS)
     p.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-domains", type=int, default=1, help=argparse.SUPPRESS)
@@ -648,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     paged_iters = args.paged_iters if args.paged_iters is not None else (3 if quick else 10)
     rounds = args.rounds if args.rounds is not None else (1 if quick else 5)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    completions = [c.strip() for c in args.completion.split(",") if c.strip()]
+    if not completions or set(completions) - {"delivery", "transmit"}:
+        raise SystemExit(f"--completion: expected delivery and/or transmit, got {args.completion!r}")
     if not sizes:
         raise SystemExit("--sizes must list at least one size")
     for name, value in (("--iters", iters), ("--paged-iters", paged_iters), ("--rounds", rounds), ("--window", args.window)):
@@ -664,20 +678,25 @@ def main(argv: list[str] | None = None) -> int:
         # Every system busy-polls; other work on a small machine shifts all numbers (ratios less so).
         notes.append(f"machine busy at start: 1-min load {load:.1f} on {cpus} CPUs; numbers are not from a quiet host")
 
-    # Run units: (label, system, domains). Engine rows need jax_garden.fabric; without it the
-    # baselines still run and the report says why the engine rows are missing.
-    units: list[tuple[str, str, int]] = []
+    # Run units: (label, system, domains, completion). Engine rows need jax_garden.fabric; without
+    # it the baselines still run and the report says why the engine rows are missing.
+    units: list[tuple[str, str, int, str]] = []
+    mark = {"delivery": "", "transmit": " tx"}
     if "engine" in systems or "engine-cxx" in systems:
         if importlib.util.find_spec("jax_garden.fabric") is None:
             notes.append("engine rows skipped: jax_garden.fabric is not in this build")
         else:
-            if "engine" in systems:
-                units += [(f"engine d={d}", "engine", d) for d in domain_counts]
-            if "engine-cxx" in systems:
-                units.append(("engine c++", "engine-cxx", 1))
-    units += [(s, s, 1) for s in ("raw", "tcp") if s in systems]
+            for c in completions:
+                if "engine" in systems:
+                    units += [(f"engine d={d}{mark[c]}", "engine", d, c) for d in domain_counts]
+                if "engine-cxx" in systems:
+                    units.append((f"engine c++{mark[c]}", "engine-cxx", 1, c))
+    if "raw" in systems:
+        units += [(RAW_LABEL[c], "raw", 1, c) for c in completions]
+    if "tcp" in systems:
+        units.append(("tcp", "tcp", 1, "transmit"))
 
-    per_round: dict[str, list[dict[tuple, dict]]] = {label: [] for label, _, _ in units}
+    per_round: dict[str, list[dict[tuple, dict]]] = {label: [] for label, _, _, _ in units}
     errors: list[str] = []
     info: dict[str, Any] = {}
     progress = Progress()  # stderr
@@ -686,11 +705,11 @@ def main(argv: list[str] | None = None) -> int:
     load_seen: list[float] = []
     for r in range(rounds):
         order = units[r % len(units):] + units[: r % len(units)]  # rotate so no system always runs first
-        for label, system, domains in order:
+        for label, system, domains, completion in order:
             t0 = time.monotonic()
             load_seen.append(os.getloadavg()[0])
             try:
-                records = run_system(system, plan, args, domains)
+                records = run_system(system, plan, args, domains, completion)
             except Exception as e:  # noqa: BLE001 - reported, the other systems still run
                 errors.append(f"round {r + 1} {label}: {e}")
                 progress.line(f"  round {r + 1} {label}: FAILED: {e}")
@@ -708,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         benchmark="fabric",
         config={"sizes": sizes, "paged": paged, "iters": iters, "bw_bytes": bw_bytes, "paged_iters": paged_iters,
                 "window": args.window, "rounds": rounds, "domains": domain_counts, "systems": systems,
+                "completions": completions,
                 "quick": quick, "seed": args.seed, "pin": args.pin, "plan": plan},
         host={"hostname": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(), **info},
         errors=errors, notes=notes, elapsed_s=round(progress.elapsed(), 1),
@@ -728,11 +748,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors else 0
 
 
-def summarize(plan: list[dict], units: list[tuple[str, str, int]], per_round: dict[str, list[dict]]) -> dict:
+RAW_LABEL = {"delivery": "raw dc", "transmit": "raw"}
+
+
+def summarize(plan: list[dict], units: list[tuple[str, str, int, str]], per_round: dict[str, list[dict]]) -> dict:
     rows = []
     medians: dict[tuple[str, tuple], dict] = {}
     for key in row_order(plan):
-        for label, system, domains in units:
+        for label, system, domains, completion in units:
             rounds = [rm.get(key, {}) for rm in per_round[label]]
             m = {f: median([x.get(f) for x in rounds]) for f in ("p50_us", "p99_us", "gbps")}
             # Best round too: loopback here is bimodal per process pair (see the module docstring).
@@ -742,7 +765,7 @@ def summarize(plan: list[dict], units: list[tuple[str, str, int]], per_round: di
             m["gbps_best"] = max(bws, default=None)
             medians[(label, key)] = m
             rows.append({"test": key[0], "size": key[1], **({"pages": key[2]} if key[0] == "paged" else {}),
-                         "label": row_label(key), "system": system, "name": label,
+                         "label": row_label(key), "system": system, "name": label, "completion": completion,
                          **({"domains": domains} if system.startswith("engine") else {}), **m,
                          "rounds": rounds})
     targets = []
@@ -751,7 +774,8 @@ def summarize(plan: list[dict], units: list[tuple[str, str, int]], per_round: di
             continue
         key = (row["test"], row["size"], row["pages"]) if row["test"] == "paged" else (row["test"], row["size"])
         for base in ("raw", "tcp"):
-            b = medians.get((base, key))
+            # engine rows are compared with the raw loop of the same completion semantics
+            b = medians.get((RAW_LABEL[row["completion"]] if base == "raw" else base, key))
             if b is None:
                 continue
             row[f"lat_vs_{base}"] = ratio(row["p50_us"], b["p50_us"]) if row["test"] != "paged" else None
@@ -781,6 +805,15 @@ def headline(result: dict) -> dict[str, float]:
     for row in result["rows"]:
         if row["system"].startswith("engine") and row["test"] == "paged" and row.get("bw_vs_raw") is not None:
             out[f"{row['name']} {row['label']} bandwidth / raw"] = row["bw_vs_raw"]
+    # What delivery completion costs: the engine's delivery rows against its transmit rows.
+    by_name = {(r["name"], r["label"]): r for r in result["rows"]}
+    for row in result["rows"]:
+        tx = by_name.get((row["name"] + " tx", row["label"]))
+        if row["system"] == "engine" and row["completion"] == "delivery" and tx and row["test"] == "write":
+            if row["size"] == 4 * KiB and row.get("p50_us") and tx.get("p50_us"):
+                out[f"{row['name']} {row['label']} latency delivery / transmit"] = row["p50_us"] / tx["p50_us"]
+            if row["size"] >= MiB and row.get("gbps") and tx.get("gbps"):
+                out[f"{row['name']} {row['label']} bandwidth delivery / transmit"] = row["gbps"] / tx["gbps"]
     return out
 
 
