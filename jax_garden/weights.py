@@ -119,6 +119,9 @@ def _normalize_spec(spec: Any, ndim: int, axis_names: Sequence[str]) -> tuple:
     return tuple(out)
 
 
+_BOX_CACHE: dict[tuple, tuple] = {}
+
+
 class MeshSharding:
     """A ``NamedSharding`` described without devices, for planning meshes one does not have.
 
@@ -159,6 +162,15 @@ class MeshSharding:
     def shard_boxes(self, shape: Sequence[int]) -> list[tuple[int, int, Box]]:
         """[(rank, local, box)] for every mesh position, in mesh order."""
         shape = tuple(int(s) for s in shape)
+        key = (self._key(), shape)
+        hit = _BOX_CACHE.get(key)
+        if hit is None:
+            hit = _BOX_CACHE[key] = self._shard_boxes(shape)
+            if len(_BOX_CACHE) > 4096:
+                _BOX_CACHE.pop(next(iter(_BOX_CACHE)))
+        return list(hit)
+
+    def _shard_boxes(self, shape: tuple) -> tuple:
         spec = _normalize_spec(self.spec, len(shape), self.axis_names)
         size = dict(zip(self.axis_names, self.axis_sizes))
         parts = []
@@ -179,7 +191,7 @@ class MeshSharding:
                     idx = idx * size[a] + int(c[pos[a]])
                 box.append((idx * parts[d], (idx + 1) * parts[d]))
             out.append((i // self.devices_per_rank, i % self.devices_per_rank, tuple(box)))
-        return out
+        return tuple(out)
 
     def _key(self) -> tuple:
         return (self.axis_names, self.axis_sizes, self.spec, self.devices_per_rank)
@@ -320,6 +332,7 @@ class Layout:
         if len(set(paths)) != len(paths):
             raise ValueError("tensor paths repeat in the layout")
         self._by_path = {t.path: i for i, t in enumerate(self.tensors)}
+        self._json_cache: dict[bool, dict] = {}
         for t in self.tensors:
             _check_tensor_layout(t)
 
@@ -439,11 +452,16 @@ class Layout:
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_json(self, *, with_devices: bool = True) -> dict:
+        cached = self._json_cache.get(with_devices)
+        if cached is None:
+            cached = self._json_cache[with_devices] = self._to_json(with_devices)
+        return cached
+
+    def _to_json(self, with_devices: bool) -> dict:
         tables: dict[tuple, int] = {}
         out = []
         for t in self.tensors:
-            key = tuple((r, l, tuple(tuple(b) for b in box)) for r, l, box in t.shards)
-            tid = tables.setdefault(key, len(tables))
+            tid = tables.setdefault(t.shards, len(tables))
             d = {"path": t.path, "shape": list(t.shape), "dtype": t.dtype, "kind": t.kind, "shards": tid}
             if t.block is not None:
                 d["block"] = list(t.block)
@@ -492,7 +510,20 @@ def _is_abstract(sharding: Any) -> bool:
     return mesh is not None and type(mesh).__name__ == "AbstractMesh"
 
 
+_CHECKED: dict[tuple, bool] = {}
+
+
 def _check_tensor_layout(t: TensorLayout) -> None:
+    key = (t.shape, t.shards)
+    if key in _CHECKED:
+        return
+    _check_tensor_layout_uncached(t)
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[key] = True
+
+
+def _check_tensor_layout_uncached(t: TensorLayout) -> None:
     nd = len(t.shape)
     for r, l, box in t.shards:
         if r < 0 or l < 0:
@@ -511,13 +542,11 @@ def _check_tensor_layout(t: TensorLayout) -> None:
 
 
 @dataclasses.dataclass
-class _Item:
-    """One piece: a box of one destination tensor that one holder sends to some receivers."""
+class _Geom:
+    """A piece's geometry, shared by every tensor with the same shapes and shardings: a box of the
+    destination tensor that one holder sends to some receivers."""
 
-    dst_tensor: int
-    src_tensor: int
     kind: int
-    src_local: int
     src_lo: tuple  # start in the holder's shard (elements; scale blocks for KIND_SCALE)
     ext: tuple  # extent in the destination tensor's index space
     dst_lo: tuple  # start in the receivers' shard
@@ -529,12 +558,13 @@ class _Item:
     run_strides: tuple  # destination byte strides of those dims
     dst_base: int  # destination byte offset of dst_lo
     direct: bool = False
-    src_byte_off: int = 0  # direct items: byte offset in the source shard
-    key: tuple = ()  # staged items: geometry key (same key = one batched stage call)
-    region_lo: tuple = ()  # staged items: dynamic start of the region the stager reads
-    src_rank: int = 0
-    holders: tuple = ()  # every (rank, local) holding this box; the item goes to holders[(h + tensor) % len]
+    src_byte_off: int = 0  # direct pieces: byte offset in the source shard
+    key: tuple = ()  # staged pieces: what the stager computes (same key = one batched stage call)
+    region_lo: tuple = ()  # staged pieces: dynamic start of the region the stager reads
+    holders: tuple = ()  # every (rank, local) holding the box; tensor t's piece goes to holders[(h + t) % len]
     h: int = 0
+    kid: int = 0  # small id of key, for sorting
+    big: bool = False  # runs >= BYTES_MODE_MIN (cut over all sender domains)
 
     def run_dst_offsets(self) -> np.ndarray:
         """Destination byte offset of every run, in staging order."""
@@ -544,30 +574,61 @@ class _Item:
         return self.dst_base + (np.asarray(self.run_strides, np.int64)[:, None] * grids).sum(0)
 
 
-@dataclasses.dataclass
+class _Item:
+    """A piece of one tensor: its geometry plus the tensors and the holder it is for."""
+
+    __slots__ = ("g", "dst_tensor", "src_tensor", "src_rank", "src_local")
+
+    def __init__(self, g: _Geom, dst_tensor: int, src_tensor: int, src_rank: int, src_local: int):
+        self.g, self.dst_tensor, self.src_tensor, self.src_rank, self.src_local = g, dst_tensor, src_tensor, src_rank, src_local
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.g, name)
+
+    def __repr__(self) -> str:
+        return (f"_Item(tensor {self.dst_tensor} from {self.src_tensor}, holder ({self.src_rank}, {self.src_local}), "
+                f"{_KIND_NAMES[self.g.kind]} ext {self.g.ext} -> {len(self.g.receivers)} receivers)")
+
+
 class _Chunk:
-    src_rank: int
-    src_local: int
-    staged: bool
-    items: list  # [_Item]
-    offsets: list  # staging byte offset per item (staged) / source byte offset (direct)
-    nbytes: int  # staging bytes used (0 for direct)
-    rank_targets: dict = dataclasses.field(default_factory=dict)  # dst rank -> (n_targets, min_len, bytes)
+    """What one holder device posts at once: staged pieces packed into one staging slot, or one
+    direct piece written from the source shard."""
+
+    def __init__(self, src_rank: int, src_local: int, staged: bool, items: list, offsets: list, nbytes: int):
+        self.src_rank, self.src_local, self.staged = src_rank, src_local, staged
+        self.items, self.offsets, self.nbytes = items, offsets, nbytes
+        self._rank_targets: dict | None = None
 
     @property
     def src_tensor(self) -> int:
         return self.items[0].src_tensor
+
+    @property
+    def rank_targets(self) -> dict[int, tuple[int, int, int]]:
+        """{dst rank: (targets of small runs, targets of big runs, bytes)}."""
+        if self._rank_targets is None:
+            rt: dict[int, list] = {}
+            for it in self.items:
+                g = it.g
+                for r, _ in g.receivers:
+                    e = rt.get(r)
+                    if e is None:
+                        e = rt[r] = [0, 0, 0]
+                    e[1 if g.big else 0] += g.n_runs
+                    e[2] += g.nbytes
+            self._rank_targets = {r: tuple(v) for r, v in rt.items()}
+        return self._rank_targets
 
 
 def _runs(lo: Sequence[int], ext: Sequence[int], shape: Sequence[int]) -> tuple[int, int]:
     """(k, n_runs) of a box in a row-major array: dims after k are whole, so each run spans dim k
     (its extent) and everything inside; runs = product of the extents before k."""
     nd = len(shape)
+    if nd == 0:
+        return 0, 1
     k = nd - 1
     while k > 0 and ext[k] == shape[k]:
         k -= 1
-    if nd == 0:
-        return 0, 1
     return k, _prod(ext[:k])
 
 
@@ -580,8 +641,8 @@ def _split_box(ext: tuple, itemsize: int, limit: int) -> list[tuple[tuple, tuple
     k = 0
     while _prod(ext[k + 1:]) * itemsize > limit:
         k += 1
-    if k == nd - 1 and itemsize > limit:
-        raise ValueError(f"one element ({itemsize} bytes) exceeds chunk_bytes={limit}")
+        if k == nd - 1 and itemsize > limit:
+            raise ValueError(f"one element ({itemsize} bytes) exceeds chunk_bytes={limit}")
     slab = _prod(ext[k + 1:]) * itemsize
     g = max(1, limit // slab)
     out = []
@@ -592,9 +653,10 @@ def _split_box(ext: tuple, itemsize: int, limit: int) -> list[tuple[tuple, tuple
     return out
 
 
-def _scatter_mode(domains: int, n_targets: int, min_len: int) -> str:
-    """How a publisher posts one (chunk, subscriber rank) scatter; both sides derive imm counts from it."""
-    return "bytes" if domains > 1 and n_targets < domains and min_len >= BYTES_MODE_MIN else "targets"
+def _imms_per_target(domains: int, big: bool) -> int:
+    """Imms one scatter target delivers: big runs are posted with sharding="bytes" (cut over the
+    sender's domains), the others with sharding="targets"."""
+    return fabric.imm_writes("scatter", domains=domains, sharding="bytes" if big and domains > 1 else "targets")
 
 
 class Plan:
@@ -604,10 +666,13 @@ class Plan:
       src: the trainer side's :class:`Layout` (plain arrays).
       dst: the inference side's :class:`Layout` (same paths; quantized parameters declared with
         :class:`Fp8`, their scales under ``path + ".scale"``).
-      chunk_bytes: staging chunk size (one scatter per chunk and subscriber rank); also the most a
-        staged piece may hold.
+      chunk_bytes: staging chunk size (a publisher posts one or two scatters per chunk and
+        subscriber rank); also the most a staged piece may hold.
       direct_min_bytes: pieces contiguous on both sides, untransformed and at least this long are
         written straight from the source shard (no staging).
+
+    Building computes every piece (who sends which box to whom) and the imm counts between every
+    pair of ranks; each source rank's chunks are packed when first asked for (:meth:`chunks_of`).
     """
 
     def __init__(self, src: Layout, dst: Layout, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -625,7 +690,8 @@ class Plan:
         self.fingerprint = self._fingerprint()
         self._build()
         self.build_seconds = time.perf_counter() - t0
-        self._expected: dict[tuple[int, int, int], int] = {}
+        self._chunks: dict[int, list[_Chunk]] = {}
+        self._chunk_lock = threading.Lock()
 
     # -- matching the two sides -------------------------------------------------------------------
     def _match(self) -> list[tuple[int, int, int]]:
@@ -654,12 +720,14 @@ class Plan:
                 block = d.block
                 if d.kind == "fp8" and d.shape != s.shape:
                     raise ValueError(f"{d.path}: fp8 weight shape {d.shape} != source shape {s.shape}")
-                for r, l, box in s.shards:
+                for box in {box for _, _, box in s.shards}:
                     for (a, b), bs, n in zip(box, block, s.shape):
                         if a % bs or (b % bs and b != n):
+                            r, l = next((r, l) for r, l, x in s.shards if x == box)
                             raise ValueError(
                                 f"{base}: fp8 block {block} straddles source shards: a shard of rank {r} holds "
-                                f"{list(box)} of {s.shape}; reshard the source so every shard holds whole blocks")
+                                f"{[list(x) for x in box]} of {s.shape}; reshard the source so every shard holds "
+                                f"whole blocks")
                 kind = KIND_FP8 if d.kind == "fp8" else KIND_SCALE
             pairs.append((di, si, kind))
             seen.add(si)
@@ -673,58 +741,76 @@ class Plan:
              "chunk_bytes": self.chunk_bytes, "direct_min_bytes": self.direct_min_bytes, "format": PLAN_FORMAT}
         return hashlib.sha256(json.dumps(j, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
-    # -- building the schedule ----------------------------------------------------------------------
+    # -- building ---------------------------------------------------------------------------------
     def _build(self) -> None:
-        items_by_holder: dict[tuple[int, int], list[_Item]] = {}
+        S, R = self.src.num_ranks, max(1, self.dst.num_ranks)
         self.num_src_ranks, self.num_dst_ranks = self.src.num_ranks, self.dst.num_ranks
-        cache: dict[tuple, list] = {}
+        self._key_ids: dict[tuple, int] = {}
+        self._items: dict[tuple[int, int], list[_Item]] = {}  # (holder rank, local) -> pieces
+        # Per (source rank, destination rank): targets of small runs, of big runs, and bytes.
+        self._small = np.zeros((S, R), np.int64)
+        self._big = np.zeros((S, R), np.int64)
+        self._bytes = np.zeros((S, R), np.int64)
+        cache: dict[tuple, tuple] = {}
         for di, si, kind in self._pairs:
-            for item in self._tensor_items(di, si, kind, cache):
-                items_by_holder.setdefault(item_holder(item), []).append(item)
-        self.chunks: dict[int, list[_Chunk]] = {r: [] for r in range(self.num_src_ranks)}
-        for (rank, local), items in sorted(items_by_holder.items()):
-            self.chunks[rank].extend(self._pack(rank, local, items))
-        # Per source rank: interleave the locals' chunks so every device works at once.
-        for r, cl in self.chunks.items():
-            by_local: dict[int, list] = {}
-            for c in cl:
-                by_local.setdefault(c.src_local, []).append(c)
-            order = []
-            queues = [by_local[k] for k in sorted(by_local)]
-            while any(queues):
-                for q in queues:
-                    if q:
-                        order.append(q.pop(0))
-            self.chunks[r] = order
+            d, s = self.dst.tensors[di], self.src.tensors[si]
+            key = (kind, d.shape, d.dtype, s.shape, s.dtype, d.block if kind != KIND_COPY else None, s.shards, d.shards)
+            geo = cache.get(key)
+            if geo is None:
+                geo = cache[key] = self._geometry_tables(self._tensor_geometry(di, si, kind))
+            geoms, g_h, g_k, hold_r, hold_l, c_g, c_r, c_small, c_big, c_bytes = geo
+            # Geometry shared by same-shaped tensors; the holder rotates with the tensor index so
+            # replicas share the work across tensors, not only within one.
+            pick = (g_h + di) % g_k
+            hr = hold_r[np.arange(len(geoms)), pick]
+            hl = hold_l[np.arange(len(geoms)), pick]
+            items = self._items
+            for g, r, l in zip(geoms, hr.tolist(), hl.tolist()):
+                lst = items.get((r, l))
+                if lst is None:
+                    lst = items[(r, l)] = []
+                lst.append(_Item(g, di, si, r, l))
+            if len(c_g):
+                src_r = hr[c_g]
+                np.add.at(self._small, (src_r, c_r), c_small)
+                np.add.at(self._big, (src_r, c_r), c_big)
+                np.add.at(self._bytes, (src_r, c_r), c_bytes)
         self._buffers: dict[int, list[tuple[int, int]]] = {}
         for di, d in enumerate(self.dst.tensors):
             for r, l, _ in d.shards:
                 self._buffers.setdefault(r, []).append((di, l))
         self._buffer_index = {r: {b: i for i, b in enumerate(bl)} for r, bl in self._buffers.items()}
 
-    def _tensor_items(self, di: int, si: int, kind: int, cache: dict) -> list[_Item]:
-        d, s = self.dst.tensors[di], self.src.tensors[si]
-        block = d.block if kind != KIND_COPY else None
-        # Same geometry (shapes, boxes, dtypes, kind) gives the same pieces up to the tensor index; the
-        # holder of each piece rotates with the tensor index so replicas share the work across tensors.
-        key = (kind, d.shape, d.dtype, s.shape, s.dtype, block, s.shards, d.shards)
-        hit = cache.get(key)
-        if hit is None:
-            hit = self._tensor_geometry(di, si, kind)
-            cache[key] = hit
-        out = []
-        for it in hit:
-            hr, hl = it.holders[(it.h + di) % len(it.holders)]
-            out.append(dataclasses.replace(it, dst_tensor=di, src_tensor=si, src_rank=hr, src_local=hl))
-        return out
+    def _geometry_tables(self, geoms: list[_Geom]) -> tuple:
+        n = len(geoms)
+        kmax = max((len(g.holders) for g in geoms), default=1)
+        g_h = np.array([g.h for g in geoms], np.int64)
+        g_k = np.array([len(g.holders) for g in geoms], np.int64)
+        hold_r = np.zeros((n, kmax), np.int64)
+        hold_l = np.zeros((n, kmax), np.int64)
+        c_g, c_r, c_small, c_big, c_bytes = [], [], [], [], []
+        for i, g in enumerate(geoms):
+            for j, (r, l) in enumerate(g.holders):
+                hold_r[i, j], hold_l[i, j] = r, l
+            per: dict[int, int] = {}
+            for r, _ in g.receivers:
+                per[r] = per.get(r, 0) + 1
+            for r, m in per.items():
+                c_g.append(i)
+                c_r.append(r)
+                c_small.append(0 if g.big else m * g.n_runs)
+                c_big.append(m * g.n_runs if g.big else 0)
+                c_bytes.append(m * g.nbytes)
+        a = lambda x: np.array(x, np.int64)  # noqa: E731
+        return geoms, g_h, g_k, hold_r, hold_l, a(c_g), a(c_r), a(c_small), a(c_big), a(c_bytes)
 
-    def _tensor_geometry(self, di: int, si: int, kind: int) -> list[_Item]:
+    def _tensor_geometry(self, di: int, si: int, kind: int) -> list[_Geom]:
         d, s = self.dst.tensors[di], self.src.tensors[si]
         nd = len(d.shape)
         block = d.block
         out_itemsize = d.itemsize
-        # Source boxes in the destination tensor's index space (scale blocks for scales).
-        def src_box(box: Box) -> Box:
+
+        def src_box(box: Box) -> Box:  # source boxes in the destination's index space
             if kind == KIND_SCALE:
                 return tuple((a // b, -(-e // b)) for (a, e), b in zip(box, block))
             return box
@@ -735,8 +821,7 @@ class Plan:
         receivers: dict[Box, list] = {}
         for r, l, box in d.shards:
             receivers.setdefault(box, []).append((r, l))
-        sb = list(holders)
-        db = list(receivers)
+        sb, db = list(holders), list(receivers)
         if nd == 0:
             pairs = [(0, 0)] if sb and db else []
             lo = hi = None
@@ -746,25 +831,28 @@ class Plan:
             lo = np.maximum(S[:, None, :, 0], D[None, :, :, 0])
             hi = np.minimum(S[:, None, :, 1], D[None, :, :, 1])
             pairs = np.argwhere(np.all(hi > lo, axis=-1)).tolist()
-        items: list[_Item] = []
+        out: list[_Geom] = []
         for i, j in pairs:
             sbox, dbox = sb[i], db[j]
-            if nd:
-                xlo, xhi = tuple(int(v) for v in lo[i, j]), tuple(int(v) for v in hi[i, j])
-            else:
-                xlo, xhi = (), ()
+            xlo = tuple(int(v) for v in lo[i, j]) if nd else ()
+            xhi = tuple(int(v) for v in hi[i, j]) if nd else ()
             hs = sorted(holders[sbox], key=lambda h: (h[0], h[1]))
             rs = sorted(receivers[dbox])
             k, m = len(hs), len(rs)
             ext = tuple(b - a for a, b in zip(xlo, xhi))
+            # Replicas split the work: cut the box into parts along its first long dimension, and
+            # deal the (part, receiver) units round robin over the holders.
             split = next((q for q in range(nd) if ext[q] > 1), None)
             parts = 1 if split is None else max(1, min(k // m, ext[split]))
             rot = (i + j) % k
             groups: dict[tuple[int, int], list] = {}
             for q in range(parts):
                 for u in range(m):
-                    h = (q * m + u + rot) % k
-                    groups.setdefault((h, q), []).append(rs[u])
+                    groups.setdefault(((q * m + u + rot) % k, q), []).append(rs[u])
+            hold = tuple((r_, l_) for r_, l_, _ in hs)
+            hbox = hs[0][2]
+            sshape = tuple(b - a for a, b in hbox)  # a holder's shard, elements
+            dshape = tuple(b - a for a, b in dbox)
             for (h, q), recv in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
                 plo, phi = list(xlo), list(xhi)
                 if split is not None and parts > 1:
@@ -774,39 +862,34 @@ class Plan:
                 pext = tuple(b - a for a, b in zip(plo, phi))
                 if _prod(pext) == 0:
                     continue
-                hr, hl, hbox = hs[h]
-                sshape = tuple(b - a for a, b in hbox)  # holder's shard, elements
                 sl = tuple(a - b for a, b in zip(plo, (x for x, _ in sbox)))
                 dl = tuple(a - b for a, b in zip(plo, (x for x, _ in dbox)))
-                hold = tuple((r_, l_) for r_, l_, _ in hs)
-                for it in self._make_items(kind, di, si, hr, hl, sshape, sl, pext, dl, dbox, tuple(recv),
-                                           out_itemsize, block):
-                    it.holders, it.h = hold, h
-                    items.append(it)
-        return items
+                for g in self._make_geoms(kind, di, si, sshape, sl, pext, dl, dshape, tuple(recv), out_itemsize, block):
+                    g.holders, g.h = hold, h
+                    out.append(g)
+        return out
 
-    def _make_items(self, kind: int, di: int, si: int, hr: int, hl: int, sshape: tuple, sl: tuple, pext: tuple,
-                    dl: tuple, dbox: Box, recv: tuple, out_itemsize: int, block: tuple | None) -> list[_Item]:
+    def _make_geoms(self, kind: int, di: int, si: int, sshape: tuple, sl: tuple, pext: tuple, dl: tuple,
+                    dshape: tuple, recv: tuple, out_itemsize: int, block: tuple | None) -> list[_Geom]:
         s = self.src.tensors[si]
-        dshape = tuple(b - a for a, b in dbox)
         nbytes = _prod(pext) * out_itemsize
         # Direct: untransformed, one run on both sides, big enough to be worth its own write.
         if kind == KIND_COPY and nbytes >= max(1, self.direct_min_bytes):
             _, n_src = _runs(sl, pext, sshape)
             _, n_dst = _runs(dl, pext, dshape)
             if n_src == 1 and n_dst == 1:
-                it = self._item(kind, di, si, hl, sl, pext, dl, dshape, recv, out_itemsize, sshape, s, block)
-                it.direct = True
-                it.src_byte_off = _row_major_offset(sl, sshape) * s.itemsize
-                return [it]
+                g = self._geom(kind, di, sl, pext, dl, dshape, recv, out_itemsize, sshape, s, block)
+                g.direct = True
+                g.src_byte_off = _row_major_offset(sl, sshape) * s.itemsize
+                return [g]
         out = []
         for off, sub in _split_box(pext, out_itemsize, self.chunk_bytes):
             slo = tuple(a + o for a, o in zip(sl, off))
             dlo = tuple(a + o for a, o in zip(dl, off))
-            out.append(self._item(kind, di, si, hl, slo, sub, dlo, dshape, recv, out_itemsize, sshape, s, block))
+            out.append(self._geom(kind, di, slo, sub, dlo, dshape, recv, out_itemsize, sshape, s, block))
         return out
 
-    def _item(self, kind, di, si, hl, slo, ext, dlo, dshape, recv, out_itemsize, sshape, s, block) -> _Item:
+    def _geom(self, kind, di, slo, ext, dlo, dshape, recv, out_itemsize, sshape, s, block) -> _Geom:
         k, n_runs = _runs(dlo, ext, dshape)
         nd = len(dshape)
         strides = [out_itemsize] * nd
@@ -827,44 +910,54 @@ class Plan:
             region_ext = tuple(min((a + e) * b, n) - a * b for a, e, b, n in zip(slo, ext, block, sshape))
             crop = ()
         key = (kind, sshape, s.dtype, tuple(ext), self.dst.tensors[di].dtype, block, region_ext, crop)
-        return _Item(di, si, kind, hl, tuple(slo), tuple(ext), tuple(dlo), recv, _prod(ext) * out_itemsize,
-                     run_bytes, n_runs, tuple(ext[:k]), tuple(strides[:k]), base, key=key, region_lo=tuple(region_lo))
+        kid = self._key_ids.setdefault(key, len(self._key_ids))
+        return _Geom(kind, tuple(slo), tuple(ext), tuple(dlo), recv, _prod(ext) * out_itemsize, run_bytes, n_runs,
+                     tuple(ext[:k]), tuple(strides[:k]), base, key=key, region_lo=tuple(region_lo), kid=kid,
+                     big=run_bytes >= BYTES_MODE_MIN)
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def chunks_of(self, src_rank: int) -> list[_Chunk]:
+        """The chunks ``src_rank`` posts, in order (packed on first use, then kept)."""
+        with self._chunk_lock:
+            cl = self._chunks.get(src_rank)
+            if cl is None:
+                by_local = [self._pack(src_rank, l, items) for (r, l), items in sorted(self._items.items())
+                            if r == src_rank]
+                # Interleave the devices' chunks so every device of the rank works at once.
+                cl = []
+                for i in range(max((len(q) for q in by_local), default=0)):
+                    cl.extend(q[i] for q in by_local if i < len(q))
+                self._chunks[src_rank] = cl
+            return cl
+
+    @property
+    def chunks(self) -> dict[int, list[_Chunk]]:
+        """Every source rank's chunks (packs all of them)."""
+        return {r: self.chunks_of(r) for r in range(self.num_src_ranks)}
 
     def _pack(self, rank: int, local: int, items: list[_Item]) -> list[_Chunk]:
-        chunks: list[_Chunk] = []
-        staged = [it for it in items if not it.direct]
-        for it in items:
-            if it.direct:
-                chunks.append(_Chunk(rank, local, False, [it], [it.src_byte_off], 0))
+        chunks = [_Chunk(rank, local, False, [it], [it.g.src_byte_off], 0) for it in items if it.g.direct]
         # Same geometry next to each other: one batched stage call covers a run of them.
-        staged.sort(key=lambda it: (repr(it.key), it.dst_tensor, it.dst_lo))
+        staged = sorted((it for it in items if not it.g.direct), key=lambda it: (it.g.kid, it.dst_tensor, it.g.dst_lo))
         cur: _Chunk | None = None
+        limit, align = self.chunk_bytes, STAGE_ALIGN
         for it in staged:
-            need = -(-it.nbytes // STAGE_ALIGN) * STAGE_ALIGN
-            if cur is None or cur.nbytes + need > self.chunk_bytes:
+            need = -(-it.g.nbytes // align) * align
+            if cur is None or cur.nbytes + need > limit:
                 cur = _Chunk(rank, local, True, [], [], 0)
                 chunks.append(cur)
             cur.items.append(it)
             cur.offsets.append(cur.nbytes)
             cur.nbytes += need
-        for c in chunks:
-            rt: dict[int, list] = {}
-            for it in c.items:
-                for r, _ in it.receivers:
-                    e = rt.setdefault(r, [0, 1 << 62, 0])
-                    e[0] += it.n_runs
-                    e[1] = min(e[1], it.run_bytes)
-                    e[2] += it.nbytes
-            c.rank_targets = {r: tuple(v) for r, v in rt.items()}
         return chunks
 
     # -- queries --------------------------------------------------------------------------------
     def sources_of(self, dst_rank: int) -> list[int]:
         """Source ranks that write to ``dst_rank``."""
-        return sorted({c.src_rank for cl in self.chunks.values() for c in cl if dst_rank in c.rank_targets})
+        return np.nonzero(self._bytes[:, dst_rank])[0].tolist() if self.num_dst_ranks else []
 
     def destinations_of(self, src_rank: int) -> list[int]:
-        return sorted({r for c in self.chunks.get(src_rank, []) for r in c.rank_targets})
+        return np.nonzero(self._bytes[src_rank])[0].tolist()
 
     def buffers(self, dst_rank: int) -> list[tuple[int, int]]:
         """Destination buffers of ``dst_rank``: [(dst tensor index, local)]; the list index is the buffer id."""
@@ -873,76 +966,67 @@ class Plan:
     def buffer_id(self, dst_rank: int, tensor: int, local: int) -> int:
         return self._buffer_index[dst_rank][(tensor, local)]
 
+    def _items_between(self, src_rank: int, dst_rank: int) -> Iterator[_Item]:
+        for (r, _), items in self._items.items():
+            if r == src_rank:
+                for it in items:
+                    if any(rr == dst_rank for rr, _ in it.g.receivers):
+                        yield it
+
     def buffer_ids_between(self, src_rank: int, dst_rank: int) -> list[int]:
         """Buffer ids of ``dst_rank`` that ``src_rank`` writes into."""
         ids = set()
-        for c in self.chunks.get(src_rank, []):
-            if dst_rank in c.rank_targets:
-                for it in c.items:
-                    ids.update(self.buffer_id(dst_rank, it.dst_tensor, l) for r, l in it.receivers if r == dst_rank)
+        for it in self._items_between(src_rank, dst_rank):
+            ids.update(self.buffer_id(dst_rank, it.dst_tensor, l) for r, l in it.g.receivers if r == dst_rank)
         return sorted(ids)
 
     def expected_imms(self, src_rank: int, dst_rank: int, domains: int) -> int:
         """Imms ``dst_rank`` receives from one push of ``src_rank`` whose engine has ``domains``
-        domains (via :func:`fabric.imm_writes`, as the publisher posts them)."""
-        key = (src_rank, dst_rank, domains)
-        n = self._expected.get(key)
-        if n is None:
-            n = 0
-            for c in self.chunks.get(src_rank, []):
-                t = c.rank_targets.get(dst_rank)
-                if t:
-                    mode = _scatter_mode(domains, t[0], t[1])
-                    n += t[0] * fabric.imm_writes("scatter", domains=domains, sharding=mode)
-            self._expected[key] = n
-        return n
+        domains: one per scatter target, as :func:`fabric.imm_writes` counts them for the sharding
+        the publisher posts each target with."""
+        return int(self._small[src_rank, dst_rank]) * _imms_per_target(domains, False) + \
+            int(self._big[src_rank, dst_rank]) * _imms_per_target(domains, True)
 
     def tensors_between(self, src_rank: int, dst_rank: int) -> list[str]:
-        """Destination tensors (with the boxes) that ``src_rank`` writes to ``dst_rank``."""
+        """Destination tensors (with their boxes) that ``src_rank`` writes to ``dst_rank``."""
         out: dict[str, list] = {}
-        for c in self.chunks.get(src_rank, []):
-            if dst_rank not in c.rank_targets:
-                continue
-            for it in c.items:
-                if any(r == dst_rank for r, _ in it.receivers):
-                    d = self.dst.tensors[it.dst_tensor]
-                    out.setdefault(d.path, []).append(it)
+        for it in self._items_between(src_rank, dst_rank):
+            out.setdefault(self.dst.tensors[it.dst_tensor].path, []).append(it)
         res = []
         for path, its in out.items():
-            di = self.dst.index(path)
+            shards = self.dst.tensors[its[0].dst_tensor].shards
             boxes = []
             for it in its:
-                base = next(box for r, l, box in self.dst.tensors[di].shards if (r, l) in it.receivers)
-                boxes.append("[" + ", ".join(f"{b0 + a}:{b0 + a + e}" for (b0, _), a, e in zip(base, it.dst_lo, it.ext)) + "]")
+                base = next(box for r, l, box in shards if (r, l) in it.g.receivers)
+                boxes.append("[" + ", ".join(f"{b0 + a}:{b0 + a + e}" for (b0, _), a, e in
+                                             zip(base, it.g.dst_lo, it.g.ext)) + "]")
             shown = ", ".join(boxes[:3]) + (f" and {len(boxes) - 3} more" if len(boxes) > 3 else "")
             res.append(f"{path} {shown}")
         return res
 
-    def stats(self) -> dict:
-        """Bytes and writes per source and destination rank (what one push moves)."""
-        send = np.zeros(self.num_src_ranks, np.int64)
-        recv = np.zeros(max(1, self.num_dst_ranks), np.int64)
-        writes = np.zeros(self.num_src_ranks, np.int64)
-        stage_calls = np.zeros(self.num_src_ranks, np.int64)
-        scatters = np.zeros(self.num_src_ranks, np.int64)
-        items = 0
-        for r, cl in self.chunks.items():
-            for c in cl:
-                items += len(c.items)
-                if c.staged:
-                    stage_calls[r] += sum(1 for i, it in enumerate(c.items) if i == 0 or it.key != c.items[i - 1].key)
-                for dr, (n, _, b) in c.rank_targets.items():
-                    send[r] += b
-                    recv[dr] += b
-                    writes[r] += n
-                    scatters[r] += 1
-        return {
+    def stats(self, *, chunks: bool = True) -> dict:
+        """Bytes and writes per source and destination rank (what one push moves); with ``chunks``
+        also the chunk, stage-call and scatter counts (this packs every source rank)."""
+        out = {
             "src_ranks": int(self.num_src_ranks), "dst_ranks": int(self.num_dst_ranks),
-            "chunks": int(sum(len(c) for c in self.chunks.values())), "items": int(items),
-            "bytes_per_src": send, "bytes_per_dst": recv, "writes_per_src": writes,
-            "stage_calls_per_src": stage_calls, "scatters_per_src": scatters,
-            "total_bytes": int(send.sum()),
+            "items": int(sum(len(v) for v in self._items.values())),
+            "bytes_per_src": self._bytes.sum(1), "bytes_per_dst": self._bytes.sum(0),
+            "writes_per_src": (self._small + self._big).sum(1), "writes_per_dst": (self._small + self._big).sum(0),
+            "total_bytes": int(self._bytes.sum()),
         }
+        if chunks:
+            stage_calls = np.zeros(self.num_src_ranks, np.int64)
+            scatters = np.zeros(self.num_src_ranks, np.int64)
+            n = 0
+            for r in range(self.num_src_ranks):
+                for c in self.chunks_of(r):
+                    n += 1
+                    if c.staged:
+                        stage_calls[r] += len(_stage_groups(c))
+                    for small, big, _ in c.rank_targets.values():
+                        scatters[r] += (small > 0) + (big > 0)
+            out.update(chunks=n, stage_calls_per_src=stage_calls, scatters_per_src=scatters)
+        return out
 
     # -- serialisation --------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -973,9 +1057,6 @@ class Plan:
         return (f"Plan({self.num_src_ranks} -> {self.num_dst_ranks} ranks, {len(self.dst.tensors)} tensors, "
                 f"fingerprint {self.fingerprint[:12]})")
 
-
-def item_holder(it: _Item) -> tuple[int, int]:
-    return it.src_rank, it.src_local
 
 
 def _row_major_offset(idx: Sequence[int], shape: Sequence[int]) -> int:
@@ -1128,11 +1209,14 @@ MAX_STAGE_BATCH = 32
 def _stage_groups(chunk: _Chunk) -> list[tuple[tuple, list[int]]]:
     """Runs of same-geometry items of a chunk (item indices), at most MAX_STAGE_BATCH each."""
     groups: list[tuple[tuple, list[int]]] = []
+    last = -1
     for i, it in enumerate(chunk.items):
-        if groups and groups[-1][0] == it.key and len(groups[-1][1]) < MAX_STAGE_BATCH:
+        kid = it.g.kid
+        if kid == last and len(groups[-1][1]) < MAX_STAGE_BATCH:
             groups[-1][1].append(i)
         else:
-            groups.append((it.key, [i]))
+            groups.append((it.g.key, [i]))
+            last = kid
     return groups
 
 
@@ -1349,7 +1433,7 @@ class Publisher:
         self._own_engine = engine is None
         self.engine = engine or fabric.TransferEngine(provider, domains, timeout=engine_timeout)
         self._devices = _local_devices(plan.src, self.rank, devices)
-        self._chunks = plan.chunks.get(self.rank, [])
+        self._chunks = plan.chunks_of(self.rank)
         self._dests = plan.destinations_of(self.rank)
         staged_locals = sorted({c.src_local for c in self._chunks if c.staged})
         self.staging_bytes = staging_bytes
@@ -1430,27 +1514,31 @@ class Publisher:
             self._targets = self._build_targets()
 
     def _build_targets(self) -> list[dict]:
-        """Per chunk: {dst rank: ([targets slot 0], [targets slot 1], mode)} with descriptors."""
+        """Per chunk: {dst rank: [(targets for slot 0, targets for slot 1, sharding), ...]}: one
+        scatter for the small runs (sharding "targets") and one for the big ones ("bytes")."""
         out = []
-        domains = self.engine.num_domains
+        multi = self.engine.num_domains > 1
         for c in self._chunks:
-            per: dict[int, tuple] = {}
-            for r, (n, min_len, _) in c.rank_targets.items():
-                lists: tuple[list, list] = ([], [])
+            per: dict[int, list] = {}
+            for r in c.rank_targets:
+                lists = {False: ([], []), True: ([], [])}
                 descs = self._subs[r]["descs"]
                 for it, off in zip(c.items, c.offsets):
+                    g = it.g
                     dsts = None
-                    for rr, l in it.receivers:
+                    for rr, l in g.receivers:
                         if rr != r:
                             continue
                         bid = self.plan.buffer_id(r, it.dst_tensor, l)
                         if dsts is None:
-                            dsts = it.run_dst_offsets().tolist()
+                            dsts = g.run_dst_offsets().tolist()
+                        d0, d1 = descs[bid]
+                        l0, l1 = lists[g.big]
                         for t, do in enumerate(dsts):
-                            so = off + t * it.run_bytes
-                            for s in (0, 1):
-                                lists[s].append((descs[bid][s], it.run_bytes, so, do))
-                per[r] = (lists[0], lists[1], _scatter_mode(domains, n, min_len))
+                            so = off + t * g.run_bytes
+                            l0.append((d0, g.run_bytes, so, do))
+                            l1.append((d1, g.run_bytes, so, do))
+                per[r] = [(l0, l1, "bytes" if big and multi else "targets") for big, (l0, l1) in lists.items() if l0]
             out.append(per)
         return out
 
@@ -1623,14 +1711,13 @@ class Publisher:
             posted = []
             for r in ranks:
                 slot, epoch = grants[r]
-                lists = self._targets[ci][r]
+                imm = imm_value(self.imm_tag, epoch, self.rank)
                 try:
-                    t = self.engine.scatter(region, lists[slot], imm=imm_value(self.imm_tag, epoch, self.rank),
-                                            sharding=lists[2])
+                    for lists in self._targets[ci][r]:
+                        posted.append((r, self.engine.scatter(region, lists[slot], imm=imm, sharding=lists[2])))
                 except (fabric.TransferError, ValueError) as e:
                     failed.setdefault(r, str(e))
                     continue
-                posted.append((r, t))
                 handle.bytes_sent[r] += c.rank_targets[r][2]
             handle.chunks_posted += 1
             if c.staged:
