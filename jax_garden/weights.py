@@ -1635,9 +1635,11 @@ class Publisher:
                     raise ValueError(f"{t.path}: shape {shape}; the plan wants {t.shape} (global) or this rank's "
                                      f"shard {ext}")
                 out[(ti, l)] = arr
-        # Staged pieces are read on the staging device; direct pieces straight from the shard.
+        # Staged pieces are read on the staging device; direct pieces straight from the shard, so
+        # their values must exist before the engine reads them (jit results may still be running).
         for (ti, l), arr in list(out.items()):
             out[(ti, l)] = _put(arr, self._devices[l]) if self._rings else arr
+        jax.block_until_ready([a for a in out.values() if not isinstance(a, np.ndarray)])
         return out
 
     def _before_chunk(self, index: int) -> None:

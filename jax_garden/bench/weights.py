@@ -323,6 +323,509 @@ def print_simulation(r: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Measured rows: worker processes (publishers and subscribers) driven by the parent through pipes
+
+
+def _gen_params(layout: Any, seed: int) -> dict:
+    """Deterministic globals for every tensor of a layout: a cheap hash of the element index
+    (finite, normal bf16 values; fast enough for 16 GB)."""
+    import ml_dtypes
+
+    out = {}
+    for i, t in enumerate(layout.tensors):
+        n = math.prod(t.shape)
+        idx = np.arange(n, dtype=np.uint32)
+        h = (idx * np.uint32(2654435761) + np.uint32((seed * 7919 + i * 104729) & 0xFFFFFFFF)) >> np.uint32(11)
+        if t.dtype == "bfloat16":
+            bits = (h.astype(np.uint16) & np.uint16(0x83FF)) | np.uint16(0x3C00)  # sign, mantissa; exponent ~1
+            out[t.path] = bits.view(ml_dtypes.bfloat16).reshape(t.shape)
+        else:
+            out[t.path] = ((h & np.uint32(0xFFFF)).astype(np.float32) / 65536.0 - 0.5).astype(t.dtype).reshape(t.shape)
+    return out
+
+
+def _rss_hwm() -> tuple[int, int]:
+    vals = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                vals[k] = int(v.split()[0]) * 1024
+    return vals.get("VmRSS", 0), vals.get("VmHWM", 0)
+
+
+def _reset_hwm() -> None:
+    try:  # Linux: "5" resets the peak RSS (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _gpu_mem() -> dict:
+    import jax
+
+    try:
+        st = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001
+        st = {}
+    return {"in_use": st.get("bytes_in_use"), "peak": st.get("peak_bytes_in_use")}
+
+
+def bench_configs(quick: bool, gpu: bool) -> list[dict]:
+    """The measured configurations: specs are built in the workers from these descriptions."""
+    if gpu:
+        sizes = [1 * GiB] if quick else [1 * GiB, 4 * GiB, 16 * GiB]
+        out = []
+        for total in sizes:
+            out.append(dict(name=f"gpu 1->1 bf16 {total // GiB} GiB", src=1, dst=1, total=total, layout="same",
+                            fp8=False, chunk=64 * MiB, staging=512 * MiB, direct=4 * MiB, rounds=2 if quick else 3))
+            out.append(dict(name=f"gpu 2->2 colocated FSDP->TP bf16 {total // GiB} GiB", src=2, dst=2, total=total,
+                            layout="fsdp_tp", fp8=False, chunk=64 * MiB, staging=512 * MiB, direct=4 * MiB,
+                            rounds=2 if quick else 3, colocated=True))
+        out.append(dict(name="gpu 1->1 bf16->fp8 1 GiB", src=1, dst=1, total=GiB, layout="same", fp8=True,
+                        chunk=64 * MiB, staging=512 * MiB, direct=4 * MiB, rounds=2 if quick else 3))
+        return out
+    total = 64 * MiB if quick else 1 * GiB
+    rounds = 2 if quick else 3
+    chunk = 8 * MiB if quick else 32 * MiB
+    return [
+        dict(name="tcp 1->1 bf16 direct", src=1, dst=1, total=total, layout="same", fp8=False, chunk=chunk,
+             staging=4 * chunk, direct=1 * MiB, rounds=rounds),
+        dict(name="tcp 1->1 bf16 staged", src=1, dst=1, total=total, layout="same", fp8=False, chunk=chunk,
+             staging=4 * chunk, direct=1 << 40, rounds=rounds),
+        dict(name="tcp 1->1 bf16->fp8", src=1, dst=1, total=total, layout="same", fp8=True, chunk=chunk,
+             staging=4 * chunk, direct=1 << 40, rounds=rounds),
+        dict(name="tcp 2->2 FSDP->TP bf16", src=2, dst=2, total=total, layout="fsdp_tp", fp8=False, chunk=chunk,
+             staging=4 * chunk, direct=1 * MiB, rounds=rounds),
+    ]
+
+
+def config_specs(cfg: dict) -> tuple[dict, dict]:
+    """(trainer specs, inference specs) of a measured configuration: 8 tensors [rows, 4096] bf16."""
+    from jax_garden.weights import MeshSharding as M, TensorSpec as T, fp8_spec
+
+    n, cols = 8, 4096
+    rows = max(256, cfg["total"] // (n * cols * 2) // 256 * 256)
+    src, dst = {}, {}
+    for i in range(n):
+        shape = (rows, cols)
+        if cfg["layout"] == "same":
+            s_sh, d_sh = M({"f": cfg["src"]}, ("f",)), M({"t": cfg["dst"]}, ("t",))
+        else:  # FSDP rows -> tensor parallel columns
+            s_sh, d_sh = M({"f": cfg["src"]}, ("f", None)), M({"t": cfg["dst"]}, (None, "t"))
+        src[f"w{i}"] = T(shape, "bfloat16", s_sh)
+        dst[f"w{i}"] = fp8_spec(shape, d_sh, d_sh, (128, 128)) if cfg["fp8"] else T(shape, "bfloat16", d_sh)
+    return src, dst
+
+
+def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
+    """A publisher or subscriber process: builds each configuration's plan when told, then pushes /
+    waits on command, reporting times (time.monotonic is one clock for all processes of a host)."""
+    os.environ.update(env)
+    try:
+        import jax  # noqa: F401  (after the environment is set)
+        from jax_garden import weights
+
+        obj = plan = cfg = None
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "quit":
+                return
+            if cmd[0] == "config":
+                cfg = cmd[1]
+                src, dst = config_specs(cfg)
+                plan = weights.Plan(weights.Layout.from_pytree(src), weights.Layout.from_pytree(dst),
+                                    chunk_bytes=cfg["chunk"], direct_min_bytes=cfg["direct"])
+                if role == "sub":
+                    obj = weights.Subscriber(plan, dst, rank=rank, provider="tcp", engine_timeout=60)
+                    conn.send(("address", obj.address))
+                else:
+                    before = _rss_hwm()
+                    obj = weights.Publisher(plan, rank=rank, provider="tcp", staging_bytes=cfg["staging"],
+                                            timeout=300, engine_timeout=60)
+                    g = _gen_params(plan.src, 1)
+                    import jax.numpy as jnp
+
+                    mine = {}
+                    for t in plan.src.tensors:
+                        box = next(b for r, l, b in t.shards if r == rank)
+                        mine[t.path.strip("[]'")] = jnp.asarray(g[t.path][tuple(slice(a, b) for a, b in box)])
+                    del g
+                    jax.block_until_ready(mine)
+                    obj._bench_params = mine
+                    obj._bench_mem0 = (_rss_hwm(), _gpu_mem())
+                    conn.send(("ready", before))
+            elif cmd[0] == "peers":
+                obj.set_peers(cmd[1])
+                conn.send(("ok",))
+            elif cmd[0] == "connect":
+                obj.connect(cmd[1])
+                conn.send(("ok",))
+            elif cmd[0] == "push":
+                if cmd[1] == 1:  # after the warm-up push (compiles): peak RSS from here on
+                    _reset_hwm()
+                    obj._bench_mem0 = (_rss_hwm(), _gpu_mem())
+                t0 = time.monotonic()
+                h = obj.push(obj._bench_params, cmd[1]).wait(600)
+                t1 = time.monotonic()
+                (rss0, hwm0), gm0 = obj._bench_mem0
+                rss1, hwm1 = _rss_hwm()
+                conn.send(("pushed", t0, t1, sum(h.bytes_sent.values()), h.stage_seconds,
+                           {"hwm_growth": hwm1 - hwm0, "gpu_peak": _gpu_mem().get("peak"), "gpu_in_use0": gm0.get("in_use")}))
+            elif cmd[0] == "wait":
+                obj.wait(cmd[1], 600)
+                t1 = time.monotonic()
+                ok = None
+                if cmd[2]:  # verify this rank's shards bitwise against the reference
+                    from jax_garden.bench.weights import _verify
+                    ok = _verify(plan, obj, rank)
+                conn.send(("landed", t1, ok))
+            elif cmd[0] == "end":
+                obj.close()
+                obj = None
+                conn.send(("ok",))
+    except BaseException as e:  # noqa: BLE001
+        import traceback
+
+        conn.send(("error", f"{role} {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def _verify(plan: Any, sub: Any, rank: int) -> bool:
+    import jax
+    from jax_garden import weights
+
+    g = _gen_params(plan.src, 1)
+    p = sub.params()
+    flat, _ = jax.tree_util.tree_flatten_with_path(p)
+    got = {jax.tree_util.keystr(kp): leaf for kp, leaf in flat}
+    for di, d in enumerate(plan.dst.tensors):
+        for r, l, box in d.shards:
+            if r != rank:
+                continue
+            base = d.path[:-len(".scale")] if d.kind == "scale" else d.path
+            ref = g[base]
+            if d.kind != "array":
+                q, sc = weights.quantize_fp8(ref, d.block)
+                ref = q if d.kind == "fp8" else sc
+            want = np.ascontiguousarray(ref[tuple(slice(a, b) for a, b in box)])
+            key = d.path + ".weight" if d.kind == "fp8" else d.path
+            arr = np.asarray(got[key])
+            if not np.array_equal(arr.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)):
+                return False
+    return True
+
+
+class _Workers:
+    def __init__(self, n_pub: int, n_sub: int, envs_pub: list[dict], envs_sub: list[dict]):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.procs, self.pubs, self.subs = [], [], []
+        for role, n, envs, lst in (("pub", n_pub, envs_pub, self.pubs), ("sub", n_sub, envs_sub, self.subs)):
+            for r in range(n):
+                a, b = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(role, r, envs[r], b), daemon=True)
+                p.start()
+                self.procs.append(p)
+                lst.append(a)
+
+    @staticmethod
+    def ask(conn: Any, msg: tuple, timeout: float = 900.0) -> tuple:
+        conn.send(msg)
+        if not conn.poll(timeout):
+            raise TimeoutError(f"worker: no answer to {msg[0]} within {timeout} s")
+        out = conn.recv()
+        if out[0] == "error":
+            raise RuntimeError(out[1])
+        return out
+
+    def close(self) -> None:
+        import signal
+
+        for c in self.pubs + self.subs:
+            try:
+                c.send(("quit",))
+            except (OSError, BrokenPipeError):
+                pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(timeout=5)
+
+
+def run_config(w: _Workers, cfg: dict, verify: bool = True) -> dict:
+    """One configuration: connect, one warm-up push (compiles the stager), then timed pushes."""
+    pubs, subs = w.pubs[:cfg["src"]], w.subs[:cfg["dst"]]
+    addrs = [w.ask(c, ("config", cfg))[1] for c in subs]
+    mem_before = [w.ask(c, ("config", cfg))[1] for c in pubs]
+    for c in subs:
+        w.ask(c, ("peers", addrs))
+    for c in pubs:
+        w.ask(c, ("connect", addrs))
+    times, stage, ok, mem = [], [], True, {}
+    nbytes = 0
+    for v in range(cfg["rounds"] + 1):
+        for c in subs:
+            c.send(("wait", v, verify and v == 0))
+        for c in pubs:
+            c.send(("push", v))
+        pushed = [_recv(c) for c in pubs]
+        landed = [_recv(c) for c in subs]
+        t = max(x[1] for x in landed) - min(x[1] for x in pushed)
+        ok &= all(x[2] is not False for x in landed)
+        if v > 0:  # round 0 compiles the stager and warms the connections
+            times.append(t)
+            stage.append(max(x[4] for x in pushed))
+        nbytes = sum(x[3] for x in pushed)
+        mem = {"hwm_growth_max": max(x[5]["hwm_growth"] for x in pushed),
+               "gpu_peak": [x[5]["gpu_peak"] for x in pushed], "gpu_in_use_before": [x[5]["gpu_in_use0"] for x in pushed]}
+        _progress(f"  {cfg['name']}: round {v} {t * 1e3:.1f} ms" + (" (warm-up)" if v == 0 else ""))
+    for c in pubs + subs:
+        w.ask(c, ("end",))
+    med = float(np.median(times))
+    return {"name": cfg["name"], "wire_bytes": nbytes, "param_bytes": cfg["total"], "seconds": med,
+            "seconds_all": times, "wire_GBps": nbytes / med / 1e9, "param_GBps": cfg["total"] / med / 1e9,
+            "stage_seconds": float(np.median(stage)), "verified": bool(ok), "memory": mem,
+            "staging_bytes": cfg["staging"], "config": cfg}
+
+
+def _recv(conn: Any, timeout: float = 900.0) -> tuple:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"worker: no answer within {timeout} s")
+    out = conn.recv()
+    if out[0] == "error":
+        raise RuntimeError(out[1])
+    return out
+
+
+def raw_baseline(size: int, count: int, rounds: int = 3, timeout: float = 300.0) -> dict:
+    """GB/s of the raw libfabric fi_writemsg loop (bench.fabric's raw_fabric_bench) moving ``count``
+    writes of ``size`` bytes, 64 in flight: median and best of ``rounds`` runs (loopback on these
+    VMs flips between a fast and a slow state per process pair; see bench.fabric)."""
+    from jax_garden.bench import fabric as fb
+
+    plan = [{"kind": "bw", "size": int(size), "count": int(count), "window": 64}]
+    ns = argparse.Namespace(timeout=timeout, seed=1234, pin_cpus=None)
+    vals = []
+    for _ in range(rounds):
+        m = fb.metrics_from_records(fb.run_system("raw", plan, ns))
+        g = m.get(("write", int(size)), {}).get("gbps")
+        if g:
+            vals.append(g)
+    return {"median": float(np.median(vals)) if vals else None, "best": max(vals, default=None), "runs": vals}
+
+
+def _xfer_server(conn: Any, nbytes: int, rounds: int) -> None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        import jax
+        import jax.numpy as jnp
+        from jax.experimental import transfer
+
+        srv = transfer.start_transfer_server(jax.devices()[0].client, "127.0.0.1:0", ["127.0.0.1:0"])
+        arrays = [jnp.ones((nbytes // 8 // 2,), jnp.bfloat16) for _ in range(8)]
+        jax.block_until_ready(arrays)
+        conn.send(("address", srv.address()))
+        for v in range(rounds + 1):
+            conn.recv()
+            srv.await_pull(v, arrays)
+            conn.send(("armed",))
+        conn.recv()
+    except BaseException as e:  # noqa: BLE001
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _xfer_client(conn: Any, nbytes: int, rounds: int, address: str) -> None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        import jax
+        import jax.numpy as jnp
+        from jax.experimental import transfer
+
+        srv = transfer.start_transfer_server(jax.devices()[0].client, "127.0.0.1:0", ["127.0.0.1:0"])
+        c = srv.connect(address)
+        spec = jax.ShapeDtypeStruct((nbytes // 8 // 2,), jnp.bfloat16,
+                                    sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        times = []
+        for v in range(rounds + 1):
+            conn.send(("go", v))
+            conn.recv()
+            t0 = time.perf_counter()
+            out = c.pull(v, [spec] * 8)
+            jax.block_until_ready(out)
+            if v:
+                times.append(time.perf_counter() - t0)
+        conn.send(("times", times))
+    except BaseException as e:  # noqa: BLE001
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def jax_transfer_baseline(nbytes: int, rounds: int) -> dict:
+    """jax.experimental.transfer between two CPU processes on 127.0.0.1: the receiver pulls 8 arrays
+    of nbytes/8 that the sender armed with await_pull."""
+    import multiprocessing as mp
+    import signal
+
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    srv = ctx.Process(target=_xfer_server, args=(b, nbytes, rounds), daemon=True)
+    srv.start()
+    cli = None
+    try:
+        addr = _recv(a, 120)[1]
+        c1, c2 = ctx.Pipe()
+        cli = ctx.Process(target=_xfer_client, args=(c2, nbytes, rounds, addr), daemon=True)
+        cli.start()
+        while True:
+            msg = _recv(c1, 300)
+            if msg[0] == "times":
+                break
+            a.send(("arm",))
+            _recv(a, 120)
+            c1.send(("armed",))
+        a.send(("done",))
+        t = float(np.median(msg[1]))
+        return {"seconds": t, "GBps": nbytes / t / 1e9}
+    finally:
+        for p in (srv, cli):
+            if p is not None:
+                p.join(timeout=5)
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGKILL)
+
+
+def cpu_rows(args: argparse.Namespace) -> dict:
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    rows, baselines, errors = [], {}, []
+    w = _Workers(2, 2, [env, env], [env, env])
+    try:
+        for cfg in bench_configs(args.quick, gpu=False):
+            _progress(f"{cfg['name']}: {cfg['total'] / MiB:.0f} MiB of params, {cfg['rounds']} timed pushes")
+            try:
+                rows.append(run_config(w, cfg))
+            except Exception as e:  # noqa: BLE001 - reported; the other rows still run
+                errors.append(f"{cfg['name']}: {e}")
+                _progress(f"  FAILED: {e}")
+    finally:
+        w.close()
+    # Same-run baselines: raw libfabric moving the same bytes in writes of the same size.
+    for row in rows:
+        cfg = row["config"]
+        if cfg["direct"] < (1 << 40) and cfg["layout"] == "same":
+            size = cfg["total"] // 8  # one direct write per tensor
+        else:
+            size = cfg["chunk"] if not cfg["fp8"] else cfg["chunk"]
+        count = max(16, (128 * MiB if args.quick else 512 * MiB) // size)  # enough bytes for a stable rate
+        key = (size, count)
+        if key not in baselines:
+            _progress(f"raw libfabric baseline: {count} writes of {size / MiB:.1f} MiB, 3 runs")
+            try:
+                baselines[key] = raw_baseline(size, count)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"raw baseline {size}: {e}")
+                baselines[key] = {"median": None, "best": None}
+        raw = baselines[key]
+        row["raw_GBps"] = raw["median"]
+        row["raw_best_GBps"] = raw["best"]
+        row["raw_write_bytes"] = size
+        row["ratio_vs_raw"] = row["wire_GBps"] / raw["median"] if raw["median"] else None
+        best_engine = row["wire_bytes"] / min(row["seconds_all"]) / 1e9
+        row["ratio_best_vs_raw_best"] = best_engine / raw["best"] if raw["best"] else None
+    _progress("jax.experimental.transfer baseline (two CPU processes)")
+    try:
+        xfer = jax_transfer_baseline(64 * MiB if args.quick else 256 * MiB, 2 if args.quick else 3)
+    except Exception as e:  # noqa: BLE001
+        xfer = None
+        errors.append(f"jax.experimental.transfer: {e}")
+    for row in rows:
+        row["ratio_vs_jax_transfer"] = row["param_GBps"] / xfer["GBps"] if xfer else None
+    return {"rows": rows, "jax_transfer": xfer, "errors": errors}
+
+
+def host_costs() -> dict:
+    """Per-call host costs that the K2 host-work estimate multiplies: one scatter call and one target
+    of it (engine on tcp, 127.0.0.1), one batched stage call (jax on CPU)."""
+    import jax
+    import jax.numpy as jnp
+    from jax_garden import fabric, weights
+
+    a = fabric.TransferEngine(provider="tcp")
+    b = fabric.TransferEngine(provider="tcp")
+    try:
+        src = np.ones(16 << 20, np.uint8)
+        dst = np.zeros(16 << 20, np.uint8)
+        rs, rd = a.register(src), b.register(dst)
+        d = rd.descriptor
+        res = {}
+        for n in (1, 256):
+            tl = [(d, 4096, i * 4096, i * 4096) for i in range(n)]
+            ts, t0 = [], time.perf_counter()
+            for _ in range(50):
+                ts.append(a.scatter(rs, tl, imm=1))
+            res[n] = (time.perf_counter() - t0) / 50
+            for t in ts:
+                t.wait(60)
+        b.imm_counter(1).wait(50 * 257, 60)
+        per_target = (res[256] - res[1]) / 255
+        per_scatter = max(0.0, res[1] - per_target)
+        # a batched stage call: 8 pieces of 64 KiB into a registered slot (jit cached)
+        ring = weights._StagingRing(a, jax.devices()[0], 2, 1 << 20)
+        srcl = weights.Layout.from_pytree({"w": weights.TensorSpec((64, 4096), "bfloat16", None)})
+        dstl = weights.Layout.from_pytree({"w": weights.TensorSpec((64, 4096), "bfloat16", None)})
+        plan = weights.Plan(srcl, dstl, chunk_bytes=65536, direct_min_bytes=1 << 40)
+        chunk = plan.chunks_of(0)[0]
+        srcs = {(0, 0): jnp.ones((64, 4096), jnp.bfloat16)}
+        ring.stage(0, chunk, srcs)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            ring.stage(0, chunk, srcs)
+        stage = (time.perf_counter() - t0) / 50
+        return {"per_scatter_us": per_scatter * 1e6, "per_target_us": per_target * 1e6, "per_stage_call_us": stage * 1e6,
+                "stage_call_bytes": chunk.nbytes}
+    finally:
+        a.close()
+        b.close()
+
+
+def print_rows(result: dict) -> None:
+    head = (f"{'row':<36} {'param GB/s':>10} {'wire GB/s':>9} {'ms':>8} {'raw GB/s':>9} {'ratio':>6} "
+            f"{'best/best':>9} {'ok':>3}")
+    print(head)
+    print("-" * len(head))
+    for r in result.get("rows", []):
+        base = r.get("raw_GBps") or r.get("baseline_GBps")
+        ratio = r.get("ratio_vs_raw") or r.get("ratio")
+        bb = r.get("ratio_best_vs_raw_best")
+        print(f"{r['name']:<36} {r['param_GBps']:10.2f} {r['wire_GBps']:9.2f} {r['seconds'] * 1e3:8.1f} "
+              f"{(f'{base:.2f}' if base else '-'):>9} {(f'{ratio:.2f}x' if ratio else '-'):>6} "
+              f"{(f'{bb:.2f}x' if bb else '-'):>9} {'yes' if r['verified'] else 'NO':>3}")
+    print("param GB/s: bf16 parameter bytes / push time (first push call -> last subscriber has the version in "
+          "service); wire GB/s: bytes written / push time; raw: bench.fabric's raw libfabric loop, same write size; "
+          "ratio: wire / raw (medians), best/best: best rounds; ok: contents checked bitwise")
+    x = result.get("jax_transfer")
+    if x:
+        print(f"{'jax.experimental.transfer 1->1 (pull)':<36} {x['GBps']:10.2f} {x['GBps']:9.2f} {x['seconds'] * 1e3:8.1f}")
+        for r in result.get("rows", []):
+            if r.get("ratio_vs_jax_transfer"):
+                print(f"  {r['name']}: {r['ratio_vs_jax_transfer']:.2f}x jax.experimental.transfer")
+    for r in result.get("rows", []):
+        m = r.get("memory", {})
+        if m.get("hwm_growth_max") is not None:
+            print(f"  {r['name']}: publisher peak RSS grew {m['hwm_growth_max'] / MiB:.1f} MiB during pushes "
+                  f"(staging bound {r['staging_bytes'] / MiB:.0f} MiB)")
+    c = result.get("host_costs")
+    if c:
+        print(f"host costs: scatter call {c['per_scatter_us']:.1f} us + {c['per_target_us']:.2f} us per target; "
+              f"batched stage call {c['per_stage_call_us']:.1f} us")
+    for e in result.get("errors", []):
+        print(f"error: {e}")
+    for n in result.get("notes", []):
+        print(f"note: {n}")
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 
 
@@ -338,6 +841,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                    help="host cost of one scatter call, for the simulated host work (measure it with the CPU run)")
     p.add_argument("--per-target-us", type=float, default=1.0, help="host cost per scatter target")
     p.add_argument("--per-stage-call-us", type=float, default=30.0, help="host cost of one batched stage call")
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU rows")
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU/tcp rows")
     return p.parse_args(argv)
 
 
@@ -351,7 +856,26 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps({"benchmark": "weights-simulate-k2", **r}, indent=1, default=_json) + "\n")
         print(f"wrote {path}", file=sys.stderr)
         return 0
-    raise SystemExit("measured rows: not written yet")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    t0 = time.monotonic()
+    result: dict = {"benchmark": "weights", "quick": args.quick, "notes": []}
+    if not args.no_cpu:
+        result.update(cpu_rows(args))
+        _progress("host costs per call")
+        result["host_costs"] = host_costs()
+    if not args.no_gpu:
+        from jax_garden.bench import weights_gpu
+
+        result["gpu"] = weights_gpu.gpu_rows(args)
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
+    print_rows(result)
+    if result.get("gpu"):
+        weights_gpu.print_gpu(result["gpu"])
+    path = Path(args.json or "bench_results/weights.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=_json) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 1 if result.get("errors") else 0
 
 
 def _json(o: Any) -> Any:
