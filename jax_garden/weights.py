@@ -24,6 +24,7 @@ newer one. See docs/weights.md for the design and the failure semantics.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -49,7 +50,8 @@ _INV_FP8_MAX = np.float32(1.0 / 448.0)
 DEFAULT_CHUNK_BYTES = 64 << 20
 DEFAULT_DIRECT_MIN_BYTES = 4 << 20
 STAGE_ALIGN = 256  # staging offsets (GPU copy engines and vector loads like aligned starts)
-BYTES_MODE_MIN = 1 << 20  # scatter targets at least this long are cut over all domains when few
+BYTES_MODE_MIN = 1 << 20  # scatter runs at least this long are posted cut over all sender domains
+WELCOME_BYTES = 48 << 10  # descriptors per welcome message (the engine's default limit is 256 KiB)
 
 KIND_COPY, KIND_FP8, KIND_SCALE = 0, 1, 2
 _KIND_NAMES = {KIND_COPY: "copy", KIND_FP8: "fp8", KIND_SCALE: "scale"}
@@ -1494,7 +1496,7 @@ class Publisher:
                 self.engine.send(addr[r], _msg("hello", fp=self.plan.fingerprint, src=self.rank,
                                                domains=self.engine.num_domains)).wait(t)
             waiting = set(self._dests)
-            subs: dict[int, dict] = {}
+            subs: dict[int, dict] = {r: {"addr": addr[r], "descs": {}, "parts": set()} for r in self._dests}
             while waiting:
                 a, m = self._next_message(deadline, lambda m: m["t"] in ("welcome", "refuse"),
                                           lambda: f"no answer to hello from subscriber ranks {sorted(waiting)}")
@@ -1506,10 +1508,11 @@ class Publisher:
                                      f"this publisher runs {self.plan.fingerprint}")
                 if r not in waiting:
                     continue
-                descs = {int(k): [fabric.MemoryDescriptor.from_bytes(bytes.fromhex(x)) for x in v]
-                         for k, v in m["descs"].items()}
-                subs[r] = {"addr": addr[r], "descs": descs}
-                waiting.discard(r)
+                subs[r]["descs"].update({int(k): [fabric.MemoryDescriptor.from_bytes(base64.b64decode(x)) for x in v]
+                                         for k, v in m["descs"].items()})
+                subs[r]["parts"].add(int(m.get("part", 0)))
+                if len(subs[r]["parts"]) == int(m.get("parts", 1)):
+                    waiting.discard(r)
             self._subs = subs
             self._targets = self._build_targets()
 
@@ -2155,9 +2158,15 @@ class Subscriber:
             domains = int(m.get("domains", 1))
             with self._cond:
                 self._pubs[src] = {"addr": addr, "domains": domains}
-            descs = {str(b): [bytes(self._regions[s][b].descriptor).hex() for s in (0, 1)]
-                     for b in self.plan.buffer_ids_between(src, self.rank)}
-            self._reply(addr, "welcome", fp=self.plan.fingerprint, descs=descs)
+            # Descriptors of every buffer this source writes here, both slots; in parts that fit the
+            # engine's control-message size (a big model has thousands of buffers).
+            ids = self.plan.buffer_ids_between(src, self.rank)
+            entries = [(str(b), [base64.b64encode(bytes(self._regions[s][b].descriptor)).decode() for s in (0, 1)])
+                       for b in ids]
+            per = max(1, WELCOME_BYTES // max(1, max((len(e[1][0]) * 2 + 16 for e in entries), default=1)))
+            parts = [entries[i:i + per] for i in range(0, len(entries), per)] or [[]]
+            for i, part in enumerate(parts):
+                self._reply(addr, "welcome", fp=self.plan.fingerprint, descs=dict(part), part=i, parts=len(parts))
         elif t == "req":
             with self._cond:
                 self._requests.append((addr, m))

@@ -370,6 +370,27 @@ def test_single_process_push_versions_and_refusals(engines):
         sub.close()
 
 
+def test_many_small_tensors(engines):
+    """500 tensors: the descriptors come in several welcome messages, chunks hold many pieces."""
+    from jax_garden import weights
+    from jax_garden.weights import TensorSpec as T
+
+    src = {f"t{i}": T((4, 8), "bfloat16", None) for i in range(500)}
+    plan = weights.Plan(weights.Layout.from_pytree(src), weights.Layout.from_pytree(src), chunk_bytes=8192)
+    sub = weights.Subscriber(plan, src, engine=engines())
+    pub = weights.Publisher(plan, engine=engines(), staging_bytes=4 * 8192)
+    try:
+        assert len(plan.buffer_ids_between(0, 0)) * 2 * 100 > weights.WELCOME_BYTES  # needs several parts
+        pub.connect([sub.address])
+        g = _globals(plan.src, 9)
+        pub.push({k.strip("[]'"): v for k, v in g.items()}, 3).wait(30)
+        sub.wait(3, 30)
+        _check_local(plan, 0, 9, sub.params())
+    finally:
+        pub.close()
+        sub.close()
+
+
 def test_mismatched_plans_refused_at_connect(engines):
     from jax_garden import weights
 
@@ -745,3 +766,45 @@ def test_example_short_mode(tmp_path):
                           capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     assert "bf16 bitwise: ok" in proc.stdout and "fp8 within bound: ok" in proc.stdout, proc.stdout
+
+
+# ---- the benchmark runs ------------------------------------------------------------------------
+
+def _bench(tmp_path, *args, timeout=400):
+    import json
+
+    import jax_garden
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(jax_garden.__file__).parent.parent),
+                                         *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "w.json"
+    proc = subprocess.run([sys.executable, "-P", "-m", "jax_garden.bench", "weights", *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.timeout(300)
+def test_bench_simulate_k2_small(tmp_path):
+    """The K2 simulation on 2 layers: the schedule reaches every receiver evenly and the fluid
+    model's push time sits at the busiest receiver's bound (a model output, not a timing)."""
+    proc, r = _bench(tmp_path, "--simulate", "k2", "--layers", "2")
+    assert r["src_ranks"] == 256 and r["dst_ranks"] == 128 and r["layers"] == 2
+    assert r["bytes_per_receiver"]["max"] == pytest.approx(r["bytes_per_receiver"]["mean"], rel=0.01)
+    for n in r["network"]:
+        assert 1.0 <= n["ratio_to_receiver_bound"] <= 1.10, n
+    assert "predicted push" in proc.stdout and "Perplexity" in proc.stdout
+
+
+@pytest.mark.timeout(400)
+def test_bench_quick_cpu_rows(tmp_path):
+    proc, r = _bench(tmp_path, "--quick", "--no-gpu")
+    assert r["errors"] == [], r["errors"]
+    names = [row["name"] for row in r["rows"]]
+    assert names == ["tcp 1->1 bf16 direct", "tcp 1->1 bf16 staged", "tcp 1->1 bf16->fp8", "tcp 2->2 FSDP->TP bf16"]
+    for row in r["rows"]:
+        assert row["verified"] and row["seconds"] > 0 and row["raw_GBps"] and row["ratio_vs_raw"] > 0, row
+    assert r["host_costs"]["per_target_us"] > 0
+    assert "raw GB/s" in proc.stdout
