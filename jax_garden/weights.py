@@ -884,8 +884,11 @@ class Plan:
                 g.direct = True
                 g.src_byte_off = _row_major_offset(sl, sshape) * s.itemsize
                 return [g]
+        # Transformed pieces are cut smaller: the stage program's temporaries scale with a piece
+        # (its source region is read at the source's width), and must stay well inside the bound.
+        limit = self.chunk_bytes if kind == KIND_COPY else max(4096, self.chunk_bytes // 4)
         out = []
-        for off, sub in _split_box(pext, out_itemsize, self.chunk_bytes):
+        for off, sub in _split_box(pext, out_itemsize, limit):
             slo = tuple(a + o for a, o in zip(sl, off))
             dlo = tuple(a + o for a, o in zip(dl, off))
             out.append(self._geom(kind, di, slo, sub, dlo, dshape, recv, out_itemsize, sshape, s, block))
@@ -1149,12 +1152,13 @@ def stage_item_numpy(item: _Item, src_shard: np.ndarray, plan: Plan) -> np.ndarr
 
 
 def _jax_block_scale(region: Any, block: tuple) -> tuple[Any, Any]:
-    """(region padded and split into blocks, float32 scales) of a float32 region."""
+    """(region padded and split into blocks, float32 scales) of a region (any float dtype)."""
     import jax.numpy as jnp
 
     split, pad = _interleave(region.shape, block)
-    xs = jnp.pad(region, pad).reshape(split)
+    xs = (jnp.pad(region, pad) if any(p for _, p in pad) else region).reshape(split)
     amax = jnp.max(jnp.abs(xs), axis=tuple(range(1, 2 * region.ndim, 2))) if region.ndim else jnp.abs(xs)
+    amax = amax.astype(jnp.float32)
     scale = jnp.where(amax > 0, amax * _INV_FP8_MAX, jnp.float32(1.0)).astype(jnp.float32)
     return xs, scale
 
@@ -1167,14 +1171,16 @@ def _jax_piece_bytes(src: Any, start: Sequence[Any], key: tuple) -> Any:
     if kind == KIND_COPY:
         piece = lax.dynamic_slice(src, start, ext) if ext else src
     else:
-        region = (lax.dynamic_slice(src, start, region_ext) if region_ext else src).astype(jnp.float32)
+        # The block maxima come from the source dtype (|x| and max are exact in any float format),
+        # so no float32 copy of the region is made; the quantize is one fused elementwise pass.
+        region = lax.dynamic_slice(src, start, region_ext) if region_ext else src
         xs, scale = _jax_block_scale(region, block)
         if kind == KIND_SCALE:
             piece = scale
         else:
             inv = jnp.float32(1.0) / scale
             sb = inv.reshape(tuple(v for n in scale.shape for v in (n, 1)))
-            q = jnp.clip(xs * sb, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+            q = jnp.clip(xs.astype(jnp.float32) * sb, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
             q = q.reshape(tuple(n * b for n, b in zip(scale.shape, block)))
             piece = lax.slice(q, crop, tuple(c + e for c, e in zip(crop, ext))) if ext else q
     return lax.bitcast_convert_type(piece, jnp.uint8).reshape(-1)
