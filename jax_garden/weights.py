@@ -993,20 +993,23 @@ class Plan:
             int(self._big[src_rank, dst_rank]) * _imms_per_target(domains, True)
 
     def tensors_between(self, src_rank: int, dst_rank: int) -> list[str]:
-        """Destination tensors (with their boxes) that ``src_rank`` writes to ``dst_rank``."""
-        out: dict[str, list] = {}
+        """Destination tensors ``src_rank`` writes to ``dst_rank``: path, the bounding box of those
+        pieces in the tensor's global index space, and the piece count."""
+        out: dict[int, list] = {}
         for it in self._items_between(src_rank, dst_rank):
-            out.setdefault(self.dst.tensors[it.dst_tensor].path, []).append(it)
+            out.setdefault(it.dst_tensor, []).append(it)
         res = []
-        for path, its in out.items():
-            shards = self.dst.tensors[its[0].dst_tensor].shards
-            boxes = []
+        for di, its in sorted(out.items()):
+            t = self.dst.tensors[di]
+            lo = [None] * len(t.shape)
+            hi = [None] * len(t.shape)
             for it in its:
-                base = next(box for r, l, box in shards if (r, l) in it.g.receivers)
-                boxes.append("[" + ", ".join(f"{b0 + a}:{b0 + a + e}" for (b0, _), a, e in
-                                             zip(base, it.g.dst_lo, it.g.ext)) + "]")
-            shown = ", ".join(boxes[:3]) + (f" and {len(boxes) - 3} more" if len(boxes) > 3 else "")
-            res.append(f"{path} {shown}")
+                base = next(box for r, l, box in t.shards if (r, l) in it.g.receivers)
+                for d, ((b0, _), a, e) in enumerate(zip(base, it.g.dst_lo, it.g.ext)):
+                    lo[d] = b0 + a if lo[d] is None else min(lo[d], b0 + a)
+                    hi[d] = b0 + a + e if hi[d] is None else max(hi[d], b0 + a + e)
+            box = "[" + ", ".join(f"{a}:{b}" for a, b in zip(lo, hi)) + "]"
+            res.append(f"{t.path} {box} ({len(its)} piece{'s' if len(its) > 1 else ''})")
         return res
 
     def stats(self, *, chunks: bool = True) -> dict:
@@ -1702,6 +1705,27 @@ class Publisher:
                 failed.setdefault(r, str(e))
 
         assert self._targets is not None
+        try:
+            self._post_chunks(handle, srcs, grants, failed, direct, regions, reap)
+        finally:
+            # Every write is complete (or failed) before the staging slots are refilled by another
+            # push or the source arrays and their registrations are let go.
+            for ring in self._rings.values():
+                for k in range(len(ring.busy)):
+                    for r, t in ring.busy[k]:
+                        reap(r, t)
+                    ring.busy[k] = []
+            for r, t in direct:
+                reap(r, t)
+            regions.clear()
+        if failed:
+            detail = "; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items()))
+            raise fabric.TransferError(f"push of version {handle.version} failed toward subscriber ranks "
+                                       f"{sorted(failed)}: {detail}")
+
+    def _post_chunks(self, handle: PushHandle, srcs: dict, grants: dict, failed: dict, direct: list,
+                     regions: dict, reap: Callable[[int, Any], None]) -> None:
+        assert self._targets is not None
         for ci, c in enumerate(self._chunks):
             ranks = [r for r in c.rank_targets if r in grants and r not in failed]
             if not ranks:
@@ -1735,18 +1759,6 @@ class Publisher:
                 ring.busy[k] = posted
             else:
                 direct.extend(posted)
-        for ring in self._rings.values():
-            for k in range(len(ring.busy)):
-                for r, t in ring.busy[k]:
-                    reap(r, t)
-                ring.busy[k] = []
-        for r, t in direct:
-            reap(r, t)
-        regions.clear()
-        if failed:
-            detail = "; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items()))
-            raise fabric.TransferError(f"push of version {handle.version} failed toward subscriber ranks "
-                                       f"{sorted(failed)}: {detail}")
 
     def close(self) -> None:
         if self._closed:
@@ -1996,7 +2008,9 @@ class Subscriber:
             payload = _msg("status", round=k, rank=self.rank, **self._statuses[k][self.rank])
             for r, a in enumerate(self._peers):
                 if a is not None:
-                    self._sends.append(self.engine.send(a, payload))
+                    t = self.engine.send(a, payload)
+                    with self._cond:
+                        self._sends.append(t)
         with self._cond:
             while len(self._statuses.get(k, {})) < self.plan.num_dst_ranks:
                 left = deadline - time.monotonic()
@@ -2076,14 +2090,15 @@ class Subscriber:
                 for p in self._sources:
                     st = a["sources"].get(p)
                     tensors = self.plan.tensors_between(p, self.rank)
-                    shown = "; ".join(tensors[:4]) + (f"; and {len(tensors) - 4} more" if len(tensors) > 4 else "")
+                    shown = "; ".join(tensors[:6]) + (f"; and {len(tensors) - 6} more" if len(tensors) > 6 else "")
                     if st is None:
-                        lines.append(f"source {p} has not asked to push version {a['version']} (tensors: {shown})")
+                        lines.append(f"source {p} has not asked to push version {a['version']} (what it writes here: "
+                                     f"{shown})")
                     elif st.get("complete_at") is None:
                         got = self.engine.imm_counter(st["imm"]).total - st["base_total"]
                         lines.append(f"source {p}: {got} of {st['expected']} writes arrived (epoch {st['epoch']}, "
                                      f"granted {now - st['granted_at']:.1f} s ago, last arrival "
-                                     f"{now - st['last_progress']:.1f} s ago); missing tensors: {shown}")
+                                     f"{now - st['last_progress']:.1f} s ago); what it writes here: {shown}")
             for r, s in sorted(self._last_statuses.items()):
                 if r != self.rank:
                     lines.append(f"peer rank {r}: serving {s.get('serving')}, {s.get('missing')}")
@@ -2134,7 +2149,8 @@ class Subscriber:
             with self._cond:
                 active |= self._poll_attempt()
                 active |= self._serve_requests()
-            self._sends = [t for t in self._sends if not _settled(t)]
+            with self._cond:
+                self._sends = [t for t in self._sends if not _settled(t)]
             now = time.monotonic()
             if active:
                 idle_since = now
@@ -2143,9 +2159,11 @@ class Subscriber:
 
     def _reply(self, addr: fabric.NetAddress, kind: str, **fields: Any) -> None:
         try:
-            self._sends.append(self.engine.send(addr, _msg(kind, dst=self.rank, **fields)))
+            t = self.engine.send(addr, _msg(kind, dst=self.rank, **fields))
         except (fabric.TransferError, ValueError):
-            pass  # the publisher is gone; it will time out on its side
+            return  # the publisher is gone; it will time out on its side
+        with self._cond:
+            self._sends.append(t)
 
     def _on_message(self, addr: fabric.NetAddress, m: dict) -> None:
         t = m["t"]
@@ -2194,7 +2212,7 @@ class Subscriber:
         for p, st in a["sources"].items():
             if st.get("complete_at") is not None:
                 continue
-            c = self.engine.imm_counter(st["imm"])
+            c = st["counter"]
             total = c.total
             if total != st["last_total"]:
                 st["last_total"], st["last_progress"] = total, now
@@ -2273,7 +2291,7 @@ class Subscriber:
         if stale > 0:  # arrivals from 4096 epochs ago: never count them
             c.wait(stale, 1.0)
         total = c.total
-        a["sources"][src] = {"epoch": epoch % EPOCH_MOD, "imm": imm, "granted_at": now, "base_total": total,
+        a["sources"][src] = {"epoch": epoch % EPOCH_MOD, "imm": imm, "counter": c, "granted_at": now, "base_total": total,
                              "last_total": total, "last_progress": now,
                              "expected": self.plan.expected_imms(src, self.rank, self._pubs[src]["domains"])}
         return "grant", {"version": version, "slot": a["slot"], "epoch": epoch % EPOCH_MOD}

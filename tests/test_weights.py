@@ -726,7 +726,8 @@ def kill_scenario(env_of=None) -> None:
             version, elapsed, err = procs.expect("sub", r, "waited")
             assert err is not None, "wait succeeded although a sender died mid-push"
             assert elapsed < timeout + 2.0, elapsed
-            assert "source 1" in err and "writes arrived" in err and "layer" in err, err
+            assert "source 1:" in err and "writes arrived" in err and "['layer0'] [" in err, err
+            assert "source 0" not in err, err  # source 0 completed its part
             assert procs.expect("sub", r, "checked") == (1,)
         # a restarted publisher 1 pushes version 2 again: it completes
         procs.start("pub", 1)
