@@ -1231,23 +1231,55 @@ def _stage_groups(chunk: _Chunk) -> list[tuple[tuple, list[int]]]:
     return groups
 
 
+_BYTES_FNS: dict[tuple, Any] = {}
+
+
+def _bytes_fn(key: tuple, n: int) -> Any:
+    """One jitted call returning the bytes of n same-geometry pieces, concatenated (host staging
+    of transformed pieces: the slot itself is NumPy memory)."""
+    with _STAGE_LOCK:
+        fn = _BYTES_FNS.get((key, n))
+        if fn is None:
+            import jax
+            import jax.numpy as jnp
+
+            nd = len(key[1])
+
+            def pieces(srcs, starts):
+                return jnp.concatenate([_jax_piece_bytes(srcs[i], tuple(starts[i, d] for d in range(nd)), key)
+                                        for i in range(n)])
+
+            fn = _BYTES_FNS[(key, n)] = jax.jit(pieces)
+        return fn
+
+
 class _StagingRing:
     """``slots`` registered staging buffers of ``slot_bytes`` on one device, reused round robin;
-    a slot is refilled only after every write from it completed (the staging bound)."""
+    a slot is refilled only after every write from it completed (the staging bound).
 
-    def __init__(self, engine: fabric.TransferEngine, device: Any, slots: int, slot_bytes: int):
+    Device memory (GPU): the slots are jax arrays, filled in place by jitted calls that donate
+    them. Host memory (CPU devices): the slots are NumPy arrays; plain pieces are copied with
+    NumPy (XLA's CPU gather runs at a fraction of memcpy speed), transformed pieces are computed by
+    a jitted call and copied in. ``host=False`` forces the device scheme on CPU (tests)."""
+
+    def __init__(self, engine: fabric.TransferEngine, device: Any, slots: int, slot_bytes: int,
+                 host: bool | None = None):
         import jax
         import jax.numpy as jnp
 
         self.device = device
-        self.arrays = []
+        self.host = (getattr(device, "platform", "cpu") == "cpu" and HOST_STAGING) if host is None else host
+        self.arrays: list[Any] = []
         self.regions = []
         for _ in range(slots):
-            a = jax.device_put(jnp.zeros(slot_bytes, jnp.uint8), device)
-            a.block_until_ready()
+            if self.host:
+                a = np.zeros(slot_bytes, np.uint8)
+            else:
+                a = jax.device_put(jnp.zeros(slot_bytes, jnp.uint8), device)
+                a.block_until_ready()
             self.arrays.append(a)
             self.regions.append(engine.register(a))
-        self.pointers = [a.unsafe_buffer_pointer() for a in self.arrays]
+        self.pointers = [r.base for r in self.regions]
         self.busy: list[list] = [[] for _ in range(slots)]  # (dst rank, Transfer) per slot
         self.next = 0
         self.slot_bytes = slot_bytes
@@ -1261,14 +1293,40 @@ class _StagingRing:
         return k
 
     def stage(self, k: int, chunk: _Chunk, srcs: dict) -> None:
-        import numpy as _np
+        if self.host:
+            self._stage_host(k, chunk, srcs)
+        else:
+            self._stage_device(k, chunk, srcs)
 
+    def view(self, k: int) -> np.ndarray:
+        """The slot's bytes as NumPy (a copy for device slots)."""
+        return np.asarray(self.arrays[k])
+
+    def _stage_host(self, k: int, chunk: _Chunk, srcs: dict) -> None:
+        slot = self.arrays[k]
+        for key, idx in _stage_groups(chunk):
+            items = [chunk.items[i] for i in idx]
+            if key[0] == KIND_COPY:
+                for i, it in zip(idx, items):
+                    src = np.asarray(srcs[(it.src_tensor, it.src_local)])
+                    off, n = chunk.offsets[i], it.g.nbytes
+                    np.copyto(slot[off:off + n].view(src.dtype).reshape(it.g.ext), src[_slices(it.g.region_lo, it.g.ext)])
+            else:
+                starts = np.array([it.g.region_lo for it in items], np.int32).reshape(len(items), len(key[1]))
+                out = np.asarray(_bytes_fn(key, len(items))(tuple(srcs[(it.src_tensor, it.src_local)] for it in items),
+                                                            starts))
+                n = items[0].g.nbytes
+                for j, i in enumerate(idx):
+                    off = chunk.offsets[i]
+                    slot[off:off + n] = out[j * n:(j + 1) * n]
+
+    def _stage_device(self, k: int, chunk: _Chunk, srcs: dict) -> None:
         slot = self.arrays[k]
         for key, idx in _stage_groups(chunk):
             fn = _stage_fn(key, len(idx))
             items = [chunk.items[i] for i in idx]
-            starts = _np.array([it.region_lo for it in items], _np.int32).reshape(len(items), len(key[1]))
-            offs = _np.array([chunk.offsets[i] for i in idx], _np.int32)
+            starts = np.array([it.g.region_lo for it in items], np.int32).reshape(len(items), len(key[1]))
+            offs = np.array([chunk.offsets[i] for i in idx], np.int32)
             slot = fn(slot, tuple(srcs[(it.src_tensor, it.src_local)] for it in items), starts, offs)
         slot.block_until_ready()
         if slot.unsafe_buffer_pointer() != self.pointers[k]:
@@ -1276,6 +1334,9 @@ class _StagingRing:
             raise RuntimeError("weights: XLA did not update the staging slot in place (donation refused); "
                                "cannot stage into registered memory on this backend")
         self.arrays[k] = slot
+
+
+HOST_STAGING = True  # CPU devices stage through NumPy slots (False: the jax in-place scheme, as on GPUs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -198,7 +198,10 @@ def test_plan_refuses_mismatched_pytrees():
 
 # ---- stager and fp8 ----------------------------------------------------------------------------
 
-def test_stager_matches_reference_bitwise(engines):
+@pytest.mark.parametrize("host", [True, False], ids=["numpy_slots", "jax_slots_in_place"])
+def test_stager_matches_reference_bitwise(engines, host):
+    """Both staging schemes (NumPy slots on CPU; jax slots updated in place, as on GPUs) put the
+    reference's bytes at every piece's offset."""
     import jax
     from jax_garden import weights
 
@@ -207,7 +210,8 @@ def test_stager_matches_reference_bitwise(engines):
         plan = weights.Plan(weights.Layout.from_pytree(src), weights.Layout.from_pytree(dst), chunk_bytes=8192,
                             direct_min_bytes=1 << 30)
         g = _globals(plan.src, 3)
-        ring = weights._StagingRing(engines(), jax.devices()[0], 2, plan.chunk_bytes)
+        ring = weights._StagingRing(engines(), jax.devices()[0], 2, plan.chunk_bytes, host=host)
+        assert ring.host == host
         for r in range(plan.num_src_ranks):
             for c in plan.chunks_of(r):
                 srcs = {}
@@ -217,7 +221,7 @@ def test_stager_matches_reference_bitwise(engines):
                     srcs[(it.src_tensor, it.src_local)] = jax.numpy.asarray(shard_of(g[s.path], box))
                 k = ring.acquire(lambda *_: None)
                 ring.stage(k, c, srcs)
-                got = np.asarray(ring.arrays[k])
+                got = ring.view(k)
                 for it, off in zip(c.items, c.offsets):
                     s = plan.src.tensors[it.src_tensor]
                     box = next(b for rr, l, b in s.shards if (rr, l) == (it.src_rank, it.src_local))
@@ -307,10 +311,13 @@ def _check_local(plan, rank, seed, params_tree, exact_fp8: bool = True) -> None:
             assert (np.abs(deq - x) <= weights.fp8_error_bound(x, s_local, d.block) * 1.0001).all(), d.path
 
 
-def test_single_process_push_versions_and_refusals(engines):
+@pytest.mark.parametrize("host_staging", [True, False], ids=["numpy_slots", "jax_slots_in_place"])
+def test_single_process_push_versions_and_refusals(engines, monkeypatch, host_staging):
     import ml_dtypes
     from jax_garden import weights
     from jax_garden.weights import MeshSharding as M, TensorSpec as T
+
+    monkeypatch.setattr(weights, "HOST_STAGING", host_staging)
 
     src = {"a": T((64, 128), "bfloat16", None), "b": T((256, 256), "bfloat16", None)}
     dst = {"a": T((64, 128), "bfloat16", None), "b": weights.fp8_spec((256, 256), None, None, (128, 128))}
@@ -319,6 +326,7 @@ def test_single_process_push_versions_and_refusals(engines):
     sub = weights.Subscriber(plan, dst, engine=engines(), fence_s=0.2)
     pub = weights.Publisher(plan, engine=engines(), staging_bytes=4 * 16384, timeout=20)
     try:
+        assert all(r.host == host_staging for r in pub._rings.values()) and pub._rings
         pub.connect([sub.address])
         with pytest.raises(RuntimeError, match="no version"):
             sub.params()
