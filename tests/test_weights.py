@@ -815,5 +815,5 @@ def test_bench_quick_cpu_rows(tmp_path):
     assert names == ["tcp 1->1 bf16 direct", "tcp 1->1 bf16 staged", "tcp 1->1 bf16->fp8", "tcp 2->2 FSDP->TP bf16"]
     for row in r["rows"]:
         assert row["verified"] and row["seconds"] > 0 and row["raw_GBps"] and row["ratio_vs_raw"] > 0, row
-    assert r["host_costs"]["per_target_us"] > 0
+    assert r["host_costs"]["per_target_us"] > 0 and r["host_costs"]["stage_call_fp8_us"] > 0
     assert "raw GB/s" in proc.stdout
