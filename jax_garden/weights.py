@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import threading
 import time
 import zlib
@@ -2144,8 +2143,8 @@ class Subscriber:
                      f"(serving {self._serving_version})"]
             a = self._attempt
             if a is None:
-                lines.append("no push is in progress here" + ("" if self._serving_version is None or
-                                                              self._serving_version < version else ""))
+                lines.append(f"no push is in progress here (sources: {self._sources}; none asked for a version "
+                             f"newer than {self._serving_version})")
             else:
                 lines.append(f"collecting version {a['version']} into buffer {a['slot']}")
                 for p in self._sources:

@@ -319,14 +319,15 @@ def test_single_process_push_versions_and_refusals(engines, monkeypatch, host_st
 
     monkeypatch.setattr(weights, "HOST_STAGING", host_staging)
 
-    src = {"a": T((64, 128), "bfloat16", None), "b": T((256, 256), "bfloat16", None)}
-    dst = {"a": T((64, 128), "bfloat16", None), "b": weights.fp8_spec((256, 256), None, None, (128, 128))}
+    src = {"a": T((64, 128), "bfloat16", None), "b": T((512, 512), "bfloat16", None)}
+    dst = {"a": T((64, 128), "bfloat16", None), "b": weights.fp8_spec((512, 512), None, None, (128, 128))}
     plan = weights.Plan(weights.Layout.from_pytree(src), weights.Layout.from_pytree(dst), chunk_bytes=16384,
                         direct_min_bytes=8192)
     sub = weights.Subscriber(plan, dst, engine=engines(), fence_s=0.2)
     pub = weights.Publisher(plan, engine=engines(), staging_bytes=4 * 16384, timeout=20)
     try:
         assert all(r.host == host_staging for r in pub._rings.values()) and pub._rings
+        assert plan.src.tensors[1].nbytes > 2 * pub.staging_bytes  # a tensor much larger than the staging
         pub.connect([sub.address])
         with pytest.raises(RuntimeError, match="no version"):
             sub.params()

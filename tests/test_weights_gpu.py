@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several processes share the GPUs
 
-import numpy as np
 import pytest
 
 from fabric_group import run_group
