@@ -379,6 +379,37 @@ def test_single_process_push_versions_and_refusals(engines, monkeypatch, host_st
         sub.close()
 
 
+def test_publisher_with_two_domains(engines):
+    """A 2-domain publisher posts runs >= 1 MiB cut over both domains (sharding "bytes", 2 imms per
+    target) and the small ones as targets (1 imm each): the subscriber's counts follow."""
+    from jax_garden import weights
+    from jax_garden.weights import TensorSpec as T
+
+    src = {"big": T((1024, 1024), "bfloat16", None), "big_staged": T((2048, 1024), "bfloat16", None),
+           "small": T((64, 64), "bfloat16", None)}
+    dst = {"big": T((1024, 1024), "bfloat16", None),
+           "big_staged": weights.fp8_spec((2048, 1024), None, None, (128, 128)),  # transformed: always staged
+           "small": T((64, 64), "bfloat16", None)}
+    plan = weights.Plan(weights.Layout.from_pytree(src), weights.Layout.from_pytree(dst), chunk_bytes=4 << 20,
+                        direct_min_bytes=2 << 20)
+    kinds = {(c.staged, c.items[0].g.big) for c in plan.chunks_of(0)}
+    assert (False, True) in kinds and (True, True) in kinds  # a direct and a staged big run
+    assert plan.expected_imms(0, 0, 2) > plan.expected_imms(0, 0, 1)
+    sub = weights.Subscriber(plan, dst, engine=engines())
+    pub = weights.Publisher(plan, engine=engines(domains=2), staging_bytes=8 << 20)
+    try:
+        pub.connect([sub.address])
+        g = _globals(plan.src, 6)
+        pub.push({k.strip("[]'"): v for k, v in g.items()}, 1).wait(30)
+        sub.wait(1, 30)
+        _check_local(plan, 0, 6, sub.params())
+        st = sub.status()
+        assert "collecting" not in st
+    finally:
+        pub.close()
+        sub.close()
+
+
 def test_many_small_tensors(engines):
     """500 tensors: the descriptors come in several welcome messages, chunks hold many pieces."""
     from jax_garden import weights
