@@ -1,0 +1,132 @@
+"""jax_garden.weights with GPU memory, one GPU per process (marker ``gpu``; skipped without a CUDA
+GPU and a CUDA build). The core cases of test_weights.py: a trainer process on GPU0 pushing to an
+inference process on GPU1 (bf16 bitwise, fp8 within the e4m3 bound, the engine's CUDA IPC path),
+colocated 2 -> 2 (FSDP -> TP, pieces gathered by the GPU stager, replicas sharing the work), and a
+sender killed mid-push (old version kept, error in time naming what is missing, a new push
+completes). Processes pin their GPU with CUDA_VISIBLE_DEVICES before importing jax."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several processes share the GPUs
+
+import pytest
+
+from fabric_group import run_group
+from test_weights import _check_local, _globals, kill_scenario
+
+PROVIDER = "tcp"
+
+
+def _gpu_count() -> int:
+    try:
+        from jax_garden._jax_garden import fabric as native
+    except Exception:
+        return 0
+    return native.gpu_device_count() if native.gpu_available() else 0
+
+
+NGPU = _gpu_count()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU and a CUDA build")]
+
+
+def _pin(gpu: int) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu % max(1, NGPU))
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    os.environ.pop("XLA_FLAGS", None)
+    os.environ.pop("JAX_PLATFORMS", None)
+
+
+def _specs(n_src: int, n_dst: int):
+    from jax_garden.weights import MeshSharding as M, TensorSpec as T, fp8_spec
+
+    src = {"emb": T((256, 1024), "bfloat16", M({"f": n_src}, ("f", None))),
+           "up": T((1024, 4096), "bfloat16", M({"f": n_src}, ("f", None))),
+           "down": T((4096, 1024), "bfloat16", M({"f": n_src}, ("f", None))),
+           "norm": T((1024,), "bfloat16", M({"rep": n_src}, ()))}
+    dst = {"emb": T((256, 1024), "bfloat16", M({"t": n_dst}, (None, "t"))),
+           "up": fp8_spec((1024, 4096), M({"t": n_dst}, (None, "t")), M({"t": n_dst}, (None, "t")), (128, 128)),
+           "down": fp8_spec((4096, 1024), M({"t": n_dst}, ("t", None)), M({"t": n_dst}, ("t", None)), (128, 128)),
+           "norm": T((1024,), "bfloat16", M({"t": n_dst}, ()))}
+    return src, dst
+
+
+def _worker(rank, size, exchange, n_src, gpus, direct_min):
+    """Ranks < n_src publish, the others subscribe; gpus[rank] is this process's GPU."""
+    _pin(gpus[rank])
+    import jax
+    import jax.numpy as jnp
+    from jax_garden import fabric, weights
+
+    assert jax.devices()[0].platform == "gpu", jax.devices()
+    n_dst = size - n_src
+    src, dst = _specs(n_src, n_dst)
+    plan = weights.Plan(weights.Layout.from_pytree(src), weights.Layout.from_pytree(dst), chunk_bytes=1 << 20,
+                        direct_min_bytes=direct_min)
+    out = {}
+    if rank >= n_src:
+        r = rank - n_src
+        sub = weights.Subscriber(plan, dst, rank=r, provider=PROVIDER)
+        assert all(a.devices() == {jax.devices()[0]} for a in sub._arrays[0])  # buffers in GPU memory
+        addrs = exchange(sub.address)[n_src:]
+        sub.set_peers(addrs)
+        for v in (1, 2):
+            assert sub.wait(v, 120) == v
+            _check_local(plan, r, v, sub.params(), exact_fp8=False)
+            exchange(None)
+        exchange(None)
+        sub.close()
+        return True
+    pub = weights.Publisher(plan, rank=rank, provider=PROVIDER, staging_bytes=8 << 20, timeout=120)
+    addrs = exchange(None)[n_src:]
+    pub.connect(addrs)
+    # GPU -> GPU on one host goes over CUDA IPC (copy engines), whatever the provider.
+    for ring in pub._rings.values():
+        out["path"] = pub.engine.path_for(ring.regions[0], pub._subs[pub.plan.destinations_of(rank)[0]]["descs"][0][0])
+    for v in (1, 2):
+        g = _globals(plan.src, v)
+        params = {}
+        for t in plan.src.tensors:
+            box = next(b for rr, l, b in t.shards if rr == rank)
+            params[t.path.strip("[]'")] = jnp.asarray(g[t.path][tuple(slice(a, b) for a, b in box)])
+        h = pub.push(params, v).wait(120)
+        out[v] = dict(h.bytes_sent)
+        exchange(None)
+    exchange(None)
+    pub.close()
+    assert fabric.gpu_available()
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_gpu0_trainer_to_gpu1_inference():
+    out = run_group(_worker, 2, 1, [0, 1], 1 << 20, exchanges=4, timeout=240)
+    assert out[1] is True
+    if "path" in out[0]:
+        assert out[0]["path"] == "ipc", out[0]
+
+
+@pytest.mark.timeout(300)
+def test_gpu0_trainer_to_gpu1_inference_all_staged():
+    out = run_group(_worker, 2, 1, [0, 1], 1 << 40, exchanges=4, timeout=240)
+    assert out[1] is True and out[0]["path"] == "ipc", out[0]
+
+
+@pytest.mark.timeout(300)
+def test_colocated_two_trainers_to_two_inference_processes():
+    """Trainers on GPU0/GPU1 (FSDP), inference on GPU1/GPU0 (TP); the replicated norm is split
+    between the two trainers."""
+    out = run_group(_worker, 4, 2, [0, 1, 1, 0], 1 << 20, exchanges=4, timeout=240)
+    assert out[2] is True and out[3] is True
+    for v in (1, 2):
+        assert sum(out[0][v].values()) > 0 and sum(out[1][v].values()) > 0
+
+
+@pytest.mark.timeout(300)
+def test_gpu_sender_killed_mid_push():
+    def env_of(role, rank):
+        gpu = (rank if role == "pub" else 1 - rank) % max(1, NGPU)
+        return {"CUDA_VISIBLE_DEVICES": str(gpu), "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_FLAGS": ""}
+
+    kill_scenario(env_of)
