@@ -266,8 +266,8 @@ class TransferEngine:
         can then be reported successful). Receivers always learn placement by counting imms.
 
     Memory: each domain pre-posts ``16 x max_message_bytes`` of control-message receive buffers;
-    on ``tcp`` libfabric's ``ofi_rxm`` layer adds its own buffers (about 68 MiB per domain measured
-    here), so an engine costs tens of MiB per domain before any registration.
+    on ``tcp`` libfabric's ``ofi_rxm`` layer adds its own buffer pools: an engine costs about
+    70 MiB per domain before any registration (measured: 73 MiB with 1 domain, 277 MiB with 4).
     """
 
     def __init__(self, provider: str | None = None, domains: int = 1, *, node: str | None = None,
