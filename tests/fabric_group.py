@@ -14,6 +14,16 @@ from typing import Any, Callable
 CHILD_TIMEOUT = 120.0
 
 
+def gpu_count() -> int:
+    """CUDA GPUs this build and machine can use (0 without a CUDA build or a GPU). Asks the native
+    runtime, not jax, so that test collection initialises no backend."""
+    try:
+        from jax_garden._jax_garden import fabric as native
+    except Exception:  # noqa: BLE001 - no extension: no GPUs
+        return 0
+    return native.gpu_device_count() if native.gpu_available() else 0
+
+
 def _entry(fn: Callable, rank: int, size: int, board: Any, inbox: Any, results: Any, args: tuple) -> None:
     try:
         def exchange(info: Any) -> list:

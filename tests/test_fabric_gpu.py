@@ -20,20 +20,12 @@ import time
 import numpy as np
 import pytest
 
-from fabric_group import run_group
+from fabric_group import gpu_count, run_group
 
 PROVIDER = "tcp"
 
 
-def _gpu_count() -> int:
-    try:
-        from jax_garden._jax_garden import fabric as native
-    except Exception:
-        return 0
-    return native.gpu_device_count() if native.gpu_available() else 0
-
-
-NGPU = _gpu_count()
+NGPU = gpu_count()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU and a CUDA build")]
 two_gpus = pytest.mark.skipif(NGPU < 2, reason="needs 2 GPUs")
 

@@ -13,21 +13,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several proce
 
 import pytest
 
-from fabric_group import run_group
+from fabric_group import gpu_count, run_group
 from test_weights import _check_local, _globals, kill_scenario
 
 PROVIDER = "tcp"
 
 
-def _gpu_count() -> int:
-    try:
-        from jax_garden._jax_garden import fabric as native
-    except Exception:
-        return 0
-    return native.gpu_device_count() if native.gpu_available() else 0
-
-
-NGPU = _gpu_count()
+NGPU = gpu_count()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NGPU < 1, reason="needs a CUDA GPU and a CUDA build")]
 
 

@@ -430,15 +430,22 @@ std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
   }
   auto pieces = plan_write(r.length, r.src_offset, r.dst_offset, num_domains(), round_robin_.fetch_add(1),
                            ctx_.options.sharding);
+  return submit_rma(OpKind::kWrite, std::move(what), r.length, r.src, dst, pieces, r.imm);
+}
+
+// One user op of RMA pieces toward one destination.
+std::shared_ptr<TransferState> Engine::submit_rma(OpKind kind, std::string what, uint64_t bytes,
+                                                  const std::shared_ptr<MemoryRegion>& src, const MemoryDescriptor& dst,
+                                                  const std::vector<WritePiece>& pieces, std::optional<uint32_t> imm) {
   auto op = std::make_unique<Op>();
-  op->kind = OpKind::kWrite;
+  op->kind = kind;
   op->user = true;
   op->state = new_state(std::move(what));
-  op->deadline = deadline_after(ctx_.options.op_timeout(r.length));
-  op->keep_region = r.src;
-  op->targets.push_back(target_of(dst, pieces[0].domain));
+  op->deadline = deadline_after(ctx_.options.op_timeout(bytes));
+  op->keep_region = src;
+  op->targets.push_back(target_of(dst, pieces.empty() ? 0 : pieces[0].domain));
   op->wrs.resize(pieces.size());
-  for (size_t i = 0; i < pieces.size(); ++i) fill_rma_wr(op->wrs[i], pieces[i], *r.src, dst, r.imm, 0);
+  for (size_t i = 0; i < pieces.size(); ++i) fill_rma_wr(op->wrs[i], pieces[i], *src, dst, imm, 0);
   auto state = op->state;
   ctx_.worker->submit(std::move(op));
   return state;
@@ -508,18 +515,7 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
     ctx_.jobs->submit(std::move(job));
     return state;
   }
-  auto op = std::make_unique<Op>();
-  op->kind = OpKind::kPaged;
-  op->user = true;
-  op->state = new_state(std::move(what));
-  op->deadline = deadline_after(ctx_.options.op_timeout(bytes));
-  op->keep_region = r.src;
-  op->targets.push_back(target_of(dst, 0));
-  op->wrs.resize(pieces.size());
-  for (size_t i = 0; i < pieces.size(); ++i) fill_rma_wr(op->wrs[i], pieces[i], *r.src, dst, r.imm, 0);
-  auto state = op->state;
-  ctx_.worker->submit(std::move(op));
-  return state;
+  return submit_rma(OpKind::kPaged, std::move(what), bytes, r.src, dst, pieces, r.imm);
 }
 
 std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {

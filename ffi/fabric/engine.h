@@ -87,6 +87,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
                      std::vector<StageSegment> segments, std::optional<uint32_t> imm, uint64_t imm_count,
                      const PagedCopy* paged);
   void check_ipc_range(const MemoryDescriptor& dst, uint64_t offset, uint64_t length, const char* op) const;
+  std::shared_ptr<TransferState> submit_rma(OpKind kind, std::string what, uint64_t bytes,
+                                            const std::shared_ptr<MemoryRegion>& src, const MemoryDescriptor& dst,
+                                            const std::vector<WritePiece>& pieces, std::optional<uint32_t> imm);
   static OpTarget target_of(const MemoryDescriptor& dst, uint32_t domain);
 
   EngineContext ctx_;
