@@ -44,6 +44,8 @@ class Backend:
       all_gather emulation); on GPUs XLA may fuse multiply-add (last-bit differences).
     internode: True for the inter-node host context (node groups; the engine on tcp, 127.0.0.1).
     node_size: its node_size (None: the default, one node group per process).
+    domains: the engine's domains (tcp: loopback endpoints); a message is cut into one piece per
+      domain.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Backend:
     ragged_exact: bool
     internode: bool = False
     node_size: int | None = None
+    domains: int = 1
 
     def all_to_all(self, cfg, mesh, axis_name: str = "ep", **kwargs):
         """The AllToAll of this backend."""
@@ -61,7 +64,7 @@ class Backend:
             return moe.AllToAll(cfg, mesh, axis_name, **kwargs)
         node_size = None if self.node_size is None else min(self.node_size, int(mesh.shape[axis_name]))
         kwargs.setdefault("node_size", node_size)
-        kwargs.setdefault("internode", moe.InternodeConfig(provider="tcp"))
+        kwargs.setdefault("internode", moe.InternodeConfig(provider="tcp", domains=self.domains))
         a2a = moe.AllToAll(cfg, mesh, axis_name, **kwargs)
         # Never a silent fallback to the in-process reference.
         assert type(a2a._native).__name__ == "InternodeContext", a2a

@@ -59,21 +59,23 @@ struct InternodeAllToAll::Local {
   std::vector<int32_t> sent_indices;     // [T*K] indices of the last dispatch_send
   int32_t sent_bound = 0;
   std::vector<int32_t> sent_entries_to;  // [R] (t, k) entries the last dispatch_send routed to each rank
-  std::vector<int32_t> sent_base_to;     // [R] where each rank's combine rows land in our combine rows
+  std::vector<int64_t> sent_offset_to;   // [R] where each rank's combine message goes in our combine area
   std::vector<int32_t> routed_indices;   // the same four, of the dispatch combine undoes
   int32_t routed_bound = 0;
-  std::vector<int32_t> routed_entries_to, routed_base_to;
+  std::vector<int32_t> routed_entries_to;
+  std::vector<int64_t> routed_offset_to;
   std::vector<int32_t> kept;             // [L] rows per local expert of the last dispatch_recv
   std::vector<int32_t> row_source;       // [M] s*T*K + t*K + k, or -1 for padding
   int64_t used_rows = 0;
   std::vector<int32_t> kept_from;        // [R*L] rows kept from each source per local expert
-  std::vector<int32_t> combine_base_at;  // [R] for each source: our rows' base in its combine rows
-  std::vector<int32_t> combine_rows_at;  // [R] rows it reserved for us there
-  std::vector<int32_t> pack_offset;      // [R] first row of the rows for each source (send combine rows)
-  std::vector<int32_t> pack_rows;        // [R]
+  std::vector<int64_t> combine_offset_at;  // [R] for each source: where our combine message goes there
+  std::vector<int32_t> combine_rows_at;    // [R] rows it reserved for us there
+  std::vector<int64_t> pack_offset;        // [R] our combine message for each source (send combine area)
+  std::vector<int32_t> pack_rows;          // [R]
   std::vector<Pending> dispatch_ops, combine_ops, signal_ops;
 
   std::array<uint64_t, kPhases> bytes{}, ops{}, calls{};
+  std::array<uint64_t, kPhases> post_ns{}, wait_ns{};  // time spent posting to the engine, waiting
   std::vector<std::array<uint64_t, 2>> timing;  // [kPhases][kTimingRing]
 };
 
@@ -140,14 +142,14 @@ InternodeAllToAll::InternodeAllToAll(const MoeShape& shape, DType dispatch_dtype
     }
     lr->sent_indices.assign(size_t(T) * K, 0);
     lr->sent_entries_to.assign(R, 0);
-    lr->sent_base_to.assign(R, 0);
+    lr->sent_offset_to.assign(R, 0);
     lr->routed_indices.assign(size_t(T) * K, 0);
     lr->routed_entries_to.assign(R, 0);
-    lr->routed_base_to.assign(R, 0);
+    lr->routed_offset_to.assign(R, 0);
     lr->kept.assign(L, 0);
     lr->row_source.assign(shape_.max_recv_tokens, -1);
     lr->kept_from.assign(size_t(R) * L, 0);
-    lr->combine_base_at.assign(R, 0);
+    lr->combine_offset_at.assign(R, 0);
     lr->combine_rows_at.assign(R, 0);
     lr->pack_offset.assign(R, 0);
     lr->pack_rows.assign(R, 0);
@@ -381,25 +383,20 @@ void InternodeAllToAll::broadcast_abort(const std::string& reason, bool timed_ou
 }
 
 void InternodeAllToAll::check_pending(Local& me, const char* phase) {
-  for (auto* ops : {&me.dispatch_ops, &me.combine_ops, &me.signal_ops}) {
-    for (size_t i = 0; i < ops->size();) {
-      Pending& op = (*ops)[i];
-      if (!op.state->finished()) {
-        ++i;
-        continue;
-      }
-      if (op.state->status() != fabric::TransferState::Status::kDone) {
+  for (auto* ops : {&me.dispatch_ops, &me.combine_ops}) {
+    for (Pending& op : *ops) {
+      if (op.state->finished() && op.state->status() != fabric::TransferState::Status::kDone) {
         fail(phase, me.rank, str_cat("the ", op.what, " write to rank ", op.peer, " failed: ", op.state->error()),
              Failure::kTransfer);
       }
-      if (ops == &me.signal_ops) {
-        op = std::move(ops->back());  // acks are not waited for: forget them once done
-        ops->pop_back();
-      } else {
-        ++i;
-      }
     }
   }
+  // Acks are never waited for, and a failed one is no error here: it fails when the peer already
+  // closed (it needs nothing more from us) or died (then its data never comes, and that wait
+  // reports it). Forget them once done.
+  auto& acks = me.signal_ops;
+  acks.erase(std::remove_if(acks.begin(), acks.end(), [](const Pending& op) { return op.state->finished(); }),
+             acks.end());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -483,19 +480,23 @@ void InternodeAllToAll::fail_timeout(const char* phase, int32_t rank, const char
 // ---------------------------------------------------------------------------------------------
 // Posting
 
-std::shared_ptr<fabric::TransferState> InternodeAllToAll::post_write(Local& me, Phase phase, int32_t peer,
-                                                                     int64_t src_offset, int64_t dst_offset,
-                                                                     int64_t bytes, Kind kind, uint64_t generation) {
-  fabric::WriteRequest req;
+std::shared_ptr<fabric::TransferState> InternodeAllToAll::post_message(Local& me, Phase phase, int32_t peer,
+                                                                       int64_t src_offset, int64_t dst_offset,
+                                                                       int64_t bytes, Kind kind, uint64_t generation) {
+  // A one-target scatter cut by bytes: one piece (one imm) per sender domain whatever the length,
+  // so the receiver counts message_imms() before it knows the length (internode_protocol.h).
+  fabric::ScatterRequest req;
   req.src = me.send_region;
-  req.dst = &peers_[peer].receive;
-  req.length = static_cast<uint64_t>(bytes);
-  req.src_offset = static_cast<uint64_t>(src_offset);
-  req.dst_offset = static_cast<uint64_t>(dst_offset);
+  req.targets.push_back({&peers_[peer].receive, static_cast<uint64_t>(bytes), static_cast<uint64_t>(src_offset),
+                         static_cast<uint64_t>(dst_offset)});
+  req.sharding = fabric::ScatterSharding::kBytes;
   req.imm = internode::make_imm(kind, generation, me.rank, peer);
+  const uint64_t t0 = now_ns();
+  auto state = engine_->scatter(req);
+  me.post_ns[phase] += now_ns() - t0;
   me.bytes[phase] += static_cast<uint64_t>(bytes);
   me.ops[phase] += 1;
-  return engine_->write(req);
+  return state;
 }
 
 std::shared_ptr<fabric::TransferState> InternodeAllToAll::post_signal(Local& me, Phase phase, int32_t peer, Kind kind,
@@ -504,8 +505,11 @@ std::shared_ptr<fabric::TransferState> InternodeAllToAll::post_signal(Local& me,
   req.kind = fabric::OpKind::kImm;
   req.peers = {&peers_[peer].receive};
   req.imm = internode::make_imm(kind, generation, me.rank, peer);
+  const uint64_t t0 = now_ns();
+  auto state = engine_->write_imm(req);
+  me.post_ns[phase] += now_ns() - t0;
   me.ops[phase] += 1;
-  return engine_->write_imm(req);
+  return state;
 }
 
 void InternodeAllToAll::record_timing(Local& me, Phase phase, uint64_t start_ns) {
@@ -516,36 +520,19 @@ void InternodeAllToAll::record_timing(Local& me, Phase phase, uint64_t start_ns)
 // ---------------------------------------------------------------------------------------------
 // Messages in place
 
-const internode::DispatchHeader& InternodeAllToAll::dispatch_header(const Local& me, int32_t source) const {
-  const std::byte* p = same_node(source, me.rank)
-                           ? locals_[local_index_[source]]->send + layout_.send_dispatch_headers +
-                                 int64_t{me.rank} * int64_t{sizeof(internode::DispatchHeader)}
-                           : me.recv + layout_.recv_dispatch_headers +
-                                 int64_t{source} * int64_t{sizeof(internode::DispatchHeader)};
-  return *reinterpret_cast<const internode::DispatchHeader*>(p);
-}
-
-const std::byte* InternodeAllToAll::dispatch_message(const Local& me, int32_t source) const {
+const std::byte* InternodeAllToAll::dispatch_slot(const Local& me, int32_t source) const {
   return same_node(source, me.rank)
              ? locals_[local_index_[source]]->send + layout_.send_dispatch_slots +
                    int64_t{me.rank} * layout_.dispatch_slot_bytes
              : me.recv + layout_.recv_dispatch_slots + int64_t{source} * layout_.dispatch_slot_bytes;
 }
 
-const internode::CombineHeader& InternodeAllToAll::combine_header(const Local& me, int32_t expert_rank) const {
-  const std::byte* p = same_node(expert_rank, me.rank)
-                           ? locals_[local_index_[expert_rank]]->send + layout_.send_combine_headers +
-                                 int64_t{me.rank} * layout_.combine_header_bytes
-                           : me.recv + layout_.recv_combine_headers + int64_t{expert_rank} * layout_.combine_header_bytes;
-  return *reinterpret_cast<const internode::CombineHeader*>(p);
-}
-
-const std::byte* InternodeAllToAll::combine_rows(const Local& me, int32_t expert_rank) const {
+const std::byte* InternodeAllToAll::combine_message(const Local& me, int32_t expert_rank) const {
   if (same_node(expert_rank, me.rank)) {
     const Local& d = *locals_[local_index_[expert_rank]];
-    return d.send + layout_.send_combine_rows + int64_t{d.pack_offset[me.rank]} * layout_.combine_row_bytes;
+    return d.send + layout_.send_combine + d.pack_offset[me.rank];
   }
-  return me.recv + layout_.recv_combine_rows + int64_t{me.routed_base_to[expert_rank]} * layout_.combine_row_bytes;
+  return me.recv + layout_.recv_combine + me.routed_offset_to[expert_rank];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -564,6 +551,7 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
   if (bad.empty()) bad = check_array("weights", weights, DType::kF32, {T, K});
   check_usable(kPhase, rank);
   if (!bad.empty()) fail(kPhase, rank, bad);
+  check_pending(me, kPhase);
   uint64_t gen;
   {
     std::lock_guard lk(mu_);
@@ -579,6 +567,7 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
 
   // Our send slots are free once the last dispatch's writes are done and every destination
   // consumed dispatch #gen-1 (ranks of this node: their counter; other nodes: their free ack).
+  const uint64_t w0 = now_ns();
   if (!wait_transfers(me, kPhase, me.dispatch_ops, deadline)) {
     fail(kPhase, rank, str_cat("timed out after ", timeout_s_, " s waiting for the engine to complete the writes of ",
                                "dispatch_send #", gen - 1),
@@ -596,6 +585,7 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
     }
     if (!missing.empty()) fail_timeout(kPhase, rank, "dispatch_recv", gen - 1, missing);
   }
+  me.wait_ns[kDispatchSend] += now_ns() - w0;
 
   // Pack one message per destination: each token once, t ascending.
   const int32_t bm = clamp_bound(bound_m, T);
@@ -616,15 +606,12 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
       }
     }
   }
-  int32_t base = 0;
-  for (int32_t d = 0; d < R; ++d) {
-    me.sent_base_to[d] = base;
-    base += me.sent_entries_to[d];
-  }
+  internode::combine_offsets(layout_, me.sent_entries_to.data(), R, me.sent_offset_to.data());
   std::vector<internode::DispatchLayout> lay(R);
   for (int32_t d = 0; d < R; ++d) lay[d] = internode::dispatch_layout(shape_, layout_.row_bytes, tokens_to[d]);
   const auto* xs = static_cast<const std::byte*>(x.data);
   const auto* ss = static_cast<const float*>(x_scale.data);
+  const int64_t kHeader = sizeof(internode::DispatchHeader);
   std::vector<int32_t> pos(R, 0);
   std::fill(stamp.begin(), stamp.end(), -1);
   for (int32_t t = 0; t < bm; ++t) {
@@ -634,7 +621,7 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
       const int32_t d = owner_rank(e, L);
       if (stamp[d] == t) continue;
       stamp[d] = t;
-      std::byte* msg = me.send + layout_.send_dispatch_slots + int64_t{d} * layout_.dispatch_slot_bytes;
+      std::byte* msg = me.send + layout_.send_dispatch_slots + int64_t{d} * layout_.dispatch_slot_bytes + kHeader;
       const int32_t i = pos[d]++;
       reinterpret_cast<int32_t*>(msg + lay[d].token_ids)[i] = t;
       std::memcpy(msg + lay[d].indices + int64_t{i} * K * 4, idx + int64_t{t} * K, size_t(K) * 4);
@@ -645,36 +632,27 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
     }
   }
   for (int32_t d = 0; d < R; ++d) {
-    auto* h = reinterpret_cast<internode::DispatchHeader*>(me.send + layout_.send_dispatch_headers +
-                                                           int64_t{d} * int64_t{sizeof(internode::DispatchHeader)});
+    auto* h = reinterpret_cast<internode::DispatchHeader*>(me.send + layout_.send_dispatch_slots +
+                                                           int64_t{d} * layout_.dispatch_slot_bytes);
     *h = internode::DispatchHeader{};
     h->magic = internode::kDispatchMagic;
     h->generation = static_cast<uint32_t>(gen);
     h->source = rank;
     h->tokens = tokens_to[d];
-    h->combine_base = me.sent_base_to[d];
     h->combine_rows = me.sent_entries_to[d];
     h->bound_m = bm;
+    h->combine_offset = me.sent_offset_to[d];
   }
 
-  // Other nodes: rows into the destination's private slot for us, then the header that says how
-  // many (the receiver counts the header's imms first, then the data's).
+  // Other nodes: header and rows in one write into the destination's private slot for us.
   for (int32_t d = 0; d < R; ++d) {
     if (same_node(d, rank)) continue;
     try {
-      if (tokens_to[d] > 0) {
-        me.dispatch_ops.push_back(
-            {d, "dispatch data",
-             post_write(me, kDispatchSend, d, layout_.send_dispatch_slots + int64_t{d} * layout_.dispatch_slot_bytes,
-                        layout_.recv_dispatch_slots + int64_t{rank} * layout_.dispatch_slot_bytes, lay[d].bytes,
-                        Kind::kDispatchData, gen)});
-      }
       me.dispatch_ops.push_back(
-          {d, "dispatch header",
-           post_write(me, kDispatchSend, d,
-                      layout_.send_dispatch_headers + int64_t{d} * int64_t{sizeof(internode::DispatchHeader)},
-                      layout_.recv_dispatch_headers + int64_t{rank} * int64_t{sizeof(internode::DispatchHeader)},
-                      sizeof(internode::DispatchHeader), Kind::kDispatchHeader, gen)});
+          {d, "dispatch message",
+           post_message(me, kDispatchSend, d, layout_.send_dispatch_slots + int64_t{d} * layout_.dispatch_slot_bytes,
+                        layout_.recv_dispatch_slots + int64_t{rank} * layout_.dispatch_slot_bytes,
+                        kHeader + lay[d].bytes, Kind::kDispatch, gen)});
     } catch (const std::exception& e) {
       fail(kPhase, rank, str_cat("could not post the dispatch to rank ", d, ": ", e.what()), Failure::kTransfer);
     }
@@ -701,6 +679,7 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
   if (bad.empty()) bad = check_array("expert_counts", expert_counts, DType::kS32, {L});
   check_usable(kPhase, rank);
   if (!bad.empty()) fail(kPhase, rank, bad);
+  check_pending(me, kPhase);
   uint64_t gen, sent;
   {
     std::lock_guard lk(mu_);
@@ -714,48 +693,39 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
   }
   const auto deadline = deadline_after(timeout_s_);
 
-  // Every source's message: ranks of this node publish through their counter; the others write a
-  // header (its imms counted first) that says how many data imms follow.
+  // Every source's message: ranks of this node publish through their counter; the others' one
+  // write delivers message_imms() imms whatever its length.
+  const uint64_t w0 = now_ns();
   std::vector<int32_t> missing;
-  std::string detail;
   for (int32_t s = 0; s < R; ++s) {
-    if (same_node(s, rank)) {
-      if (!wait_local(kPhase, rank, deadline, [&] { return locals_[local_index_[s]]->dispatch_sent >= gen; }))
-        missing.push_back(s);
-      continue;
-    }
-    const internode::SenderSettings& from = peers_[s].sender;
-    if (!wait_imms(me, kPhase, Kind::kDispatchHeader, gen, s,
-                   internode::write_imms(from, sizeof(internode::DispatchHeader)), deadline)) {
-      missing.push_back(s);
-      continue;
-    }
-    const internode::DispatchHeader& h = dispatch_header(me, s);
-    if (h.magic != internode::kDispatchMagic || h.generation != static_cast<uint32_t>(gen) || h.source != s ||
-        h.tokens < 0 || h.tokens > T || h.combine_base < 0 || h.combine_rows < 0 ||
-        int64_t{h.combine_base} + h.combine_rows > int64_t{T} * K) {
-      fail(kPhase, rank,
-           str_cat("rank ", s, " sent a malformed dispatch header (magic 0x", std::hex, h.magic, std::dec,
-                   ", generation ", h.generation, " expected ", gen, ", source ", h.source, ", tokens ", h.tokens,
-                   ", combine rows [", h.combine_base, ", +", h.combine_rows, "))"));
-    }
-    const uint64_t data_imms =
-        internode::write_imms(from, h.tokens ? internode::dispatch_layout(shape_, layout_.row_bytes, h.tokens).bytes : 0);
-    if (!wait_imms(me, kPhase, Kind::kDispatchData, gen, s, data_imms, deadline)) {
-      missing.push_back(s);
-      detail += str_cat(" (rank ", s, ": header arrived, its ", h.tokens, " tokens did not)");
-    }
+    const bool ok = same_node(s, rank)
+                        ? wait_local(kPhase, rank, deadline,
+                                     [&] { return locals_[local_index_[s]]->dispatch_sent >= gen; })
+                        : wait_imms(me, kPhase, Kind::kDispatch, gen, s, internode::message_imms(peers_[s].sender),
+                                    deadline);
+    if (!ok) missing.push_back(s);
   }
-  if (!missing.empty()) fail_timeout(kPhase, rank, "dispatch_send", gen, missing, detail);
+  if (!missing.empty()) fail_timeout(kPhase, rank, "dispatch_send", gen, missing);
+  me.wait_ns[kDispatchRecv] += now_ns() - w0;
 
-  // Count rows per local expert over every source's routes, then place them in (source, token, k)
-  // order: the layout of layout.h, bit for bit that of the CPU reference.
+  // Check every header, count rows per local expert over every source's routes, then place them
+  // in (source, token, k) order: the layout of layout.h, bit for bit that of the CPU reference.
+  const int64_t kHeader = sizeof(internode::DispatchHeader);
   const int32_t first = rank * L;
   std::vector<int32_t> counts(L, 0), start(L), kept(L), cursor(L, 0);
   for (int32_t s = 0; s < R; ++s) {
-    const internode::DispatchHeader& h = dispatch_header(me, s);
+    const auto& h = *reinterpret_cast<const internode::DispatchHeader*>(dispatch_slot(me, s));
+    if (h.magic != internode::kDispatchMagic || h.generation != static_cast<uint32_t>(gen) || h.source != s ||
+        h.tokens < 0 || h.tokens > T || h.combine_rows < 0 || h.combine_rows > T * K || h.combine_offset < 0 ||
+        h.combine_offset + layout_.combine_header_bytes + int64_t{h.combine_rows} * layout_.combine_row_bytes >
+            layout_.recv_combine_bytes) {
+      fail(kPhase, rank,
+           str_cat("rank ", s, " sent a malformed dispatch message (magic 0x", std::hex, h.magic, std::dec,
+                   ", generation ", h.generation, " expected ", gen, ", source ", h.source, ", tokens ", h.tokens,
+                   ", combine rows ", h.combine_rows, " at ", h.combine_offset, ")"));
+    }
     const auto lay = internode::dispatch_layout(shape_, layout_.row_bytes, h.tokens);
-    const std::byte* msg = dispatch_message(me, s);
+    const std::byte* msg = dispatch_slot(me, s) + kHeader;
     const auto* ids = reinterpret_cast<const int32_t*>(msg + lay.token_ids);
     const auto* ind = reinterpret_cast<const int32_t*>(msg + lay.indices);
     int32_t prev = -1;
@@ -771,7 +741,7 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
         if (valid_expert(e, shape_.num_experts) && owner_rank(e, L) == rank) ++counts[e - first];
       }
     }
-    me.combine_base_at[s] = h.combine_base;
+    me.combine_offset_at[s] = h.combine_offset;
     me.combine_rows_at[s] = h.combine_rows;
   }
   int64_t used_rows = 0;
@@ -786,9 +756,9 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
   std::fill(me.row_source.begin(), me.row_source.begin() + used_rows, -1);
   std::fill(me.kept_from.begin(), me.kept_from.end(), 0);
   for (int32_t s = 0; s < R; ++s) {
-    const internode::DispatchHeader& h = dispatch_header(me, s);
+    const auto& h = *reinterpret_cast<const internode::DispatchHeader*>(dispatch_slot(me, s));
     const auto lay = internode::dispatch_layout(shape_, layout_.row_bytes, h.tokens);
-    const std::byte* msg = dispatch_message(me, s);
+    const std::byte* msg = dispatch_slot(me, s) + kHeader;
     const auto* ids = reinterpret_cast<const int32_t*>(msg + lay.token_ids);
     const auto* ind = reinterpret_cast<const int32_t*>(msg + lay.indices);
     for (int32_t i = 0; i < h.tokens; ++i) {
@@ -812,13 +782,13 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
   me.routed_indices = me.sent_indices;
   me.routed_bound = me.sent_bound;
   me.routed_entries_to = me.sent_entries_to;
-  me.routed_base_to = me.sent_base_to;
+  me.routed_offset_to = me.sent_offset_to;
 
   // The other nodes may overwrite our slots from now on.
   for (int32_t s = 0; s < R; ++s) {
     if (same_node(s, rank)) continue;
     try {
-      me.signal_ops.push_back({s, "dispatch free", post_signal(me, kDispatchRecv, s, Kind::kDispatchFree, gen)});
+      me.signal_ops.push_back({s, "dispatch free ack", post_signal(me, kDispatchRecv, s, Kind::kDispatchFree, gen)});
     } catch (const std::exception& e) {
       fail(kPhase, rank, str_cat("could not acknowledge the dispatch of rank ", s, ": ", e.what()),
            Failure::kTransfer);
@@ -847,6 +817,7 @@ uint32_t InternodeAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
   if (bad.empty()) bad = check_array("expert_counts", expert_counts, DType::kS32, {L});
   check_usable(kPhase, rank);
   if (!bad.empty()) fail(kPhase, rank, bad);
+  check_pending(me, kPhase);
   uint64_t gen, dispatch_gen;
   bool in_flight;
   {
@@ -870,6 +841,7 @@ uint32_t InternodeAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
     }
   }
   const auto deadline = deadline_after(timeout_s_);
+  const uint64_t w0 = now_ns();
   if (!wait_transfers(me, kPhase, me.combine_ops, deadline)) {
     fail(kPhase, rank, str_cat("timed out after ", timeout_s_, " s waiting for the engine to complete the writes of ",
                                "combine_send #", gen - 1),
@@ -887,8 +859,9 @@ uint32_t InternodeAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
     }
     if (!missing.empty()) fail_timeout(kPhase, rank, "combine_recv", gen - 1, missing);
   }
+  me.wait_ns[kCombineSend] += now_ns() - w0;
 
-  // Pack the rows for each source in its (t, k) order, sources one after another.
+  // Pack, per source, a header and the rows kept for it in its (t, k) order, sources in order.
   const int64_t TK = int64_t{T} * K;
   std::vector<std::vector<std::pair<int32_t, int32_t>>> rows_for(R);  // (slot t*K+k, row)
   for (int64_t row = 0; row < me.used_rows; ++row) {
@@ -896,28 +869,26 @@ uint32_t InternodeAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
     if (src < 0) continue;  // padding
     rows_for[src / TK].push_back({static_cast<int32_t>(src % TK), static_cast<int32_t>(row)});
   }
-  const int64_t cb = layout_.combine_row_bytes;
+  const int64_t cb = layout_.combine_row_bytes, chb = layout_.combine_header_bytes;
   const auto* y = static_cast<const std::byte*>(expert_y.data);
-  int32_t offset = 0;
+  int64_t offset = 0;
   for (int32_t s = 0; s < R; ++s) {
     auto& list = rows_for[s];
     std::sort(list.begin(), list.end());
     me.pack_offset[s] = offset;
     me.pack_rows[s] = static_cast<int32_t>(list.size());
-    std::byte* out = me.send + layout_.send_combine_rows + int64_t{offset} * cb;
-    for (size_t j = 0; j < list.size(); ++j)
-      std::memcpy(out + int64_t(j) * cb, y + int64_t{list[j].second} * cb, size_t(cb));
-    offset += me.pack_rows[s];
-    auto* h = reinterpret_cast<internode::CombineHeader*>(me.send + layout_.send_combine_headers +
-                                                          int64_t{s} * layout_.combine_header_bytes);
+    std::byte* msg = me.send + layout_.send_combine + offset;
+    auto* h = reinterpret_cast<internode::CombineHeader*>(msg);
     *h = internode::CombineHeader{};
     h->magic = internode::kCombineMagic;
     h->generation = static_cast<uint32_t>(gen);
     h->dispatch_generation = static_cast<uint32_t>(dispatch_gen);
     h->source = rank;
     h->rows = me.pack_rows[s];
-    std::memcpy(reinterpret_cast<std::byte*>(h) + sizeof(internode::CombineHeader), &me.kept_from[size_t(s) * L],
-                size_t(L) * sizeof(int32_t));
+    std::memcpy(msg + sizeof(internode::CombineHeader), &me.kept_from[size_t(s) * L], size_t(L) * sizeof(int32_t));
+    for (size_t j = 0; j < list.size(); ++j)
+      std::memcpy(msg + chb + int64_t(j) * cb, y + int64_t{list[j].second} * cb, size_t(cb));
+    offset += chb + int64_t{me.pack_rows[s]} * cb;
   }
 
   for (int32_t s = 0; s < R; ++s) {
@@ -928,18 +899,10 @@ uint32_t InternodeAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
            str_cat("rank ", s, " reserved ", me.combine_rows_at[s], " combine rows for this rank but it kept ", n));
     }
     try {
-      if (n > 0) {
-        me.combine_ops.push_back(
-            {s, "combine data",
-             post_write(me, kCombineSend, s, layout_.send_combine_rows + int64_t{me.pack_offset[s]} * cb,
-                        layout_.recv_combine_rows + int64_t{me.combine_base_at[s]} * cb, int64_t{n} * cb,
-                        Kind::kCombineData, gen)});
-      }
-      me.combine_ops.push_back(
-          {s, "combine header",
-           post_write(me, kCombineSend, s, layout_.send_combine_headers + int64_t{s} * layout_.combine_header_bytes,
-                      layout_.recv_combine_headers + int64_t{rank} * layout_.combine_header_bytes,
-                      layout_.combine_header_bytes, Kind::kCombineHeader, gen)});
+      me.combine_ops.push_back({s, "combine message",
+                                post_message(me, kCombineSend, s, layout_.send_combine + me.pack_offset[s],
+                                             layout_.recv_combine + me.combine_offset_at[s], chb + int64_t{n} * cb,
+                                             Kind::kCombine, gen)});
     } catch (const std::exception& e) {
       fail(kPhase, rank, str_cat("could not post the combine to rank ", s, ": ", e.what()), Failure::kTransfer);
     }
@@ -966,6 +929,7 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
   if (bad.empty()) bad = check_array("y", y, combine_dtype_, {T, H});
   check_usable(kPhase, rank);
   if (!bad.empty()) fail(kPhase, rank, bad);
+  check_pending(me, kPhase);
   uint64_t gen, sent, dispatch_gen;
   {
     std::lock_guard lk(mu_);
@@ -980,50 +944,33 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
   }
   const auto deadline = deadline_after(timeout_s_);
 
+  const uint64_t w0 = now_ns();
   std::vector<int32_t> missing;
-  std::string detail;
   for (int32_t d = 0; d < R; ++d) {
-    if (same_node(d, rank)) {
-      if (!wait_local(kPhase, rank, deadline, [&] { return locals_[local_index_[d]]->combine_sent >= gen; }))
-        missing.push_back(d);
-      continue;
-    }
-    const internode::SenderSettings& from = peers_[d].sender;
-    if (!wait_imms(me, kPhase, Kind::kCombineHeader, gen, d,
-                   internode::write_imms(from, static_cast<uint64_t>(layout_.combine_header_bytes)), deadline)) {
-      missing.push_back(d);
-      continue;
-    }
-    const internode::CombineHeader& h = combine_header(me, d);
-    if (h.magic != internode::kCombineMagic || h.generation != static_cast<uint32_t>(gen) || h.source != d ||
-        h.rows < 0 || h.rows > me.routed_entries_to[d]) {
-      fail(kPhase, rank,
-           str_cat("rank ", d, " sent a malformed combine header (magic 0x", std::hex, h.magic, std::dec,
-                   ", generation ", h.generation, " expected ", gen, ", source ", h.source, ", rows ", h.rows,
-                   " of at most ", me.routed_entries_to[d], ")"));
-    }
-    if (!wait_imms(me, kPhase, Kind::kCombineData, gen, d,
-                   internode::write_imms(from, static_cast<uint64_t>(h.rows) * layout_.combine_row_bytes),
-                   deadline)) {
-      missing.push_back(d);
-      detail += str_cat(" (rank ", d, ": header arrived, its ", h.rows, " rows did not)");
-    }
+    const bool ok = same_node(d, rank)
+                        ? wait_local(kPhase, rank, deadline,
+                                     [&] { return locals_[local_index_[d]]->combine_sent >= gen; })
+                        : wait_imms(me, kPhase, Kind::kCombine, gen, d, internode::message_imms(peers_[d].sender),
+                                    deadline);
+    if (!ok) missing.push_back(d);
   }
-  if (!missing.empty()) fail_timeout(kPhase, rank, "combine_send", gen, missing, detail);
+  if (!missing.empty()) fail_timeout(kPhase, rank, "combine_send", gen, missing);
+  me.wait_ns[kCombineRecv] += now_ns() - w0;
 
   // Every expert rank combined the rows of our last dispatch, with our routing.
   for (int32_t d = 0; d < R; ++d) {
-    uint64_t their;
-    if (same_node(d, rank)) {
-      std::lock_guard lk(mu_);
-      their = locals_[local_index_[d]]->combine_dispatch_gen;
-    } else {
-      their = combine_header(me, d).dispatch_generation;
-    }
-    if (static_cast<uint32_t>(their) != static_cast<uint32_t>(dispatch_gen)) {
+    const auto& h = *reinterpret_cast<const internode::CombineHeader*>(combine_message(me, d));
+    if (h.magic != internode::kCombineMagic || h.generation != static_cast<uint32_t>(gen) || h.source != d ||
+        h.rows < 0 || h.rows > me.routed_entries_to[d]) {
       fail(kPhase, rank,
-           str_cat("rank ", d, " combined the rows of dispatch #", their, " but this rank's last dispatch is #",
-                   dispatch_gen));
+           str_cat("rank ", d, " sent a malformed combine message (magic 0x", std::hex, h.magic, std::dec,
+                   ", generation ", h.generation, " expected ", gen, ", source ", h.source, ", rows ", h.rows,
+                   " of at most ", me.routed_entries_to[d], ")"));
+    }
+    if (h.dispatch_generation != static_cast<uint32_t>(dispatch_gen)) {
+      fail(kPhase, rank,
+           str_cat("rank ", d, " combined the rows of dispatch #", h.dispatch_generation,
+                   " but this rank's last dispatch is #", dispatch_gen));
     }
   }
   const int32_t bm = clamp_bound(bound_m, T);
@@ -1049,9 +996,9 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
   std::vector<const int32_t*> kept_by(R);
   std::vector<const uint16_t*> rows_by(R);
   for (int32_t d = 0; d < R; ++d) {
-    const internode::CombineHeader& h = combine_header(me, d);
-    kept_by[d] = reinterpret_cast<const int32_t*>(reinterpret_cast<const std::byte*>(&h) +
-                                                  sizeof(internode::CombineHeader));
+    const std::byte* msg = combine_message(me, d);
+    const auto& h = *reinterpret_cast<const internode::CombineHeader*>(msg);
+    kept_by[d] = reinterpret_cast<const int32_t*>(msg + sizeof(internode::CombineHeader));
     int64_t sum = 0;
     for (int32_t le = 0; le < L; ++le) {
       const int32_t k = kept_by[d][le];
@@ -1065,7 +1012,7 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
     if (sum != h.rows) {
       fail(kPhase, rank, str_cat("rank ", d, " sent ", h.rows, " combine rows but reports ", sum, " kept"));
     }
-    rows_by[d] = reinterpret_cast<const uint16_t*>(combine_rows(me, d));
+    rows_by[d] = reinterpret_cast<const uint16_t*>(msg + layout_.combine_header_bytes);
   }
 
   const auto* w = static_cast<const float*>(weights.data);
@@ -1090,7 +1037,7 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
   for (int32_t d = 0; d < R; ++d) {
     if (same_node(d, rank)) continue;
     try {
-      me.signal_ops.push_back({d, "combine free", post_signal(me, kCombineRecv, d, Kind::kCombineFree, gen)});
+      me.signal_ops.push_back({d, "combine free ack", post_signal(me, kCombineRecv, d, Kind::kCombineFree, gen)});
     } catch (const std::exception& e) {
       fail(kPhase, rank, str_cat("could not acknowledge the combine of rank ", d, ": ", e.what()),
            Failure::kTransfer);
@@ -1176,8 +1123,15 @@ std::vector<uint64_t> InternodeAllToAll::engine_ops(int32_t rank) const {
   return {me->ops.begin(), me->ops.end()};
 }
 
-std::shared_ptr<InternodeAllToAll> find_internode_context(uint64_t id) {
-  return std::dynamic_pointer_cast<InternodeAllToAll>(cpu_contexts().find(id));
+std::vector<uint64_t> InternodeAllToAll::phase_costs(int32_t rank) const {
+  const Local* me = find_local(rank);
+  JG_CHECK_ARG(me, "MoE internode: phase_costs: rank ", rank, " is not held by this process");
+  std::vector<uint64_t> out;
+  for (int p = 0; p < kPhases; ++p) {
+    out.push_back(me->post_ns[p]);
+    out.push_back(me->wait_ns[p]);
+  }
+  return out;
 }
 
 }  // namespace jax_garden::moe

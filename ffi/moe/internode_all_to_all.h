@@ -91,6 +91,9 @@ class InternodeAllToAll final : public HostAllToAll {
   std::vector<uint64_t> engine_bytes(int32_t rank) const;
   // Writes (and signals) local `rank` posted per phase so far: [4].
   std::vector<uint64_t> engine_ops(int32_t rank) const;
+  // Per phase of local `rank`, ns spent so far posting to the engine and waiting (for peers,
+  // transfers and acks): [4][2]. The rest of a phase's time is its own work (pack, place, sum).
+  std::vector<uint64_t> phase_costs(int32_t rank) const;
   std::string describe() const;
 
  private:
@@ -133,19 +136,17 @@ class InternodeAllToAll final : public HostAllToAll {
                                  const std::vector<int32_t>& missing, const std::string& detail = "");
 
   fabric::ImmCounter& counter(Local& me, internode::Kind kind, uint64_t generation, int32_t peer);
-  std::shared_ptr<fabric::TransferState> post_write(Local& me, Phase phase, int32_t peer, int64_t src_offset,
-                                                    int64_t dst_offset, int64_t bytes, internode::Kind kind,
-                                                    uint64_t generation);
+  std::shared_ptr<fabric::TransferState> post_message(Local& me, Phase phase, int32_t peer, int64_t src_offset,
+                                                      int64_t dst_offset, int64_t bytes, internode::Kind kind,
+                                                      uint64_t generation);
   std::shared_ptr<fabric::TransferState> post_signal(Local& me, Phase phase, int32_t peer, internode::Kind kind,
                                                      uint64_t generation);
   void record_timing(Local& me, Phase phase, uint64_t start_ns);
 
-  // Messages from `source` to local `me` (in the sender's send region for a source of this node,
-  // in me's receive region otherwise).
-  const internode::DispatchHeader& dispatch_header(const Local& me, int32_t source) const;
-  const std::byte* dispatch_message(const Local& me, int32_t source) const;
-  const internode::CombineHeader& combine_header(const Local& me, int32_t expert_rank) const;
-  const std::byte* combine_rows(const Local& me, int32_t expert_rank) const;
+  // Messages to local `me` (header first): in the sender's send region for a sender of this
+  // node, in me's receive region otherwise.
+  const std::byte* dispatch_slot(const Local& me, int32_t source) const;
+  const std::byte* combine_message(const Local& me, int32_t expert_rank) const;
 
   const MoeShape shape_;
   const DType dispatch_dtype_, combine_dtype_;
@@ -166,8 +167,5 @@ class InternodeAllToAll final : public HostAllToAll {
   bool abort_sent_ = false;
   bool closed_ = false;
 };
-
-// Bindings create contexts through this (the registry of host contexts, host_all_to_all.h).
-std::shared_ptr<InternodeAllToAll> find_internode_context(uint64_t id);
 
 }  // namespace jax_garden::moe

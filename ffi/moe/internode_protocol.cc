@@ -20,12 +20,10 @@ constexpr uint16_t kPeerInfoVersion = 1;
 
 const char* kind_name(Kind kind) {
   switch (kind) {
-    case Kind::kDispatchHeader: return "dispatch header";
-    case Kind::kDispatchData: return "dispatch data";
-    case Kind::kDispatchFree: return "dispatch free";
-    case Kind::kCombineHeader: return "combine header";
-    case Kind::kCombineData: return "combine data";
-    case Kind::kCombineFree: return "combine free";
+    case Kind::kDispatch: return "dispatch message";
+    case Kind::kDispatchFree: return "dispatch free ack";
+    case Kind::kCombine: return "combine message";
+    case Kind::kCombineFree: return "combine free ack";
     case Kind::kAbort: return "abort";
   }
   return "?";
@@ -66,40 +64,44 @@ RegionLayout region_layout(const MoeShape& s, DType dispatch_dtype) {
   const int64_t R = s.num_ranks, T = s.max_tokens, K = s.experts_per_token, M = s.max_recv_tokens;
   l.row_bytes = int64_t{s.hidden} * static_cast<int64_t>(dtype_size(dispatch_dtype));
   l.combine_row_bytes = int64_t{s.hidden} * 2;
-  l.dispatch_slot_bytes = align_up(dispatch_layout(s, l.row_bytes, T).bytes);
+  l.dispatch_slot_bytes =
+      align_up(int64_t{sizeof(DispatchHeader)} + dispatch_layout(s, l.row_bytes, T).bytes);
   l.combine_header_bytes = align_up(int64_t{sizeof(CombineHeader)} + 4 * int64_t{s.local_experts()});
+  // A source reserves, per expert rank, a header and one row per (t, k) entry routed there: at
+  // most T*K rows in all. A sender packs, per source, a header and the rows it kept: at most M.
+  l.recv_combine_bytes = align_up(R * l.combine_header_bytes + T * K * l.combine_row_bytes);
+  l.send_combine_bytes = align_up(R * l.combine_header_bytes + M * l.combine_row_bytes);
 
   int64_t at = 0;
-  l.recv_dispatch_headers = at;
-  at += R * int64_t{sizeof(DispatchHeader)};
-  l.recv_combine_headers = at;
-  at += R * l.combine_header_bytes;
   l.recv_abort = at;
   at += R * kAbortBytes;
-  l.recv_combine_rows = at;
-  at += align_up(T * K * l.combine_row_bytes);
+  l.recv_combine = at;
+  at += l.recv_combine_bytes;
   l.recv_dispatch_slots = at;
   at += R * l.dispatch_slot_bytes;
   l.recv_bytes = at;
 
   at = 0;
-  l.send_dispatch_headers = at;
-  at += R * int64_t{sizeof(DispatchHeader)};
-  l.send_combine_headers = at;
-  at += R * l.combine_header_bytes;
   l.send_abort = at;
   at += kAbortBytes;
-  l.send_combine_rows = at;
-  at += align_up(M * l.combine_row_bytes);
+  l.send_combine = at;
+  at += l.send_combine_bytes;
   l.send_dispatch_slots = at;
   at += R * l.dispatch_slot_bytes;
   l.send_bytes = at;
   return l;
 }
 
-uint64_t write_imms(const SenderSettings& sender, uint64_t bytes) {
-  if (bytes == 0) return 0;
-  return fabric::imm_writes(fabric::OpKind::kWrite, sender.domains, bytes, 0, fabric::ScatterSharding::kTargets,
+void combine_offsets(const RegionLayout& layout, const int32_t* entries, int32_t num_ranks, int64_t* offsets) {
+  int64_t at = 0;
+  for (int32_t d = 0; d < num_ranks; ++d) {
+    offsets[d] = at;
+    at += layout.combine_header_bytes + int64_t{entries[d]} * layout.combine_row_bytes;
+  }
+}
+
+uint64_t message_imms(const SenderSettings& sender) {
+  return fabric::imm_writes(fabric::OpKind::kScatter, sender.domains, 0, 0, fabric::ScatterSharding::kBytes,
                             sender.sharding);
 }
 

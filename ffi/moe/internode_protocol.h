@@ -1,37 +1,40 @@
 // The inter-node MoE protocol: how ranks of different node groups move dispatch/combine rows
 // through the TransferEngine (fabric/engine.h). Pure definitions and arithmetic (no engine calls):
-// the host context (internode_all_to_all.cc) follows them, and a GPU host proxy would follow the
-// same ones (docs/moe-ffi.md, "Across nodes").
+// the host context (internode_all_to_all.cc) follows them, and the GPU host proxy (designed in
+// docs/moe-ffi.md, "Across nodes") follows the same ones.
 //
 // Every rank owns two host regions, registered once when the AllToAll is created:
 //   receive region (peers write into it; its descriptor is what peers get at bootstrap):
-//     dispatch headers [R] | combine headers [R] | abort mailboxes [R] | combine rows [T*K] |
-//     dispatch slots [R]            (one private slot per source rank: rows land before counts)
-//   send region (this rank writes from it; ranks of its own node read it directly):
-//     dispatch headers [R] | combine headers [R] | abort message | combine rows [M] |
-//     dispatch slots [R]
+//     abort mailboxes [R] | combine area (R headers + T*K rows, parts reserved per expert rank) |
+//     dispatch slots [R]   (one private slot per source rank: rows land before counts are known)
+//   send region (this rank writes from it; ranks of its own node read it in place):
+//     abort message | combine area (R headers + M rows) | dispatch slots [R]
 //
-// Dispatch generation g, source s -> destination d (s and d in different nodes):
+// One message = one engine write per (phase, source, destination): a fixed-size header followed by
+// the payload, posted as a one-target scatter with ScatterSharding::kBytes, so that the number of
+// imms it delivers (one per sender domain) does not depend on its length: the receiver knows how
+// many imms to count before it knows how much data comes, and reads the header only once all of
+// them arrived.
+//
+// Dispatch generation g, source s -> destination d (s and d in different node groups):
 //   * s packs the tokens t < bound_m with at least one routing entry owned by d, each once, t
-//     ascending: token ids [n] | indices [n][K] | x rows [n] | scales [n] (dispatch_layout(n)),
-//     writes them into d's slot [s] (imm kDispatchData), then the 64-byte DispatchHeader (n, and
-//     where d's combine rows for s go) into d's dispatch header [s] (imm kDispatchHeader).
-//   * d counts kDispatchHeader imms from s until the header landed, reads n, counts
-//     kDispatchData imms for dispatch_layout(n).bytes, then builds expert_x from every source's
-//     message in (source rank, token, k) order (layout.h; capacity drops counted), and acks with
-//     one zero-byte kDispatchFree imm: s may overwrite d's slot [s] from then on.
+//     ascending, behind a DispatchHeader (count n, and the part of s's combine area reserved for
+//     d's combine rows): header | token ids [n] | indices [n][K] | x rows [n] | scales [n]
+//     (dispatch_layout(n)), written into d's slot [s] (imm kDispatch).
+//   * d counts kDispatch imms from s, reads n, builds expert_x from every source's message in
+//     (source rank, token, k) order (layout.h; capacity drops counted), then acks with one
+//     zero-byte kDispatchFree imm: s may overwrite d's slot [s] from then on.
 // Combine generation g, expert rank d -> source s:
-//   * d packs the rows it kept for s in s's (t, k) order and writes them to s's combine rows at
-//     the base s chose in its dispatch header (imm kCombineData), then a CombineHeader carrying
-//     the rows kept per local expert (imm kCombineHeader). s knows its own routing, so those
-//     counts say which of its (t, k) entries each packed row is; it sums in k order and acks with
-//     kCombineFree.
-// Counting: how many imms one write delivers is fabric::imm_writes of the SENDER's domains and
-// split threshold (exchanged at bootstrap); nothing else is assumed about the engine's pieces.
-// Imms carry (kind, generation mod 8, source, destination): a write of generation g can only ever
-// count toward g's counter, and the free acks keep every pair within one generation of each
-// other, so the 3 generation bits never alias. A failing rank writes its reason into every remote
-// peer's abort mailbox (imm kAbort): peers fail with it instead of waiting for the timeout.
+//   * d packs the rows it kept for s in s's (t, k) order behind a CombineHeader carrying the rows
+//     kept per local expert of d, and writes them to the part of s's combine area that s reserved
+//     for d (imm kCombine). s knows its own routing, so those counts say which of its (t, k)
+//     entries each packed row is; it sums in k order and acks with kCombineFree.
+// Counting: how many imms one message delivers is fabric::imm_writes of the SENDER's domains
+// (exchanged at bootstrap); nothing else is assumed about the engine's pieces. Imms carry (kind,
+// generation mod 8, source, destination): a write of generation g can only ever count toward g's
+// counter, and the free acks keep every pair within one generation of each other, so the 3
+// generation bits never alias. A failing rank writes its reason into every remote peer's abort
+// mailbox (imm kAbort): peers fail with it instead of waiting for the timeout.
 #pragma once
 
 #include <cstdint>
@@ -52,15 +55,13 @@ inline constexpr int32_t kMaxRanks = 1 << kRankBits;             // 2048
 inline constexpr uint32_t kGenerations = 1u << kGenerationBits;  // generations an imm tells apart
 
 enum class Kind : uint32_t {
-  kDispatchHeader = 0,
-  kDispatchData = 1,
-  kDispatchFree = 2,
-  kCombineHeader = 3,
-  kCombineData = 4,
-  kCombineFree = 5,
-  kAbort = 6,
+  kDispatch = 0,      // a dispatch message (header + tokens)
+  kDispatchFree = 1,  // the destination consumed our dispatch message: its slot is free again
+  kCombine = 2,       // a combine message (header + rows)
+  kCombineFree = 3,   // the source consumed our combine message
+  kAbort = 4,         // the sender failed; its reason is in our abort mailbox
 };
-inline constexpr int kKinds = 7;
+inline constexpr int kKinds = 5;
 const char* kind_name(Kind kind);
 
 uint32_t make_imm(Kind kind, uint64_t generation, int32_t source, int32_t destination);
@@ -81,17 +82,19 @@ inline constexpr uint32_t kAbortMagic = 0x4A474D41;     // "JGMA"
 
 struct DispatchHeader {
   uint32_t magic;
-  uint32_t generation;    // dispatch generation (full)
+  uint32_t generation;     // dispatch generation (full)
   int32_t source;
-  int32_t tokens;         // n: tokens in the message
-  int32_t combine_base;   // first row of the source's combine rows reserved for this destination
-  int32_t combine_rows;   // rows reserved there: the source's (t, k) entries routed here
-  int32_t bound_m;        // the source's clamped bound_m
-  uint32_t reserved[9];
+  int32_t tokens;          // n: tokens in the message
+  int32_t combine_rows;    // rows the source reserved for this destination's combine message: its
+                           // (t, k) entries routed here
+  int32_t bound_m;         // the source's clamped bound_m
+  int64_t combine_offset;  // where in the source's combine area that message goes (bytes)
+  uint32_t reserved[8];
 };
 static_assert(sizeof(DispatchHeader) == 64);
 
-// Followed by kept[L] int32: rows of the source kept per local expert of the sender.
+// Followed by kept[L] int32 (rows of the source kept per local expert of the sender), padded to
+// RegionLayout::combine_header_bytes, then the rows.
 struct CombineHeader {
   uint32_t magic;
   uint32_t generation;           // combine generation
@@ -124,18 +127,21 @@ struct DispatchLayout {
 DispatchLayout dispatch_layout(const MoeShape& shape, int64_t row_bytes, int64_t tokens);
 
 struct RegionLayout {
-  int64_t row_bytes = 0;          // one dispatch row (H * element size)
-  int64_t combine_row_bytes = 0;  // one combine row (H * 2)
-  int64_t dispatch_slot_bytes = 0;
-  int64_t combine_header_bytes = 0;
+  int64_t row_bytes = 0;             // one dispatch row (H * element size)
+  int64_t combine_row_bytes = 0;     // one combine row (H * 2)
+  int64_t dispatch_slot_bytes = 0;   // header + the message of T tokens
+  int64_t combine_header_bytes = 0;  // CombineHeader + kept[L], aligned
   // receive region
-  int64_t recv_dispatch_headers = 0, recv_combine_headers = 0, recv_abort = 0, recv_combine_rows = 0,
-          recv_dispatch_slots = 0, recv_bytes = 0;
+  int64_t recv_abort = 0, recv_combine = 0, recv_combine_bytes = 0, recv_dispatch_slots = 0, recv_bytes = 0;
   // send region
-  int64_t send_dispatch_headers = 0, send_combine_headers = 0, send_abort = 0, send_combine_rows = 0,
-          send_dispatch_slots = 0, send_bytes = 0;
+  int64_t send_abort = 0, send_combine = 0, send_combine_bytes = 0, send_dispatch_slots = 0, send_bytes = 0;
 };
 RegionLayout region_layout(const MoeShape& shape, DType dispatch_dtype);
+
+// Where, in a source's combine area, the combine message of each expert rank goes: the rank's
+// header, then one row per (t, k) entry the source routed to it (entries[d]), ranks in order.
+// Within RegionLayout::recv_combine_bytes. `offsets` has R entries.
+void combine_offsets(const RegionLayout& layout, const int32_t* entries, int32_t num_ranks, int64_t* offsets);
 
 // ---- counting (the engine's accounting, with the sender's settings) ----------------------------
 
@@ -143,9 +149,10 @@ struct SenderSettings {
   uint32_t domains = 1;
   fabric::ShardingPolicy sharding;
 };
-// Imms one write of `bytes` from that sender delivers (0 for no write).
-uint64_t write_imms(const SenderSettings& sender, uint64_t bytes);
-// Imms one zero-byte signal (free ack, abort) delivers.
+// Imms one message from that sender delivers (a one-target scatter with ScatterSharding::kBytes:
+// one per sender domain, whatever its length).
+uint64_t message_imms(const SenderSettings& sender);
+// Imms one zero-byte signal (free ack) delivers.
 uint64_t signal_imms(const SenderSettings& sender);
 
 // ---- bootstrap ----------------------------------------------------------------------------------

@@ -229,6 +229,9 @@ void bind_internode_context(nb::module_& m) {
            nb::arg("rank"), "Bytes local `rank` wrote through the engine per phase so far: [4].")
       .def("engine_ops", [](const InternodeHandle& h, int32_t rank) { return h.get().engine_ops(rank); },
            nb::arg("rank"), "Writes and signals local `rank` posted per phase so far: [4].")
+      .def("phase_costs", [](const InternodeHandle& h, int32_t rank) { return h.get().phase_costs(rank); },
+           nb::arg("rank"),
+           "Per phase of local `rank`: ns spent posting to the engine and waiting so far, flat [4][2].")
       .def("__repr__", [](const InternodeHandle& h) { return h.context ? h.context->describe() : "InternodeAllToAll(closed)"; });
 
   m.def("internode_imm", [](int kind, uint64_t generation, int32_t source, int32_t destination) {
