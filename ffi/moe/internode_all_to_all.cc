@@ -751,8 +751,15 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
   const int64_t row_bytes = layout_.row_bytes;
   auto* out_x = static_cast<std::byte*>(expert_x.data);
   auto* out_scale = static_cast<float*>(expert_scale.data);
-  std::memset(out_x, 0, size_t(M) * size_t(row_bytes));  // padding rows and the tail are zero
-  if (S > 0) std::memset(out_scale, 0, size_t(M) * S * sizeof(float));
+  // Padding rows and the tail are zero; kept rows are written below (each row once).
+  auto zero_rows = [&](int64_t lo, int64_t hi) {
+    if (hi <= lo) return;
+    std::memset(out_x + lo * row_bytes, 0, size_t(hi - lo) * size_t(row_bytes));
+    if (S > 0) std::memset(out_scale + lo * S, 0, size_t(hi - lo) * S * sizeof(float));
+  };
+  for (int32_t le = 0; le < L; ++le)
+    zero_rows(int64_t{start[le]} + kept[le], le + 1 < L ? int64_t{start[le + 1]} : used_rows);
+  zero_rows(used_rows, M);
   std::fill(me.row_source.begin(), me.row_source.begin() + used_rows, -1);
   std::fill(me.kept_from.begin(), me.kept_from.end(), 0);
   for (int32_t s = 0; s < R; ++s) {
