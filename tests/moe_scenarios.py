@@ -130,7 +130,9 @@ def cpu_nodes(node_size: int) -> Backend:
 
 CPU_NODES1 = cpu_nodes(1)  # every rank its own node: all rows through the engine
 CPU_NODES2 = cpu_nodes(2)  # pairs: rows inside a pair in memory, between pairs through the engine
-BACKENDS = {"cpu": CPU, "gpu": GPU, "cpu-nodes1": CPU_NODES1, "cpu-nodes2": CPU_NODES2}
+CPU_NODES8 = cpu_nodes(8)  # one node of all R ranks (R <= 8): the inter-node context, no engine
+BACKENDS = {"cpu": CPU, "gpu": GPU, "cpu-nodes1": CPU_NODES1, "cpu-nodes2": CPU_NODES2,
+            "cpu-nodes8": CPU_NODES8}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 inter-node host context on the same devices split into node groups (``cpu-nodes1``: every rank its
 own node, ``cpu-nodes2``: pairs; rows between groups through the TransferEngine over tcp on
 127.0.0.1; tests/test_moe_internode.py runs them across processes) and the CUDA NVLink kernels
-(R GPUs driven by this process; marker ``gpu``, skipped without them).
+(R GPUs driven by this process; marker ``gpu``, skipped without them). ``cpu-nodes8`` is the
+inter-node context with one node group of all R ranks (1xR: no engine).
 Each scenario body is written once, in tests/moe_scenarios.py. Backend-specific behaviour (errors
 at trace time, timeouts, closing, process layouts, CUDA graphs) is in tests/test_moe_cpu.py and
 tests/test_moe_gpu.py."""
@@ -40,6 +41,8 @@ ROUND_TRIPS = (
     # Every case with each rank its own node; pairs where that leaves at least two groups.
     + [_on("cpu-nodes1", name, case, id=name) for name, case in sc.CPU_CASES.items()]
     + [_on("cpu-nodes2", name, case, id=name) for name, case in sc.CPU_CASES.items() if case.r >= 4]
+    + [_on("cpu-nodes8", name, sc.CPU_CASES[name], id=name)
+       for name in ("random-R2", "fp8-computed-R4-pad16", "overflow-R2", "K8-R8-pad16")]
     + [_on("gpu", name, case, id=f"R{r}-{name}")
        for r in sc.GPU_RANKS for name, case in sc.gpu_cases(r).items()]
 )
@@ -115,7 +118,7 @@ def test_wrong_expert_counts_is_an_error(backend, case):
 SAME_BITS = ["fp8-computed-R4-pad16", "overflow-R2", "bound-mixed-R8", "skewed-R4"]
 
 
-@pytest.mark.parametrize("backend, name", [_on(b, n, id=n) for b in ("cpu-nodes1", "cpu-nodes2")
+@pytest.mark.parametrize("backend, name", [_on(b, n, id=n) for b in ("cpu-nodes1", "cpu-nodes2", "cpu-nodes8")
                                            for n in SAME_BITS])
 def test_node_split_gives_the_cpu_references_bits(backend, name):
     """Whatever the node split, the outputs are bit for bit those of the in-process CPU
