@@ -419,8 +419,6 @@ def run_same_bits_as_reference(backend: Backend, name: str, case: Case, mesh) ->
 
 def run_determinism(backend: Backend, case: Case, mesh, runs: int = 3) -> list[str]:
     """The same round trip ``runs`` times on one AllToAll: bitwise identical outputs."""
-    from jax_garden import moe
-
     with backend.all_to_all(case.config(), mesh, "ep") as a2a:
         results = [round_trip(backend, case, mesh, a2a)[0] for _ in range(runs)]
     errors = []
@@ -451,8 +449,6 @@ def run_combine_in_k_order(backend: Backend, r: int) -> list[str]:
     """Values where f32 summation order is visible after rounding to bf16: per token the k = 0, 1,
     2 rows hold 1, 2^27, -2^27 (weights 1). In k order (1 + 2^27) - 2^27 = 0 (2^27 + 1 rounds to
     2^27 in f32); any other order leaves 1 (or -1)."""
-    from jax_garden import moe
-
     case = Case(r=r, e=2 * r, k=3, t=4, h=16)
     idx, w, bm, x = case.inputs()
     w[:] = 1.0
@@ -544,8 +540,6 @@ def run_split_phases_with_layers(backend: Backend, r: int, h: int, bound_m: list
 def run_separate_programs(backend: Backend) -> list[str]:
     """dispatch and combine in two programs (the first without shard_map's varying-axes checks),
     with and without expert_counts (the issue's signature)."""
-    from jax_garden import moe
-
     case = Case(r=2, e=4, k=2, pad=16, bound="mixed")
     mesh = backend.mesh(case.r)
     idx, w, bm, x = case.inputs()
@@ -616,8 +610,6 @@ def other_routing_pattern(backend: Backend, case: Case, given: int, routed: int)
 def run_combine_with_other_routing(backend: Backend, case: Case) -> None:
     """combine with indices other than the dispatch's (one entry of rank 1 changed) is an error
     naming the entry and both values; other AllToAlls keep working."""
-    from jax_garden import moe
-
     mesh = backend.mesh(case.r)
     idx, w, bm, x = case.inputs()
     other = idx.copy()
@@ -637,8 +629,6 @@ def run_combine_with_other_routing(backend: Backend, case: Case) -> None:
 def run_wrong_expert_counts(backend: Backend, case: Case) -> None:
     """combine_send with expert_counts other than the dispatch's is an error naming the expert,
     the value given and the rows received."""
-    from jax_garden import moe
-
     mesh = backend.mesh(case.r)
     idx, w, bm, x = case.inputs()
     g = lambda a: global_array(mesh, a)  # noqa: E731

@@ -320,8 +320,6 @@ def _init(port: int, procs: int, i: int):
 
 def _worker_scenarios(port: int, procs: int, i: int, args: dict) -> dict:
     jax = _init(port, procs, i)
-    from jax_garden import moe
-
     r = len(jax.devices())
     mesh = sc.CPU.mesh(r)
     errors, ran, node_sizes = [], 0, []
@@ -407,7 +405,6 @@ def _split_group_refused(mesh, r: int) -> list[str]:
 
 def _worker_kill(port: int, procs: int, i: int, args: dict) -> dict:
     jax = _init(port, procs, i)
-    import jax.numpy as jnp
 
     from jax_garden import _compat, moe
 
@@ -457,7 +454,6 @@ def _worker_kill(port: int, procs: int, i: int, args: dict) -> dict:
     again_s = time.monotonic() - t0
     a2a.close()  # failed: no close barrier with the dead process
     _compat.settle_effects()
-    del jnp
     # The coordinator (process 0) leaves last: the others' jax.distributed clients abort their
     # process when the coordination service goes away.
     survivors = [p for p in range(procs) if p != victim]

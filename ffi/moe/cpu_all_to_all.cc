@@ -337,7 +337,7 @@ void CpuAllToAll::close() {
   cv_.notify_all();
 }
 
-std::pair<std::string, bool> CpuAllToAll::error() const {
+std::pair<std::string, bool> CpuAllToAll::error() {
   std::lock_guard lock(mu_);
   return {broken_, broken_by_timeout_};
 }

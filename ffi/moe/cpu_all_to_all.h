@@ -50,7 +50,7 @@ class CpuAllToAll final : public HostAllToAll {
                     const ArrayRef& weights, int32_t bound_m, const ArrayRef& y) override;
 
   std::vector<int64_t> dropped_rows() const override;
-  std::pair<std::string, bool> error() const override;
+  std::pair<std::string, bool> error() override;
   // Ranks still inside a call fail at once instead of waiting for peers that can no longer find
   // the context.
   void close() override;

@@ -49,8 +49,8 @@ class HostAllToAll {
   virtual std::vector<int64_t> dropped_rows() const = 0;
 
   // The first error of any rank ("" if none; every later call fails with it), and whether it was
-  // a wait that timed out.
-  virtual std::pair<std::string, bool> error() const = 0;
+  // a wait that timed out. Not const: a context may first collect errors its peers reported.
+  virtual std::pair<std::string, bool> error() = 0;
 
   // Called when the context leaves the registry: ranks still inside a call fail at once.
   virtual void close() = 0;

@@ -1068,8 +1068,8 @@ std::vector<int64_t> InternodeAllToAll::dropped_rows() const {
   return out;
 }
 
-std::pair<std::string, bool> InternodeAllToAll::error() const {
-  const_cast<InternodeAllToAll*>(this)->poll_aborts();  // a peer's failure counts too
+std::pair<std::string, bool> InternodeAllToAll::error() {
+  if (engine_) poll_aborts();  // a peer's failure counts too
   std::lock_guard lk(mu_);
   return {broken_, broken_by_timeout_};
 }

@@ -77,7 +77,7 @@ class InternodeAllToAll final : public HostAllToAll {
   void combine_recv(int32_t rank, uint32_t send_done, const ArrayRef& indices, const ArrayRef& weights,
                     int32_t bound_m, const ArrayRef& y) override;
   std::vector<int64_t> dropped_rows() const override;
-  std::pair<std::string, bool> error() const override;
+  std::pair<std::string, bool> error() override;  // includes a peer's reported failure
   void close() override;
 
   // ---- outside jit ----
