@@ -57,14 +57,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_garden import _compat, _settings
+from jax_garden import _compat, _moe_internode, _settings
 from jax_garden import _jax_garden as _native
 from jax_garden import _validate
 from jax_garden._moe_cuda import MoeDeviceError, MoeTimeoutError
+from jax_garden._moe_internode import InternodeConfig
 
 __all__ = [
     "AllToAllConfig",
     "AllToAll",
+    "InternodeConfig",
     "RaggedAllToAll",
     "MoeDeviceError",
     "MoeTimeoutError",
@@ -348,7 +350,11 @@ class _CpuContext:
 
 
 def _create_native_context(cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_name: str,
-                           num_ranks: int, timeout: float):
+                           num_ranks: int, timeout: float, node_size: int | None,
+                           internode: InternodeConfig | None):
+    """(platform, context, node_size) for the mesh: the CPU reference (every rank in this
+    process, no node topology asked for), the inter-node host context (CPU ranks across processes
+    or node groups), or the CUDA NVLink context."""
     platforms = {d.platform for d in mesh.devices.flat}
     if len(platforms) != 1:
         raise ValueError(f"AllToAll: the mesh mixes platforms {sorted(platforms)}")
@@ -357,9 +363,29 @@ def _create_native_context(cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_na
         others = {n: s for n, s in mesh.shape.items() if n != axis_name and s != 1}
         if others:
             raise ValueError(f"AllToAll on CPU: mesh axes other than {axis_name!r} must have size "
-                             f"1 (the CPU reference has one group of ranks), got {others}")
-        return platform, _CpuContext(cfg, num_ranks, timeout)
+                             f"1 (the CPU contexts have one group of ranks), got {others}")
+        devices = list(np.asarray(mesh.devices).reshape(-1))  # rank order: the only axis > 1
+        process_of = [int(d.process_index) for d in devices]
+        me = jax.process_index()
+        local = [r for r, p in enumerate(process_of) if p == me]
+        if not local:
+            raise ValueError("AllToAll: no device of the mesh belongs to this process")
+        if node_size is None and internode is None and len(local) == num_ranks:
+            return platform, _CpuContext(cfg, num_ranks, timeout), num_ranks
+        if node_size is None:
+            node_size = _moe_internode.detect_node_size(process_of)
+        if num_ranks % node_size:
+            raise ValueError(f"AllToAll: node_size={node_size} does not divide the number of ranks "
+                             f"R={num_ranks}")
+        resolved = dataclasses.replace(cfg, max_recv_tokens=cfg.recv_tokens(num_ranks))
+        return platform, _moe_internode.create_context(resolved, num_ranks, timeout, node_size, local,
+                                                       internode), node_size
     if platform in ("gpu", "cuda"):
+        if (node_size is not None and node_size != num_ranks) or internode is not None:
+            raise NotImplementedError(
+                "AllToAll on GPUs across node groups (node_size < R, the host proxy between NVLink "
+                "domains) is not implemented yet; its design is in docs/moe-ffi.md. GPUs of one "
+                "NVLink domain: leave node_size and internode unset")
         if not bool(_native.built_with_cuda):
             raise RuntimeError("AllToAll on GPUs: jax_garden was built without CUDA "
                                "(rebuild with JAX_GARDEN_CUDA=ON)")
@@ -368,7 +394,8 @@ def _create_native_context(cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_na
         # on M, and the same wait timeout.
         from jax_garden import _moe_cuda
         resolved = dataclasses.replace(cfg, max_recv_tokens=cfg.recv_tokens(num_ranks))
-        return "cuda", _moe_cuda.create_context(resolved, mesh, axis_name, timeout=timeout)
+        return ("cuda", _moe_cuda.create_context(resolved, mesh, axis_name, timeout=timeout),
+                num_ranks)
     raise ValueError(f"AllToAll: no MoE implementation for platform {platform!r}")
 
 
@@ -385,17 +412,32 @@ class AllToAll:
     The context id is an attribute of the compiled program, so each AllToAll compiles its own
     executables, and every rank must run the same sequence of dispatch/combine calls on it.
 
+    Node topology: ranks ``[g*node_size, (g+1)*node_size)`` form node group ``g``. Inside a
+    group ranks move rows through shared memory (CPU: this process's memory, as the CPU
+    reference; CUDA: NVLink); between groups through a TransferEngine (tcp, efa, verbs; see
+    :class:`InternodeConfig`), with the same layout and the same bits whatever the split. On CPU
+    a mesh whose ranks live in several processes (``jax.distributed``) uses node groups, by default
+    one per process (``node_size`` = the ranks each process holds, when every process holds one
+    contiguous block, else 1); a group must live in one process. Creating such an AllToAll is
+    collective: every process creates it, in the same order. Across processes a rank's failure
+    fails its own program; its peers fail at their next wait (the failing rank tells them), and
+    :meth:`check` reports the error once this process learned it. On GPUs ``node_size < R`` (the
+    host proxy between NVLink domains) is not implemented yet (docs/moe-ffi.md has the design).
+
     Attributes:
       config: the :class:`AllToAllConfig`.
       mesh, axis_name: where the ranks are; ``num_ranks`` = R, the size of that axis.
       num_local_experts: L = E / R.
       max_recv_tokens: M, receive rows per rank (the config's, or the worst case).
-      platform: ``"cpu"`` (the reference) or ``"cuda"`` (the NVLink kernels).
+      platform: ``"cpu"`` (the reference or the inter-node host context) or ``"cuda"`` (the
+        NVLink kernels).
+      node_size, num_nodes: the node topology (``node_size == num_ranks``: one group).
       context_id: the id of the native context in the compiled programs.
     """
 
     def __init__(self, cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_name: str = "ep", *,
-                 timeout: float | None = None):
+                 timeout: float | None = None, node_size: int | None = None,
+                 internode: InternodeConfig | None = None):
         _validate.check_instance("AllToAll: cfg", cfg, AllToAllConfig)
         _validate.check_instance("AllToAll: mesh", mesh, jax.sharding.Mesh)
         _validate.check_instance("AllToAll: axis_name", axis_name, str)
@@ -405,19 +447,28 @@ class AllToAll:
         if timeout is None:
             timeout = _settings.get("moe_timeout_s")
         timeout = _validate.check_float("AllToAll: timeout", timeout)
+        if node_size is not None:
+            node_size = _validate.check_positive_int("AllToAll: node_size", node_size)
+        if internode is not None:
+            _validate.check_instance("AllToAll: internode", internode, InternodeConfig)
         self.config = cfg
         self.mesh = mesh
         self.axis_name = axis_name
         self.num_ranks = int(mesh.shape[axis_name])
         self.num_local_experts = cfg.local_experts(self.num_ranks)
         self.max_recv_tokens = cfg.recv_tokens(self.num_ranks)
-        self.platform, self._native = _create_native_context(cfg, mesh, axis_name, self.num_ranks,
-                                                             timeout)
+        if node_size is not None and node_size > self.num_ranks:
+            raise ValueError(f"AllToAll: node_size={node_size} exceeds the number of ranks "
+                             f"R={self.num_ranks}")
+        self.platform, self._native, self.node_size = _create_native_context(
+            cfg, mesh, axis_name, self.num_ranks, timeout, node_size, internode)
+        self.num_nodes = self.num_ranks // self.node_size
         self.context_id = int(self._native.context_id)
 
     def __repr__(self) -> str:
         return (f"AllToAll({self.config}, R={self.num_ranks}, axis={self.axis_name!r}, "
-                f"M={self.max_recv_tokens}, platform={self.platform!r}, id={self.context_id})")
+                f"M={self.max_recv_tokens}, platform={self.platform!r}, "
+                f"nodes={self.num_nodes}x{self.node_size}, id={self.context_id})")
 
     def close(self) -> None:
         """Waits for dispatched programs to finish (they may still be running: jax dispatches

@@ -1,9 +1,12 @@
 """Scenario bodies of the MoE suites, written once and run on every backend.
 
 A backend is where the ranks of an AllToAll live: ``CPU`` (the reference context, R ranks as R
-CPU devices of this process) or ``GPU`` (the CUDA NVLink kernels, R GPUs; in this process or, in
-tests/test_moe_gpu.py's workers, one process per GPU). tests/test_moe.py parametrizes every
-scenario by backend; the GPU workers call the same functions. Scenario functions return a list
+CPU devices of this process), ``CPU`` with a node topology (:func:`cpu_nodes`: the inter-node host
+context, node groups of ``node_size`` ranks, rows between groups through the TransferEngine over
+tcp; in this process or, in tests/test_moe_internode.py's workers, across processes) or ``GPU``
+(the CUDA NVLink kernels, R GPUs; in this process or, in tests/test_moe_gpu.py's workers, one
+process per GPU). tests/test_moe.py parametrizes every scenario by backend; the workers call the
+same functions. Scenarios build their AllToAll through :meth:`Backend.all_to_all`. Scenario functions return a list
 of mismatches (empty when everything matches) so that worker processes can report them; tests
 assert that the list is empty. GPU-only modules are imported inside functions, so importing this
 file needs no GPU.
@@ -32,23 +35,45 @@ BF16 = ref.ml_dtypes.bfloat16
 class Backend:
     """What differs between backends; everything else is the scenario's.
 
-    name: "cpu" or "gpu".
+    name: "cpu", "cpu-nodes<N>" (node groups of N ranks, ``node_size``) or "gpu".
     platform: the jax platform whose devices form the mesh.
     errors_fail_program: True when a runtime error (wrong routing, counts) fails the program
       that hit it (CPU reference); False when the kernels record it and the program returns
       (CUDA: AllToAll.check() raises it, docs/moe-ffi.md "Errors").
     ragged_exact: True when RaggedAllToAll's combine is bitwise the reference's (the CPU
       all_gather emulation); on GPUs XLA may fuse multiply-add (last-bit differences).
+    internode: True for the inter-node host context (node groups; the engine on tcp, 127.0.0.1).
+    node_size: its node_size (None: the default, one node group per process).
+    domains: the engine's domains (tcp: loopback endpoints); a message is cut into one piece per
+      domain.
     """
 
     name: str
     platform: str
     errors_fail_program: bool
     ragged_exact: bool
+    internode: bool = False
+    node_size: int | None = None
+    domains: int = 1
+
+    def all_to_all(self, cfg, mesh, axis_name: str = "ep", **kwargs):
+        """The AllToAll of this backend."""
+        from jax_garden import moe
+
+        if not self.internode:
+            return moe.AllToAll(cfg, mesh, axis_name, **kwargs)
+        node_size = None if self.node_size is None else min(self.node_size, int(mesh.shape[axis_name]))
+        kwargs.setdefault("node_size", node_size)
+        kwargs.setdefault("internode", moe.InternodeConfig(provider="tcp", domains=self.domains))
+        a2a = moe.AllToAll(cfg, mesh, axis_name, **kwargs)
+        # Never a silent fallback to the in-process reference.
+        assert type(a2a._native).__name__ == "InternodeContext", a2a
+        assert node_size is None or a2a.node_size == node_size, a2a
+        return a2a
 
     def require(self, r: int) -> None:
         """Skips the calling test unless this backend has ``r`` devices."""
-        if self.name == "gpu":
+        if self.platform == "gpu":
             from jax_garden import _moe_cuda
 
             if not _moe_cuda.available():
@@ -56,7 +81,7 @@ class Backend:
         have = len(self.devices())
         if have < r:
             pytest.skip(f"needs {r} {self.platform.upper()} devices, found {have}"
-                        + (" (XLA_FLAGS is set in tests/conftest.py)" if self.name == "cpu" else ""))
+                        + (" (XLA_FLAGS is set in tests/conftest.py)" if self.platform == "cpu" else ""))
 
     def devices(self) -> list:
         import jax
@@ -73,7 +98,7 @@ class Backend:
 
     def ragged_impl(self) -> Callable | None:
         """The ragged_all_to_all RaggedAllToAll uses here (XLA:CPU has none: the emulation)."""
-        if self.name == "cpu":
+        if self.platform == "cpu":
             from jax_garden import moe
 
             return moe.gather_ragged_all_to_all
@@ -82,7 +107,7 @@ class Backend:
     def quantize_fp8(self, x: np.ndarray, scale_block: int):
         """The fp8 data dispatch must deliver when it quantises ``x`` itself. On CPU the NumPy
         reference (so XLA:CPU must agree with it bit for bit); on GPU what the device computes."""
-        if self.name == "cpu":
+        if self.platform == "cpu":
             return ref.quantize_fp8(x, scale_block)
         import jax
 
@@ -94,7 +119,20 @@ class Backend:
 
 CPU = Backend("cpu", "cpu", errors_fail_program=True, ragged_exact=True)
 GPU = Backend("gpu", "gpu", errors_fail_program=False, ragged_exact=False)
-BACKENDS = {"cpu": CPU, "gpu": GPU}
+
+
+def cpu_nodes(node_size: int) -> Backend:
+    """CPU ranks in node groups of ``node_size`` (capped at R): the inter-node host context. In
+    one process a failing rank still fails the program (the program holds every rank)."""
+    return Backend(f"cpu-nodes{node_size}", "cpu", errors_fail_program=True, ragged_exact=True,
+                   internode=True, node_size=node_size)
+
+
+CPU_NODES1 = cpu_nodes(1)  # every rank its own node: all rows through the engine
+CPU_NODES2 = cpu_nodes(2)  # pairs: rows inside a pair in memory, between pairs through the engine
+CPU_NODES8 = cpu_nodes(8)  # one node of all R ranks (R <= 8): the inter-node context, no engine
+BACKENDS = {"cpu": CPU, "gpu": GPU, "cpu-nodes1": CPU_NODES1, "cpu-nodes2": CPU_NODES2,
+            "cpu-nodes8": CPU_NODES8}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +219,7 @@ def gpu_ragged_cases(r: int) -> dict[str, GpuCase]:
 
 
 def determinism_case(backend: Backend, r: int) -> Case:
-    if backend is CPU:
+    if backend.platform == "cpu":
         return Case(r=r, e=4 * r, k=8, t=8, h=64, bound="mixed")
     return GpuCase(r=r, e=8 * r, k=8, t=16, h=512, bound="mixed", pad=16)
 
@@ -322,7 +360,7 @@ def run_case(backend: Backend, name: str, case: Case, mesh) -> list[str]:
     named *overflow* must drop rows, and no rank ever keeps more than M rows."""
     from jax_garden import moe
 
-    with moe.AllToAll(case.config(), mesh, "ep") as a2a:
+    with backend.all_to_all(case.config(), mesh, "ep") as a2a:
         got, want, plan = round_trip(backend, case, mesh, a2a)
         errors = [f"{name}: {e}" for e in compare(got, want)]
         try:
@@ -353,11 +391,35 @@ def run_case(backend: Backend, name: str, case: Case, mesh) -> list[str]:
     return errors
 
 
-def run_determinism(backend: Backend, case: Case, mesh, runs: int = 3) -> list[str]:
-    """The same round trip ``runs`` times on one AllToAll: bitwise identical outputs."""
+def run_same_bits_as_reference(backend: Backend, name: str, case: Case, mesh) -> list[str]:
+    """The backend's round trip and the in-process CPU reference's on the same inputs (same
+    expert_y): every output bit for bit equal, and the same dropped rows. (Both also match the
+    NumPy reference, in run_case; this compares the two implementations directly.)"""
     from jax_garden import moe
 
-    with moe.AllToAll(case.config(), mesh, "ep") as a2a:
+    rng = np.random.default_rng(case.seed + 1)
+    with moe.AllToAll(case.config(), mesh, "ep") as ref_a2a:
+        eys = rng.normal(size=(case.r, ref_a2a.max_recv_tokens, case.h)).astype(BF16)
+        want, _, _ = round_trip(CPU, case, mesh, ref_a2a, expert_ys=eys)
+        want_dropped = ref_a2a.dropped_rows()
+    with backend.all_to_all(case.config(), mesh, "ep") as a2a:
+        got, _, _ = round_trip(backend, case, mesh, a2a, expert_ys=eys)
+        dropped = a2a.dropped_rows()
+    errors = []
+    for rank in sorted(want):
+        for key in want[rank]:
+            a, b = np.asarray(got[rank][key]), np.asarray(want[rank][key])
+            if a.shape != b.shape or not np.array_equal(bits(a), bits(b)):
+                errors.append(f"{name}: rank {rank} {key} differs from the CPU reference's")
+        if dropped[rank] != want_dropped[rank]:
+            errors.append(f"{name}: rank {rank} dropped {dropped[rank]} rows, the CPU reference "
+                          f"{want_dropped[rank]}")
+    return errors
+
+
+def run_determinism(backend: Backend, case: Case, mesh, runs: int = 3) -> list[str]:
+    """The same round trip ``runs`` times on one AllToAll: bitwise identical outputs."""
+    with backend.all_to_all(case.config(), mesh, "ep") as a2a:
         results = [round_trip(backend, case, mesh, a2a)[0] for _ in range(runs)]
     errors = []
     for i, run in enumerate(results[1:], 1):
@@ -373,7 +435,7 @@ def run_ragged(backend: Backend, name: str, case: Case, mesh) -> list[str]:
     combine (RaggedAllToAll's y within bf16 rounding where XLA may fuse multiply-add)."""
     from jax_garden import moe
 
-    with moe.AllToAll(case.config(), mesh, "ep") as a2a:
+    with backend.all_to_all(case.config(), mesh, "ep") as a2a:
         native, want, _ = round_trip(backend, case, mesh, a2a)
         ragged_impl = moe.RaggedAllToAll(case.config(), mesh, "ep",
                                          ragged_all_to_all=backend.ragged_impl())
@@ -387,8 +449,6 @@ def run_combine_in_k_order(backend: Backend, r: int) -> list[str]:
     """Values where f32 summation order is visible after rounding to bf16: per token the k = 0, 1,
     2 rows hold 1, 2^27, -2^27 (weights 1). In k order (1 + 2^27) - 2^27 = 0 (2^27 + 1 rounds to
     2^27 in f32); any other order leaves 1 (or -1)."""
-    from jax_garden import moe
-
     case = Case(r=r, e=2 * r, k=3, t=4, h=16)
     idx, w, bm, x = case.inputs()
     w[:] = 1.0
@@ -401,16 +461,17 @@ def run_combine_in_k_order(backend: Backend, r: int) -> list[str]:
     errors = []
     if ref.combine(plan, eys, w).astype(np.float32).any():
         errors.append("the reference does not sum in k order")
-    with moe.AllToAll(case.config(), mesh, "ep") as a2a:
+    with backend.all_to_all(case.config(), mesh, "ep") as a2a:
         def body(x, idx, w, ey):
             _, _, cnt = a2a.dispatch(x, idx, w)
             return a2a.combine(ey, idx, w, expert_counts=cnt)
 
         y = spmd(mesh, body)(global_array(mesh, x.astype(BF16)), global_array(mesh, idx),
                              global_array(mesh, w), global_array(mesh, eys))
-        y = np.asarray(y, np.float32)
-    if y.any():
-        errors.append(f"combine is not summed in k order: {np.count_nonzero(y)} non-zero values")
+        for rank, yr in local_rows(y, r).items():  # this process's ranks
+            if np.asarray(yr, np.float32).any():
+                errors.append(f"combine is not summed in k order on rank {rank}: "
+                              f"{np.count_nonzero(np.asarray(yr, np.float32))} non-zero values")
     return errors
 
 
@@ -435,7 +496,7 @@ def run_split_phases_with_layers(backend: Backend, r: int, h: int, bound_m: list
     x = rng.normal(size=(r, t, h)).astype(BF16)
     scale = np.arange(1, e + 1, dtype=np.float32) / 4  # expert j multiplies by scale[j]
 
-    with moe.AllToAll(cfg, mesh, "ep") as a2a:
+    with backend.all_to_all(cfg, mesh, "ep") as a2a:
         def body(x, idx, w, bm):
             bm = bm[0]
             me = jax.lax.axis_index("ep")
@@ -458,33 +519,33 @@ def run_split_phases_with_layers(backend: Backend, r: int, h: int, bound_m: list
 
         y, counts = spmd(mesh, body)(global_array(mesh, x), global_array(mesh, idx),
                                      global_array(mesh, w), global_array(mesh, bm))
-        y, counts = np.asarray(y), np.asarray(counts)
+        y, counts = local_rows(y, r), local_rows(counts, r)  # this process's ranks
         a2a.check()
 
     errors = []
     want = ref.scaled_expert_layers(idx, bm, w, x, e, r, cfg.expert_padding, scale, layers)
-    if not np.array_equal(y.reshape(r, t, h).astype(np.float32), want.astype(np.float32)):
-        errors.append(f"y differs from the reference at "
-                      f"{np.count_nonzero(y.reshape(r, t, h).astype(np.float32) != want.astype(np.float32))} "
-                      f"positions")
     # Per rank, scan stacks the counts of each layer: [R * layers, L] globally.
     want_counts = np.repeat(ref.plan(idx, bm, e, cfg.expert_padding).counts[:, None], layers, axis=1)
-    if not np.array_equal(counts.reshape(r, layers, -1), want_counts):
-        errors.append(f"counts {counts.reshape(r, layers, -1).tolist()} != {want_counts.tolist()}")
+    for rank in sorted(y):
+        got = np.asarray(y[rank]).astype(np.float32)
+        if not np.array_equal(got, want[rank].astype(np.float32)):
+            errors.append(f"rank {rank}: y differs from the reference at "
+                          f"{np.count_nonzero(got != want[rank].astype(np.float32))} positions")
+        if not np.array_equal(np.asarray(counts[rank]), want_counts[rank]):
+            errors.append(f"rank {rank}: counts {np.asarray(counts[rank]).tolist()} != "
+                          f"{want_counts[rank].tolist()}")
     return errors
 
 
 def run_separate_programs(backend: Backend) -> list[str]:
     """dispatch and combine in two programs (the first without shard_map's varying-axes checks),
     with and without expert_counts (the issue's signature)."""
-    from jax_garden import moe
-
     case = Case(r=2, e=4, k=2, pad=16, bound="mixed")
     mesh = backend.mesh(case.r)
     idx, w, bm, x = case.inputs()
     g = lambda a: global_array(mesh, a)  # noqa: E731
     errors = []
-    with moe.AllToAll(case.config(), mesh, "ep") as a2a:
+    with backend.all_to_all(case.config(), mesh, "ep") as a2a:
         disp = spmd(mesh, lambda x, i, w, b: a2a.dispatch(x, i, w, bound_m=b[0]), check_vma=False)
         comb = spmd(mesh, lambda ey, c, i, w, b: a2a.combine(ey, i, w, b[0], expert_counts=c))
         xb = x.astype(BF16)
@@ -495,13 +556,14 @@ def run_separate_programs(backend: Backend) -> list[str]:
         plan = ref.plan(idx, bm, case.e, case.pad)
         want_ex, _, _ = ref.dispatch(plan, xb)
         want_y = ref.combine(plan, want_ex, w).astype(np.float32)
-        got_y = np.asarray(y).reshape(case.r, case.t, case.h).astype(np.float32)
-        if not np.array_equal(got_y, want_y):
+        got_y = local_rows(y, case.r)  # this process's ranks
+        if any(not np.array_equal(np.asarray(v, np.float32), want_y[rank]) for rank, v in got_y.items()):
             errors.append("combine in a second program differs from the reference")
         comb2 = spmd(mesh, lambda ey, i, w, b: a2a.combine(ey, i, w, b[0]))
         disp(g(xb), g(idx), g(w), g(bm))
-        y2 = comb2(ex, g(idx), g(w), g(bm))
-        if not np.array_equal(np.asarray(y2, np.float32), np.asarray(y, np.float32)):
+        y2 = local_rows(comb2(ex, g(idx), g(w), g(bm)), case.r)
+        if any(not np.array_equal(np.asarray(y2[rank], np.float32), np.asarray(v, np.float32))
+               for rank, v in got_y.items()):
             errors.append("combine without expert_counts differs from combine with them")
         a2a.check()
     return errors
@@ -538,7 +600,7 @@ def healthy_round_trip(backend: Backend, r: int) -> None:
 
 def other_routing_pattern(backend: Backend, case: Case, given: int, routed: int) -> str:
     """The error of combine_recv on rank 1 when indices[3, 1] differs from the dispatch's."""
-    if backend is CPU:
+    if backend.platform == "cpu":
         return (rf"combine_recv \(rank 1\): indices\[3, 1\] = {given} but the matching dispatch "
                 rf"routed it to expert {routed}")
     return (rf"combine_recv on rank 1: indices entry {3 * case.k + 1} \(flat t\*K\+k\) = {given} "
@@ -548,14 +610,12 @@ def other_routing_pattern(backend: Backend, case: Case, given: int, routed: int)
 def run_combine_with_other_routing(backend: Backend, case: Case) -> None:
     """combine with indices other than the dispatch's (one entry of rank 1 changed) is an error
     naming the entry and both values; other AllToAlls keep working."""
-    from jax_garden import moe
-
     mesh = backend.mesh(case.r)
     idx, w, bm, x = case.inputs()
     other = idx.copy()
     other[1, 3, 1] = (other[1, 3, 1] + 1) % case.e
     g = lambda a: global_array(mesh, a)  # noqa: E731
-    with moe.AllToAll(case.config(), mesh, "ep", timeout=5) as a2a:
+    with backend.all_to_all(case.config(), mesh, "ep", timeout=5) as a2a:
         def body(x, i, i2, w):
             ex, _, c = a2a.dispatch(x, i, w)
             return a2a.combine(ex, i2, w, expert_counts=c)
@@ -569,12 +629,10 @@ def run_combine_with_other_routing(backend: Backend, case: Case) -> None:
 def run_wrong_expert_counts(backend: Backend, case: Case) -> None:
     """combine_send with expert_counts other than the dispatch's is an error naming the expert,
     the value given and the rows received."""
-    from jax_garden import moe
-
     mesh = backend.mesh(case.r)
     idx, w, bm, x = case.inputs()
     g = lambda a: global_array(mesh, a)  # noqa: E731
-    with moe.AllToAll(case.config(), mesh, "ep", timeout=5) as a2a:
+    with backend.all_to_all(case.config(), mesh, "ep", timeout=5) as a2a:
         disp = spmd(mesh, lambda x, i, w, b: a2a.dispatch(x, i, w, bound_m=b[0]))
         comb = spmd(mesh, lambda ey, c, i, w, b: a2a.combine(ey, i, w, b[0], expert_counts=c + 1))
         ex, _, cnt = disp(g(x.astype(BF16)), g(idx), g(w), g(bm))

@@ -142,3 +142,41 @@ def test_moe_bench_summary_from_rows():
     assert decode["dispatch_speedup_vs_ragged"] == 50.0 and decode["target_round_trip_30x_ragged"] is True
     assert decode["target_dispatch_le_30us"] is True and decode["target_combine_le_40us"] is True
     assert result["ratios"]["prefill fp8"]["target_dispatch_60pct_peer_copy"] is False
+
+
+@pytest.mark.timeout(300)
+def test_moe_nodes_bench_quick(tmp_path):
+    """`python -m jax_garden.bench moe --nodes 2 --quick` (small rows): the inter-node rows, the tcp
+    wire rows and the in-process rows of the same run are all there, with positive numbers, the
+    engine bytes that the wire row replays, and the headline ratios."""
+    out = tmp_path / "moe_nodes.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(jax_garden.__file__).parent.parent),
+                                         *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-P", "-m", "jax_garden.bench", "moe", "--nodes", "2", "--quick", "--hidden", "512",
+           "--experts", "16", "--top-k", "4", "--tokens", "32", "--iters", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads(out.read_text())
+    assert result["errors"] == [] and result["nodes"] == 2 and result["dtypes"] == ["bf16"]
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"internode", "tcp wire", "in-process reference", "internode, one node"}, rows.keys()
+    net = rows["internode"]
+    assert net["nodes"] == 2 and net["node_size"] == 1
+    for phase in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "dispatch", "combine",
+                  "round_trip"):
+        st = net["phases"][phase]
+        assert st["p50_us"] > 0 and st["p99_us"] >= st["p50_us"] and st["n"] == 8, (phase, st)
+    # Each step writes one dispatch and one combine message to the other node (and acks).
+    assert net["phases"]["dispatch_send"]["engine_bytes_per_step"] > 0
+    assert net["phases"]["combine_send"]["engine_bytes_per_step"] > 0
+    assert net["phases"]["dispatch_send"]["engine_ops_per_step"] == 1.0
+    assert net["phases"]["dispatch_recv"]["engine_ops_per_step"] == 1.0  # the free ack
+    assert rows["tcp wire"]["bytes_per_peer"]["dispatch"] == int(net["phases"]["dispatch_send"]["engine_bytes_per_step"])
+    assert rows["tcp wire"]["phases"]["round_trip"]["p50_us"] > 0
+    assert rows["in-process reference"]["wall_us_per_step"] > 0
+    assert rows["internode, one node"]["phases"]["dispatch_send"]["engine_bytes_per_step"] == 0  # no engine
+    ratios = result["ratios"]["bf16"]
+    assert ratios["round_trip_vs_tcp_wire"] > 0 and ratios["step_vs_in_process_reference"] > 0
+    assert next(iter(result)) == "headline" and "bf16 round_trip_vs_tcp_wire" in result["headline"]
+    assert "tcp wire" in proc.stdout and "internode" in proc.stdout

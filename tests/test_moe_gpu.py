@@ -177,6 +177,22 @@ def test_closed_context_fails_cleanly():
     _compat.settle_effects()  # the expected failures are not reported again at exit
 
 
+def test_node_groups_on_gpus_are_not_implemented_yet():
+    """Node groups between NVLink domains (the host proxy, docs/moe-ffi.md "Across nodes") are
+    designed, not built: asking for them on GPUs is a clear error, never a silent fallback."""
+    _require(2)
+    from jax_garden import moe
+
+    mesh = mesh_of(2)
+    case = Case(r=2, e=8, k=2)
+    with pytest.raises(NotImplementedError, match=r"node_size < R.*docs/moe-ffi.md"):
+        moe.AllToAll(case.config(), mesh, "ep", node_size=1)
+    with pytest.raises(NotImplementedError, match=r"docs/moe-ffi.md"):
+        moe.AllToAll(case.config(), mesh, "ep", internode=moe.InternodeConfig(provider="tcp"))
+    with moe.AllToAll(case.config(), mesh, "ep", node_size=2) as a2a:  # one NVLink domain: as before
+        assert (a2a.platform, a2a.num_nodes) == ("cuda", 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Layout (b) and command buffers: child processes running this file with --worker.
 

@@ -5,61 +5,9 @@
 #include <cstring>
 
 #include "common/error.h"
+#include "moe/host_math.h"
 
 namespace jax_garden::moe {
-
-namespace {
-
-std::string dims_str(const std::vector<int64_t>& dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
-// "" when `a` has the expected dtype and dims, else a message naming operand and wrong value.
-std::string check_array(const char* what, const ArrayRef& a, DType dtype,
-                        std::vector<int64_t> dims) {
-  if (a.dtype != dtype) {
-    return str_cat(what, " has dtype ", dtype_name(a.dtype), ", expected ", dtype_name(dtype));
-  }
-  if (a.dims != dims) {
-    return str_cat(what, " has shape ", dims_str(a.dims), ", expected ", dims_str(dims));
-  }
-  return "";
-}
-
-inline float bf16_to_f32(uint16_t v) {
-  const uint32_t bits = uint32_t{v} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// Round to nearest even, as ml_dtypes / XLA convert f32 -> bf16; NaN stays a quiet NaN.
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-// acc += w * v with a separately rounded product and sum, so the result matches the NumPy
-// reference bit for bit whatever -march the build uses (no FMA contraction).
-#if defined(__GNUC__) && !defined(__clang__)
-__attribute__((optimize("fp-contract=off")))
-#endif
-void accumulate_row(float* __restrict acc, const uint16_t* __restrict v, float w, int64_t n) {
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#endif
-  for (int64_t i = 0; i < n; ++i) {
-    const float p = w * bf16_to_f32(v[i]);
-    acc[i] = acc[i] + p;
-  }
-}
-
-}  // namespace
 
 CpuAllToAll::CpuAllToAll(const MoeShape& shape, DType dispatch_dtype, DType combine_dtype,
                          double timeout_s)
@@ -368,7 +316,7 @@ void CpuAllToAll::combine_recv(int32_t rank, uint32_t send_done, const ArrayRef&
                        w[slot], H);
       }
     }
-    for (int64_t h = 0; h < H; ++h) out[t * H + h] = f32_to_bf16(acc[h]);
+    round_row_to_bf16(acc.data(), out + t * H, H);
   }
 
   lock.lock();
@@ -389,30 +337,9 @@ void CpuAllToAll::close() {
   cv_.notify_all();
 }
 
-std::pair<std::string, bool> CpuAllToAll::error() const {
+std::pair<std::string, bool> CpuAllToAll::error() {
   std::lock_guard lock(mu_);
   return {broken_, broken_by_timeout_};
-}
-
-ObjectRegistry<CpuAllToAll>& cpu_contexts() {
-  static auto* registry = new ObjectRegistry<CpuAllToAll>();  // never destroyed: handlers may run late
-  return *registry;
-}
-
-std::shared_ptr<CpuAllToAll> find_cpu_context(uint64_t id) {
-  auto context = cpu_contexts().find(id);
-  if (!context) {
-    throw InvalidArgument(str_cat("MoE: no live CPU AllToAll context with id ", id,
-                                  " (closed, or created in another process)"));
-  }
-  return context;
-}
-
-bool close_cpu_context(uint64_t id) {
-  auto context = cpu_contexts().remove(id);  // the last reference may go with a running call
-  if (!context) return false;
-  context->close();
-  return true;
 }
 
 }  // namespace jax_garden::moe

@@ -29,45 +29,31 @@
 #include <utility>
 #include <vector>
 
-#include "common/object_registry.h"
 #include "moe/dtype.h"
+#include "moe/host_all_to_all.h"
 #include "moe/layout.h"
 
 namespace jax_garden::moe {
 
-// A dense row-major array handed over by an FFI handler (no ownership).
-struct ArrayRef {
-  void* data = nullptr;
-  DType dtype = DType::kOther;
-  std::vector<int64_t> dims;
-};
-
-class CpuAllToAll {
+class CpuAllToAll final : public HostAllToAll {
  public:
   CpuAllToAll(const MoeShape& shape, DType dispatch_dtype, DType combine_dtype, double timeout_s);
 
-  const MoeShape& shape() const { return shape_; }
+  const MoeShape& shape() const override { return shape_; }
 
-  // Each returns the ordering token (the phase generation) or throws InvalidArgument / Timeout /
-  // std::runtime_error with a message naming the phase, the rank and the wrong value.
   uint32_t dispatch_send(int32_t rank, const ArrayRef& x, const ArrayRef& x_scale,
-                         const ArrayRef& indices, const ArrayRef& weights, int32_t bound_m);
+                         const ArrayRef& indices, const ArrayRef& weights, int32_t bound_m) override;
   void dispatch_recv(int32_t rank, uint32_t send_done, const ArrayRef& expert_x,
-                     const ArrayRef& expert_scale, const ArrayRef& expert_counts);
-  uint32_t combine_send(int32_t rank, const ArrayRef& expert_y, const ArrayRef& expert_counts);
+                     const ArrayRef& expert_scale, const ArrayRef& expert_counts) override;
+  uint32_t combine_send(int32_t rank, const ArrayRef& expert_y, const ArrayRef& expert_counts) override;
   void combine_recv(int32_t rank, uint32_t send_done, const ArrayRef& indices,
-                    const ArrayRef& weights, int32_t bound_m, const ArrayRef& y);
+                    const ArrayRef& weights, int32_t bound_m, const ArrayRef& y) override;
 
-  // Rows dropped because they did not fit in max_recv_tokens, per receiving rank, since creation.
-  std::vector<int64_t> dropped_rows() const;
-
-  // The first error of any rank ("" if none; every later call fails with it), and whether it was
-  // a wait that timed out.
-  std::pair<std::string, bool> error() const;
-
-  // Called when the context leaves the registry: ranks still inside a call fail at once instead of
-  // waiting for peers that can no longer find the context.
-  void close();
+  std::vector<int64_t> dropped_rows() const override;
+  std::pair<std::string, bool> error() override;
+  // Ranks still inside a call fail at once instead of waiting for peers that can no longer find
+  // the context.
+  void close() override;
 
  private:
   struct Rank {
@@ -109,13 +95,5 @@ class CpuAllToAll {
   std::string broken_;  // non-empty once a call failed: every later call fails with it
   bool broken_by_timeout_ = false;
 };
-
-// Process-wide registry: the XLA handlers find a context by the id baked into the HLO
-// (`context_id` attribute). The registry keeps a context alive until it is closed; a call that
-// found it keeps its own reference until it returns.
-ObjectRegistry<CpuAllToAll>& cpu_contexts();
-std::shared_ptr<CpuAllToAll> find_cpu_context(uint64_t id);  // throws InvalidArgument if unknown
-// Unregisters and closes the context (ranks inside a call fail at once). False if unknown.
-bool close_cpu_context(uint64_t id);
 
 }  // namespace jax_garden::moe

@@ -14,6 +14,7 @@
 #include "common/error.h"
 #include "common/registry.h"
 #include "moe/cpu_all_to_all.h"
+#include "moe/internode_all_to_all.h"
 #include "moe/layout.h"
 #include "moe/nvlink_protocol.h"
 
@@ -24,7 +25,7 @@ namespace {
 
 // A CPU context as Python holds it: the registry holds it too, from construction to close().
 struct CpuContextHandle {
-  std::shared_ptr<CpuAllToAll> context;
+  std::shared_ptr<HostAllToAll> context;
   uint64_t id = 0;
 
   ~CpuContextHandle() { close(); }
@@ -33,6 +34,35 @@ struct CpuContextHandle {
     id = 0;
   }
 };
+
+// An inter-node context as Python holds it: registered (found by the FFI handlers) from finalize()
+// to close().
+struct InternodeHandle {
+  std::shared_ptr<InternodeAllToAll> context;
+  uint64_t id = 0;
+
+  ~InternodeHandle() { close(); }
+  void close() {
+    if (id != 0) {
+      close_cpu_context(id);
+    } else if (context) {
+      context->close();
+    }
+    id = 0;
+  }
+  InternodeAllToAll& get() const {
+    JG_CHECK_ARG(context, "InternodeAllToAll: closed");
+    return *context;
+  }
+};
+
+fabric::CompletionMode parse_completion(const std::string& s) {
+  if (s == "delivery") return fabric::CompletionMode::kDelivery;
+  if (s == "transmit") return fabric::CompletionMode::kTransmit;
+  throw InvalidArgument(str_cat("completion must be 'delivery' or 'transmit', got '", s, "'"));
+}
+
+nb::bytes to_py_bytes(const fabric::Bytes& b) { return nb::bytes(reinterpret_cast<const char*>(b.data()), b.size()); }
 
 void bind_shape(nb::module_& m) {
   nb::class_<MoeShape>(m, "MoeShape", "The static description of one AllToAll (ffi/moe/layout.h).")
@@ -129,12 +159,102 @@ void bind_cpu_context(nb::module_& m) {
         "CPU contexts registered now (created and not closed).");
 }
 
+void bind_internode_context(nb::module_& m) {
+  nb::class_<InternodeHandle>(
+      m, "InternodeAllToAll",
+      "Host context of an AllToAll whose node groups span processes (ffi/moe/internode_all_to_all.h). "
+      "Lifecycle: construct, peer_info(rank) of every local rank -> exchange -> connect(info) of every "
+      "rank of remote_ranks() -> finalize() (registers it under `id`) -> programs -> drain() -> close().")
+      .def(
+          "__init__",
+          [](InternodeHandle* self, const MoeShape& shape, const std::string& dispatch_dtype,
+             const std::string& combine_dtype, double timeout_s, int32_t node_size, std::vector<int32_t> local_ranks,
+             const std::string& provider, const std::string& node, uint32_t domains, const std::string& completion,
+             uint64_t split_threshold) {
+            InternodeOptions o;
+            o.timeout_s = timeout_s;
+            o.node_size = node_size;
+            o.local_ranks = std::move(local_ranks);
+            o.engine.provider = provider;
+            o.engine.node = node;
+            o.engine.domains = domains;
+            o.engine.completion = parse_completion(completion);
+            o.engine.sharding.split_threshold = split_threshold;
+            const DType dd = parse_dtype(dispatch_dtype), cd = parse_dtype(combine_dtype);
+            std::shared_ptr<InternodeAllToAll> context;
+            {
+              nb::gil_scoped_release release;
+              context = std::make_shared<InternodeAllToAll>(shape, dd, cd, o);
+            }
+            new (self) InternodeHandle{std::move(context), 0};
+          },
+          nb::arg("shape"), nb::arg("dispatch_dtype"), nb::arg("combine_dtype"), nb::arg("timeout_s"),
+          nb::arg("node_size"), nb::arg("local_ranks"), nb::arg("provider"), nb::arg("node"), nb::arg("domains"),
+          nb::arg("completion"), nb::arg("split_threshold"))
+      .def_ro("id", &InternodeHandle::id, "Registry id (0 before finalize() and once closed).")
+      .def_prop_ro("needs_engine", [](const InternodeHandle& h) { return h.get().needs_engine(); },
+                   "True when the AllToAll has several node groups (then it owns a TransferEngine).")
+      .def("remote_ranks", [](const InternodeHandle& h) { return h.get().remote_ranks(); },
+           "Ranks held by other processes: connect() needs each one's peer_info.")
+      .def("peer_info", [](const InternodeHandle& h, int32_t rank) { return to_py_bytes(h.get().peer_info(rank)); },
+           nb::arg("rank"), "What ranks of other nodes need to reach local `rank` (bytes).")
+      .def(
+          "connect",
+          [](InternodeHandle& h, nb::bytes info) {
+            const auto* p = reinterpret_cast<const uint8_t*>(info.c_str());
+            h.get().connect(fabric::Bytes(p, p + info.size()));
+          },
+          nb::arg("info"), "Registers a rank of another process from its peer_info bytes (checked).")
+      .def(
+          "finalize",
+          [](InternodeHandle& h) {
+            JG_CHECK_ARG(h.id == 0, "InternodeAllToAll: finalize called twice");
+            h.get().finalize();
+            h.id = cpu_contexts().add(h.context);
+          },
+          "Checks that every remote rank is connected and registers the context for the FFI handlers.")
+      .def("drain", [](InternodeHandle& h, double timeout_s) { h.get().drain(timeout_s); }, nb::arg("timeout_s"),
+           nb::call_guard<nb::gil_scoped_release>(),
+           "Waits (bounded) until this process's writes completed, so that closing cuts none a peer counts on.")
+      .def("close", &InternodeHandle::close, nb::call_guard<nb::gil_scoped_release>(),
+           "Unregisters the context and closes its engine; calls still running fail at once. Idempotent.")
+      .def("dropped_rows", [](const InternodeHandle& h) { return h.get().dropped_rows(); },
+           "Rows dropped per receiving rank since creation (-1 for ranks of other processes).")
+      .def("error", [](const InternodeHandle& h) { return h.get().error(); },
+           "(message, timed_out) of the first error of this process's ranks or of a peer that reported one.")
+      .def("timings", [](const InternodeHandle& h, int32_t rank, int n) { return h.get().timings(rank, n); },
+           nb::arg("rank"), nb::arg("n"),
+           "Steady-clock ns (start, end) of the last n calls of each phase of local `rank`: flat [n][4][2].")
+      .def("engine_bytes", [](const InternodeHandle& h, int32_t rank) { return h.get().engine_bytes(rank); },
+           nb::arg("rank"), "Bytes local `rank` wrote through the engine per phase so far: [4].")
+      .def("engine_ops", [](const InternodeHandle& h, int32_t rank) { return h.get().engine_ops(rank); },
+           nb::arg("rank"), "Writes and signals local `rank` posted per phase so far: [4].")
+      .def("phase_costs", [](const InternodeHandle& h, int32_t rank) { return h.get().phase_costs(rank); },
+           nb::arg("rank"),
+           "Per phase of local `rank`: ns spent posting to the engine and waiting so far, flat [4][2].")
+      .def("__repr__", [](const InternodeHandle& h) { return h.context ? h.context->describe() : "InternodeAllToAll(closed)"; });
+
+  m.def("internode_imm", [](int kind, uint64_t generation, int32_t source, int32_t destination) {
+        JG_CHECK_ARG(kind >= 0 && kind < internode::kKinds, "internode_imm: kind must be in [0, ", internode::kKinds,
+                     "), got ", kind);
+        return internode::make_imm(static_cast<internode::Kind>(kind), generation, source, destination);
+      }, nb::arg("kind"), nb::arg("generation"), nb::arg("source"), nb::arg("destination"),
+      "The imm value of a protocol message (tests).");
+  m.def("internode_parse_imm", [](uint32_t imm) -> nb::object {
+        internode::ImmFields f;
+        if (!internode::parse_imm(imm, &f)) return nb::none();
+        return nb::make_tuple(static_cast<int>(f.kind), f.generation_mod, f.source, f.destination);
+      }, nb::arg("imm"), "(kind, generation mod 8, source, destination), or None for another imm (tests).");
+  m.attr("internode_max_ranks") = internode::kMaxRanks;
+}
+
 void bind_moe(nb::module_& m) {
   m.doc() = "MoE dispatch/combine: shapes, layout math, CPU reference contexts (found by id).";
   bind_shape(m);
   bind_layout(m);
   bind_device_errors(m);
   bind_cpu_context(m);
+  bind_internode_context(m);
 }
 
 }  // namespace

@@ -17,6 +17,10 @@ Method (device timers, never host clocks):
     combine, and after combine.
   * peer copy: cudaMemcpyPeerAsync (cupy) timed with CUDA events: one pair (GPU0 -> GPU1) and
     every GPU sending to every other at once (per-GPU egress).
+``--nodes N`` runs the CPU rows across processes instead (jax_garden/bench/moe_nodes.py: the
+inter-node host context over tcp, against the in-process reference and the tcp wire time of the
+same bytes).
+
 Logical GB/s = selections (tokens * K) * bytes per selection / time, per GPU, counting the
 selections whose expert lives on the same rank (local traffic) too, as pplx-garden and DeepEP
 do. bytes per selection: H*2 (bf16), H + 4*H/128 (fp8 + scales), H*2 for combine.
@@ -366,6 +370,12 @@ def print_report(result: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--nodes" or a.startswith("--nodes=") for a in argv):
+        # Across processes on CPU (node groups, the TransferEngine between them): its own module.
+        from jax_garden.bench import moe_nodes
+
+        return moe_nodes.main(argv)
     ap = argparse.ArgumentParser(prog="python -m jax_garden.bench moe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default=None, help="decode,prefill (default both; --quick: decode)")
