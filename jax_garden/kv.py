@@ -1229,6 +1229,16 @@ class Request:
                 self._released = True
                 self._side.cache.allocator.free(self._pages)
 
+    def progress(self) -> dict:
+        """Where the request stands: whether a prefill stream opened, writes expected and arrived so
+        far (data and payload; arrivals counted here, not yet taken, included)."""
+        with self._side._cond:
+            exp = self._expected
+            return {"state": self._state.value, "opened": self._owner is not None,
+                    "expected_data": exp[0] if exp else None, "expected_payload": exp[1] if exp else None,
+                    "arrived_data": self._taken[0] + max(self._counters[0].credits, 0),
+                    "arrived_payload": self._taken[1] + max(self._counters[1].credits, 0)}
+
     def _progress(self) -> str:
         if self._expected is None:
             return "no prefill stream opened yet"
@@ -1288,7 +1298,7 @@ class DecodeSide:
         self._gens = [0] * max_requests
         self._free_slots = list(range(max_requests))
         heapq.heapify(self._free_slots)
-        self._quarantine: list[tuple[float, Request]] = []
+        self._held: list[tuple[float, Request]] = []  # quarantined requests and when they are released
         self._peers: dict[bytes, _Peer] = {}
         self._closed = False
         self.counts = {"reserved": 0, "ready": 0, "cancelled": 0, "failed": 0, "quarantined": 0, "rejected_opens": 0}
@@ -1504,7 +1514,7 @@ class DecodeSide:
         self._finish(req, state, reason, clean=False)
         req.quarantined = True
         self.counts["quarantined"] += 1
-        self._quarantine.append((time.monotonic() + self.quarantine_s, req))
+        self._held.append((time.monotonic() + self.quarantine_s, req))
         log.warning("kv: request slot %d gen %d quarantined: %s", req.slot, req.generation, reason)
 
     def _free_slot(self, req: Request) -> None:
@@ -1581,9 +1591,9 @@ class DecodeSide:
 
     def _tick(self, now: float) -> None:
         with self._cond:
-            for until, req in list(self._quarantine):
+            for until, req in list(self._held):
                 if now >= until:
-                    self._quarantine.remove((until, req))
+                    self._held.remove((until, req))
                     self.cache.allocator.free(req._pages)
                     req._released = True
                     self._free_slot(req)
@@ -1651,13 +1661,20 @@ def mark_layer(marks: LayerMarks, layer: int, token: Any, *arrays: Any, axis_nam
 
     Stores ``token`` (``jnp.uint32(stream.token)``, passed to the program as an argument so every
     request stores its own value, also under CUDA-graph replay) into the layer's watcher slot once
-    every array in ``arrays`` (that layer's updated K and V source arrays) is computed; returns
-    ``arrays`` (aliased, no copy) so later work can depend on the mark. On GPU the store is a
-    one-thread kernel on the program's stream: no host sync.
+    every array in ``arrays`` (that layer's updated K and V source arrays) is computed. Returns
+    ``arrays`` unchanged. On GPU the store is a one-thread kernel on the program's stream: no host
+    sync.
+
+    The mark depends on one element read from each array, not on the arrays themselves: passing the
+    cache arrays through the signal op (an aliasing custom call) makes XLA update a temporary and
+    copy it into the cache buffer at the end of the program, after the mark. With a scalar
+    dependency XLA updates the donated buffer in place, so the data is in the registered buffer when
+    the mark is stored (``tests/test_kv.py`` checks this at every mark). Keep the cache updates
+    plain (``.at[pages].set`` / ``dynamic_update_slice`` on the donated arrays).
 
     For a head-sharded source cache call it inside ``shard_map`` with ``axis_name`` = the mesh axis
-    of the heads: a scalar read from every shard is summed over the axis (a tiny all-reduce), so the
-    mark is stored only after every device wrote its slice.
+    of the heads: the scalars are summed over the axis (a tiny all-reduce), so the mark is stored
+    only after every device wrote its slice.
     """
     import jax
     import jax.numpy as jnp
@@ -1667,12 +1684,11 @@ def mark_layer(marks: LayerMarks, layer: int, token: Any, *arrays: Any, axis_nam
     slot = marks.slot(layer)
     if not arrays:
         raise ValueError("mark_layer: pass the layer's updated K/V arrays (the mark is ordered after them)")
-    if axis_name is None:
-        return fabric.signal(slot, token, *arrays)
     dep = sum(jnp.ravel(a)[0].astype(jnp.float32) for a in arrays)
-    dep = jax.lax.psum(dep, axis_name)
-    out = fabric.signal(slot, token, dep, *arrays)
-    return out[1] if len(arrays) == 1 else tuple(out[1:])
+    if axis_name is not None:
+        dep = jax.lax.psum(dep, axis_name)
+    fabric.signal(slot, token, dep)
+    return arrays[0] if len(arrays) == 1 else tuple(arrays)
 
 
 class Stream:
@@ -1766,10 +1782,10 @@ class Stream:
             left = deadline - time.monotonic()
             try:
                 t.wait(max(left, 1e-3))
-            except fabric.TransferError as e:
-                self._side._fail(self, f"a write failed: {e}")
-            except TimeoutError:
-                raise TimeoutError(f"stream {self.key}: writes still in flight after {timeout} s") from None
+            except (fabric.TransferError, TimeoutError) as e:
+                if not t.done:  # our wait ran out, the write is still in flight
+                    raise TimeoutError(f"stream {self.key}: writes still in flight after {timeout} s") from None
+                self._side._fail(self, f"a write failed: {e}")  # the engine failed it (peer dead or silent)
         self._side._maybe_done(self)
         if self.state in (Stream.FAILED, Stream.CANCELLED):
             raise StreamError(f"stream {self.key} {self.state}: {self.reason}")
