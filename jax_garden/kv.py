@@ -1292,6 +1292,11 @@ class DecodeSide:
         for d in descs:
             self._descriptors.blob(d)
         self._descriptor_blob = self._descriptors.bytes()
+        limit = eng._native.max_message_bytes - 1024
+        if len(self._descriptor_blob) > limit:
+            raise ValueError(f"the cache's {len(descs)} buffer descriptors take {len(self._descriptor_blob)} bytes, more "
+                             f"than one control message carries ({limit}); create the engine with a larger "
+                             "max_message_bytes")
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._slots: list[Request | None] = [None] * max_requests
@@ -1389,17 +1394,23 @@ class DecodeSide:
             return [r for r in live if r._state is not State.PENDING]
 
     def close(self, timeout: float | None = None) -> None:
-        """Cancel every PENDING request (fenced) and detach from the engine."""
+        """Cancel every PENDING request (fenced; all at once, each waits at most ``timeout``, default
+        the fence timeout) and detach from the engine."""
+        timeout = self.fence_timeout if timeout is None else _check_timeout(timeout)
         with self._cond:
             if self._closed:
                 return
             self._closed = True
             live = [r for r in self._slots if r is not None and r._state is State.PENDING]
-        for r in live:
-            try:
-                r.cancel(timeout)
-            except Exception:  # noqa: BLE001
-                log.exception("kv: cancel at close failed")
+            for r in live:
+                self._begin_end(r, State.CANCELLED, "the decode side closed", timeout)
+            deadline = time.monotonic() + timeout
+            while any(r._state is State.PENDING for r in live) and time.monotonic() < deadline:
+                for r in live:
+                    self._advance(r)
+                self._cond.wait(0.01)
+            for r in live:
+                self._quarantine(r, State.FAILED, "the decode side closed before the fence came")
         self._channel.detach(self)
 
     def __enter__(self) -> "DecodeSide":
@@ -1474,8 +1485,8 @@ class DecodeSide:
         try:
             self._channel.send(req._owner.contact, MSG_CANCEL, _Writer().u64(self.cache_id).u32(req.slot)
                                .u32(req.generation).blob(bytes(self.contact)).bytes())
-        except Exception as e:  # noqa: BLE001 - the end deadline turns this into a quarantine
-            log.warning("kv: CANCEL could not be sent: %s", e)
+        except Exception as e:  # noqa: BLE001 - no fence can come: quarantine now
+            self._quarantine(req, State.FAILED, f"{reason}; CANCEL could not be sent ({e}), pages quarantined")
 
     def _ready(self, req: Request) -> None:
         off = req.slot * self.slot_bytes
@@ -1960,14 +1971,17 @@ class PrefillSide:
                 s._cond.wait(min(left, 0.05))
             reply = s._reply
         if reply is None or reply[0] != "accept":
-            with self._lock:
-                self._streams.pop(s.key, None)
             if reply is None:
                 # The decode side may still accept: tell it nothing will come (a fence with 0 posted).
                 with s._lock:
                     s._fail_locked("no answer to OPEN")
                 self._send_fence(s, FENCE_ABORT, "the prefill side gave up waiting for ACCEPT")
+                self._record_end(s, FENCE_ABORT)
                 raise TimeoutError(f"open_stream: the decode side did not answer within {timeout} s")
+            if reply[0] == "cancel":  # its fence job answers the decode side
+                raise StreamError(f"open_stream: {reply[1]}")
+            with self._lock:
+                self._streams.pop(s.key, None)
             self.counts["rejected"] += 1
             raise ValueError(f"kv ticket rejected by the decode side: {reply[1]}")
         return s
@@ -2019,13 +2033,13 @@ class PrefillSide:
     # -- marks -----------------------------------------------------------------------------------------
     def _on_mark(self, layer: int, old: int, new: int) -> None:
         s = self._by_token.get(new)
-        if s is None or not s.layerwise:
+        if s is None:
             return
         now = time.monotonic()
         failed = False
         with s._lock:
             s.times["marks"][layer] = now
-            if s.state != Stream.STREAMING or s._posted[layer]:
+            if not s.layerwise or s.state != Stream.STREAMING or s._posted[layer]:
                 return
             try:
                 s._post_layer_locked(layer)
@@ -2189,6 +2203,8 @@ class PrefillSide:
         with s._lock:
             cancelled = s.state in (Stream.OPENING, Stream.STREAMING, Stream.FINISHED)
             if cancelled:
+                if s.state == Stream.OPENING:  # the CANCEL overtook the ACCEPT: open_stream gives up now
+                    s._reply = ("cancel", "cancelled by the decode side before the stream opened")
                 s.state, s.reason = Stream.CANCELLED, "cancelled by the decode side"
                 s._cond.notify_all()
         if cancelled:

@@ -337,3 +337,64 @@ def killed_decode_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
     side.close()
     eng.close()
     return {"state": s.state, "reason": s.reason, "error": error, "failed_after": failed_after}
+
+
+def cycles_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
+    """rank 0 decode, rank 1 prefill: cfg['cycles'] requests, each READY (contents checked bitwise),
+    cancelled at once (often before the prefill side opened it) or cancelled after a random delay
+    while layers stream. Cancelled requests' pages are reused by later ones: a write landing late
+    would corrupt a later READY request's contents."""
+    _setup(rank, cfg)
+    import random
+
+    from jax_garden import fabric, kv
+
+    lay = _layout(cfg)
+    eng = fabric.TransferEngine(provider="tcp", timeout=ENGINE_TIMEOUT)
+    cache = kv.PagedKVCache(eng, lay)
+    side = kv.DecodeSide(cache, timeout=60) if rank == 0 else kv.PrefillSide(cache, timeout=60)
+    infos = exchange(bytes(side.contact))
+    if rank == 1:
+        programs: dict = {}
+        served = cancelled = rejected = 0
+        while True:
+            ticket, extra = side.recv_ticket(60)
+            if not ticket:
+                break
+            try:
+                run_prefill(side, ticket, struct.unpack("<q", extra)[0], sleep_s=cfg["layer_s"], programs=programs)
+                served += 1
+            except kv.StreamError:
+                cancelled += 1
+            except ValueError:  # cancelled before it opened: the decode side rejected the ticket
+                rejected += 1
+        exchange(None)  # the decode side answers our last OPEN before it closes
+        side.close()
+        eng.close()
+        return {"served": served, "cancelled": cancelled, "rejected": rejected}
+    rng = random.Random(5)
+    out = {"ready": 0, "cancelled": 0, "ready_after_cancel": 0}
+    for i in range(cfg["cycles"]):
+        req = side.reserve(rng.randint(1, 4) * lay.page_tokens - rng.randint(0, lay.page_tokens - 1))
+        side.send_ticket(infos[1], req, struct.pack("<q", 1000 + i))
+        mode = rng.random()
+        if mode < 0.3:
+            state = req.wait(60)
+        else:
+            if mode > 0.45:
+                time.sleep(rng.random() * cfg["layer_s"] * lay.num_layers * 1.2)
+            state = req.cancel()
+        if state is kv.State.READY:
+            check_request(cache, req, 1000 + i)
+            req.release()
+            out["ready" if mode < 0.3 else "ready_after_cancel"] += 1
+        else:
+            assert state is kv.State.CANCELLED and not req.quarantined, (state, req.reason)
+            out["cancelled"] += 1
+    side.send_ticket(infos[1], b"", b"")
+    exchange(None)
+    out["free_at_end"] = cache.allocator.num_free == lay.num_pages
+    out["counts"] = dict(side.counts)
+    side.close()
+    eng.close()
+    return out

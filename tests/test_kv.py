@@ -472,6 +472,35 @@ def test_deadline_with_silent_prefill_is_fenced(pair):
     assert not req.quarantined and s.state == "cancelled"
 
 
+def test_cancel_overtaking_the_accept(pair, monkeypatch):
+    dec, pf = pair()
+    req = dec.reserve(6)
+    real = kv.PrefillSide._on_accept
+    held = []
+    monkeypatch.setattr(kv.PrefillSide, "_on_accept", lambda self, r: held.append(r))
+    errors = []
+
+    def opener():
+        try:
+            pf.open_stream(req.ticket, pf.cache.allocator.alloc(2), timeout=10)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    th = threading.Thread(target=opener)
+    th.start()
+    deadline = time.monotonic() + 10
+    while not req.progress()["opened"]:  # the decode side accepted; the ACCEPT is held back
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    assert req.cancel() is kv.State.CANCELLED
+    th.join(10)
+    assert time.monotonic() - t0 < 5
+    assert len(errors) == 1 and isinstance(errors[0], kv.StreamError), errors
+    real(pf, held[0])  # the late ACCEPT changes nothing
+    assert pf.streams() == []
+
+
 def test_open_timeout_tells_decode_nothing_comes(pair, monkeypatch):
     dec, pf = pair()
     req = dec.reserve(4)
@@ -730,6 +759,16 @@ def test_three_processes_two_prefills_one_decode():
                prefill_devices=2)
     out = run_group(serve_worker, 3, cfg, exchanges=2, timeout=150)
     assert out[0]["ready"] == 5 and out[1]["streams"] + out[2]["streams"] == 5
+
+
+def test_cancel_reuse_cycles_across_processes():
+    from kv_workers import cycles_worker
+    cfg = dict(layout=dict(PROC_LAYOUT, num_pages=24), cycles=300, layer_s=0.003)
+    out = run_group(cycles_worker, 2, cfg, exchanges=2, timeout=200)
+    d = out[0]
+    assert d["ready"] + d["cancelled"] + d["ready_after_cancel"] == 300 and d["free_at_end"], d
+    assert d["cancelled"] > 100 and d["ready"] > 40, d
+    assert out[1]["cancelled"] + out[1]["rejected"] > 20, out[1]  # cancels hit streams in flight and before opening
 
 
 def test_killed_prefill_fails_request_and_decode_keeps_serving():
