@@ -1149,12 +1149,18 @@ class Request:
                                        f"{timeout} s ({self._progress()})")
                 kind = need = None
                 if self._expected is not None and self._ending is None and not self._waiter:
-                    for k in (KIND_DATA, KIND_PAYLOAD):
-                        if self._taken[k] < self._expected[k]:
-                            kind, need = k, self._expected[k] - self._taken[k]
-                            break
+                    # Block on the engine counter (its worker then polls at full rate) only once
+                    # everything but the last two layers has arrived; until then check every millisecond,
+                    # which leaves the CPU to the transfer and to the prefill on small machines.
+                    exp_d = self._expected[KIND_DATA]
+                    last_layer = 2 * exp_d // self._side.cache.layout.num_layers
+                    if self._taken[KIND_DATA] + self._counters[KIND_DATA].credits >= exp_d - last_layer:
+                        for k in (KIND_DATA, KIND_PAYLOAD):
+                            if self._taken[k] < self._expected[k]:
+                                kind, need = k, self._expected[k] - self._taken[k]
+                                break
                 if kind is None:
-                    side._cond.wait(min(deadline - now, 0.05))
+                    side._cond.wait(min(deadline - now, 0.001 if self._expected is not None else 0.05))
                     continue
                 self._waiter = True
             got = 0

@@ -9,9 +9,9 @@ this host: a prefill process (source cache) and a decode process (destination ca
 GPU each (CUDA_VISIBLE_DEVICES), the engine then takes the CUDA IPC path.
 
 The prefill is emulated: one jitted program per request that, per layer, spends ``layer_ms`` of
-"compute" (CPU: a host callback that sleeps, so the host is free as it would be under a GPU prefill;
-GPU: a calibrated chain of matmuls on the device), then writes the layer's K/V pages into the source
-cache and marks the layer (``kv.mark_layer``). The KV write comes at the end of each layer, so the
+"compute" (CPU: a host callback that sleeps, so the host is free as it would be under a GPU prefill,
+and XLA runs on one thread; GPU: a calibrated chain of matmuls on the device), then writes the
+layer's K/V pages into the source cache and marks the layer (``kv.mark_layer``). The KV write comes at the end of each layer, so the
 last layer's KV exists only when the prefill ends (the conservative case for the tail). By default
 ``layer_ms`` = one layer's K+V bytes at the raw floor's rate (compute ~ wire time per layer: a real
 overlap test, as in the issue's K3').
@@ -363,6 +363,9 @@ def _worker_main(args: argparse.Namespace) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     else:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        # The CPU rows emulate a device prefill, which leaves the host to the transfer: XLA runs the
+        # emulated prefill on one thread instead of taking every core.
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     plan = json.loads(args.worker_plan)
     import socket
 
@@ -652,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         result["cancel"][platform] = s["cancel"]
         result["targets"] += s["targets"]
         result.setdefault("plans", {})[platform] = plan
+        result.setdefault("records", {})[platform] = records
         for r in records:
             if r.get("event") == "setup":
                 result.setdefault("setup", {})[platform] = r
