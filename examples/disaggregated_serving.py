@@ -517,6 +517,9 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
         if platform == "gpu":
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)  # pinned before jax starts
             env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+            # Both processes must pick the same kernels (the check is bitwise): no autotuning.
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
+                                " --xla_gpu_deterministic_ops=true").strip()
         else:
             env["JAX_PLATFORMS"] = "cpu"
         return env
