@@ -1,4 +1,4 @@
-"""python -m jax_garden.bench <fabric|fabric-gpu|moe|kv> [options]
+"""python -m jax_garden.bench <fabric|fabric-gpu|moe> [options]
 
 ``fabric`` runs the host rows (engine vs raw libfabric vs TCP on 127.0.0.1) and, when this machine
 has a GPU and the build has CUDA, the GPU rows of ``fabric-gpu`` after them (``--no-gpu`` skips).
