@@ -812,3 +812,22 @@ def test_example_short_configuration():
 def test_example_detects_a_mismatch():
     r = _run_example("--inject-mismatch")
     assert r.returncode != 0 and "MISMATCH" in r.stdout, r.stdout + r.stderr
+
+
+# ---- the benchmark, end to end (timings are reported, never asserted) --------------------------------
+
+def test_kv_bench_runs(tmp_path):
+    out = tmp_path / "kv.json"
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "jax_garden.bench", "kv",
+                        "--quick", "--no-gpu", "--layers", "4", "--iters", "1", "--cancel-iters", "2",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = __import__("json").loads(out.read_text())
+    systems = {row["system"] for row in res["rows"]}
+    assert {"colocated", "layerwise", "layerwise scattered", "bulk", "raw floor"} <= systems, systems
+    lw = next(row for row in res["rows"] if row["system"] == "layerwise")
+    assert lw["tail_ms"] > 0 and lw["ttft_ms"] > 0 and lw["layers_on_mark"] > 0
+    assert res["cancel"]["cpu"]["2048"]["states"] == ["CANCELLED"]  # JSON keys are strings
+    assert res["errors"] == []
