@@ -358,15 +358,12 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
 
 
 def _worker_main(args: argparse.Namespace) -> int:
-    if args.worker_gpu is not None:  # before anything starts CUDA
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.worker_gpu)
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    else:
+    plan = json.loads(args.worker_plan)
+    if plan["platform"] == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         # The CPU rows emulate a device prefill, which leaves the host to the transfer: XLA runs the
         # emulated prefill on one thread instead of taking every core.
         os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    plan = json.loads(args.worker_plan)
     import socket
 
     if args.worker == "decode":
@@ -430,11 +427,15 @@ def _raw_floor_gpu(plan_layout: dict, prompts: list[int], timeout: float) -> dic
 
 def _run_engine_pair(plan: dict, args: argparse.Namespace) -> list[dict]:
     common = ["--worker-plan", json.dumps(plan), "--timeout", str(args.timeout)]
-    dec_gpu = ["--worker-gpu", "1"] if plan["platform"] == "gpu" else []
-    pre_gpu = ["--worker-gpu", "0"] if plan["platform"] == "gpu" else []
+
+    def pinned(gpu: int) -> list[str]:  # each worker sees one GPU from its first instruction on
+        if plan["platform"] != "gpu":
+            return []
+        return ["env", f"CUDA_VISIBLE_DEVICES={gpu}", "XLA_PYTHON_CLIENT_PREALLOCATE=false"]
+
     env = _child_env()
-    return run_pair([*_python_cmd(), "--worker", "decode", *dec_gpu, *common],
-                    lambda port: [*_python_cmd(), "--worker", "prefill", "--worker-port", str(port), *pre_gpu, *common],
+    return run_pair([*pinned(1), *_python_cmd(), "--worker", "decode", *common],
+                    lambda port: [*pinned(0), *_python_cmd(), "--worker", "prefill", "--worker-port", str(port), *common],
                     f"kv {plan['platform']} workers", args.timeout * 10, env)
 
 
@@ -587,7 +588,6 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker", choices=("decode", "prefill"), help=argparse.SUPPRESS)
     p.add_argument("--worker-plan", help=argparse.SUPPRESS)
     p.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--worker-gpu", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
