@@ -30,7 +30,7 @@ Systems, per prompt length:
 
 Measured: TTFT = ticket sent -> decode side READY (p50 over iterations) and its overhead over the
 colocated prefill; transfer tail = READY - the prefill's last layer (both processes read this host's
-CLOCK_MONOTONIC; layer-wise: the last mark as seen by the watcher, bulk/jax: the program's end); GB/s
+CLOCK_MONOTONIC; the last layer is done at min(its mark as seen by the watcher, the program's end)); GB/s
 = request KV bytes / (prefill end -> READY) in bulk mode; pages/s posted = KV pages / posting time in
 bulk mode; cancel -> fence = ``Request.cancel()`` duration with writes in flight (p50 / p99).
 Goals (issue 11), reported never enforced: tcp: tail <= 1.2 x one layer's wire time (layer bytes /
@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 
 from jax_garden.bench.fabric import (BenchError, Control, _child_env, _listen_and_announce, fmt_size,
-                                     metrics_from_records, percentile, raw_binary, raw_plan_string, run_pair)
+                                     metrics_from_records, parse_pin, percentile, raw_binary, raw_plan_string,
+                                     run_pair)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 LLAMA3_8B = dict(num_layers=32, page_tokens=16, kv_heads=8, head_dim=128, dtype="bfloat16")
@@ -133,6 +134,8 @@ def _make_prefill(layout: Any, marks: Any, n_pages: int, compute: Any) -> Any:
                 val = ((seed * 7 + 2 * layer + kind) % 200 + 1).astype(jnp.float32) + c
                 arrs[layer] = arrs[layer].at[pages].set(jnp.broadcast_to(val.astype(dt), (n_pages, *page_shape)))
             kv.mark_layer(marks, layer, token, ks[layer], vs[layer])
+            # the next layer starts after this layer's KV write (else XLA's schedule batches writes)
+            c = c + 0.0 * (ks[layer][pages[0]].ravel()[0] + vs[layer][pages[0]].ravel()[0]).astype(jnp.float32)
         return ks, vs
 
     return jax.jit(body, donate_argnums=(0, 1))
@@ -304,7 +307,9 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
                         stats = s.wait(timeout)
                         d = json.loads(ctl.recv())
                         posted = s.times["posted"]
-                        t_last = s.times["marks"].get(L - 1, t_end)
+                        # The last layer is done when its mark is stored: the watcher sees it a little
+                        # later, or after the program ended when the callback thread was busy posting.
+                        t_last = min(s.times["marks"].get(L - 1, t_end), t_end)
                         _emit({"case": name, "scattered": case.get("scattered", False), "tokens": tokens,
                                "ttft_s": d["t_ready"] - d["t_sent"], "tail_s": d["t_ready"] - t_last,
                                "tail_end_s": d["t_ready"] - t_end, "after_finish_s": d["t_ready"] - t_fin,
@@ -312,7 +317,12 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
                                "post_span_s": max(posted.values()) - min(posted.values()),
                                "pages": stats["pages"], "bytes": stats["bytes"], "writes": stats["writes"],
                                "on_mark": stats["layers_posted_on_mark"], "t_recv_lag_s": t_recv - d["t_sent"],
-                               "t_open_s": t_open - t_recv})
+                               "t_open_s": t_open - t_recv,
+                               "marks_ms": [round((s.times["marks"][i] - t_start) * 1e3, 3) if i in s.times["marks"]
+                                            else None for i in range(L)],
+                               "posted_ms": [round((posted[i] - t_start) * 1e3, 3) for i in range(L)],
+                               "ready_ms": round((d["t_ready"] - t_start) * 1e3, 3),
+                               "end_ms": round((t_end - t_start) * 1e3, 3)})
                 elif name == "cancel":
                     for _ in range(plan["cancel_iters"]):
                         ctl.send(json.dumps({"op": "cancel", "tokens": tokens}).encode())
@@ -385,7 +395,8 @@ def _python_cmd() -> list[str]:
     return [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "jax_garden.bench", "kv"]
 
 
-def _raw_floor_cpu(plan_layout: dict, prompts: list[int], iters: int, timeout: float) -> dict:
+def _raw_floor_cpu(plan_layout: dict, prompts: list[int], iters: int, timeout: float,
+                   pin: tuple[str, str] | None = None) -> dict:
     """raw_fabric_bench: per prompt, the request's bytes as 2 x layers coalesced writes (window 64)
     and, for the scattered case, one paged op of the request's pages."""
     binary = raw_binary()
@@ -401,7 +412,7 @@ def _raw_floor_cpu(plan_layout: dict, prompts: list[int], iters: int, timeout: f
         common = ["--plan", raw_plan_string(raw_plan), "--seed", "7", "--timeout", str(timeout)]
         records = run_pair([str(binary), "--role", "server", *common],
                            lambda port: [str(binary), "--role", "client", "--port", str(port), *common],
-                           "raw_fabric_bench", timeout)
+                           "raw_fabric_bench", timeout, pin=pin)
         m = metrics_from_records(records)
         out[tokens] = {"gbps": m[("write", run)]["gbps"], "paged_gbps": m[("paged", page, n_pages)]["gbps"],
                        "what": f"raw libfabric fi_writemsg: {2 * plan_layout['num_layers']} writes of {fmt_size(run)}"}
@@ -436,7 +447,8 @@ def _run_engine_pair(plan: dict, args: argparse.Namespace) -> list[dict]:
     env = _child_env()
     return run_pair([*pinned(1), *_python_cmd(), "--worker", "decode", *common],
                     lambda port: [*pinned(0), *_python_cmd(), "--worker", "prefill", "--worker-port", str(port), *common],
-                    f"kv {plan['platform']} workers", args.timeout * 10, env)
+                    f"kv {plan['platform']} workers", args.timeout * 10, env,
+                    pin=args.pin_cpus if plan["platform"] == "cpu" else None)
 
 
 def _gpu_pair_available() -> bool:
@@ -446,6 +458,18 @@ def _gpu_pair_available() -> bool:
         return bool(native.gpu_available()) and native.gpu_device_count() >= 2
     except Exception:  # noqa: BLE001
         return False
+
+
+def _best(floors: list[dict]) -> dict:
+    """Per prompt, the highest GB/s of each floor metric over several runs."""
+    out: dict = {}
+    for f in floors:
+        for tokens, v in f.items():
+            cur = out.setdefault(tokens, dict(v))
+            for k in ("gbps", "paged_gbps", "total_gbps"):
+                if k in v:
+                    cur[k] = max(cur.get(k, 0.0), v[k])
+    return out
 
 
 def _med(xs: list[float]) -> float | None:
@@ -585,6 +609,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-cpu", action="store_true", help="GPU rows only")
     p.add_argument("--json", default="bench_results/kv.json", help="JSON output path")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for any one wait")
+    p.add_argument("--pin", default=None, help="CPU rows: pin the decode (server) and prefill (client) processes, "
+                   "and the raw floor's pair, to CPU lists SERVER:CLIENT (e.g. 1:0); default: no pinning")
     p.add_argument("--worker", choices=("decode", "prefill"), help=argparse.SUPPRESS)
     p.add_argument("--worker-plan", help=argparse.SUPPRESS)
     p.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
@@ -595,10 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.worker:
         return _worker_main(args)
+    try:
+        args.pin_cpus = parse_pin(args.pin)
+    except ValueError as e:
+        raise SystemExit(f"kv benchmark: {e}") from None
     quick = args.quick
     prompts = [int(x) for x in (args.prompts or ("2048" if quick else "2048,8192")).split(",") if x.strip()]
     iters = args.iters or (2 if quick else 5)
     cancel_iters = args.cancel_iters or (5 if quick else 20)
+    quick = bool(quick)
     layout = dict(LLAMA3_8B, num_layers=args.layers)
     cases = [{"name": "colocated"}, {"name": "layerwise"}, {"name": "layerwise", "scattered": True},
              {"name": "bulk"}, {"name": "jax_transfer"}, {"name": "cancel"}]
@@ -616,14 +647,17 @@ def main(argv: list[str] | None = None) -> int:
     for platform in platforms:
         def measure_floor() -> dict:
             try:
-                return (_raw_floor_cpu(layout, prompts, iters, args.timeout) if platform == "cpu"
+                return (_raw_floor_cpu(layout, prompts, iters, args.timeout, args.pin_cpus) if platform == "cpu"
                         else _raw_floor_gpu(layout, prompts, args.timeout))
             except Exception as e:  # noqa: BLE001 - the engine rows still run
                 errors.append(f"{platform} raw floor: {e}")
                 return {}
 
-        _progress(f"kv benchmark, {platform}: raw floor (before)")
-        floor = measure_floor()
+        # Loopback on small VMs flips between a slow and a fast state per process pair: the floor is
+        # the best of several runs (the machine's real floor, and the stricter reference for targets).
+        floor_runs = 1 if quick or platform == "gpu" else 3
+        _progress(f"kv benchmark, {platform}: raw floor (before, {floor_runs} run(s))")
+        floor = _best([measure_floor() for _ in range(floor_runs)])
         layer_ms = {}
         for tokens in prompts:
             if args.layer_ms is not None:
@@ -640,16 +674,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             errors.append(f"{platform} engine: {e}")
             records = []
-        # the floor again, after: loopback speed drifts on shared machines; the ratios use the mean
         _progress(f"kv benchmark, {platform}: raw floor (after)")
         after = measure_floor()
         result["floors"][platform] = {"before": floor, "after": after}
-        for tokens in prompts:
-            b, a = floor.get(tokens), after.get(tokens)
-            if b and a:
-                floor[tokens] = {**b, **{k: (b[k] + a[k]) / 2 for k in ("gbps", "paged_gbps", "total_gbps") if k in b and k in a}}
-            elif a:
-                floor[tokens] = a
+        floor = _best([floor, after])
         s = summarize(platform, records, floor, layout, prompts)
         result["rows"] += s["rows"]
         result["cancel"][platform] = s["cancel"]
@@ -662,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         xt = [r for r in records if r.get("case") == "jax_transfer" and "error" in r]
         if xt:
             notes.append(f"jax.experimental.transfer does not run on {platform} here: {xt[0]['error'][:200]}")
-    result.update(notes=notes, errors=errors, elapsed_s=round(time.monotonic() - t_start, 1), quick=quick,
+    result.update(notes=notes, errors=errors, elapsed_s=round(time.monotonic() - t_start, 1), quick=quick, pin=args.pin,
                   method=__doc__.split("Measured:")[1].strip() if "Measured:" in __doc__ else "")
     print_table(result)
     out = Path(args.json)
