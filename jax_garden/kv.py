@@ -815,15 +815,28 @@ FENCE_UNKNOWN = 2        # the prefill side does not know the stream: nothing ca
 FENCE_ABORT = 4          # sent unasked: the stream failed on the prefill side
 
 
-def _pack_msg(kind: int, body: bytes) -> bytes:
-    return _seal(_MSG_MAGIC, bytes([_MSG_VERSION, kind]) + body)
+SEND_ATTEMPTS = 3  # a control message whose send or doorbell failed is sent again (same sequence number)
 
 
-def _unpack_msg(data: bytes) -> tuple[int, _Reader]:
+def _pack_msg(kind: int, channel_id: int, seq: int, body: bytes) -> bytes:
+    return _seal(_MSG_MAGIC, struct.pack("<BBQQ", _MSG_VERSION, kind, channel_id, seq) + body)
+
+
+def _unpack_msg(data: bytes) -> tuple[int, int, int, _Reader]:
     raw = _unseal(data, _MSG_MAGIC, "kv control message")
-    if len(raw) < 2 or raw[0] != _MSG_VERSION:
+    if len(raw) < 18 or raw[0] != _MSG_VERSION:
         raise ValueError(f"kv control message: version {raw[0] if raw else None}, this build speaks {_MSG_VERSION}")
-    return raw[1], _Reader(raw[2:], f"kv {_MSG_NAMES.get(raw[1], raw[1])} message")
+    _, kind, channel_id, seq = struct.unpack_from("<BBQQ", raw)
+    return kind, channel_id, seq, _Reader(raw[18:], f"kv {_MSG_NAMES.get(kind, kind)} message")
+
+
+class _Outgoing:
+    """A control message until both its send and its doorbell completed (resent on failure)."""
+
+    def __init__(self, to: "Contact", name: str, msg: bytes):
+        self.to, self.name, self.msg = to, name, msg
+        self.attempts = 0
+        self.transfers: list[Any] = []
 
 
 _channels: "weakref.WeakKeyDictionary[fabric.TransferEngine, _Channel]" = weakref.WeakKeyDictionary()
@@ -842,9 +855,11 @@ class _Channel:
         self.user_queue: "queue.Queue[tuple[Contact | None, bytes]]" = queue.Queue()
         self._cv = threading.Condition()
         self._bells = 0
-        self._read = 0
         self._stop = False
-        self._sent: list[tuple[float, str, Any]] = []  # (time, what, transfer) of recent sends, checked by the tick
+        self.channel_id = int.from_bytes(os.urandom(8), "little")
+        self._seq = itertools.count(1)
+        self._sent: list[_Outgoing] = []  # sends in flight, checked (and resent on failure) by the tick
+        self._seen: "OrderedDict[int, OrderedDict[int, None]]" = OrderedDict()  # sender -> recent seqs
         self._bell_counter = engine.imm_counter(IMM_DOORBELL)
         self._bell_fired = threading.Event()
         self._ring_cb = _weak_callback(self, _Channel._ring)  # the engine must not keep the channel alive
@@ -914,40 +929,59 @@ class _Channel:
             pass
 
     def _read_loop(self) -> None:
+        # Each doorbell announces one message, which may arrive just after it (unordered delivery):
+        # wait briefly for as many messages as new doorbells, then take whatever else is there. A
+        # message whose doorbell was lost, or that came late, is taken by the next wake (at most
+        # 0.5 s later). Nothing blocks in recv for long, so the engine's worker is not kept busy.
         eng = self.engine
+        seen_bells = 0
         while True:
             with self._cv:
-                while self._read >= self._bells and not self._stop:
-                    if eng.closed:
-                        self._stop = True
-                        break
+                if self._bells == seen_bells and not self._stop:
                     self._cv.wait(0.5)
-                if self._stop:
+                if self._stop or eng.closed:
+                    self._stop = True
                     return
-            try:
-                sender, data = eng.recv_message(timeout=self.recv_timeout)
-            except TimeoutError:
-                log.warning("kv: a doorbell rang but no control message came within %.1f s", self.recv_timeout)
-                with self._cv:
-                    self._read += 1
-                continue
-            except fabric.TransferError:
-                return  # engine closed
-            except Exception:  # noqa: BLE001
-                log.exception("kv: control recv failed")
-                continue
-            if not data.startswith(_MSG_MAGIC):
-                self.user_queue.put((None, data))
-                continue
-            with self._cv:
-                self._read += 1
-            try:
-                self._dispatch(sender, data)
-            except Exception:  # noqa: BLE001 - a bad message must not stop the reader
-                log.exception("kv: control message from %s dropped", sender)
+                announced, seen_bells = self._bells - seen_bells, self._bells
+            while True:
+                try:
+                    sender, data = eng.recv_message(timeout=0.05 if announced > 0 else 0.0)
+                except TimeoutError:
+                    break
+                except fabric.TransferError:
+                    return  # engine closed
+                except Exception:  # noqa: BLE001
+                    log.exception("kv: control recv failed")
+                    break
+                announced -= 1
+                if not data.startswith(_MSG_MAGIC):
+                    self.user_queue.put((None, data))
+                    continue
+                try:
+                    self._dispatch(sender, data)
+                except Exception:  # noqa: BLE001 - a bad message must not stop the reader
+                    log.exception("kv: control message from %s dropped", sender)
+
+    def _first_time(self, channel_id: int, seq: int) -> bool:
+        """False for a message already handled (a resend of one whose completion was lost)."""
+        seqs = self._seen.get(channel_id)
+        if seqs is None:
+            seqs = self._seen[channel_id] = OrderedDict()
+            while len(self._seen) > 4096:
+                self._seen.popitem(last=False)
+        else:
+            self._seen.move_to_end(channel_id)
+        if seq in seqs:
+            return False
+        seqs[seq] = None
+        while len(seqs) > 4096:
+            seqs.popitem(last=False)
+        return True
 
     def _dispatch(self, sender: fabric.NetAddress, data: bytes) -> None:
-        kind, r = _unpack_msg(data)
+        kind, channel_id, seq, r = _unpack_msg(data)
+        if not self._first_time(channel_id, seq):
+            return
         if kind == MSG_USER:
             contact = Contact.from_bytes(r.blob())
             self.user_queue.put((contact, r.blob()))
@@ -975,19 +1009,22 @@ class _Channel:
          MSG_CANCEL: pf._on_cancel}[kind](r)
 
     def send(self, to: Contact, kind: int, body: bytes) -> None:
-        """Send one kv message and ring the receiver's doorbell (neither waited for; failures are
-        logged by the tick, and peers are declared dead by pings)."""
-        msg = _pack_msg(kind, body)
+        """Send one kv message and ring the receiver's doorbell (not waited for). If either fails
+        (a dead peer, or a connection the provider could not set up in time) the tick sends both
+        again, up to SEND_ATTEMPTS times; the receiver drops repeats by sequence number."""
+        msg = _pack_msg(kind, self.channel_id, next(self._seq), body)
         if len(msg) > self.engine._native.max_message_bytes - 64:
             raise ValueError(f"kv {_MSG_NAMES[kind]} message of {len(msg)} bytes exceeds the engine's control-message "
                              f"limit ({self.engine._native.max_message_bytes}); create the engines with a larger "
                              "max_message_bytes")
-        t1 = self.engine.send(to.address, msg)
-        t2 = self.engine.write_imm(to.descriptor, IMM_DOORBELL)
-        now = time.monotonic()
+        out = _Outgoing(to, _MSG_NAMES[kind], msg)
+        self._post(out)
         with self._cv:
-            self._sent.append((now, _MSG_NAMES[kind], t1))
-            self._sent.append((now, "doorbell", t2))
+            self._sent.append(out)
+
+    def _post(self, out: _Outgoing) -> None:
+        out.attempts += 1
+        out.transfers = [self.engine.send(out.to.address, out.msg), self.engine.write_imm(out.to.descriptor, IMM_DOORBELL)]
 
     def ping(self, to: Contact) -> Any:
         return self.engine.write_imm(to.descriptor, IMM_PING)
@@ -1005,14 +1042,27 @@ class _Channel:
                 return
             now = time.monotonic()
             with self._cv:
-                sent, keep = self._sent, []
-                for rec in sent:
-                    t = rec[2]
-                    if not t.done:
-                        keep.append(rec)
-                    elif t.failed:
-                        log.info("kv: %s send failed: %s", rec[1], t.error)
-                self._sent = keep
+                sent, self._sent = self._sent, []
+            keep = []
+            for out in sent:
+                if not all(t.done for t in out.transfers):
+                    keep.append(out)
+                    continue
+                failed = [t for t in out.transfers if t.failed]
+                if not failed:
+                    continue
+                if out.attempts < SEND_ATTEMPTS and not self.engine.closed:
+                    log.info("kv: %s to %s failed (%s); sending it again", out.name, out.to.address, failed[0].error)
+                    try:
+                        self._post(out)
+                        keep.append(out)
+                    except Exception as e:  # noqa: BLE001
+                        log.info("kv: %s could not be sent again: %s", out.name, e)
+                else:
+                    log.info("kv: %s to %s failed %d times: %s", out.name, out.to.address, out.attempts,
+                             failed[0].error)
+            with self._cv:
+                self._sent = keep + self._sent
             for side in self.sides():
                 try:
                     side._tick(now)

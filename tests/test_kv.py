@@ -597,6 +597,42 @@ def test_user_messages_and_contacts(pair):
         kv.PrefillSide(pf.cache)
 
 
+class _FailedTransfer:
+    done, failed, error = True, True, "injected failure"
+
+
+def test_control_messages_are_resent_and_deduplicated(pair, monkeypatch):
+    """A control message whose send fails is sent again by the heartbeat; a message that arrived
+    although its completion reported a failure is dropped the second time (same sequence number)."""
+    dec, pf = pair()
+    real = kv._Channel._post
+    plan = {"lost": 1, "reported_failed": 1}
+
+    def flaky(self, out):
+        if out.name == "USER" and out.attempts == 0:
+            if b"lost" in out.msg and plan["lost"]:
+                plan["lost"] -= 1
+                out.attempts += 1
+                out.transfers = [_FailedTransfer()]  # neither the message nor its doorbell left
+                return
+            if b"twice" in out.msg and plan["reported_failed"]:
+                plan["reported_failed"] -= 1
+                real(self, out)  # delivered ...
+                out.transfers = [_FailedTransfer()]  # ... but reported failed: it is sent again
+                return
+        real(self, out)
+
+    monkeypatch.setattr(kv._Channel, "_post", flaky)
+    dec.send_message(pf.contact, b"lost once")
+    dec.send_message(pf.contact, b"twice")
+    got = sorted(pf.recv_message(5)[1] for _ in range(2))
+    assert got == [b"lost once", b"twice"]
+    time.sleep(0.8)  # the resend of "twice" arrived meanwhile and was dropped
+    with pytest.raises(TimeoutError):
+        pf.recv_message(0.2)
+    assert plan == {"lost": 0, "reported_failed": 0}
+
+
 # ---- cancel / reuse cycles with a canary scan ------------------------------------------------------
 
 CANARY = np.uint32(0xC0FFEE00)
