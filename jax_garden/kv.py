@@ -859,6 +859,10 @@ class _Channel:
         self.channel_id = int.from_bytes(os.urandom(8), "little")
         self._seq = itertools.count(1)
         self._sent: list[_Outgoing] = []  # sends in flight, checked (and resent on failure) by the tick
+        # Peers whose liveness probe failed: nothing is sent to them any more. Every send to a dead
+        # peer makes the provider try to reconnect (tcp;ofi_rxm 1.17 then loops on the reject), which
+        # can starve connection set-up towards live peers.
+        self._dead: dict[bytes, str] = {}
         self._seen: "OrderedDict[int, OrderedDict[int, None]]" = OrderedDict()  # sender -> recent seqs
         self._bell_counter = engine.imm_counter(IMM_DOORBELL)
         self._bell_fired = threading.Event()
@@ -1017,6 +1021,9 @@ class _Channel:
             raise ValueError(f"kv {_MSG_NAMES[kind]} message of {len(msg)} bytes exceeds the engine's control-message "
                              f"limit ({self.engine._native.max_message_bytes}); create the engines with a larger "
                              "max_message_bytes")
+        why = self._dead.get(to.key)
+        if why is not None:
+            raise ConnectionError(f"kv {_MSG_NAMES[kind]} not sent: {to.address} is unreachable ({why})")
         out = _Outgoing(to, _MSG_NAMES[kind], msg)
         self._post(out)
         with self._cv:
@@ -1028,6 +1035,15 @@ class _Channel:
 
     def ping(self, to: Contact) -> Any:
         return self.engine.write_imm(to.descriptor, IMM_PING)
+
+    def mark_dead(self, to: Contact, why: str) -> None:
+        with self._cv:
+            self._dead[to.key] = why
+            while len(self._dead) > 4096:
+                self._dead.pop(next(iter(self._dead)))
+
+    def is_dead(self, to: Contact) -> str | None:
+        return self._dead.get(to.key)
 
     # -- heartbeat ------------------------------------------------------------------------------------
     def _tick_loop(self) -> None:
@@ -1051,7 +1067,7 @@ class _Channel:
                 failed = [t for t in out.transfers if t.failed]
                 if not failed:
                     continue
-                if out.attempts < SEND_ATTEMPTS and not self.engine.closed:
+                if out.attempts < SEND_ATTEMPTS and not self.engine.closed and out.to.key not in self._dead:
                     log.info("kv: %s to %s failed (%s); sending it again", out.name, out.to.address, failed[0].error)
                     try:
                         self._post(out)
@@ -1093,20 +1109,24 @@ class _Peer:
 
     def probe(self, channel: _Channel) -> str | None:
         """Returns why the peer is dead (once a probe failed), else None; sends a new probe when the
-        previous one completed."""
+        previous one completed. A dead peer is remembered by the channel: nothing more goes to it."""
+        if self.dead:
+            return self.dead
+        self.dead = channel.is_dead(self.contact)
         if self.dead:
             return self.dead
         p = self.ping
         if p is not None and p.done:
             if p.failed:
                 self.dead = p.error or "probe failed"
-                return self.dead
             p = None
-        if p is None:
+        if p is None and not self.dead:
             try:
                 self.ping = channel.ping(self.contact)
             except Exception as e:  # noqa: BLE001
                 self.dead = f"probe could not be posted: {e}"
+        if self.dead:
+            channel.mark_dead(self.contact, self.dead)
         return self.dead
 
 
