@@ -1,4 +1,4 @@
-"""python -m jax_garden.bench <fabric|fabric-gpu|moe|weights> [options]
+"""python -m jax_garden.bench <fabric|fabric-gpu|moe|weights|kv> [options]
 
 ``fabric`` runs the host rows (engine vs raw libfabric vs TCP on 127.0.0.1) and, when this machine
 has a GPU and the build has CUDA, the GPU rows of ``fabric-gpu`` after them (``--no-gpu`` skips).
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "fabric-gpu": "jax_garden.bench.fabric_gpu",
     "moe": "jax_garden.bench.moe",
     "weights": "jax_garden.bench.weights",
+    "kv": "jax_garden.bench.kv",
 }
 
 
