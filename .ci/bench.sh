@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job (README): sets up if needed, then runs the fabric benchmark on 127.0.0.1
+# The fabric benchmark (README): sets up if needed, then runs it on 127.0.0.1
 # (engine vs raw libfabric vs TCP sockets, same run). Extra arguments go to the benchmark.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

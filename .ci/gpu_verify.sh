@@ -64,9 +64,10 @@ run_tests build 60 tests/test_build.py
 run_tests fabric_gpu 150 tests/test_fabric_gpu.py tests/test_fabric_staging.py
 run_tests moe_gpu 300 -m gpu tests/test_moe_gpu.py tests/test_moe.py
 others=$(grep -l -E 'pytest\.mark\.gpu' tests/test_*.py | grep -v -E 'test_(fabric_gpu|fabric_staging|moe_gpu|moe)\.py' | tr '\n' ' ')
-[ -n "$others" ] && run_tests other_gpu 200 -m gpu $others
+[ -n "$others" ] && run_tests other_gpu 240 -m gpu $others
 
-# 3. Benchmarks, quick settings, JSON under OUTDIR (GPU_VERIFY_BENCH=0 skips them).
+# 3. Benchmarks, quick settings, GPU rows only (their CPU rows run anywhere), JSON under OUTDIR
+#    (GPU_VERIFY_BENCH=0 skips them).
 run_bench() {  # name, timeout, args...
   local name=$1 t=$2; shift 2
   if [ "${GPU_VERIFY_BENCH:-1}" = 0 ]; then note "bench $name: not asked for"; return; fi
@@ -79,9 +80,9 @@ run_bench() {  # name, timeout, args...
 run_bench fabric-gpu 120 fabric-gpu --quick --json "$out/bench_fabric_gpu.json"
 run_bench moe 150 moe --iters 200 --prefill-iters 10 --ragged-iters 20 --ragged-prefill-iters 3 --out "$out/bench_moe.json"
 "$python" -P -c 'import sys; from jax_garden.bench.__main__ import BENCHMARKS as b; sys.exit(0 if "kv" in b else 1)' 2>/dev/null \
-  && run_bench kv 90 kv --quick --json "$out/bench_kv.json"
+  && run_bench kv 100 kv --quick --no-cpu --json "$out/bench_kv.json"
 "$python" -P -c 'import sys; from jax_garden.bench.__main__ import BENCHMARKS as b; sys.exit(0 if "weights" in b else 1)' 2>/dev/null \
-  && run_bench weights 90 weights --quick --json "$out/bench_weights.json"
+  && run_bench weights 100 weights --quick --no-cpu --json "$out/bench_weights.json"
 
 # 4. Summary: counts and headline ratios, last.
 "$python" "$root/.ci/gpu_summary.py" "$out" | tee "$out/summary.txt"
