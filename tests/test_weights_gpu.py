@@ -73,9 +73,12 @@ def _worker(rank, size, exchange, n_src, gpus, direct_min):
     pub = weights.Publisher(plan, rank=rank, provider=PROVIDER, staging_bytes=8 << 20, timeout=120)
     addrs = exchange(None)[n_src:]
     pub.connect(addrs)
-    # GPU -> GPU on one host goes over CUDA IPC (copy engines), whatever the provider.
+    # The path the engine takes toward the first destination buffer: CUDA IPC (copy engines) when
+    # the destination exports an IPC handle, else staging (see test_xla_buffers_take_the_ipc_path).
     for ring in pub._rings.values():
-        out["path"] = pub.engine.path_for(ring.regions[0], pub._subs[pub.plan.destinations_of(rank)[0]]["descs"][0][0])
+        dst_desc = pub._subs[pub.plan.destinations_of(rank)[0]]["descs"][0][0]
+        out["path"] = pub.engine.path_for(ring.regions[0], dst_desc)
+        out["dst_has_ipc"] = dst_desc.has_ipc_handle
     for v in (1, 2):
         g = _globals(plan.src, v)
         params = {}
@@ -91,18 +94,30 @@ def _worker(rank, size, exchange, n_src, gpus, direct_min):
     return out
 
 
+def _expected_path(out: dict) -> str:
+    return "ipc" if out["dst_has_ipc"] else "staged"
+
+
 @pytest.mark.timeout(300)
 def test_gpu0_trainer_to_gpu1_inference():
     out = run_group(_worker, 2, 1, [0, 1], 1 << 20, exchanges=4, timeout=240)
     assert out[1] is True
-    if "path" in out[0]:
-        assert out[0]["path"] == "ipc", out[0]
+    assert out[0]["path"] == _expected_path(out[0]), out[0]
 
 
 @pytest.mark.timeout(300)
 def test_gpu0_trainer_to_gpu1_inference_all_staged():
     out = run_group(_worker, 2, 1, [0, 1], 1 << 40, exchanges=4, timeout=240)
-    assert out[1] is True and out[0]["path"] == "ipc", out[0]
+    assert out[1] is True and out[0]["path"] == _expected_path(out[0]), out[0]
+
+
+@pytest.mark.xfail(strict=True, reason="XLA's GPU buffers export no legacy CUDA IPC handle (cudaIpcGetMemHandle: "
+                   "cudaErrorInvalidValue with the default, platform and cuda_async allocators, jax 0.11.2 / CUDA 13), "
+                   "so pushes between processes are staged through host memory instead of NVLink; known gap")
+@pytest.mark.timeout(300)
+def test_xla_buffers_take_the_ipc_path():
+    out = run_group(_worker, 2, 1, [0, 1], 1 << 20, exchanges=4, timeout=240)
+    assert out[0]["path"] == "ipc", out[0]
 
 
 @pytest.mark.timeout(300)
