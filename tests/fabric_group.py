@@ -8,6 +8,10 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
+import subprocess
+import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
@@ -77,3 +81,42 @@ def run_group(fn: Callable, size: int, *args: Any, timeout: float = 90.0, exchan
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(timeout=5)
+
+
+def free_port() -> int:
+    """An ephemeral port on 127.0.0.1 that was free a moment ago (for a child to listen on)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_scripts(argvs: list[list[str]], env: dict, timeout: float) -> list[tuple[int, str]]:
+    """Starts every command (each in its own process group, output captured), waits for all under
+    one deadline, kills whatever is left (the whole group) and reaps it: (return code, output) per
+    command, whatever happened."""
+    procs, outs = [], []
+    try:
+        for argv in argvs:
+            f = tempfile.TemporaryFile(mode="w+")
+            outs.append(f)
+            procs.append(subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+    results = []
+    for p, f in zip(procs, outs):
+        f.seek(0)
+        results.append((p.returncode, f.read()))
+        f.close()
+    return results

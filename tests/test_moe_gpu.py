@@ -18,11 +18,7 @@ import dataclasses
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 # Children and this process share the GPUs: no process may grab 75% of every GPU up front.
@@ -37,6 +33,7 @@ if HERE not in sys.path:
 
 import moe_reference as ref  # noqa: E402
 import moe_scenarios as sc  # noqa: E402
+from fabric_group import free_port, run_scripts  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -141,7 +138,7 @@ def test_peer_that_never_arrives_times_out():
     _require(2)
     import jax_garden  # noqa: F401
 
-    port = _free_port()
+    port = free_port()
     argvs = [["--worker", "timeout", str(port), "2", str(i)] for i in range(2)]
     env = _child_env()
     # Compilation must not wait for the idle process (XLA shards autotuning across processes).
@@ -197,43 +194,9 @@ def test_node_groups_on_gpus_are_not_implemented_yet():
 # Layout (b) and command buffers: child processes running this file with --worker.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_children(argvs: list[list[str]], env: dict, timeout: float) -> list[tuple[int, str]]:
-    """Starts every child (own process group), waits, kills whatever is left; (rc, output)."""
-    procs = []
-    outs = []
-    try:
-        for argv in argvs:
-            f = tempfile.TemporaryFile(mode="w+")
-            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv],
-                                          stdout=f, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True))
-            outs.append(f)
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-    results = []
-    for p, f in zip(procs, outs):
-        f.seek(0)
-        results.append((p.returncode, f.read()))
-        f.close()
-    return results
+    """Runs this file with each argv (own process groups, always reaped): (rc, output) each."""
+    return run_scripts([[sys.executable, os.path.abspath(__file__), *argv] for argv in argvs], env, timeout)
 
 
 def _child_env() -> dict:
@@ -266,7 +229,7 @@ def test_one_process_per_gpu(r):
     _require(r)
     import jax_garden  # noqa: F401  (for _child_env)
 
-    port = _free_port()
+    port = free_port()
     argvs = [["--worker", "multiprocess", str(port), str(r), str(i)] for i in range(r)]
     errors = _report(_run_children(argvs, _child_env(), CHILD_TIMEOUT_S))
     assert not errors, "\n".join(errors)

@@ -24,13 +24,9 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
-import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +35,7 @@ if HERE not in sys.path:
 
 import moe_reference as ref  # noqa: E402
 import moe_scenarios as sc  # noqa: E402
+from fabric_group import free_port, run_scripts  # noqa: E402
 
 CHILD_TIMEOUT_S = 240.0
 KILL_TIMEOUT_S = 3.0  # the AllToAll timeout of the kill test (liveness: asserts allow far more)
@@ -51,12 +48,6 @@ R4_CASES = ["random-R4", "skewed-R4", "bound-zero-R4", "bound-mixed-R4", "pad16-
 
 # ---------------------------------------------------------------------------------------------
 # Parent side
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child_env(devices: int) -> dict:
@@ -76,41 +67,17 @@ def run_processes(mode: str, procs: int, devices: int, args: dict, timeout: floa
     """Runs ``procs`` workers (``devices`` CPU devices each) in ``mode``; returns their reports
     ({"errors": [...], ...}) by process index. Every child is killed and reaped whatever happens.
     A process in ``expect_dead`` may end without a report."""
-    port = _free_port()
-    env = _child_env(devices)
-    procs_, outs = [], []
-    try:
-        for i in range(procs):
-            f = tempfile.TemporaryFile(mode="w+")
-            argv = [sys.executable, os.path.abspath(__file__), "--worker", mode, str(port), str(procs), str(i),
-                    json.dumps(args)]
-            procs_.append(subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True))
-            outs.append(f)
-        deadline = time.monotonic() + timeout
-        for p in procs_:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        for p in procs_:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            p.wait()
+    port = free_port()
+    argvs = [[sys.executable, os.path.abspath(__file__), "--worker", mode, str(port), str(procs), str(i),
+              json.dumps(args)] for i in range(procs)]
+    results = run_scripts(argvs, _child_env(devices), timeout)
     reports, problems = [], []
-    for i, (p, f) in enumerate(zip(procs_, outs)):
-        f.seek(0)
-        out = f.read()
-        f.close()
+    for i, (rc, out) in enumerate(results):
         m = re.findall(r"^RESULT (.*)$", out, re.M)
         if not m:
             reports.append(None)
             if i not in expect_dead:
-                problems.append(f"process {i}: exit code {p.returncode}, no report; output tail:\n{out[-5000:]}")
+                problems.append(f"process {i}: exit code {rc}, no report; output tail:\n{out[-5000:]}")
             continue
         reports.append(json.loads(m[-1]))
     assert not problems, "\n".join(problems)
