@@ -72,14 +72,16 @@ void Worker::stop() {
   }
   wake();
   if (thread_.joinable()) {
-    if (on_thread())
-      thread_.detach();  // stop() from a command on the worker: the object lives on (shutdown below)
-    else {
-      thread_.join();  // main() shut down on its way out
+    if (on_thread()) {
+      // stop() from work the worker runs (it holds the progress lock): main() shuts down once the
+      // current pass returns.
+      thread_.detach();
       return;
     }
+    thread_.join();  // main() shut down on its way out
+    return;
   }
-  ProgressLock pl(*this);
+  ProgressLock pl(*this);  // never started
   shutdown();
 }
 
