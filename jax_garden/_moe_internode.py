@@ -82,7 +82,29 @@ def detect_node_size(process_of_rank: list[int]) -> int:
     return 1
 
 
-class InternodeContext:
+class HostContext:
+    """What the two host contexts (the in-process CPU reference in moe.py and the inter-node one
+    here) share: a native context in ``_ctx`` closed by ``_finalizer``, its recorded error and its
+    dropped-row counts. A failed call fails that call and every later one with the same error."""
+
+    _ctx: Any
+    _finalizer: Any
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def check(self) -> None:
+        from jax_garden._moe_cuda import MoeDeviceError, MoeTimeoutError
+
+        message, timed_out = self._ctx.error()
+        if message:
+            raise (MoeTimeoutError if timed_out else MoeDeviceError)(message)
+
+    def dropped_rows(self) -> list[int]:
+        return list(self._ctx.dropped_rows())
+
+
+class InternodeContext(HostContext):
     """Owns the native context; ``context_id`` goes into the FFI calls (docs/moe-ffi.md)."""
 
     def __init__(self, cfg: Any, num_ranks: int, timeout: float, node_size: int,
@@ -136,19 +158,6 @@ class InternodeContext:
         # Peers reach this point at their own pace (imports, compiles): a wait of its own.
         return {r: bytes.fromhex(client.blocking_key_value_get(_key(self._uid, r), _KV_TIMEOUT_MS))
                 for r in remote}
-
-    def close(self) -> None:
-        self._finalizer()
-
-    def check(self) -> None:
-        from jax_garden._moe_cuda import MoeDeviceError, MoeTimeoutError
-
-        message, timed_out = self._ctx.error()
-        if message:
-            raise (MoeTimeoutError if timed_out else MoeDeviceError)(message)
-
-    def dropped_rows(self) -> list[int]:
-        return list(self._ctx.dropped_rows())
 
     def timings(self, rank: int, n: int) -> np.ndarray:
         """Host timestamps (steady clock, ns) of the last ``n`` calls of each phase of local

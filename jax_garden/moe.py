@@ -326,7 +326,7 @@ def _ffi(target: str, results, context_id: int, *operands):
 _TOKEN = jax.ShapeDtypeStruct((1,), jnp.uint32)
 
 
-class _CpuContext:
+class _CpuContext(_moe_internode.HostContext):
     """Native CPU reference context (ffi/moe/cpu_all_to_all), owned by an AllToAll."""
 
     def __init__(self, cfg: AllToAllConfig, num_ranks: int, timeout: float):
@@ -335,18 +335,6 @@ class _CpuContext:
         self.context_id = int(native.id)
         self._ctx = native
         self._finalizer = weakref.finalize(self, native.close)
-
-    def close(self) -> None:
-        self._finalizer()
-
-    def check(self) -> None:
-        # The CPU reference fails the call that hit an error, and every later call with it.
-        message, timed_out = self._ctx.error()
-        if message:
-            raise (MoeTimeoutError if timed_out else MoeDeviceError)(message)
-
-    def dropped_rows(self) -> list[int]:
-        return list(self._ctx.dropped_rows())
 
 
 def _create_native_context(cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_name: str,
