@@ -1774,7 +1774,11 @@ def mark_layer(marks: LayerMarks, layer: int, token: Any, *arrays: Any, axis_nam
     dep = sum(jnp.ravel(a)[0].astype(jnp.float32) for a in arrays)
     if axis_name is not None:
         dep = jax.lax.psum(dep, axis_name)
-    fabric.signal(slot, token, dep)
+    stored = fabric.signal(slot, token, dep)
+    # Whatever consumes the returned arrays (the next layer) runs after the store: without this XLA
+    # may schedule the store late (the CPU runtime did, up to the end of the program), and the layer
+    # would stream only at finish(). The barrier aliases its operands, so no copy.
+    arrays = jax.lax.optimization_barrier((stored, tuple(arrays)))[1]
     return arrays[0] if len(arrays) == 1 else tuple(arrays)
 
 

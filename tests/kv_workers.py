@@ -6,6 +6,7 @@ before it imports jax (spawned children import this module to find their functio
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import time
@@ -40,11 +41,13 @@ def jax_pattern(seed: Any, layer: int, kind: int, n_pages: int, page_shape: tupl
     return v.astype(jnp.float32).astype(dtype).reshape(n_pages, *page_shape)
 
 
-def make_prefill(marks: Any, layout: Any, *, sleep_s: float = 0.0, mesh: Any = None, mark: bool = True):
+def make_prefill(marks: Any, layout: Any, *, sleep_s: float = 0.0, mesh: Any = None, mark: bool = True,
+                 pause: Any = None):
     """A jitted prefill that writes ``pattern(seed, ...)`` into the given source pages of every
     layer (donated, in place) and marks each layer with ``token``. ``sleep_s``: a host pause after
     each layer's mark (ordered by data dependence), so a test can see layers stream before the
-    program ends. ``mesh``: the source cache is head-sharded over this 1-D mesh (axis "kv_heads");
+    program ends. ``pause``: instead of sleeping, call ``pause(layer)`` on the host after each layer's
+    mark (a test waits there for the watcher to act on the mark). ``mesh``: the source cache is head-sharded over this 1-D mesh (axis "kv_heads");
     the layer update and mark run in shard_map."""
     import functools
 
@@ -59,8 +62,11 @@ def make_prefill(marks: Any, layout: Any, *, sleep_s: float = 0.0, mesh: Any = N
     dtype = layout.np_dtype
     L = layout.num_layers
 
-    def pause(x):
-        time.sleep(sleep_s)
+    def host_pause(layer, x):
+        if pause is not None:
+            pause(layer)
+        else:
+            time.sleep(sleep_s)
         return np.zeros((), np.int32)
 
     def layer_update(k, v, pages, token, seed, layer, axis_name=None):
@@ -88,8 +94,9 @@ def make_prefill(marks: Any, layout: Any, *, sleep_s: float = 0.0, mesh: Any = N
                               in_specs=(P(*spec), P(*spec), P(), P(), P()), out_specs=(P(*spec), P(*spec)),
                               check_vma=False)
                 ks[layer], vs[layer] = f(ks[layer], vs[layer], pages, token, seed)
-            if sleep_s:
-                d = io_callback(pause, jax.ShapeDtypeStruct((), jnp.int32), ks[layer].ravel()[0], ordered=True)
+            if sleep_s or pause is not None:
+                d = io_callback(functools.partial(host_pause, layer), jax.ShapeDtypeStruct((), jnp.int32),
+                                ks[layer].ravel()[0], ordered=True)
                 seed = seed + d  # the next layer starts after the pause
         return ks, vs
 
@@ -97,9 +104,10 @@ def make_prefill(marks: Any, layout: Any, *, sleep_s: float = 0.0, mesh: Any = N
 
 
 def run_prefill(side: Any, ticket: bytes, seed: int, *, sleep_s: float = 0.0, payload: bytes | None = None,
-                programs: dict | None = None, wait: bool = True) -> Any:
+                programs: dict | None = None, wait: bool = True, pause: Any = None) -> Any:
     """Open a stream for ``ticket`` on ``side`` (a PrefillSide), run the jitted prefill writing
-    ``pattern(seed, ...)`` into fresh source pages, commit, finish and wait. Returns the stream."""
+    ``pattern(seed, ...)`` into fresh source pages, commit, finish and wait. Returns the stream.
+    ``pause(stream, layer)``: called on the host after each layer's mark (see make_prefill)."""
     import jax.numpy as jnp
 
     from jax_garden import kv
@@ -111,8 +119,9 @@ def run_prefill(side: Any, ticket: bytes, seed: int, *, sleep_s: float = 0.0, pa
         s = side.open_stream(ticket, src)
         programs = {} if programs is None else programs
         key = (t.pages.size, sleep_s)
-        if key not in programs:
+        if key not in programs or pause is not None:  # a pause binds this stream: never reused
             programs[key] = make_prefill(side.marks, cache.layout, sleep_s=sleep_s,
+                                         pause=None if pause is None else functools.partial(pause, s),
                                          mesh=cache.mesh if cache.num_shards > 1 else None)
         k, v = programs[key](cache.k, cache.v, jnp.asarray(src.astype(np.int32)), jnp.uint32(s.token), jnp.int32(seed))
         cache.commit(k, v)

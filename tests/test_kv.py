@@ -274,14 +274,24 @@ def test_stream_contents_bitwise(pair, page_layout, shards):
 
 
 def test_layers_stream_while_prefill_runs(pair):
-    """Each layer is posted when its mark lands, before the program ends: with a pause after every
-    layer's mark, layer l's writes are posted before layer l+1 is marked and all arrive at the decode
-    side before finish()."""
+    """Each layer is posted when its mark lands, before the program ends: the program pauses after
+    every layer's mark until the watcher has posted that layer (a fixed sleep raced finish() on a
+    loaded CI machine), so layer l's writes are posted before layer l+1 is marked, by the watcher,
+    and all before finish()."""
     dec, pf = pair(kv.KVLayout(num_layers=4, num_pages=16, page_tokens=4, kv_heads=2, head_dim=8, dtype="float32"))
     req = dec.reserve(12)
-    s = run_prefill(pf, req.ticket, 3, sleep_s=0.5, wait=False)  # generous: a loaded CI machine
+    waited = {}
+
+    def pause(stream, layer):
+        t0 = time.monotonic()
+        while not stream._posted[layer] and time.monotonic() - t0 < 20:
+            time.sleep(0.001)
+        waited[layer] = time.monotonic() - t0
+
+    s = run_prefill(pf, req.ticket, 3, pause=pause, wait=False)
     marks, posted = s.times["marks"], s.times["posted"]
-    assert s.layers_posted_on_mark == 4 and sorted(marks) == [0, 1, 2, 3]
+    assert sorted(marks) == [0, 1, 2, 3] and sorted(waited) == [0, 1, 2, 3], (marks, waited)
+    assert s.layers_posted_on_mark == 4, (waited, marks, posted)
     for layer in range(3):
         assert posted[layer] < marks[layer + 1], (posted, marks)
     assert max(posted.values()) < s.times["finished"]
