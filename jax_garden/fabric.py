@@ -421,11 +421,16 @@ class TransferEngine:
                                         _check_count("src_offset", src_offset), _check_count("dst_offset", dst_offset),
                                         _check_imm(imm), _check_path(path))
 
-    def scatter(self, region: MemoryRegion, targets: Iterable[tuple[Any, int, int, int]], imm: int | None = None,
-                *, sharding: str = "targets", path: str | None = None) -> Transfer:
+    def scatter(self, region: MemoryRegion, targets: "Iterable[tuple[Any, int, int, int]] | ScatterTargets",
+                imm: int | None = None, *, sharding: str = "targets", path: str | None = None) -> Transfer:
         """One source, many destinations: ``targets`` = ``[(remote_descriptor, length, src_offset,
-        dst_offset), ...]``. ``sharding="targets"`` spreads targets over domains (1 imm each),
-        ``"bytes"`` cuts every target over all domains (``num_domains`` imms each)."""
+        dst_offset), ...]``, or a :class:`ScatterTargets` built once from such a list (posting the
+        same list again then skips its per-target conversion). ``sharding="targets"`` spreads
+        targets over domains (1 imm each), ``"bytes"`` cuts every target over all domains
+        (``num_domains`` imms each)."""
+        if isinstance(targets, ScatterTargets):
+            return self._native.scatter_prepared(_region(region), targets._native, sharding, _check_imm(imm),
+                                                 _check_path(path))
         native_targets = []
         for i, t in enumerate(targets):
             if len(t) != 4:
@@ -534,6 +539,44 @@ def _static_int(x: Any) -> int:
     if isinstance(x, (int, np.integer)):
         return int(x)
     return -1
+
+
+class ScatterTargets:
+    """Scatter destinations checked and converted once, for posting many times with
+    :meth:`TransferEngine.scatter` (a weight push posts the same lists on every push).
+
+    ``targets`` = ``[(remote_descriptor, length, src_offset, dst_offset), ...]``; the descriptors
+    are copied (once per distinct descriptor object). The source region's bounds, the destination's
+    provider and liveness are still checked at each scatter."""
+
+    def __init__(self, targets: Iterable[tuple[Any, int, int, int]]):
+        native_targets = []
+        from_bytes: dict[bytes, MemoryDescriptor] = {}  # one object per descriptor: checked once natively
+        for i, t in enumerate(targets):
+            if not isinstance(t, (tuple, list)) or len(t) != 4:
+                raise TypeError(f"scatter target {i} must be (descriptor, length, src_offset, dst_offset), got {t!r}")
+            d, n, so, do = t
+            if isinstance(d, (bytes, bytearray, memoryview)):
+                d = from_bytes.setdefault(bytes(d), _descriptor(d))
+            native_targets.append((_descriptor(d, f"scatter target {i} descriptor"), _check_count("length", n),
+                                   _check_count("src_offset", so), _check_count("dst_offset", do)))
+        self._native = _native.ScatterTargets(native_targets)
+
+    def __len__(self) -> int:
+        return len(self._native)
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes over all targets."""
+        return self._native.nbytes
+
+    @property
+    def num_destinations(self) -> int:
+        """Distinct destination descriptors."""
+        return self._native.num_destinations
+
+    def __repr__(self) -> str:
+        return repr(self._native)
 
 
 def signal(slot: WatcherSlot, value: Any, *after: Any) -> Any:

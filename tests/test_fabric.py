@@ -153,6 +153,55 @@ def test_scatter(engines, sharding):
         assert c.credits == 0
 
 
+@pytest.mark.parametrize("sharding", ["targets", "bytes"])
+def test_prepared_scatter_targets_post_many_times(engines, sharding):
+    """ScatterTargets built once (descriptors given as objects and as bytes) post the same writes as
+    the plain list, every time: 3 pushes of new source contents, each checked bitwise with its imms."""
+    a = engines(2)
+    peers = [engines(2) for _ in range(2)]
+    dsts = [np.zeros(100_000, np.uint8) for _ in peers]
+    regs = [p.register(d) for p, d in zip(peers, dsts)]
+    spans = [(0, 30_000, 0, 50), (1, 20_000, 30_000, 7), (0, 40_000, 50_000, 40_000), (1, 1, 90_000, 99_999)]
+    descs = [bytes(regs[0].descriptor), regs[1].descriptor]  # peer 0's as bytes, peer 1's as the object
+    prepared = fabric.ScatterTargets([(descs[i], n, so, do) for i, n, so, do in spans])
+    # one descriptor object (or one bytes value) is copied once
+    assert len(prepared) == 4 and prepared.nbytes == 90_001 and prepared.num_destinations == 2
+    src = np.zeros(100_000, np.uint8)
+    ra = a.register(src)
+    per_target = fabric.imm_writes("scatter", domains=2, sharding=sharding)
+    for push in range(3):
+        src[:] = random_bytes(src.size, 40 + push)
+        a.scatter(ra, prepared, imm=12, sharding=sharding).wait(10)
+        for i, p in enumerate(peers):
+            p.imm_counter(12).wait(per_target * sum(1 for t in spans if t[0] == i), 10)
+        for i, n, so, do in spans:
+            np.testing.assert_array_equal(dsts[i][do:do + n], src[so:so + n])
+
+
+def test_prepared_scatter_targets_refuse_bad_input(engines):
+    a, b = engines(), engines()
+    rb = b.register(np.zeros(1000, np.uint8))
+    ra = a.register(np.zeros(100, np.uint8))
+    d = rb.descriptor
+    with pytest.raises(TypeError, match="scatter target 1 must be"):
+        fabric.ScatterTargets([(d, 1, 0, 0), (d, 1, 0)])
+    with pytest.raises(TypeError, match="scatter target 0 descriptor"):
+        fabric.ScatterTargets([("nope", 1, 0, 0)])
+    with pytest.raises(ValueError, match="length"):
+        fabric.ScatterTargets([(d, -1, 0, 0)])
+    with pytest.raises(ValueError, match=r"scatter target 1: destination bytes \[999, 1001\) run past the end of "
+                                         r"the destination region \(1000 bytes\)"):
+        fabric.ScatterTargets([(d, 10, 0, 0), (d, 2, 0, 999)])
+    with pytest.raises(ValueError, match="the destination list is empty"):
+        fabric.ScatterTargets([])
+    # the source bounds belong to each call: checked before anything is posted
+    t = fabric.ScatterTargets([(d, 10, 0, 0), (d, 10, 95, 10)])
+    with pytest.raises(ValueError, match=r"scatter: target 1: source bytes \[95, 105\) run past the end"):
+        a.scatter(ra, t, imm=3)
+    time.sleep(0.1)
+    assert b.imm_counter(3).credits == 0  # target 0 was not posted either
+
+
 def test_write_imm_and_barrier(engines):
     es = [engines() for _ in range(4)]
     regs = [e.register(np.zeros(4096, np.uint8)) for e in es]

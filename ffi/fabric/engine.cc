@@ -527,10 +527,18 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
   std::vector<PathChoice> choices;
   uint64_t total = 0;
   bool all_fabric = true;
+  // Targets to one destination usually come in runs sharing a descriptor (always with a
+  // ScatterTargetList): its checks and path choice are made once per run.
+  const MemoryDescriptor* checked = nullptr;
+  PathChoice choice{};
   for (size_t i = 0; i < r.targets.size(); ++i) {
     const auto& t = r.targets[i];
     JG_CHECK_ARG(t.dst, "scatter: target ", i, " has no descriptor");
-    check_destination(*t.dst, "scatter");
+    if (t.dst != checked) {
+      check_destination(*t.dst, "scatter");
+      choice = path_for(*r.src, *t.dst, r.path);
+      checked = t.dst;
+    }
     JG_CHECK_ARG(fits(t.src_offset, t.length, r.src->length()), "scatter: target ", i, ": source bytes [",
                  t.src_offset, ", ", t.src_offset + t.length, ") run past the end of the source region (",
                  r.src->length(), " bytes)");
@@ -539,13 +547,17 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
                  t.dst->length, " bytes)");
     targets.push_back({t.length, t.src_offset, t.dst_offset});
     total += t.length;
-    choices.push_back(path_for(*r.src, *t.dst, r.path));
+    choices.push_back(choice);
     if (choices.back().path == TransferPath::kIpc) check_ipc_range(*t.dst, t.dst_offset, t.length, "scatter");
     all_fabric &= choices.back().path == TransferPath::kFabric;
   }
   std::string what = str_cat("scatter of ", total, " bytes to ", r.targets.size(), " targets");
-  for (const auto& t : r.targets)
+  checked = nullptr;
+  for (const auto& t : r.targets) {
+    if (t.dst == checked) continue;
     if (auto failed = known_failure(*t.dst, what)) return failed;
+    checked = t.dst;
+  }
   auto pieces = plan_scatter(targets, num_domains(), r.sharding, round_robin_.fetch_add(1));
   auto op = std::make_unique<Op>();
   op->kind = OpKind::kScatter;

@@ -7,8 +7,10 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
+#include "common/error.h"
 #include "fabric/policy.h"
 #include "fabric/wire_format.h"
 
@@ -54,6 +56,38 @@ struct PagedWriteRequest {
 struct ScatterTargetRequest {
   const MemoryDescriptor* dst = nullptr;
   uint64_t length = 0, src_offset = 0, dst_offset = 0;
+};
+
+// Scatter destinations checked once and posted many times (a weight push posts the same lists every
+// push). Owns copies of the distinct descriptors; `targets` point into them, so consecutive
+// targets to one destination share a pointer and the engine checks that destination once.
+struct ScatterTargetList {
+  std::vector<std::unique_ptr<MemoryDescriptor>> descriptors;
+  std::vector<ScatterTargetRequest> targets;
+  uint64_t total_bytes = 0;
+
+  ScatterTargetList() = default;
+  ScatterTargetList(const ScatterTargetList&) = delete;  // `targets` point into `descriptors`
+  ScatterTargetList& operator=(const ScatterTargetList&) = delete;
+
+  // Appends one target; `d` is the caller's descriptor (copied once per distinct pointer).
+  void add(const MemoryDescriptor* d, uint64_t length, uint64_t src_offset, uint64_t dst_offset) {
+    const size_t i = targets.size();
+    JG_CHECK_ARG(d, "scatter target ", i, " has no descriptor");
+    JG_CHECK_ARG(dst_offset <= d->length && length <= d->length - dst_offset, "scatter target ", i,
+                 ": destination bytes [", dst_offset, ", ", dst_offset + length,
+                 ") run past the end of the destination region (", d->length, " bytes)");
+    auto [it, fresh] = copies_.emplace(d, nullptr);
+    if (fresh) {
+      descriptors.push_back(std::make_unique<MemoryDescriptor>(*d));
+      it->second = descriptors.back().get();
+    }
+    targets.push_back({it->second, length, src_offset, dst_offset});
+    total_bytes += length;
+  }
+
+ private:
+  std::unordered_map<const MemoryDescriptor*, const MemoryDescriptor*> copies_;  // caller's -> ours
 };
 
 struct ScatterRequest {

@@ -142,6 +142,26 @@ void BindFabric(nb::module_& m) {
                        d.staged ? ", staged" : "", d.has_ipc ? ", ipc" : "", ")");
       });
 
+  nb::class_<ScatterTargetList>(m, "ScatterTargets",
+                                "Scatter destinations checked once, to post many times: [(descriptor, length, "
+                                "src_offset, dst_offset), ...].")
+      .def("__init__", [](ScatterTargetList* self, nb::sequence targets) {
+        new (self) ScatterTargetList();
+        for (nb::handle item : targets) {
+          auto [d, length, src_offset, dst_offset] =
+              nb::cast<std::tuple<const MemoryDescriptor*, uint64_t, uint64_t, uint64_t>>(item);
+          self->add(d, length, src_offset, dst_offset);
+        }
+        JG_CHECK_ARG(!self->targets.empty(), "ScatterTargets: the destination list is empty");
+      }, "targets"_a)
+      .def("__len__", [](const ScatterTargetList& l) { return l.targets.size(); })
+      .def_prop_ro("nbytes", [](const ScatterTargetList& l) { return l.total_bytes; })
+      .def_prop_ro("num_destinations", [](const ScatterTargetList& l) { return l.descriptors.size(); })
+      .def("__repr__", [](const ScatterTargetList& l) {
+        return str_cat("ScatterTargets(", l.targets.size(), " targets, ", l.total_bytes, " bytes, ",
+                       l.descriptors.size(), " destinations)");
+      });
+
   nb::class_<TransferState>(m, "Transfer",
                             "Completion of one operation (TransferEngine.write, ...). It completes within the "
                             "engine timeout plus a size allowance, with success or an error.")
@@ -277,6 +297,16 @@ void BindFabric(nb::module_& m) {
         ScatterRequest q;
         q.src = std::move(r);
         for (auto& [d, len, so, doff] : targets) q.targets.push_back({&d, len, so, doff});
+        q.sharding = parse_sharding(sharding);
+        q.imm = imm;
+        q.path = parse_path(path);
+        return e.scatter(q);
+      }, "region"_a, "targets"_a, "sharding"_a, "imm"_a, "path"_a)
+      .def("scatter_prepared", [](Engine& e, std::shared_ptr<MemoryRegion> r, const ScatterTargetList& targets,
+                                  const std::string& sharding, std::optional<uint32_t> imm, const std::string& path) {
+        ScatterRequest q;
+        q.src = std::move(r);
+        q.targets = targets.targets;  // plain records; the descriptors stay in `targets` for this call
         q.sharding = parse_sharding(sharding);
         q.imm = imm;
         q.path = parse_path(path);
