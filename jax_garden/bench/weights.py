@@ -276,6 +276,10 @@ def simulate_k2(args: argparse.Namespace) -> dict:
         measured = host_costs()
         costs = {k: round(measured[k], 3) if v is None else v for k, v in costs.items()}
     hw = host_work_estimate(plan, busiest_src, **costs)
+    if measured:  # the same schedule posted as plain lists (converted and checked per call)
+        hw["estimate_plain_lists_ms"] = host_work_estimate(
+            plan, busiest_src, per_scatter_us=measured["per_scatter_list_us"],
+            per_target_us=measured["per_target_list_us"], per_stage_call_us=costs["per_stage_call_us"])["estimate_ms"]
     most_targets = int(np.argmax(st["writes_per_src"]))
     hw_t = host_work_estimate(plan, most_targets, **costs)
     window = max(2, args.staging_bytes // args.chunk_bytes)
@@ -331,6 +335,9 @@ def print_simulation(r: dict) -> None:
           f"stage call dispatch {costs['per_stage_call_us']} us; the staging kernels themselves run on the device, "
           f"overlapped with the network, and are not host work)")
     m = r.get("host_costs_measured")
+    if m and "estimate_plain_lists_ms" in r["host_work_busiest_sender"]:
+        print(f"    (busiest sender with plain target lists instead of fabric.ScatterTargets: "
+              f"{r['host_work_busiest_sender']['estimate_plain_lists_ms']:.1f} ms)")
     if m:
         print(f"    (same run, for comparison: plain-list targets {m['per_target_list_us']:.2f} us each; a stage call "
               f"dispatched and waited for on CPU {m['stage_call_fp8_us']:.1f} us)")
