@@ -1544,6 +1544,7 @@ class Publisher:
         self._inbox: list[tuple[fabric.NetAddress, dict]] = []
         self._busy = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._handle: PushHandle | None = None  # the last push's
         self._req = 0
         self._closed = False
 
@@ -1671,10 +1672,14 @@ class Publisher:
             raise RuntimeError("Publisher.connect() must run before push()")
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 1 << 62:
             raise ValueError(f"version must be an int in 0..2^62, got {version!r}")
-        if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError("a push is still running on this publisher; wait for its handle first")
+        if self._thread is not None:
+            # The handle is done before its thread has quite returned: a push right after
+            # wait() must not be refused for that.
+            if not self._handle.done():
+                raise RuntimeError("a push is still running on this publisher; wait for its handle first")
+            self._thread.join()
         srcs = self._sources(params)
-        handle = PushHandle(version, self._dests)
+        handle = self._handle = PushHandle(version, self._dests)
         self._thread = threading.Thread(target=self._run, args=(handle, srcs), name="jax_garden-weights-push",
                                         daemon=True)
         self._thread.start()
