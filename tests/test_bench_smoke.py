@@ -160,7 +160,8 @@ def test_moe_nodes_bench_quick(tmp_path):
     result = json.loads(out.read_text())
     assert result["errors"] == [] and result["nodes"] == 2 and result["dtypes"] == ["bf16"]
     rows = {r["impl"]: r for r in result["rows"]}
-    assert set(rows) == {"internode", "tcp wire", "in-process reference", "internode, one node"}, rows.keys()
+    assert set(rows) == {"internode", "tcp wire", "engine wire", "in-process reference", "internode, one node"}, \
+        rows.keys()
     net = rows["internode"]
     assert net["nodes"] == 2 and net["node_size"] == 1
     for phase in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "dispatch", "combine",
@@ -174,9 +175,12 @@ def test_moe_nodes_bench_quick(tmp_path):
     assert net["phases"]["dispatch_recv"]["engine_ops_per_step"] == 1.0  # the free ack
     assert rows["tcp wire"]["bytes_per_peer"]["dispatch"] == int(net["phases"]["dispatch_send"]["engine_bytes_per_step"])
     assert rows["tcp wire"]["phases"]["round_trip"]["p50_us"] > 0
+    assert rows["engine wire"]["bytes_per_peer"] == rows["tcp wire"]["bytes_per_peer"]
+    assert rows["engine wire"]["phases"]["round_trip"]["n"] == 8
     assert rows["in-process reference"]["wall_us_per_step"] > 0
     assert rows["internode, one node"]["phases"]["dispatch_send"]["engine_bytes_per_step"] == 0  # no engine
     ratios = result["ratios"]["bf16"]
     assert ratios["round_trip_vs_tcp_wire"] > 0 and ratios["step_vs_in_process_reference"] > 0
+    assert ratios["round_trip_vs_engine_wire"] > 0 and ratios["engine_wire_vs_tcp_wire"] > 0
     assert next(iter(result)) == "headline" and "bf16 round_trip_vs_tcp_wire" in result["headline"]
     assert "tcp wire" in proc.stdout and "internode" in proc.stdout

@@ -7,7 +7,10 @@ rows between groups through the TransferEngine over tcp on 127.0.0.1), in one ru
     separate the engine's cost from the implementation's own work;
   * the tcp wire time of the same bytes: plain sockets between the same N processes, each
     sending every other process, per step, the bytes its ranks wrote through the engine (dispatch,
-    then combine), split evenly over the peer processes, and receiving as much.
+    then combine), split evenly over the peer processes, and receiving as much;
+  * the same exchange as plain TransferEngine writes (one write with an imm per peer and
+    direction, completion by imm count; no MoE protocol): the floor the libfabric tcp provider
+    sets for these bytes.
 
 Method (host clocks; every process of one host reads the same monotonic clock):
   * inter-node: a jitted loop of full round trips (dispatch_send, dispatch_recv, a cast as the
@@ -279,11 +282,55 @@ class _Wire:
             c.close()
 
 
+class _EngineWire:
+    """The same exchange through a TransferEngine (tcp provider, 127.0.0.1): one plain write with
+    an imm per peer and direction, completion by counting the peers' imms. No MoE protocol: the
+    floor the libfabric provider sets for these bytes (its tcp path moves bulk data slower than a
+    plain socket)."""
+
+    IMM = 0x4A47_0001
+
+    def __init__(self, me: int, n: int, client, max_bytes: int, tag: str):
+        import base64
+
+        import numpy as np
+
+        from jax_garden import fabric
+
+        self.me, self.n, self.peers = me, n, [p for p in range(n) if p != me]
+        self.engine = fabric.TransferEngine(provider="tcp")
+        self.send = np.ones(max(1, max_bytes), np.uint8)
+        self.recv = {p: np.zeros(max(1, max_bytes), np.uint8) for p in self.peers}  # one landing area per sender
+        self.send_region = self.engine.register(self.send)
+        self.recv_regions = {p: self.engine.register(b) for p, b in self.recv.items()}
+        for p in self.peers:
+            client.key_value_set(f"jg_bench_ewire/{tag}/{me}->{p}",
+                                 base64.b64encode(bytes(self.recv_regions[p].descriptor)).decode())
+        self.dst = {p: fabric.MemoryDescriptor.from_bytes(base64.b64decode(
+            client.blocking_key_value_get(f"jg_bench_ewire/{tag}/{p}->{me}", 60_000))) for p in self.peers}
+        self.counter = self.engine.imm_counter(self.IMM)
+        self.domains = self.engine.num_domains  # every process uses the same default
+
+    def exchange(self, nbytes: int, expect: dict[int, int]) -> None:
+        from jax_garden import fabric
+
+        nbytes = max(1, nbytes)
+        ts = [self.engine.write(self.send_region, self.dst[p], nbytes, imm=self.IMM) for p in self.peers]
+        self.counter.wait(sum(fabric.imm_writes("write", domains=self.domains, length=max(1, expect[p]))
+                              for p in self.peers), 30)
+        for t in ts:
+            t.wait(30)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
 def _measure_wire(wire: _Wire, client, tag: str, dispatch_bytes: int, combine_bytes: int, iters: int) -> dict:
     """Each process sends its own byte counts and receives the counts its peers published."""
     client.key_value_set(f"jg_bench_wire_bytes/{tag}/{wire.me}", f"{dispatch_bytes} {combine_bytes}")
+    peers = [p for p in range(wire.n) if p != wire.me]
     theirs = {p: tuple(map(int, client.blocking_key_value_get(f"jg_bench_wire_bytes/{tag}/{p}", 60_000).split()))
-              for p in wire.conns}
+              for p in peers}
     d_in = {p: v[0] for p, v in theirs.items()}
     c_in = {p: v[1] for p, v in theirs.items()}
     for _ in range(3):
@@ -332,6 +379,15 @@ def _worker_nodes(args) -> dict:
             wrow = _measure_wire(wire, client, dtype, d_bytes, c_bytes, args.iters)
             out["rows"].append({"impl": "tcp wire", "dtype": dtype, "phases": {
                 k: wrow[k] for k in ("dispatch", "combine", "round_trip")},
+                "bytes_per_peer": {"dispatch": d_bytes, "combine": c_bytes}})
+            ewire = _EngineWire(args.process, args.nodes, client, max(d_bytes, c_bytes) * 2, dtype)
+            try:
+                erow = _measure_wire(ewire, client, f"{dtype}/engine", d_bytes, c_bytes, args.iters)
+            finally:
+                client.wait_at_barrier(f"jg_bench_ewire_done/{dtype}", 120_000)  # no engine closes under a peer's writes
+                ewire.close()
+            out["rows"].append({"impl": "engine wire", "dtype": dtype, "phases": {
+                k: erow[k] for k in ("dispatch", "combine", "round_trip")},
                 "bytes_per_peer": {"dispatch": d_bytes, "combine": c_bytes}})
             print(f"PROGRESS internode {dtype} done", flush=True)
     finally:
@@ -403,7 +459,16 @@ def summarize(result: dict) -> dict:
     for dtype in result["dtypes"]:
         net, wire = by.get(("internode", dtype)), by.get(("tcp wire", dtype))
         ref, one = by.get(("in-process reference", dtype)), by.get(("internode, one node", dtype))
+        ewire = by.get(("engine wire", dtype))
         ratio = {}
+        if net and ewire:
+            # Against the same bytes moved by plain engine writes: what the MoE protocol adds over
+            # the provider's own floor.
+            ratio["round_trip_vs_engine_wire"] = (net["phases"]["round_trip"]["p50_us"]
+                                                  / ewire["phases"]["round_trip"]["p50_us"])
+        if wire and ewire:
+            ratio["engine_wire_vs_tcp_wire"] = (ewire["phases"]["round_trip"]["p50_us"]
+                                                / wire["phases"]["round_trip"]["p50_us"])
         if net and wire:
             ratio["round_trip_vs_tcp_wire"] = net["phases"]["round_trip"]["p50_us"] / wire["phases"]["round_trip"]["p50_us"]
             ratio["dispatch_vs_tcp_wire"] = net["phases"]["dispatch"]["p50_us"] / wire["phases"]["dispatch"]["p50_us"]
@@ -420,7 +485,8 @@ def summarize(result: dict) -> dict:
             ratio["added_by_nodes_us"] = added
             ratio["added_by_nodes_vs_tcp_wire"] = added / wire["phases"]["round_trip"]["p50_us"]
         result["ratios"][dtype] = ratio
-        for k in ("round_trip_vs_tcp_wire", "added_by_nodes_vs_tcp_wire", "step_vs_in_process_reference"):
+        for k in ("round_trip_vs_tcp_wire", "round_trip_vs_engine_wire", "engine_wire_vs_tcp_wire",
+                  "added_by_nodes_vs_tcp_wire", "step_vs_in_process_reference"):
             if k in ratio:
                 headline[f"{dtype} {k}"] = ratio[k]
     return headline
