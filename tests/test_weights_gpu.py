@@ -113,7 +113,8 @@ def test_gpu0_trainer_to_gpu1_inference_all_staged():
 
 @pytest.mark.xfail(strict=True, reason="XLA's GPU buffers export no legacy CUDA IPC handle (cudaIpcGetMemHandle: "
                    "cudaErrorInvalidValue with the default, platform and cuda_async allocators, jax 0.11.2 / CUDA 13), "
-                   "so pushes between processes are staged through host memory instead of NVLink; known gap")
+                   "so pushes between processes are staged through host memory instead of NVLink; known gap (the "
+                   "buffers are cuMemCreate allocations exportable as POSIX fds: README, 'XLA's own GPU buffers')")
 @pytest.mark.timeout(300)
 def test_xla_buffers_take_the_ipc_path():
     out = run_group(_worker, 2, 1, [0, 1], 1 << 20, exchanges=4, timeout=240)
