@@ -287,7 +287,8 @@ class TransferEngine:
                                              _check_count("split_threshold", split_threshold, positive=True),
                                              _check_path(path),
                                              _check_count("staging_chunk_bytes", staging_chunk_bytes, positive=True),
-                                             _check_count("staging_slots", staging_slots, positive=True), completion)
+                                             _check_count("staging_slots", staging_slots, positive=True), completion,
+                                             bool(_settings.get("vmm_ipc")))
         _live_engines.add(self)
 
     # -- properties ----------------------------------------------------------------------------

@@ -50,7 +50,10 @@ def decode(data: bytes) -> dict:
     if d["version"] >= 3:
         d["region_key"], d["region_slot"] = r.get("Q"), r.get("I")
     if d["flags"] & 2:
-        d["ipc_handle"], d["ipc_offset"], d["pci_bus_id"] = r.raw(64), r.get("Q"), r.blob()
+        if d["flags"] & 4:  # v4: a VMM range (its size; the fd comes from the owner's broker)
+            d["ipc_range_bytes"], d["ipc_offset"], d["pci_bus_id"] = r.get("Q"), r.get("Q"), r.blob()
+        else:
+            d["ipc_handle"], d["ipc_offset"], d["pci_bus_id"] = r.raw(64), r.get("Q"), r.blob()
     d["domains"] = []
     for _ in range(r.get("B")):
         d["domains"].append({"endpoint": r.blob(), "key": r.get("Q"), "imm_key": r.get("Q")})
@@ -69,7 +72,8 @@ def encode(d: dict) -> bytes:
     if d["version"] >= 3:
         out += struct.pack("<QI", d["region_key"], d["region_slot"])
     if d["flags"] & 2:
-        out += d["ipc_handle"] + struct.pack("<Q", d["ipc_offset"]) + blob(d["pci_bus_id"])
+        head = struct.pack("<Q", d["ipc_range_bytes"]) if d["flags"] & 4 else d["ipc_handle"]
+        out += head + struct.pack("<Q", d["ipc_offset"]) + blob(d["pci_bus_id"])
     out += struct.pack("<B", len(d["domains"]))
     for k in d["domains"]:
         out += blob(k["endpoint"]) + struct.pack("<QQ", k["key"], k["imm_key"])

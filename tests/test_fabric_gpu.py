@@ -203,6 +203,52 @@ def test_gpu_to_host_and_host_to_gpu():
     assert run_group(_gpu_host_worker, 2, exchanges=2, timeout=120) == {0: True, 1: True}
 
 
+def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
+    """Rank 1 registers a jax array (XLA's allocator: cuMemCreate memory, no legacy IPC handle);
+    rank 0 writes into it from a cudaMalloc buffer on its own GPU."""
+    os.environ["JAX_GARDEN_VMM_IPC"] = "1" if vmm else "0"
+    import jax
+    import jax.numpy as jnp
+
+    from jax_garden import fabric
+
+    eng = fabric.TransferEngine(provider=PROVIDER)
+    n = 3 << 20
+    if rank == 1:
+        arr = jax.device_put(jnp.zeros(n, jnp.uint8), jax.local_devices()[-1])  # GPU 1 when there are two
+        arr.block_until_ready()
+        rd = eng.register(arr)
+        info = bytes(rd.descriptor)
+    else:
+        src = DevBuf(0, n)
+        src.upload(_data(5, n))
+        rs = eng.register((src.ptr, n), memory="cuda")
+        info = None
+    peer = exchange(info)[1]
+    result = {}
+    if rank == 0:
+        desc = fabric.MemoryDescriptor.from_bytes(peer)
+        result["has_ipc"] = desc.has_ipc_handle
+        result["path"] = eng.path_for(rs, desc)
+        eng.write(rs, desc, n - 4096, src_offset=4096, dst_offset=0, imm=11).wait(60)
+    else:
+        eng.imm_counter(11).wait(fabric.imm_writes("write", domains=1, length=n - 4096), 60)
+        got = np.asarray(jnp.copy(arr))
+        result["equal"] = bool((got[:n - 4096] == _data(5, n)[4096:]).all() and not got[n - 4096:].any())
+    exchange(None)
+    eng.close()
+    return result
+
+
+@pytest.mark.parametrize("vmm", [False, True], ids=["legacy-ipc-only", "vmm-ipc"])
+def test_gpu_write_into_an_xla_buffer_of_another_process(vmm):
+    """Into a jax array of another process: staged without JAX_GARDEN_VMM_IPC (XLA's buffers have
+    no legacy IPC handle), the ipc path with it (the range's fd from the owner's broker)."""
+    out = run_group(_xla_buffer_worker, 2, vmm, exchanges=2, timeout=180)
+    assert out[1]["equal"], out
+    assert out[0]["has_ipc"] is vmm and out[0]["path"] == ("ipc" if vmm else "staged"), out
+
+
 # ---- faults -----------------------------------------------------------------------------------------
 
 def _killed_sender(rank: int, size: int, exchange):

@@ -284,6 +284,21 @@ std::shared_ptr<MemoryRegion> Engine::register_memory(uint64_t ptr, uint64_t len
         init.note = str_cat("no CUDA IPC export (", e.what(), ")");
         desc.has_ipc = false;
       }
+      if (!desc.has_ipc && ctx_.options.vmm_ipc) {
+        // cuMemCreate memory (XLA's buffers): offered through an exported fd instead (the
+        // region table exports it once the region has its key).
+        GpuRuntime::VmmRange v = rt.vmm_range(ptr);
+        if (v.vmm && v.fd_exportable && ptr >= v.base && ptr + length <= v.base + v.size) {
+          desc.ipc_kind = IpcKind::kVmm;
+          desc.ipc_offset = ptr - v.base;
+          desc.ipc_range_bytes = v.size;
+          desc.pci_bus_id = rt.pci_bus_id(device);
+          desc.has_ipc = !desc.pci_bus_id.empty();
+        } else if (v.vmm) {
+          init.note += v.fd_exportable ? "; its VMM range does not hold the whole region"
+                                       : "; its VMM allocation is not exportable as a file descriptor";
+        }
+      }
     }
     struct utsname u {};
     caps.kernel_dmabuf = uname(&u) == 0 && kernel_release_at_least(u.release, 5, 12);

@@ -88,6 +88,10 @@ class NoGpuRuntime final : public GpuRuntime {
   std::array<uint8_t, 64> ipc_export(uint64_t) override { no_gpu("cudaIpcGetMemHandle"); }
   uint64_t ipc_open(const std::array<uint8_t, 64>&, int) override { no_gpu("cudaIpcOpenMemHandle"); }
   void ipc_close(uint64_t) override {}
+  VmmRange vmm_range(uint64_t) override { return {}; }
+  int vmm_export_fd(uint64_t) override { no_gpu("cuMemExportToShareableHandle"); }
+  uint64_t vmm_map(int, uint64_t, int) override { no_gpu("cuMemImportFromShareableHandle"); }
+  void vmm_grant(uint64_t, uint64_t, int) override { no_gpu("cuMemSetAccess"); }
   std::string pci_bus_id(int) override { return ""; }
   int device_of_pci_bus_id(const std::string&) override { return -1; }
   bool can_access(int, int) override { return false; }

@@ -61,6 +61,20 @@ class GpuRuntime {
   virtual std::array<uint8_t, 64> ipc_export(uint64_t alloc_base) = 0;
   virtual uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device) = 0;  // mapped allocation base
   virtual void ipc_close(uint64_t mapped_base) = 0;
+  // Virtual-memory-management ranges (cuMemCreate; XLA's allocators make them): the range holding
+  // `ptr` and whether it was created exportable as a POSIX fd (vmm = false for other memory).
+  struct VmmRange {
+    bool vmm = false;
+    bool fd_exportable = false;
+    uint64_t base = 0, size = 0;
+  };
+  virtual VmmRange vmm_range(uint64_t ptr) = 0;
+  virtual int vmm_export_fd(uint64_t ptr) = 0;  // a new fd the caller owns
+  // Imports an exported range (the caller still owns and closes `fd`), maps it into this process
+  // with read/write access for `device`; returns the mapped base. vmm_grant gives one more local
+  // device access to a mapping.
+  virtual uint64_t vmm_map(int fd, uint64_t size, int device) = 0;
+  virtual void vmm_grant(uint64_t mapped_base, uint64_t size, int device) = 0;
   virtual std::string pci_bus_id(int device) = 0;
   virtual int device_of_pci_bus_id(const std::string& bus_id) = 0;  // -1 when not visible here
   virtual bool can_access(int device, int owner_device) = 0;        // same device or peer access

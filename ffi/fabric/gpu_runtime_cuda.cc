@@ -57,6 +57,18 @@ using PFN_GetHandleForAddressRange = CUresult (*)(void*, CUdeviceptr, size_t, CU
                                                   unsigned long long);
 using PFN_DeviceGet = CUresult (*)(CUdevice*, int);
 using PFN_DeviceGetAttribute = CUresult (*)(int*, CUdevice_attribute, CUdevice);
+// Virtual memory management (CUDA 10.2+).
+using PFN_MemRetainAllocationHandle = CUresult (*)(CUmemGenericAllocationHandle*, void*);
+using PFN_MemGetAllocationPropertiesFromHandle = CUresult (*)(CUmemAllocationProp*, CUmemGenericAllocationHandle);
+using PFN_MemRelease = CUresult (*)(CUmemGenericAllocationHandle);
+using PFN_MemExportToShareableHandle = CUresult (*)(void*, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
+                                                    unsigned long long);
+using PFN_MemImportFromShareableHandle = CUresult (*)(CUmemGenericAllocationHandle*, void*, CUmemAllocationHandleType);
+using PFN_MemAddressReserve = CUresult (*)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long);
+using PFN_MemAddressFree = CUresult (*)(CUdeviceptr, size_t);
+using PFN_MemMap = CUresult (*)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+using PFN_MemUnmap = CUresult (*)(CUdeviceptr, size_t);
+using PFN_MemSetAccess = CUresult (*)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t);
 
 template <typename F>
 F entry_point(const char* name, unsigned version) {
@@ -112,6 +124,16 @@ class CudaRuntime final : public GpuRuntime {
     get_handle_for_range_ = entry_point<PFN_GetHandleForAddressRange>("cuMemGetHandleForAddressRange", 12000);
     device_get_ = entry_point<PFN_DeviceGet>("cuDeviceGet", 12000);
     device_get_attribute_ = entry_point<PFN_DeviceGetAttribute>("cuDeviceGetAttribute", 12000);
+    mem_retain_ = entry_point<PFN_MemRetainAllocationHandle>("cuMemRetainAllocationHandle", 12000);
+    mem_props_ = entry_point<PFN_MemGetAllocationPropertiesFromHandle>("cuMemGetAllocationPropertiesFromHandle", 12000);
+    mem_release_ = entry_point<PFN_MemRelease>("cuMemRelease", 12000);
+    mem_export_ = entry_point<PFN_MemExportToShareableHandle>("cuMemExportToShareableHandle", 12000);
+    mem_import_ = entry_point<PFN_MemImportFromShareableHandle>("cuMemImportFromShareableHandle", 12000);
+    mem_reserve_ = entry_point<PFN_MemAddressReserve>("cuMemAddressReserve", 12000);
+    mem_address_free_ = entry_point<PFN_MemAddressFree>("cuMemAddressFree", 12000);
+    mem_map_ = entry_point<PFN_MemMap>("cuMemMap", 12000);
+    mem_unmap_ = entry_point<PFN_MemUnmap>("cuMemUnmap", 12000);
+    mem_set_access_ = entry_point<PFN_MemSetAccess>("cuMemSetAccess", 12000);
     if (!get_address_range_) {
       status_ = "the CUDA driver does not provide cuMemGetAddressRange";
       return;
@@ -169,6 +191,78 @@ class CudaRuntime final : public GpuRuntime {
 
   void ipc_close(uint64_t mapped_base) override {
     if (cudaIpcCloseMemHandle(reinterpret_cast<void*>(mapped_base)) != cudaSuccess) cudaGetLastError();
+  }
+
+  bool vmm_api() const {
+    return mem_retain_ && mem_props_ && mem_release_ && mem_export_ && mem_import_ && mem_reserve_ &&
+           mem_address_free_ && mem_map_ && mem_unmap_ && mem_set_access_;
+  }
+
+  VmmRange vmm_range(uint64_t ptr) override {
+    VmmRange r;
+    if (!available_ || !vmm_api()) return r;
+    PointerInfo pi = query(ptr);
+    if (!pi.is_device) return r;
+    DeviceGuard g(pi.device);
+    CUmemGenericAllocationHandle h{};
+    // Fails (CUDA_ERROR_INVALID_VALUE) for memory that cuMemCreate did not make.
+    if (mem_retain_(&h, reinterpret_cast<void*>(ptr)) != CUDA_SUCCESS) return r;
+    CUmemAllocationProp prop{};
+    CUresult pr = mem_props_(&prop, h);
+    mem_release_(h);
+    if (pr != CUDA_SUCCESS) return r;
+    r.vmm = true;
+    r.fd_exportable = (prop.requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) != 0;
+    r.base = pi.alloc_base;
+    r.size = pi.alloc_size;
+    return r;
+  }
+
+  int vmm_export_fd(uint64_t ptr) override {
+    if (!vmm_api()) throw FabricError("the CUDA driver lacks the virtual memory management API");
+    PointerInfo pi = query(ptr);
+    DeviceGuard g(pi.device);
+    CUmemGenericAllocationHandle h{};
+    check_cu(mem_retain_(&h, reinterpret_cast<void*>(ptr)), "cuMemRetainAllocationHandle");
+    int fd = -1;
+    CUresult r = mem_export_(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+    mem_release_(h);  // the fd holds its own reference to the allocation
+    check_cu(r, "cuMemExportToShareableHandle(POSIX_FD)");
+    return fd;
+  }
+
+  uint64_t vmm_map(int fd, uint64_t size, int device) override {
+    if (!vmm_api()) throw FabricError("the CUDA driver lacks the virtual memory management API");
+    DeviceGuard g(device);
+    CUmemGenericAllocationHandle h{};
+    check_cu(mem_import_(&h, reinterpret_cast<void*>(static_cast<intptr_t>(fd)),
+                         CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+             "cuMemImportFromShareableHandle");
+    CUdeviceptr va = 0;
+    CUresult r = mem_reserve_(&va, size, 0, 0, 0);
+    if (r == CUDA_SUCCESS) {
+      r = mem_map_(va, size, 0, h, 0);
+      if (r != CUDA_SUCCESS) mem_address_free_(va, size);
+    }
+    mem_release_(h);  // the mapping holds its own reference
+    check_cu(r, "cuMemAddressReserve/cuMemMap of an imported range");
+    try {
+      vmm_grant(va, size, device);
+    } catch (...) {
+      mem_unmap_(va, size);
+      mem_address_free_(va, size);
+      throw;
+    }
+    return static_cast<uint64_t>(va);
+  }
+
+  void vmm_grant(uint64_t mapped_base, uint64_t size, int device) override {
+    if (!vmm_api()) throw FabricError("the CUDA driver lacks the virtual memory management API");
+    CUmemAccessDesc access{};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = device;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    check_cu(mem_set_access_(static_cast<CUdeviceptr>(mapped_base), size, &access, 1), "cuMemSetAccess");
   }
 
   std::string pci_bus_id(int device) override {
@@ -482,6 +576,16 @@ class CudaRuntime final : public GpuRuntime {
   PFN_GetHandleForAddressRange get_handle_for_range_ = nullptr;
   PFN_DeviceGet device_get_ = nullptr;
   PFN_DeviceGetAttribute device_get_attribute_ = nullptr;
+  PFN_MemRetainAllocationHandle mem_retain_ = nullptr;
+  PFN_MemGetAllocationPropertiesFromHandle mem_props_ = nullptr;
+  PFN_MemRelease mem_release_ = nullptr;
+  PFN_MemExportToShareableHandle mem_export_ = nullptr;
+  PFN_MemImportFromShareableHandle mem_import_ = nullptr;
+  PFN_MemAddressReserve mem_reserve_ = nullptr;
+  PFN_MemAddressFree mem_address_free_ = nullptr;
+  PFN_MemMap mem_map_ = nullptr;
+  PFN_MemUnmap mem_unmap_ = nullptr;
+  PFN_MemSetAccess mem_set_access_ = nullptr;
 };
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include "fabric/region.h"
 
 #include "common/error.h"
+#include "fabric/fd_broker.h"
+#include "fabric/gpu_runtime.h"
 #include "fabric/shared_regions.h"
 #include "fabric/worker.h"
 
@@ -42,6 +44,17 @@ std::shared_ptr<MemoryRegion> RegionTable::add(MemoryRegion::Init init, Registra
   if (init.note.empty()) init.note = args.reason;
   entry.slot = SharedRegionTable::local()->claim(entry.region_key, init.base, init.length);
   MemoryDescriptor& desc = init.descriptor;
+  if (desc.has_ipc && desc.ipc_kind == IpcKind::kVmm) {
+    // Same-host peers get the range's fd from this process's broker, by region key.
+    try {
+      FdBroker::add(entry.region_key, gpu_runtime().vmm_export_fd(init.base));
+      entry.brokered = true;
+    } catch (const std::exception& e) {
+      desc.has_ipc = false;
+      desc.ipc_kind = IpcKind::kLegacy;
+      init.note += str_cat("; no fd export of its VMM range (", e.what(), ")");
+    }
+  }
   desc.staged = args.mode == RegistrationMode::kStaged;
   desc.region_key = entry.region_key;
   desc.region_slot = entry.slot;
@@ -57,7 +70,10 @@ std::shared_ptr<MemoryRegion> RegionTable::add(MemoryRegion::Init init, Registra
   auto region = std::make_shared<MemoryRegion>(weak_from_this(), this, std::move(init));
   entry.region = region;
   MutexLock lk(mu_);
-  if (closed_) throw TransferFailed("register: the engine is closed");
+  if (closed_) {
+    if (entry.brokered) FdBroker::remove(entry.region_key);
+    throw TransferFailed("register: the engine is closed");
+  }
   by_region_key_[entry.region_key] = region->id();
   entries_.emplace(region->id(), std::move(entry));
   return region;
@@ -80,6 +96,7 @@ void RegionTable::release_region(uint64_t id, std::shared_ptr<void> keepalive) {
   // Same-host writers first (they copy without the provider), then the provider's registrations;
   // the memory itself (keepalive) is released only after both.
   SharedRegionTable::local()->retire(entry.slot, entry.region_key, timeout_s_);
+  if (entry.brokered) FdBroker::remove(entry.region_key);
   worker_->unregister(std::move(entry.regs), std::move(keepalive));
 }
 
@@ -112,7 +129,10 @@ void RegionTable::close_all() {
     entries.swap(entries_);
     by_region_key_.clear();
   }
-  for (auto& [id, e] : entries) SharedRegionTable::local()->retire(e.slot, e.region_key, timeout_s_);
+  for (auto& [id, e] : entries) {
+    SharedRegionTable::local()->retire(e.slot, e.region_key, timeout_s_);
+    if (e.brokered) FdBroker::remove(e.region_key);
+  }
   ProgressLock pl(*worker_);
   for (auto& [id, e] : entries)
     for (uint32_t d = 0; d < e.regs.size(); ++d) worker_->domain(d).unregister(e.regs[d]);

@@ -91,6 +91,7 @@ class RegionTable final : public RegionOwner, public std::enable_shared_from_thi
     uint64_t base = 0, length = 0;
     std::vector<MemoryRegistration> regs;
     uint32_t slot = 0xFFFFFFFFu;
+    bool brokered = false;  // its VMM range's fd is served by the FdBroker
   };
   std::shared_ptr<Worker> worker_;
   KeyAllocator* const keys_;

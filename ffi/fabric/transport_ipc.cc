@@ -4,7 +4,10 @@
 #include <map>
 #include <mutex>
 
+#include <unistd.h>
+
 #include "common/error.h"
+#include "fabric/fd_broker.h"
 
 namespace jax_garden::fabric {
 namespace {
@@ -12,6 +15,14 @@ namespace {
 // Process-wide CUDA IPC mappings: a handle may be opened only once per process.
 Mutex g_ipc_mu;
 std::map<std::pair<uint64_t, std::array<uint8_t, kIpcHandleBytes>>, uint64_t> g_ipc_maps JG_GUARDED_BY(g_ipc_mu);
+// Imported VMM ranges, by (owner process nonce, region key): the mapped base and the local devices
+// given access. The mapping holds the owner's physical memory; the owner's region table still
+// admits every copy (liveness and bounds), as for legacy handles.
+struct VmmMapping {
+  uint64_t base = 0;
+  std::vector<int> devices;
+};
+std::map<std::pair<uint64_t, uint64_t>, VmmMapping> g_vmm_maps JG_GUARDED_BY(g_ipc_mu);
 
 bool same_process(const MemoryDescriptor& d) { return d.host_id == host_id() && d.process_nonce == process_nonce(); }
 
@@ -64,6 +75,7 @@ bool IpcTransport::gpu_can_map(const MemoryRegion& src, const MemoryDescriptor& 
 uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
   if (same_process(dst)) return dst.base;
   JG_CHECK_ARG(dst.has_ipc, "ipc: the destination descriptor carries no CUDA IPC handle");
+  if (dst.ipc_kind == IpcKind::kVmm) return map_vmm(dst, device);
   auto key = std::make_pair(dst.process_nonce, dst.ipc_handle);
   MutexLock lk(g_ipc_mu);
   auto it = g_ipc_maps.find(key);
@@ -71,9 +83,34 @@ uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
   return it->second + dst.ipc_offset;
 }
 
+uint64_t IpcTransport::map_vmm(const MemoryDescriptor& dst, int device) {
+  auto key = std::make_pair(dst.process_nonce, dst.region_key);
+  MutexLock lk(g_ipc_mu);
+  auto it = g_vmm_maps.find(key);
+  if (it == g_vmm_maps.end()) {
+    std::string why;
+    int fd = FdBroker::fetch(dst.process_nonce, dst.region_key, std::min(ctx_.options.timeout_s, 5.0), &why);
+    if (fd < 0) throw TransferFailed(str_cat("ipc: mapping the destination's VMM range: ", why));
+    VmmMapping m;
+    try {
+      m.base = gpu_runtime().vmm_map(fd, dst.ipc_range_bytes, device);
+    } catch (...) {
+      ::close(fd);
+      throw;
+    }
+    ::close(fd);
+    m.devices.push_back(device);
+    it = g_vmm_maps.emplace(key, std::move(m)).first;
+  } else if (std::find(it->second.devices.begin(), it->second.devices.end(), device) == it->second.devices.end()) {
+    gpu_runtime().vmm_grant(it->second.base, dst.ipc_range_bytes, device);
+    it->second.devices.push_back(device);
+  }
+  return it->second.base + dst.ipc_offset;
+}
+
 uint64_t IpcTransport::mappings() {
   MutexLock lk(g_ipc_mu);
-  return g_ipc_maps.size();
+  return g_ipc_maps.size() + g_vmm_maps.size();
 }
 
 void IpcTransport::block(int device) {

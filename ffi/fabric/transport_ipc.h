@@ -62,7 +62,7 @@ class IpcTransport {
   bool gpu_can_map(const MemoryRegion& src, const MemoryDescriptor& dst) const;
   // The address where dst's region base is mapped in this process (imports the IPC handle once).
   uint64_t map(const MemoryDescriptor& dst, int device);
-  static uint64_t mappings();
+  static uint64_t mappings();  // legacy handles opened + VMM ranges imported, process-wide
 
   // One pass of the job runner: single-write copies issued during it go out as one batch per device
   // (one copy call list, one event); copies on one stream complete in order, so once one is found
@@ -74,6 +74,8 @@ class IpcTransport {
   void block(int device);
 
  private:
+  // A VMM range (IpcKind::kVmm): its fd from the owner's FdBroker, imported and mapped once.
+  uint64_t map_vmm(const MemoryDescriptor& dst, int device);
   struct BatchEntry {
     IpcPart* part;
     int device;

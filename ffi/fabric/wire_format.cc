@@ -69,7 +69,8 @@ Bytes MemoryDescriptor::to_bytes() const {
   w.put<uint8_t>(virtual_addressing ? 1 : 0);
   w.put<uint8_t>(static_cast<uint8_t>(kind));
   w.put<int32_t>(device);
-  w.put<uint8_t>(static_cast<uint8_t>((staged ? 1 : 0) | (has_ipc ? 2 : 0)));
+  const bool vmm = has_ipc && ipc_kind == IpcKind::kVmm;
+  w.put<uint8_t>(static_cast<uint8_t>((staged ? 1 : 0) | (has_ipc ? 2 : 0) | (vmm ? 4 : 0)));
   w.put<uint64_t>(imm_base);
   w.put<uint32_t>(stage_chunk_bytes);
   w.put_string(host_id);
@@ -78,7 +79,10 @@ Bytes MemoryDescriptor::to_bytes() const {
   w.put<uint64_t>(region_key);
   w.put<uint32_t>(region_slot);
   if (has_ipc) {
-    w.out.insert(w.out.end(), ipc_handle.begin(), ipc_handle.end());
+    if (vmm)
+      w.put<uint64_t>(ipc_range_bytes);
+    else
+      w.out.insert(w.out.end(), ipc_handle.begin(), ipc_handle.end());
     w.put<uint64_t>(ipc_offset);
     w.put_string(pci_bus_id);
   }
@@ -112,9 +116,11 @@ MemoryDescriptor MemoryDescriptor::from_bytes(const uint8_t* data, size_t size) 
   JG_CHECK_ARG(d.kind == MemoryKind::kHost ? d.device == -1 : d.device >= 0, "MemoryDescriptor device ", d.device,
                " does not fit memory kind ", int(kind));
   uint8_t flags = r.get<uint8_t>("flags");
-  JG_CHECK_ARG((flags & ~3u) == 0, "MemoryDescriptor has unknown flag bits 0x", std::hex, int(flags));
+  JG_CHECK_ARG((flags & ~7u) == 0, "MemoryDescriptor has unknown flag bits 0x", std::hex, int(flags));
   d.staged = (flags & 1) != 0;
   d.has_ipc = (flags & 2) != 0;
+  JG_CHECK_ARG(d.has_ipc || !(flags & 4), "MemoryDescriptor marks a VMM range but carries no IPC export");
+  d.ipc_kind = (flags & 4) ? IpcKind::kVmm : IpcKind::kLegacy;
   JG_CHECK_ARG(!d.has_ipc || d.kind == MemoryKind::kCuda, "MemoryDescriptor carries a CUDA IPC handle for host memory");
   d.imm_base = r.get<uint64_t>("imm target");
   d.stage_chunk_bytes = r.get<uint32_t>("staging chunk size");
@@ -129,10 +135,17 @@ MemoryDescriptor MemoryDescriptor::from_bytes(const uint8_t* data, size_t size) 
   JG_CHECK_ARG(d.region_key != 0, "MemoryDescriptor has no region key");
   d.region_slot = r.get<uint32_t>("region slot");
   if (d.has_ipc) {
-    r.get_raw(d.ipc_handle.data(), kIpcHandleBytes, "ipc handle");
+    if (d.ipc_kind == IpcKind::kVmm)
+      d.ipc_range_bytes = r.get<uint64_t>("vmm range size");
+    else
+      r.get_raw(d.ipc_handle.data(), kIpcHandleBytes, "ipc handle");
     d.ipc_offset = r.get<uint64_t>("ipc offset");
     JG_CHECK_ARG(d.ipc_offset <= d.base, "MemoryDescriptor IPC offset 0x", std::hex, d.ipc_offset,
                  " exceeds the region base 0x", d.base);
+    JG_CHECK_ARG(d.ipc_kind != IpcKind::kVmm || (d.ipc_offset <= d.ipc_range_bytes &&
+                                                  d.length <= d.ipc_range_bytes - d.ipc_offset),
+                 "MemoryDescriptor region [+0x", std::hex, d.ipc_offset, ", +0x", d.length,
+                 ") does not fit its VMM range of 0x", d.ipc_range_bytes, " bytes");
     Bytes bus = r.get_bytes("pci bus id", kMaxPciBusIdBytes);
     JG_CHECK_ARG(!bus.empty(), "MemoryDescriptor has a CUDA IPC handle but no PCI bus id");
     d.pci_bus_id.assign(bus.begin(), bus.end());

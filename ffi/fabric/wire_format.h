@@ -13,7 +13,7 @@ namespace jax_garden::fabric {
 
 using Bytes = std::vector<uint8_t>;
 
-inline constexpr uint16_t kWireFormatVersion = 3;
+inline constexpr uint16_t kWireFormatVersion = 4;
 inline constexpr size_t kMaxDomains = 8;          // NICs per group we accept on the wire
 inline constexpr size_t kMaxEndpointNameBytes = 256;
 inline constexpr size_t kIpcHandleBytes = 64;      // cudaIpcMemHandle_t
@@ -33,6 +33,11 @@ struct NetAddress {
 
 enum class MemoryKind : uint8_t { kHost = 0, kCuda = 1 };
 
+// How a same-host peer maps a CUDA region: a legacy CUDA IPC handle (cudaMalloc memory), or a
+// virtual-memory-management range (cuMemCreate, as XLA's allocators make) exported as a POSIX
+// file descriptor that the owner's fd broker hands out (fd_broker.h).
+enum class IpcKind : uint8_t { kLegacy = 0, kVmm = 1 };
+
 // Where a remote region lives: base address and length in the owner's address space, how RMA
 // addresses are formed (virtual addresses or offsets, provider-dependent), and per owner domain the
 // endpoint name, the region's remote key and the key of the owner engine's imm target.
@@ -43,7 +48,8 @@ enum class MemoryKind : uint8_t { kHost = 0, kCuda = 1 };
 //     itself to be libfabric-registered (staged regions are not);
 //   * host_id (kernel boot id) + pid + process nonce: same host / same process checks;
 //   * for CUDA regions with an IPC export: the cudaIpcMemHandle of the allocation holding the
-//     region, the region's offset in it and the GPU's PCI bus id (CUDA IPC path on one host);
+//     region (or, for a VMM range, its size: the fd comes from the owner's broker), the region's
+//     offset in it and the GPU's PCI bus id (CUDA IPC path on one host);
 //   * staged: the provider cannot reach this memory (e.g. GPU memory on tcp); writes go through the
 //     owner's bounce slots (stage_chunk_bytes each) by rendezvous;
 //   * region_key: a random 64-bit secret of this registration, never reused: the capability that the
@@ -72,8 +78,10 @@ struct MemoryDescriptor {
   uint64_t region_key = 0;
   uint32_t region_slot = 0xFFFFFFFFu;
   bool has_ipc = false;
-  std::array<uint8_t, kIpcHandleBytes> ipc_handle{};
-  uint64_t ipc_offset = 0;  // region base - allocation base
+  IpcKind ipc_kind = IpcKind::kLegacy;
+  std::array<uint8_t, kIpcHandleBytes> ipc_handle{};  // kLegacy
+  uint64_t ipc_offset = 0;       // region base - allocation (kVmm: range) base
+  uint64_t ipc_range_bytes = 0;  // kVmm: size of the range to map
   std::string pci_bus_id;
   std::vector<DomainKey> domains;
 

@@ -13,6 +13,7 @@
 #include "common/error.h"
 #include "common/registry.h"
 #include "fabric/engine.h"
+#include "fabric/fd_broker.h"
 #include "fabric/latency_probe.h"
 #include "fabric/shared_regions.h"
 #include "fabric/gpu_runtime.h"
@@ -221,7 +222,8 @@ void BindFabric(nb::module_& m) {
                                uint64_t split_threshold,     // single writes this long split over domains
                                const std::string& path,      // default path ("" = choose per destination)
                                uint32_t staging_chunk_bytes, uint32_t staging_slots,
-                               const std::string& completion) {  // "delivery" or "transmit"
+                               const std::string& completion,  // "delivery" or "transmit"
+                               bool vmm_ipc) {                 // offer cuMemCreate GPU regions to same-host peers
         EngineOptions o;
         o.provider = provider;
         o.node = node;
@@ -233,10 +235,11 @@ void BindFabric(nb::module_& m) {
         o.stage_chunk_bytes = staging_chunk_bytes;
         o.stage_slots = staging_slots;
         o.completion = parse_completion(completion);
+        o.vmm_ipc = vmm_ipc;
         nb::gil_scoped_release release;
         return Engine::create(o);
       }, "provider"_a, "node"_a, "domains"_a, "timeout"_a, "max_message_bytes"_a, "split_threshold"_a, "path"_a,
-         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a)
+         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a, "vmm_ipc"_a = false)
       .def_prop_ro("address", [](const Engine& e) { return e.address(); })
       .def_prop_ro("provider", [](const Engine& e) { return e.provider(); })
       .def_prop_ro("num_domains", &Engine::num_domains)
@@ -411,6 +414,22 @@ void BindFabric(nb::module_& m) {
     return out;
   }, "segments"_a, "chunk_bytes"_a, "max_segments"_a);
   m.def("host_id", []() { return host_id(); });
+  m.def("process_nonce", []() { return process_nonce(); });
+
+  // The fd broker (fd_broker.h), for tests: serve an fd (ownership passes to the broker), stop
+  // serving it, fetch one from a process on this host (TransferError on refusal or timeout).
+  m.def("_fd_broker_add", &FdBroker::add, "region_key"_a, "fd"_a);
+  m.def("_fd_broker_remove", &FdBroker::remove, "region_key"_a);
+  m.def("_fd_broker_fetch", [](uint64_t process_nonce, uint64_t region_key, double timeout) {
+    std::string why;
+    int fd;
+    {
+      nb::gil_scoped_release release;
+      fd = FdBroker::fetch(process_nonce, region_key, timeout, &why);
+    }
+    if (fd < 0) throw TransferFailed(why);
+    return fd;
+  }, "process_nonce"_a, "region_key"_a, "timeout"_a);
 
   // GPU runtime (CUDA builds; the CPU build reports it unavailable). Helpers for tests and the
   // benchmark: plain device buffers and same-run copy baselines.
