@@ -432,14 +432,8 @@ class TransferEngine:
         if isinstance(targets, ScatterTargets):
             return self._native.scatter_prepared(_region(region), targets._native, sharding, _check_imm(imm),
                                                  _check_path(path))
-        native_targets = []
-        for i, t in enumerate(targets):
-            if len(t) != 4:
-                raise TypeError(f"scatter target {i} must be (descriptor, length, src_offset, dst_offset), got {t!r}")
-            d, n, so, do = t
-            native_targets.append((_descriptor(d, f"scatter target {i} descriptor"), _check_count("length", n),
-                                   _check_count("src_offset", so), _check_count("dst_offset", do)))
-        return self._native.scatter(_region(region), native_targets, sharding, _check_imm(imm), _check_path(path))
+        return self._native.scatter(_region(region), _scatter_targets(targets), sharding, _check_imm(imm),
+                                    _check_path(path))
 
     def write_imm(self, remote_descriptor: Any, imm: int) -> Transfer:
         """A zero-byte write that delivers only ``imm`` to the owner of ``remote_descriptor``."""
@@ -542,6 +536,22 @@ def _static_int(x: Any) -> int:
     return -1
 
 
+def _scatter_targets(targets: Iterable[tuple[Any, int, int, int]], share_bytes: bool = False) -> list[tuple]:
+    """Checked (descriptor, length, src_offset, dst_offset) tuples for the native scatter.
+    ``share_bytes``: equal descriptor bytes become one descriptor object (checked once natively)."""
+    out = []
+    from_bytes: dict[bytes, MemoryDescriptor] = {}
+    for i, t in enumerate(targets):
+        if not isinstance(t, (tuple, list)) or len(t) != 4:
+            raise TypeError(f"scatter target {i} must be (descriptor, length, src_offset, dst_offset), got {t!r}")
+        d, n, so, do = t
+        if share_bytes and isinstance(d, (bytes, bytearray, memoryview)):
+            d = from_bytes.setdefault(bytes(d), _descriptor(d))
+        out.append((_descriptor(d, f"scatter target {i} descriptor"), _check_count("length", n),
+                    _check_count("src_offset", so), _check_count("dst_offset", do)))
+    return out
+
+
 class ScatterTargets:
     """Scatter destinations checked and converted once, for posting many times with
     :meth:`TransferEngine.scatter` (a weight push posts the same lists on every push).
@@ -551,17 +561,7 @@ class ScatterTargets:
     provider and liveness are still checked at each scatter."""
 
     def __init__(self, targets: Iterable[tuple[Any, int, int, int]]):
-        native_targets = []
-        from_bytes: dict[bytes, MemoryDescriptor] = {}  # one object per descriptor: checked once natively
-        for i, t in enumerate(targets):
-            if not isinstance(t, (tuple, list)) or len(t) != 4:
-                raise TypeError(f"scatter target {i} must be (descriptor, length, src_offset, dst_offset), got {t!r}")
-            d, n, so, do = t
-            if isinstance(d, (bytes, bytearray, memoryview)):
-                d = from_bytes.setdefault(bytes(d), _descriptor(d))
-            native_targets.append((_descriptor(d, f"scatter target {i} descriptor"), _check_count("length", n),
-                                   _check_count("src_offset", so), _check_count("dst_offset", do)))
-        self._native = _native.ScatterTargets(native_targets)
+        self._native = _native.ScatterTargets(_scatter_targets(targets, share_bytes=True))
 
     def __len__(self) -> int:
         return len(self._native)
