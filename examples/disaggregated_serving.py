@@ -216,7 +216,9 @@ def prompts(args: argparse.Namespace) -> list[bytes]:
 def _engine(args: argparse.Namespace) -> Any:
     from jax_garden import fabric
 
-    return fabric.TransferEngine(provider=args.provider, timeout=args.engine_timeout)
+    # Either completion mode is safe: the decode side judges readiness by counting imms
+    # (docs/kv.md, "Engine completion mode").
+    return fabric.TransferEngine(provider=args.provider, timeout=args.engine_timeout, completion=args.completion)
 
 
 # -------------------------------------------------------------------------------------- prefill
@@ -582,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--provider", default="tcp", help="libfabric provider (default tcp)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for any one wait")
     p.add_argument("--engine-timeout", type=float, default=10.0)
+    p.add_argument("--completion", choices=("delivery", "transmit"), default="delivery",
+                   help="the engines' completion mode (default delivery, the engine's default)")
     p.add_argument("--inject-mismatch", action="store_true",
                    help="zero one request's K cache after it arrived: the check must report a mismatch")
     p.add_argument("--role", choices=("prefill", "decode"), help=argparse.SUPPRESS)

@@ -162,10 +162,10 @@ def _check_pages(cache: Any, pages: np.ndarray, seed: int) -> None:
 # ------------------------------------------------------------------------------------------ workers
 
 
-def _engine(timeout: float) -> Any:
+def _engine(plan: dict) -> Any:
     from jax_garden import fabric
 
-    return fabric.TransferEngine(provider="tcp", timeout=timeout)
+    return fabric.TransferEngine(provider="tcp", timeout=plan["engine_timeout"], completion=plan["completion"])
 
 
 def _decode_worker(ctl: Control, plan: dict, timeout: float) -> None:
@@ -175,7 +175,7 @@ def _decode_worker(ctl: Control, plan: dict, timeout: float) -> None:
     from jax_garden import kv
 
     max_pages = max(-(-t // plan["layout"]["page_tokens"]) for t in plan["prompts"])
-    eng = _engine(plan["engine_timeout"])
+    eng = _engine(plan)
     cache = kv.PagedKVCache(eng, _layout(plan, 2 * max_pages + 1))
     dec = kv.DecodeSide(cache, timeout=timeout, max_requests=64)
     ctl.send(bytes(dec.contact))
@@ -252,7 +252,7 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
 
     platform = plan["platform"]
     max_pages = max(-(-t // plan["layout"]["page_tokens"]) for t in plan["prompts"])
-    eng = _engine(plan["engine_timeout"])
+    eng = _engine(plan)
     cache = kv.PagedKVCache(eng, _layout(plan, max_pages + 1))
     pf = kv.PrefillSide(cache, timeout=timeout)
     decode = ctl.recv()
@@ -395,9 +395,10 @@ def _python_cmd() -> list[str]:
 
 
 def _raw_floor_cpu(plan_layout: dict, prompts: list[int], iters: int, timeout: float,
-                   pin: tuple[str, str] | None = None) -> dict:
+                   pin: tuple[str, str] | None = None, completion: str = "transmit") -> dict:
     """raw_fabric_bench: per prompt, the request's bytes as 2 x layers coalesced writes (window 64)
-    and, for the scattered case, one paged op of the request's pages."""
+    and, for the scattered case, one paged op of the request's pages; with the engines' completion
+    semantics (``--delivery-complete`` for delivery)."""
     binary = raw_binary()
     if not binary.exists():
         raise BenchError(f"raw baseline binary not found at {binary} (build the project first)")
@@ -409,6 +410,7 @@ def _raw_floor_cpu(plan_layout: dict, prompts: list[int], iters: int, timeout: f
         raw_plan = [{"kind": "bw", "size": run, "count": 2 * plan_layout["num_layers"] * iters, "window": 64},
                     {"kind": "paged", "page": page, "pages": n_pages, "iters": iters, "window": 64}]
         common = ["--plan", raw_plan_string(raw_plan), "--seed", "7", "--timeout", str(timeout)]
+        common += ["--delivery-complete"] if completion == "delivery" else []
         records = run_pair([str(binary), "--role", "server", *common],
                            lambda port: [str(binary), "--role", "client", "--port", str(port), *common],
                            "raw_fabric_bench", timeout, pin=pin)
@@ -603,6 +605,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--layer-ms", type=float, default=None,
                    help="emulated compute per layer (default: one layer's bytes at the raw floor's rate)")
     p.add_argument("--layers", type=int, default=LLAMA3_8B["num_layers"], help="layers (default 32, Llama-3-8B)")
+    p.add_argument("--completion", choices=("delivery", "transmit"), default="delivery",
+                   help="the engines' completion mode, and the raw floor's (default delivery, the engine's default; "
+                        "transmit is as safe for KV streaming: docs/kv.md)")
     p.add_argument("--quick", action="store_true", help="2k prompts, 2 iterations: well under a minute")
     p.add_argument("--no-gpu", action="store_true", help="CPU rows only")
     p.add_argument("--no-cpu", action="store_true", help="GPU rows only")
@@ -646,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     for platform in platforms:
         def measure_floor() -> dict:
             try:
-                return (_raw_floor_cpu(layout, prompts, iters, args.timeout, args.pin_cpus) if platform == "cpu"
+                return (_raw_floor_cpu(layout, prompts, iters, args.timeout, args.pin_cpus, args.completion)
+                        if platform == "cpu"
                         else _raw_floor_gpu(layout, prompts, args.timeout))
             except Exception as e:  # noqa: BLE001 - the engine rows still run
                 errors.append(f"{platform} raw floor: {e}")
@@ -666,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 layer_ms[str(tokens)] = 5.0
         plan = {"platform": platform, "layout": layout, "prompts": prompts, "iters": iters,
-                "cancel_iters": cancel_iters, "cases": cases, "layer_ms": layer_ms, "engine_timeout": 10.0}
+                "cancel_iters": cancel_iters, "cases": cases, "layer_ms": layer_ms, "engine_timeout": 10.0,
+                "completion": args.completion}
         _progress(f"kv benchmark, {platform}: engine workers, layer compute {layer_ms} ms")
         try:
             records = _run_engine_pair(plan, args)
@@ -690,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         if xt:
             notes.append(f"jax.experimental.transfer does not run on {platform} here: {xt[0]['error'][:200]}")
     result.update(notes=notes, errors=errors, elapsed_s=round(time.monotonic() - t_start, 1), quick=quick, pin=args.pin,
+                  completion=args.completion,
                   method=__doc__.split("Measured:")[1].strip() if "Measured:" in __doc__ else "")
     print_table(result)
     out = Path(args.json)
