@@ -20,12 +20,20 @@ CHILD_TIMEOUT = 120.0
 
 def gpu_count() -> int:
     """CUDA GPUs this build and machine can use (0 without a CUDA build or a GPU). Asks the native
-    runtime, not jax, so that test collection initialises no backend."""
+    runtime, not jax, so that test collection initialises no backend. Only the test process asks
+    CUDA: a spawned child imports its test module to find its worker, and a query there would
+    initialise CUDA before the worker pins its GPU with CUDA_VISIBLE_DEVICES (every child would
+    then see, and use, GPU 0). Children read the count their parent left in the environment."""
+    # (While a spawned child unpickles its target, parent_process() is still None; its name is set.)
+    if mp.current_process().name != "MainProcess" or mp.parent_process() is not None:
+        return int(os.environ.get("JAX_GARDEN_TEST_NGPU", "0"))
     try:
         from jax_garden._jax_garden import fabric as native
     except Exception:  # noqa: BLE001 - no extension: no GPUs
         return 0
-    return native.gpu_device_count() if native.gpu_available() else 0
+    n = native.gpu_device_count() if native.gpu_available() else 0
+    os.environ["JAX_GARDEN_TEST_NGPU"] = str(n)
+    return n
 
 
 def _entry(fn: Callable, rank: int, size: int, board: Any, inbox: Any, results: Any, args: tuple) -> None:
@@ -52,11 +60,35 @@ def run_group(fn: Callable, size: int, *args: Any, timeout: float = 90.0, exchan
              for r in range(size)]
     for p in procs:
         p.start()
+    finished = False
+    early: list = []  # results that came while the parent waited for an exchange
+
+    def board_get() -> tuple[int, Any]:
+        # A rank that fails before its next exchange never posts to the board: look at the results
+        # too, so that its error is raised at once instead of a timeout naming nothing.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return board.get(timeout=0.2)
+            except queue.Empty:
+                pass
+            try:
+                rank, status, value = results.get_nowait()
+            except queue.Empty:
+                rank = None
+            if rank is not None:
+                if status == "error" and rank not in (expect_dead or ()):
+                    raise AssertionError(f"rank {rank} failed before exchange: {value}")
+                early.append((rank, status, value))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"exchange: not every rank posted within {timeout} s "
+                                   f"(finished early: {sorted(r for r, _, _ in early)})")
+
     try:
         for _ in range(exchanges):
             infos: list[Any] = [None] * size
             for _ in range(size):
-                rank, info = board.get(timeout=timeout)
+                rank, info = board_get()
                 infos[rank] = info
             for box in inboxes:
                 box.put(infos)
@@ -68,16 +100,17 @@ def run_group(fn: Callable, size: int, *args: Any, timeout: float = 90.0, exchan
         alive_needed = size - len(expect_dead or ())
         while len(out) + len(errors) < alive_needed:
             try:
-                rank, status, value = results.get(timeout=timeout)
+                rank, status, value = early.pop() if early else results.get(timeout=timeout)
             except queue.Empty:
                 raise TimeoutError(f"ranks {sorted(set(range(size)) - set(out))} did not finish in {timeout} s")
             (out.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}: {value}"))
         if errors:
             raise AssertionError("\n".join(errors))
+        finished = True
         return out
     finally:
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=5 if finished else 0.5)  # after a failure the others wait for nothing
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(timeout=5)

@@ -237,6 +237,27 @@ def test_two_senders_into_one_staged_receiver(engines):
     assert s["recv_slots_free"] == s["recv_slots"] == 4 and s["inbound"] == 0
 
 
+def test_many_concurrent_staged_transfers_share_both_pools(engines):
+    """More staged transfers in flight than bounce buffers on either side (what a KV stream or a
+    weight push posts): a sender must not sit on send buffers that no grant will match while the
+    receiver's slots are granted to transfers that have no buffer (a deadlock until the timeout)."""
+    kw = dict(staging_chunk_bytes=16 << 10, staging_slots=4, timeout=5.0)
+    r, s = engines(1, **kw), engines(1, **kw)
+    n, k = 64 << 10, 24  # 4 chunks each, 24 transfers: 96 chunks through 4 + 4 buffers
+    dst = np.zeros(n * k, np.uint8)
+    rd = r.register(dst, staged=True)
+    src = random_bytes(n * k, 77)
+    rs = s.register(src, staged=True)
+    ts = [s.write(rs, rd.descriptor, n, src_offset=i * n, dst_offset=i * n, imm=60) for i in range(k)]
+    for t in ts:
+        t.wait(20)
+    r.imm_counter(60).wait(k, 20)
+    np.testing.assert_array_equal(dst, src)
+    st, rt = s.staging_stats(), r.staging_stats()
+    assert st["send_buffers_free"] == st["send_buffers"] == 4 and st["outbound"] == 0, st
+    assert rt["recv_slots_free"] == rt["recv_slots"] == 4 and rt["inbound"] == 0, rt
+
+
 def test_imm_only_ops_reach_staged_regions_and_internal_messages_stay_internal(engines):
     a, b = engines(2), engines(2)
     ra = a.register(random_bytes(70_000, 2), staged=True)

@@ -8,27 +8,16 @@ cancels racing layers in flight, a killed prefill and a killed decode process.""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several processes share the GPUs
 
 import pytest
 
-from fabric_group import run_group
+from fabric_group import gpu_count, run_group
 
 
-def _gpu_count() -> int:
-    if mp.parent_process() is not None:  # a spawned child: it pins its own GPU before touching CUDA
-        return 0
-    try:
-        from jax_garden._jax_garden import fabric as native
-    except Exception:
-        return 0
-    return native.gpu_device_count() if native.gpu_available() else 0
-
-
-NGPU = _gpu_count()
+NGPU = gpu_count()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NGPU < 2, reason="needs 2 CUDA GPUs and a CUDA build")]
 
 LAYOUT = dict(num_layers=4, num_pages=96, page_tokens=16, kv_heads=8, head_dim=128, dtype="bfloat16")

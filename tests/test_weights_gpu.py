@@ -52,6 +52,7 @@ def _worker(rank, size, exchange, n_src, gpus, direct_min):
     from jax_garden import fabric, weights
 
     assert jax.devices()[0].platform == "gpu", jax.devices()
+    assert len(jax.devices()) == 1, f"CUDA_VISIBLE_DEVICES came too late: this process sees {jax.devices()}"
     n_dst = size - n_src
     src, dst = _specs(n_src, n_dst)
     plan = weights.Plan(weights.Layout.from_pytree(src), weights.Layout.from_pytree(dst), chunk_bytes=1 << 20,
@@ -76,7 +77,8 @@ def _worker(rank, size, exchange, n_src, gpus, direct_min):
     # The path the engine takes toward the first destination buffer: CUDA IPC (copy engines) when
     # the destination exports an IPC handle, else staging (see test_xla_buffers_take_the_ipc_path).
     for ring in pub._rings.values():
-        dst_desc = pub._subs[pub.plan.destinations_of(rank)[0]]["descs"][0][0]
+        descs = pub._subs[pub.plan.destinations_of(rank)[0]]["descs"]  # {dst tensor: [desc per local]}
+        dst_desc = descs[min(descs)][0]  # not every destination tensor gets bytes from every trainer
         out["path"] = pub.engine.path_for(ring.regions[0], dst_desc)
         out["dst_has_ipc"] = dst_desc.has_ipc_handle
     for v in (1, 2):

@@ -411,10 +411,14 @@ bool StagedPart::advance() {
     progress = true;
   }
 
-  // Stage chunks ahead of the network into local bounce buffers (bounded per transfer).
+  // Stage chunks ahead of the network into local bounce buffers (bounded per transfer). Toward a
+  // staged destination, only as many as this transfer holds grants for: a buffer held while
+  // waiting for a grant can deadlock with the receiver, whose slots may all be granted to other
+  // transfers that wait for this sender's buffers.
   if (spec_.stage_src) {
     BouncePool& pool = ctx_.staging->send_pool();
-    while (next_stage_ < chunks_.size() && buffers_held_ < buffer_cap() && !pool.free.empty()) {
+    auto matched = [&] { return !spec_.stage_dst || staging_.size() + ready_.size() < grants_.size(); };
+    while (next_stage_ < chunks_.size() && buffers_held_ < buffer_cap() && !pool.free.empty() && matched()) {
       uint32_t b = pool.free.back();
       pool.free.pop_back();
       buffers_held_++;

@@ -97,7 +97,8 @@ def _make_compute(platform: str, layer_s: float) -> Any:
         return lambda c: c + io_callback(sleep, jax.ShapeDtypeStruct((), jnp.float32), c, ordered=True)
 
     n = 2048
-    w = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16) / np.sqrt(n)
+    # the scale is cast back: a NumPy float64 scalar would promote w (and the loop carry) to float32
+    w = (jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16) / np.sqrt(n)).astype(jnp.bfloat16)
 
     def burn(c, iters):
         x = jnp.full((n, n), 0.5, jnp.bfloat16) + c.astype(jnp.bfloat16)
