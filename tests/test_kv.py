@@ -886,3 +886,8 @@ def test_kv_bench_runs(tmp_path):
     assert lw["tail_ms"] > 0 and lw["ttft_ms"] > 0 and lw["layers_on_mark"] > 0
     assert res["cancel"]["cpu"]["2048"]["states"] == ["CANCELLED"]  # JSON keys are strings
     assert res["errors"] == []
+    # the headline (what .ci/gpu_verify.sh prints): every target, and layer-wise TTFT / colocated
+    head = res["headline"]
+    assert all(f"cpu {t['tokens']} {t['metric']}" in head for t in res["targets"]) and res["targets"], head
+    assert head["cpu 2048 layer-wise TTFT / colocated"] == pytest.approx(
+        lw["ttft_ms"] / next(row for row in res["rows"] if row["system"] == "colocated")["ttft_ms"], rel=1e-2)

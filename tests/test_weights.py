@@ -837,6 +837,7 @@ def test_bench_simulate_k2_small(tmp_path):
     for n in r["network"]:
         assert 1.0 <= n["ratio_to_receiver_bound"] <= 1.10, n
     assert "predicted push" in proc.stdout and "Perplexity" in proc.stdout
+    assert r["headline"]["host work ms busiest sender"] == pytest.approx(r["host_work_busiest_sender"]["estimate_ms"], rel=1e-3)
 
 
 @pytest.mark.timeout(400)
@@ -849,3 +850,5 @@ def test_bench_quick_cpu_rows(tmp_path):
         assert row["verified"] and row["seconds"] > 0 and row["raw_GBps"] and row["ratio_vs_raw"] > 0, row
     assert r["host_costs"]["per_target_us"] > 0 and r["host_costs"]["stage_call_fp8_us"] > 0
     assert "raw GB/s" in proc.stdout
+    for row in r["rows"]:  # the headline (what .ci/gpu_verify.sh prints) carries every row's ratio
+        assert r["headline"][f"{row['name']} ratio_vs_raw"] == pytest.approx(row["ratio_vs_raw"], rel=1e-2)

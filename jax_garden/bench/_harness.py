@@ -87,6 +87,8 @@ def print_table(columns: Sequence[tuple[str, int, str]], rows: Iterable[Sequence
 def _json_default(o: Any) -> Any:
     if isinstance(o, tuple):
         return list(o)
+    if getattr(o, "ndim", 0) and hasattr(o, "tolist"):  # numpy arrays
+        return o.tolist()
     if hasattr(o, "item"):  # numpy scalars
         return o.item()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")

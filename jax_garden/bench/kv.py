@@ -47,12 +47,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jax_garden.bench._harness import BenchError, child_env, percentile
+from jax_garden.bench._harness import BenchError, child_env, percentile, write_json
 from jax_garden.bench.fabric import (Control, _listen_and_announce, fmt_size, metrics_from_records, parse_pin,
                                      raw_binary, raw_plan_string, run_pair)
 
@@ -701,11 +700,24 @@ def main(argv: list[str] | None = None) -> int:
                   completion=args.completion,
                   method=__doc__.split("Measured:")[1].strip() if "Measured:" in __doc__ else "")
     print_table(result)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(args.json, result, headline(result))
     _progress(f"wrote {out}")
     return 1 if errors else 0
+
+
+def headline(result: dict) -> dict[str, Any]:
+    """The same-run ratios .ci/gpu_verify.sh prints: each target's value (with its goal and whether
+    it was met), and per platform and prompt the layer-wise TTFT against the colocated one."""
+    out: dict[str, Any] = {}
+    for t in result.get("targets", []):
+        out[f"{t['platform']} {t['tokens']} {t['metric']}"] = (
+            f"{t['value']:.3g} (target {t['target']}: {'met' if t['met'] else 'MISSED'})")
+    ttft = {(r.get("platform"), r.get("tokens"), r.get("system")): r.get("ttft_ms") for r in result.get("rows", [])}
+    for (platform, tokens, system), ms in ttft.items():
+        base = ttft.get((platform, tokens, "colocated"))
+        if system == "layerwise" and ms and base:
+            out[f"{platform} {tokens} layer-wise TTFT / colocated"] = round(ms / base, 3)
+    return out
 
 
 if __name__ == "__main__":

@@ -24,15 +24,15 @@ Without ``--simulate``: the measured rows, each beside its same-run baseline:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jax_garden.bench._harness import write_json
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PERPLEXITY_K2_SECONDS = 1.3
@@ -612,7 +612,8 @@ def run_config(w: _Workers, cfg: dict, verify: bool = True) -> dict:
     """One configuration: connect, one warm-up push (compiles the stager), then timed pushes."""
     pubs, subs = w.pubs[:cfg["src"]], w.subs[:cfg["dst"]]
     addrs = [w.ask(c, ("config", cfg))[1] for c in subs]
-    mem_before = [w.ask(c, ("config", cfg))[1] for c in pubs]
+    for c in pubs:
+        w.ask(c, ("config", cfg))
     for c in subs:
         w.ask(c, ("peers", addrs))
     for c in pubs:
@@ -939,9 +940,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.simulate:
         r = simulate_k2(args)
         print_simulation(r)
-        path = Path(args.json or "bench_results/weights_simulate_k2.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"benchmark": "weights-simulate-k2", **r}, indent=1, default=_json) + "\n")
+        path = write_json(args.json or "bench_results/weights_simulate_k2.json", {"benchmark": "weights-simulate-k2", **r},
+                          simulation_headline(r))
         print(f"wrote {path}", file=sys.stderr)
         return 0
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -959,21 +959,37 @@ def main(argv: list[str] | None = None) -> int:
     print_rows(result)
     if result.get("gpu"):
         weights_gpu.print_gpu(result["gpu"])
-    path = Path(args.json or "bench_results/weights.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=_json) + "\n")
+    path = write_json(args.json or "bench_results/weights.json", result, headline(result))
     print(f"wrote {path}", file=sys.stderr)
     return 1 if result.get("errors") else 0
 
 
-def _json(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    raise TypeError(type(o).__name__)
+def simulation_headline(r: dict) -> dict[str, float]:
+    """Host work per push against its 10 ms goal, and each network's predicted push against the
+    busiest receiver's bound and Perplexity's reported time."""
+    out = {"host work ms busiest sender": round(r["host_work_busiest_sender"]["estimate_ms"], 3)}
+    for n in r["network"]:
+        out[f"{n['label']} push / receiver bound"] = round(n["ratio_to_receiver_bound"], 4)
+        out[f"{n['label']} push / Perplexity K2"] = round(n["seconds"] / n["perplexity_s"], 4)
+    return out
+
+
+def headline(result: dict) -> dict[str, float]:
+    """The same-run ratios .ci/gpu_verify.sh prints: per CPU row the engine against the raw
+    libfabric loop and jax.experimental.transfer; per GPU row against the peer-copy floor and each
+    single-process baseline."""
+    out: dict[str, float] = {}
+    for r in result.get("rows", []):
+        for k in ("ratio_vs_raw", "ratio_vs_jax_transfer"):
+            if r.get(k):
+                out[f"{r['name']} {k}"] = round(r[k], 3)
+    for r in (result.get("gpu") or {}).get("rows", []):
+        if r.get("ratio_vs_floor"):
+            out[f"{r['name']} vs peer-copy floor"] = round(r["ratio_vs_floor"], 4)
+        for k, v in (r.get("speedup_vs") or {}).items():
+            if v:
+                out[f"{r['name']} speed-up vs {k}"] = round(v, 3)
+    return out
 
 
 if __name__ == "__main__":
