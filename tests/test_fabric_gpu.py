@@ -203,10 +203,14 @@ def test_gpu_to_host_and_host_to_gpu():
     assert run_group(_gpu_host_worker, 2, exchanges=2, timeout=120) == {0: True, 1: True}
 
 
-def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
-    """Rank 1 registers a jax array (XLA's allocator: cuMemCreate memory, no legacy IPC handle);
-    rank 0 writes into it from a cudaMalloc buffer on its own GPU."""
-    os.environ["JAX_GARDEN_VMM_IPC"] = "1" if vmm else "0"
+def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool | None, allocator: str):
+    """Rank 1 registers a jax array (XLA's allocator: cuMemCreate memory with the default and
+    platform allocators, a memory pool with cuda_async; no legacy IPC handle either way); rank 0
+    writes into it from a cudaMalloc buffer on its own GPU."""
+    if vmm is not None:
+        os.environ["JAX_GARDEN_VMM_IPC"] = "1" if vmm else "0"
+    if allocator != "default":
+        os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = allocator
     import jax
     import jax.numpy as jnp
 
@@ -218,7 +222,7 @@ def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
         arr = jax.device_put(jnp.zeros(n, jnp.uint8), jax.local_devices()[-1])  # GPU 1 when there are two
         arr.block_until_ready()
         rd = eng.register(arr)
-        info = bytes(rd.descriptor)
+        info = (bytes(rd.descriptor), rd.registration_note)
     else:
         src = DevBuf(0, n)
         src.upload(_data(5, n))
@@ -227,9 +231,10 @@ def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
     peer = exchange(info)[1]
     result = {}
     if rank == 0:
-        desc = fabric.MemoryDescriptor.from_bytes(peer)
-        result["has_ipc"] = desc.has_ipc_handle
-        result["path"] = eng.path_for(rs, desc)
+        desc = fabric.MemoryDescriptor.from_bytes(peer[0])
+        result["ipc_kind"] = desc.ipc_kind
+        result["note"] = peer[1]
+        result["path"], result["why"] = eng.path_for(rs, desc, why=True)
         eng.write(rs, desc, n - 4096, src_offset=4096, dst_offset=0, imm=11).wait(60)
     else:
         eng.imm_counter(11).wait(fabric.imm_writes("write", domains=1, length=n - 4096), 60)
@@ -240,13 +245,23 @@ def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
     return result
 
 
-@pytest.mark.parametrize("vmm", [False, True], ids=["legacy-ipc-only", "vmm-ipc"])
-def test_gpu_write_into_an_xla_buffer_of_another_process(vmm):
-    """Into a jax array of another process: staged without JAX_GARDEN_VMM_IPC (XLA's buffers have
-    no legacy IPC handle), the ipc path with it (the range's fd from the owner's broker)."""
-    out = run_group(_xla_buffer_worker, 2, vmm, exchanges=2, timeout=180)
+@pytest.mark.parametrize("vmm,allocator,want", [
+    (None, "default", "ipc"),        # VMM IPC is on by default
+    (False, "default", "staged"),    # JAX_GARDEN_VMM_IPC=0
+    (None, "platform", "ipc"),       # cuMemCreate too
+    (None, "cuda_async", "staged"),  # pool memory: not exportable, staged with a reason
+], ids=["vmm-default", "vmm-off", "platform", "cuda-async"])
+def test_gpu_write_into_an_xla_buffer_of_another_process(vmm, allocator, want):
+    """Into a jax array of another process: the ipc path through the owner's exported VMM fd (on by
+    default), staged where the memory cannot be exported, and path_for says why."""
+    out = run_group(_xla_buffer_worker, 2, vmm, allocator, exchanges=2, timeout=180)
     assert out[1]["equal"], out
-    assert out[0]["has_ipc"] is vmm and out[0]["path"] == ("ipc" if vmm else "staged"), out
+    assert out[0]["path"] == want, out
+    if want == "ipc":
+        assert out[0]["ipc_kind"] == "vmm", out
+    else:
+        assert out[0]["ipc_kind"] == "none" and "no CUDA IPC handle" in out[0]["why"], out
+        assert "IPC" in out[0]["note"], out  # the owner's region says why it offers no ipc path
 
 
 # ---- faults -----------------------------------------------------------------------------------------

@@ -207,6 +207,7 @@ bool Worker::poll_once() {
     progress |= post_pending(d);
     progress |= poll_cq(d);
   }
+  for (WorkerTask* t : tasks_) progress |= t->poll();
   if (progress) last_activity_ = Clock::now();
   if (!deferred_.empty()) worker_work_.store(true, std::memory_order_release);
   return progress;
@@ -422,6 +423,7 @@ bool Worker::pass() {
     progress |= post_pending(d);
     progress |= poll_cq(d);
   }
+  for (WorkerTask* t : tasks_) progress |= t->poll();
   progress |= run_deferred();
   auto now = Clock::now();
   bool busy = false;
