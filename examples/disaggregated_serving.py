@@ -21,8 +21,11 @@ Per request it prints TTFT = ticket sent -> first decode step done, split into q
 sent -> prefill started), prefill compute, transfer tail (READY - the prefill's last layer mark;
 both processes read CLOCK_MONOTONIC of this host) and the first decode step.
 
-On a machine with 2+ GPUs (and a CUDA build) each process gets one GPU (CUDA_VISIBLE_DEVICES) and
-the KV moves GPU to GPU over CUDA IPC; otherwise both run on CPU and the KV moves over libfabric tcp.
+On a machine with GPUs (and a CUDA build) each process uses one GPU, chosen with
+``jax_cuda_visible_devices`` while every GPU stays visible to CUDA (the prefill GPU 0, the decode
+GPU 1, or both GPU 0 on a one-GPU machine, sharing it), and the KV moves GPU to GPU over CUDA IPC
+into the decode process's own XLA buffers; each side prints the path. Otherwise both run on CPU and
+the KV moves over libfabric tcp.
 """
 
 from __future__ import annotations
@@ -213,6 +216,15 @@ def prompts(args: argparse.Namespace) -> list[bytes]:
     return out
 
 
+def _use_gpu(args: argparse.Namespace) -> None:
+    """GPU runs: this process's JAX uses GPU `args.gpu`; CUDA keeps seeing every GPU, so the engine
+    can map the other process's cache (never CUDA_VISIBLE_DEVICES)."""
+    if args.gpu is not None:
+        import jax
+
+        jax.config.update("jax_cuda_visible_devices", str(args.gpu))
+
+
 def _engine(args: argparse.Namespace) -> Any:
     from jax_garden import fabric
 
@@ -228,6 +240,7 @@ PAYLOAD = struct.Struct("<i5d")  # first token; ticket received, stream open, st
 
 
 def run_prefill(args: argparse.Namespace) -> int:
+    _use_gpu(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -267,6 +280,10 @@ def run_prefill(args: argparse.Namespace) -> int:
             try:
                 stream = side.open_stream(ticket, src)
                 t_open = time.monotonic()
+                if served == 0 and stream.path:
+                    path, why = stream.path
+                    print(f"prefill: on {jax.devices()[0]}, KV writes to the decode cache take the '{path}' path ({why})",
+                          flush=True)
                 tokens = np.zeros(s["max_prompt"], np.int32)
                 tokens[:n] = np.frombuffer(prompt, np.uint8)
                 table = np.full(s["max_prompt"] // T, int(sink[0]), np.int32)
@@ -296,6 +313,7 @@ def run_prefill(args: argparse.Namespace) -> int:
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    _use_gpu(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -309,6 +327,10 @@ def run_decode(args: argparse.Namespace) -> int:
     layout = make_layout(cfg, T, num_pages=1 + B * MP)
     cache = kv.PagedKVCache(eng, layout)
     side = kv.DecodeSide(cache, timeout=args.timeout)
+    region = cache.region(0, 0, 0)
+    offered = (f"CUDA IPC ({region.descriptor.ipc_kind}) to same-host writers" if region.descriptor.has_ipc_handle
+               else f"no CUDA IPC export ({region.registration_note})" if region.is_cuda else "host memory")
+    print(f"decode: cache on {jax.devices()[0]}, {offered}", flush=True)
     contact = bytes.fromhex(args.prefill_contact)
     params = init_params(cfg, args.seed)
     step = make_decode_step(cfg, layout, MP)
@@ -505,19 +527,23 @@ class _Child:
 
 def launch(args: argparse.Namespace, argv: list[str]) -> int:
     platform = args.platform
+    ngpu = _gpu_count()
     if platform == "auto":
-        platform = "gpu" if _gpu_count() >= 2 else "cpu"
+        platform = "gpu" if ngpu >= 1 else "cpu"
     print(f"disaggregated serving: {args.requests} requests, prompts {args.prompt_min}-{args.prompt_max} tokens, "
           f"{args.new_tokens} new tokens each, {args.layers} layers, platform {platform} "
-          f"({'one GPU per process, CUDA IPC' if platform == 'gpu' else 'CPU, libfabric tcp on 127.0.0.1'})",
+          f"({('one GPU per process' if ngpu > 1 else 'both processes on the one GPU') + ', CUDA IPC' if platform == 'gpu' else 'CPU, libfabric tcp on 127.0.0.1'})",
           flush=True)
     base = [sys.executable, *(["-P"] if sys.flags.safe_path else []), os.path.abspath(__file__), *argv]
+    gpu_of = {"prefill": 0, "decode": 1 if ngpu > 1 else 0}
+
+    def role_args(role: str) -> list[str]:  # the GPU each process's JAX uses; CUDA sees them all
+        return ["--role", role] + (["--gpu", str(gpu_of[role])] if platform == "gpu" else [])
 
     def env_for(gpu: int) -> dict:
         env = dict(os.environ)
         if platform == "gpu":
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)  # pinned before jax starts
-            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # the processes may share a GPU
             # Both processes must pick the same kernels (the check is bitwise): no autotuning.
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0"
                                 " --xla_gpu_deterministic_ops=true").strip()
@@ -527,7 +553,7 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 
     children: list[_Child] = []
     try:
-        pre = _Child("prefill", [*base, "--role", "prefill"], env_for(0))
+        pre = _Child("prefill", [*base, *role_args("prefill")], env_for(0))
         children.append(pre)
         contact = None
         deadline = time.monotonic() + args.timeout
@@ -543,7 +569,7 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
                 contact = line.split()[1]
             else:
                 print(f"[prefill] {line}", end="", flush=True)
-        dec = _Child("decode", [*base, "--role", "decode", "--prefill-contact", contact], env_for(1))
+        dec = _Child("decode", [*base, *role_args("decode"), "--prefill-contact", contact], env_for(1))
         children.append(dec)
 
         def relay(child: _Child) -> None:
@@ -590,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="zero one request's K cache after it arrived: the check must report a mismatch")
     p.add_argument("--role", choices=("prefill", "decode"), help=argparse.SUPPRESS)
     p.add_argument("--prefill-contact", help=argparse.SUPPRESS)
+    p.add_argument("--gpu", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.prompt_min, args.prompt_max, args.new_tokens, args.layers = 3, 20, 60, 8, 2

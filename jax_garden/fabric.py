@@ -356,7 +356,11 @@ class TransferEngine:
 
     def staging_stats(self) -> dict:
         """Bounce buffers and staged transfers in flight: ``send_buffers[_free]``,
-        ``recv_slots[_free]``, ``inbound``, ``outbound``, ``chunk_bytes``, ``ipc_mappings``."""
+        ``recv_slots[_free]``, ``inbound``, ``outbound``, ``chunk_bytes``; ``ipc_mappings``
+        (peer allocations this process mapped) and the ipc destinations this engine started, by who
+        stored their imm records: ``ipc_stream_records`` (the copy's GPU stream, no host thread),
+        ``ipc_event_records`` (the worker, after the copy's event: no stream memory operations
+        here), ``ipc_host_records`` (host memory)."""
         return dict(self._native.staging_stats())
 
     # -- memory --------------------------------------------------------------------------------

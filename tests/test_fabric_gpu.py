@@ -127,6 +127,8 @@ def test_gpu_every_op_across_processes(path):
         assert totals == [2, 256, 2], (rank, totals)
         if path is None:
             assert stats["ipc_mappings"] >= 1 and stats["inbound"] == 0 and stats["outbound"] == 0, stats
+            # the imm records were stored by the copies' stream (no event polled, no host hand-off)
+            assert stats["ipc_stream_records"] == 3 and stats["ipc_event_records"] == 0, stats
         else:
             assert stats["recv_slots_free"] == stats["recv_slots"] > 0, stats
             assert stats["send_buffers_free"] == stats["send_buffers"] > 0, stats

@@ -58,6 +58,8 @@ def test_many_writes_wrap_the_ring_and_count_exactly(engines):
     np.testing.assert_array_equal(dst, src)
     time.sleep(0.05)
     assert b.imm_counter(7).total == n and b.imm_counter(7).credits == 0
+    stats = a.staging_stats()  # host memory: the records were stored by the submitting thread
+    assert stats["ipc_host_records"] == n and stats["ipc_stream_records"] == stats["ipc_event_records"] == 0
 
 
 def test_paged_and_scatter_count_like_rma(engines):

@@ -191,6 +191,10 @@ StagingStats Engine::staging_stats() {
   }
   s.chunk_bytes = ctx_.options.stage_chunk_bytes;
   s.ipc_mappings = IpcTransport::mappings();
+  auto records = ctx_.ipc->record_counts();
+  s.ipc_stream_records = records[0];
+  s.ipc_event_records = records[1];
+  s.ipc_host_records = records[2];
   return s;
 }
 

@@ -287,15 +287,18 @@ void IpcTransport::issue(Link& l, Pending p, const CopySegment* segments, size_t
             std::memmove(reinterpret_cast<void*>(segments[i].dst), reinterpret_cast<const void*>(segments[i].src),
                          segments[i].bytes);
       for (size_t k = 0; k < m; ++k) ring.store(p.first + k, p.imm, imm_record::count_in(stores[k].value));
+      by_host_.fetch_add(1, std::memory_order_relaxed);
     } else if (GpuRuntime& rt = gpu_runtime(); rt.stream_stores() && ring.device_address(p.first) != 0) {
       for (size_t k = 0; k < m; ++k) stores[k].address = ring.device_address(p.first + k);
       if (pages)
         p.page_lists = rt.paged_copy_then_store(device, *pages, stores, m);
       else
         rt.copy_then_store(device, segments, n, stores, m);
+      by_stream_.fetch_add(1, std::memory_order_relaxed);
     } else {
       // No stream stores here: the worker polls the copy's event, then stores the records.
       p.copy = pages ? rt.paged_copy(device, *pages) : rt.copy(device, 0, std::vector<CopySegment>(segments, segments + n));
+      by_event_.fetch_add(1, std::memory_order_relaxed);
     }
   } catch (const std::exception& e) {
     // Nothing of it will land: empty records keep the ring moving; the op fails.

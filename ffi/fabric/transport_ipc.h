@@ -19,6 +19,7 @@
 // marked unreachable; an owner that closed its engine fails the op at once.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <deque>
@@ -90,6 +91,10 @@ class IpcTransport final : public WorkerTask {
   // Can the GPU holding `src` map dst's GPU (same device or peer access)? *why says why not.
   bool gpu_can_map(const MemoryRegion& src, const MemoryDescriptor& dst, std::string* why = nullptr) const;
   static uint64_t mappings();  // legacy handles opened + VMM ranges imported, process-wide
+  // Destinations started, by who stores their records: {GPU stream, worker after the event, host}.
+  std::array<uint64_t, 3> record_counts() const {
+    return {by_stream_.load(), by_event_.load(), by_host_.load()};
+  }
 
   // Starts one destination of `op` (any thread; dst and spec only need to outlive the call).
   // Failures are reported through the op, never thrown.
@@ -170,6 +175,7 @@ class IpcTransport final : public WorkerTask {
   std::vector<std::shared_ptr<Link>> polled_ JG_GUARDED_BY_PROGRESS;  // the links, as the worker sees them
   uint64_t polled_version_ JG_GUARDED_BY_PROGRESS = ~uint64_t{0};
   std::atomic<int64_t> outstanding_{0};  // destinations pending or queued
+  std::atomic<uint64_t> by_stream_{0}, by_event_{0}, by_host_{0};
   Clock::time_point last_deadline_check_ JG_GUARDED_BY_PROGRESS;
 };
 

@@ -346,6 +346,9 @@ void BindFabric(nb::module_& m) {
         d["outbound"] = s.outbound;
         d["chunk_bytes"] = s.chunk_bytes;
         d["ipc_mappings"] = s.ipc_mappings;
+        d["ipc_stream_records"] = s.ipc_stream_records;
+        d["ipc_event_records"] = s.ipc_event_records;
+        d["ipc_host_records"] = s.ipc_host_records;
         return d;
       })
       .def("write_imm", [](Engine& e, const MemoryDescriptor& d, uint32_t imm) {
