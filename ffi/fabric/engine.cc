@@ -3,6 +3,7 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <cstdio>
 #include <limits>
 #include <thread>
@@ -18,12 +19,14 @@ namespace {
 
 bool fits(uint64_t offset, uint64_t length, uint64_t size) { return offset <= size && length <= size - offset; }
 
-// "<what> to tcp;ofi_rxm[1a2b]": cheap enough to build for every op (no stream formatting).
-std::string describe(const std::string& what, const MemoryDescriptor& dst) {
+// "<what> to tcp;ofi_rxm[1a2b]": built for every op, on the stack (no heap, no stream formatting).
+OpName& describe(OpName& what, const MemoryDescriptor& dst) {
   uint32_t h = dst.domains.empty() ? 0 : checksum32(dst.domains[0].endpoint.data(), dst.domains[0].endpoint.size());
-  char tag[16];
-  std::snprintf(tag, sizeof(tag), "%04x", h & 0xffff);
-  return what + " to " + dst.provider + "[" + tag + (dst.domains.size() > 1 ? ",..]" : "]");
+  char tag[8];
+  auto r = std::to_chars(tag, tag + sizeof(tag), h & 0xffff, 16);
+  what << " to " << dst.provider << "[" << std::string_view(tag, static_cast<size_t>(r.ptr - tag))
+       << (dst.domains.size() > 1 ? ",..]" : "]");
+  return what;
 }
 
 void fill_rma_wr(WorkRequest& wr, const WritePiece& p, const MemoryRegion& src, const MemoryDescriptor& dst,
@@ -222,7 +225,7 @@ std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& p
                " bytes exceeds the control-message limit of ", ctx_.options.max_message_bytes - header,
                " bytes (max_message_bytes=", ctx_.options.max_message_bytes, " minus a ", header,
                "-byte header); use a write for bulk data");
-  std::string what = str_cat("send of ", payload.size(), " bytes to ", to.to_string());
+  OpName what(str_cat("send of ", payload.size(), " bytes to ", to.to_string()));
   if (std::string why = ctx_.peers->unreachable(to.domains[0]); !why.empty()) {
     auto state = new_state(what);
     state->finish(TransferState::Status::kFailed, "the peer is unreachable: " + why + "; not posted");
@@ -230,7 +233,7 @@ std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& p
   }
   auto op = ctx_.control->make_send_op(to.domains[0], MsgKind::kUser, payload);
   op->user = true;
-  op->state = new_state(std::move(what));
+  op->state = new_state(what);
   op->deadline = deadline_after(ctx_.options.timeout_s);
   auto state = op->state;
   ctx_.worker->submit(std::move(op));
@@ -350,13 +353,13 @@ void Engine::check_destination(const MemoryDescriptor& dst, const char* op) cons
   JG_CHECK_ARG(!dst.domains.empty(), op, ": the destination descriptor has no domains");
 }
 
-std::shared_ptr<TransferState> Engine::new_state(std::string what) {
-  auto s = std::make_shared<TransferState>(next_id_.fetch_add(1), std::move(what));
+std::shared_ptr<TransferState> Engine::new_state(const OpName& what) {
+  auto s = std::make_shared<TransferState>(next_id_.fetch_add(1), what);
   s->set_driver(ctx_.worker);
   return s;
 }
 
-std::shared_ptr<TransferState> Engine::known_failure(const MemoryDescriptor& dst, const std::string& what) {
+std::shared_ptr<TransferState> Engine::known_failure(const MemoryDescriptor& dst, const OpName& what) {
   std::string why;
   if (std::string down = ctx_.peers->unreachable(dst.domains[0].endpoint); !down.empty()) {
     why = "the peer is unreachable: " + down + "; not posted";
@@ -375,9 +378,9 @@ OpTarget Engine::target_of(const MemoryDescriptor& dst, uint32_t domain) {
   return {dst.domains[0].endpoint, dst.region_key, dst.domains[domain % dst.domains.size()].key, dst.base, dst.length};
 }
 
-std::unique_ptr<Job> Engine::new_job(std::string what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src) {
+std::unique_ptr<Job> Engine::new_job(const OpName& what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src) {
   auto job = std::make_unique<Job>();
-  job->state = new_state(std::move(what));
+  job->state = new_state(what);
   job->deadline = deadline_after(ctx_.options.op_timeout(bytes));
   job->src = src;
   return job;
@@ -403,8 +406,8 @@ void Engine::add_staged_part(Job& job, const PathChoice& choice, const MemoryDes
   job.parts.push_back(std::make_unique<StagedPart>(ctx_, &job, std::move(spec)));
 }
 
-std::shared_ptr<IpcOp> Engine::new_ipc_op(std::string what, uint32_t parts) {
-  auto op = std::make_shared<IpcOp>(next_id_.fetch_add(1), std::move(what), parts);
+std::shared_ptr<IpcOp> Engine::new_ipc_op(const OpName& what, uint32_t parts) {
+  auto op = std::make_shared<IpcOp>(next_id_.fetch_add(1), what, parts);
   op->set_driver(ctx_.worker);
   return op;
 }
@@ -467,12 +470,13 @@ std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
                r.dst_offset + r.length, ") run past the end of the destination region (", dst.length, " bytes)");
   PathChoice choice = path_for(*r.src, dst, r.path);
   if (choice.path == TransferPath::kIpc) check_ipc_range(dst, r.dst_offset, r.length, "write");
-  std::string what = describe("write of " + std::to_string(r.length) + " bytes", dst);
+  OpName what;
+  describe(what << "write of " << r.length << " bytes", dst);
   if (auto failed = known_failure(dst, what)) return failed;
   uint64_t count = imm_writes(OpKind::kWrite, num_domains(), r.length, 0, ScatterSharding::kTargets,
                               ctx_.options.sharding);
   if (choice.path == TransferPath::kIpc) {
-    auto op = new_ipc_op(std::move(what), 1);
+    auto op = new_ipc_op(what, 1);
     CopySegment seg{r.dst_offset, r.src_offset, r.length};
     IpcCopySpec spec;
     spec.segments = &seg;
@@ -484,7 +488,7 @@ std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
     return op;
   }
   if (choice.path == TransferPath::kStaged) {
-    auto job = new_job(std::move(what), r.length, r.src);
+    auto job = new_job(what, r.length, r.src);
     add_staged_part(*job, choice, dst, {{r.src_offset, r.dst_offset, r.length}}, r.imm, count);
     auto state = job->state;
     ctx_.jobs->submit(std::move(job));
@@ -492,17 +496,17 @@ std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
   }
   auto pieces = plan_write(r.length, r.src_offset, r.dst_offset, num_domains(), round_robin_.fetch_add(1),
                            ctx_.options.sharding);
-  return submit_rma(OpKind::kWrite, std::move(what), r.length, r.src, dst, pieces, r.imm);
+  return submit_rma(OpKind::kWrite, what, r.length, r.src, dst, pieces, r.imm);
 }
 
 // One user op of RMA pieces toward one destination.
-std::shared_ptr<TransferState> Engine::submit_rma(OpKind kind, std::string what, uint64_t bytes,
+std::shared_ptr<TransferState> Engine::submit_rma(OpKind kind, const OpName& what, uint64_t bytes,
                                                   const std::shared_ptr<MemoryRegion>& src, const MemoryDescriptor& dst,
                                                   const std::vector<WritePiece>& pieces, std::optional<uint32_t> imm) {
   auto op = std::make_unique<Op>();
   op->kind = kind;
   op->user = true;
-  op->state = new_state(std::move(what));
+  op->state = new_state(what);
   op->deadline = deadline_after(ctx_.options.op_timeout(bytes));
   op->keep_region = src;
   op->targets.push_back(target_of(dst, pieces.empty() ? 0 : pieces[0].domain));
@@ -545,15 +549,15 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
   PathChoice choice = path_for(*r.src, dst, r.path);
   if (choice.path == TransferPath::kIpc && !r.src_pages.empty())
     check_ipc_range(dst, r.dst_offset, max_dst * r.dst_stride + r.page_bytes, "write_paged");
-  std::string what = describe(
-      "paged write of " + std::to_string(r.src_pages.size()) + " x " + std::to_string(r.page_bytes) + " bytes", dst);
+  OpName what;
+  describe(what << "paged write of " << uint64_t(r.src_pages.size()) << " x " << r.page_bytes << " bytes", dst);
   if (auto failed = known_failure(dst, what)) return failed;
   uint64_t bytes = r.page_bytes * r.src_pages.size();
   uint64_t count = imm_writes(OpKind::kPaged, num_domains(), 0, r.src_pages.size(), ScatterSharding::kTargets,
                               ctx_.options.sharding);
   if (choice.path == TransferPath::kIpc) {
     // One copy kernel (or memcpy loop) over the caller's page lists, no piece list.
-    auto op = new_ipc_op(std::move(what), 1);
+    auto op = new_ipc_op(what, 1);
     PagedCopy pc;  // offsets: resolved against the mapped bases when the copy starts
     pc.src = r.src_offset;
     pc.dst = r.dst_offset;
@@ -574,7 +578,7 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
   std::vector<WritePiece> pieces = plan_paged(r.page_bytes, r.src_pages, r.dst_pages, r.src_stride, r.dst_stride,
                                               r.src_offset, r.dst_offset, num_domains(), round_robin_.fetch_add(1));
   if (choice.path == TransferPath::kStaged) {
-    auto job = new_job(std::move(what), bytes, r.src);
+    auto job = new_job(what, bytes, r.src);
     std::vector<StageSegment> segs;
     segs.reserve(pieces.size());
     for (auto& p : pieces) segs.push_back({p.src_offset, p.dst_offset, p.length});
@@ -583,7 +587,7 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
     ctx_.jobs->submit(std::move(job));
     return state;
   }
-  return submit_rma(OpKind::kPaged, std::move(what), bytes, r.src, dst, pieces, r.imm);
+  return submit_rma(OpKind::kPaged, what, bytes, r.src, dst, pieces, r.imm);
 }
 
 std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
@@ -620,7 +624,8 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
     all_fabric &= choices.back().path == TransferPath::kFabric;
     all_ipc &= choices.back().path == TransferPath::kIpc;
   }
-  std::string what = str_cat("scatter of ", total, " bytes to ", r.targets.size(), " targets");
+  OpName what;
+  what << "scatter of " << total << " bytes to " << uint64_t(r.targets.size()) << " targets";
   checked = nullptr;
   for (const auto& t : r.targets) {
     if (t.dst == checked) continue;
@@ -645,7 +650,7 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
   if (all_ipc) {
     uint32_t runs = 0;
     ipc_runs([&](size_t, size_t) { ++runs; });
-    auto op = new_ipc_op(std::move(what), runs);
+    auto op = new_ipc_op(what, runs);
     auto deadline = deadline_after(ctx_.options.op_timeout(total));
     thread_local std::vector<CopySegment> segs;
     ipc_runs([&](size_t i, size_t j) {
@@ -677,7 +682,7 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
     fill_rma_wr(op->wrs.back(), p, *r.src, *r.targets[p.target].dst, r.imm, static_cast<uint32_t>(target_index[p.target]));
   }
   if (all_fabric) {
-    op->state = new_state(std::move(what));
+    op->state = new_state(what);
     op->deadline = deadline_after(ctx_.options.op_timeout(total));
     auto state = op->state;
     ctx_.worker->submit(std::move(op));
@@ -700,7 +705,7 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
   });
   if (!ipc_targets.empty()) job->parts.push_back(std::make_unique<IpcPart>(ctx_, job.get(), std::move(ipc_targets), r.imm));
   if (!op->wrs.empty()) {
-    op->state = new_state(what + " (RMA targets)");
+    op->state = new_state(OpName(what) << " (RMA targets)");
     op->deadline = job->deadline;
     job->parts.push_back(std::make_unique<FabricPart>(ctx_, job.get(), std::move(op)));
   }
@@ -721,9 +726,11 @@ std::shared_ptr<TransferState> Engine::write_imm(const ImmRequest& r) {
     JG_CHECK_ARG(p, name, ": a peer descriptor is missing");
     check_destination(*p, name);
   }
-  std::string what = r.peers.size() == 1 && r.kind == OpKind::kImm
-                         ? describe("imm write", *r.peers[0])
-                         : "barrier to " + std::to_string(r.peers.size()) + " peers";
+  OpName what;
+  if (r.peers.size() == 1 && r.kind == OpKind::kImm)
+    describe(what << "imm write", *r.peers[0]);
+  else
+    what << "barrier to " << uint64_t(r.peers.size()) << " peers";
   for (const MemoryDescriptor* p : r.peers)
     if (std::string down = ctx_.peers->unreachable(p->domains[0].endpoint); !down.empty()) {
       auto state = new_state(what);
@@ -733,7 +740,7 @@ std::shared_ptr<TransferState> Engine::write_imm(const ImmRequest& r) {
   auto op = std::make_unique<Op>();
   op->kind = r.kind;
   op->user = true;
-  op->state = new_state(std::move(what));
+  op->state = new_state(what);
   op->deadline = deadline_after(ctx_.options.timeout_s);
   op->wrs.resize(r.peers.size());
   op->targets.reserve(r.peers.size());

@@ -84,15 +84,15 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void check_open(OpKind op) const;
   void check_destination(const MemoryDescriptor& dst, const char* op) const;
   // A Transfer that already failed, when dst is known to be gone or unreachable (nothing posted).
-  std::shared_ptr<TransferState> known_failure(const MemoryDescriptor& dst, const std::string& what);
-  std::shared_ptr<TransferState> new_state(std::string what);
-  std::unique_ptr<Job> new_job(std::string what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src);
+  std::shared_ptr<TransferState> known_failure(const MemoryDescriptor& dst, const OpName& what);
+  std::shared_ptr<TransferState> new_state(const OpName& what);
+  std::unique_ptr<Job> new_job(const OpName& what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src);
   void add_staged_part(Job& job, const PathChoice& choice, const MemoryDescriptor& dst,
                        std::vector<StageSegment> segments, std::optional<uint32_t> imm, uint64_t imm_count);
-  std::shared_ptr<IpcOp> new_ipc_op(std::string what, uint32_t parts);
+  std::shared_ptr<IpcOp> new_ipc_op(const OpName& what, uint32_t parts);
   PathQuery path_query(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const;
   void check_ipc_range(const MemoryDescriptor& dst, uint64_t offset, uint64_t length, const char* op) const;
-  std::shared_ptr<TransferState> submit_rma(OpKind kind, std::string what, uint64_t bytes,
+  std::shared_ptr<TransferState> submit_rma(OpKind kind, const OpName& what, uint64_t bytes,
                                             const std::shared_ptr<MemoryRegion>& src, const MemoryDescriptor& dst,
                                             const std::vector<WritePiece>& pieces, std::optional<uint32_t> imm);
   static OpTarget target_of(const MemoryDescriptor& dst, uint32_t domain);

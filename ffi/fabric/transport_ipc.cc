@@ -496,7 +496,7 @@ bool IpcPart::advance() {
       finish(false, "cancelled");
       return true;
     }
-    op_ = std::make_shared<IpcOp>(0, "ipc part", static_cast<uint32_t>(targets_.size()));
+    op_ = std::make_shared<IpcOp>(0, OpName("ipc part"), static_cast<uint32_t>(targets_.size()));
     for (auto& t : targets_) {
       IpcCopySpec spec;
       spec.segments = t.segments.data();

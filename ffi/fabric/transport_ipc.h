@@ -41,7 +41,7 @@ namespace jax_garden::fabric {
 // object besides the caller's page lists).
 class IpcOp final : public TransferState {
  public:
-  IpcOp(uint64_t id, std::string what, uint32_t parts) : TransferState(id, std::move(what)), remaining_(parts) {}
+  IpcOp(uint64_t id, const OpName& what, uint32_t parts) : TransferState(id, what), remaining_(parts) {}
   // One destination finished: the op fails at the first failure, and is done when every one is.
   void part_done(bool ok, const std::string& error = {}, Status failure = Status::kFailed);
 
