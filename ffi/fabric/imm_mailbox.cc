@@ -337,8 +337,13 @@ void MailboxLink::store(uint64_t pos, uint32_t imm, uint64_t count) {
 }
 
 uint64_t MailboxLink::device_address(uint64_t pos) const {
-  uint64_t base = segment_->gpu_base();
-  return base ? base + segment_->record_offset(ring_) + (pos % kRingRecords) * sizeof(uint64_t) : 0;
+  uint64_t base = device_base_.load(std::memory_order_acquire);
+  if (base == kUnknown) {  // first use: register the segment with the GPU runtime (once per process)
+    uint64_t seg = segment_->gpu_base();
+    base = seg ? seg + segment_->record_offset(ring_) : 0;
+    device_base_.store(base, std::memory_order_release);
+  }
+  return base ? base + (pos % kRingRecords) * sizeof(uint64_t) : 0;
 }
 
 uint64_t MailboxLink::host_address(uint64_t pos) const {

@@ -119,6 +119,8 @@ class MailboxLink {
   const uint32_t ring_;
   const uint64_t token_;
   std::atomic<uint64_t> head_;  // next position to reserve
+  mutable std::atomic<uint64_t> device_base_{kUnknown};  // this ring's records as the GPU sees them
+  static constexpr uint64_t kUnknown = ~uint64_t{0};
 };
 
 }  // namespace jax_garden::fabric

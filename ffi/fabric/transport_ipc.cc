@@ -47,6 +47,12 @@ std::pair<uint64_t, uint64_t> extent(const PagedCopy& p) {
 
 uint64_t target_key(uint64_t region_key, int device) { return region_key ^ (uint64_t(device + 1) * 0x9E3779B97F4A7C15ull); }
 
+// Sources whose copies are over, released only once no link lock is held: dropping the last
+// reference deregisters the region, which may wait for copies that this lock's holder completes.
+thread_local std::vector<std::shared_ptr<MemoryRegion>> t_released_sources;
+
+void drop_released_sources() { t_released_sources.clear(); }
+
 }  // namespace
 
 void IpcOp::part_done(bool ok, const std::string& error, Status failure) {
@@ -228,6 +234,9 @@ void IpcTransport::start(const std::shared_ptr<IpcOp>& op, const std::shared_ptr
     }
   }
   Link& l = *t->link;
+  struct Drop {
+    ~Drop() { drop_released_sources(); }  // after the link's lock (declared before it)
+  } drop;
   MutexLock lk(l.mu);
   if (l.ring->closed()) {
     release(p);
@@ -320,7 +329,7 @@ void IpcTransport::release(Pending& p) {
     gpu_runtime().release_page_lists(p.page_lists);
     p.page_lists = ~size_t{0};
   }
-  p.src.reset();
+  if (p.src) t_released_sources.push_back(std::move(p.src));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,6 +351,7 @@ bool IpcTransport::poll() {
     polled_version_ = v;
   }
   for (auto& l : polled_) progress |= poll_link(*l, Clock::time_point{}, false);
+  drop_released_sources();
   return progress;
 }
 
@@ -352,6 +362,7 @@ bool IpcTransport::advance(Clock::time_point now) {
   last_deadline_check_ = now;
   bool progress = false;
   for (auto& l : polled_) progress |= poll_link(*l, now, true);
+  drop_released_sources();
   return progress;
 }
 
@@ -480,6 +491,7 @@ void IpcTransport::close() {
     outstanding_.fetch_sub(static_cast<int64_t>(l.pending.size()), std::memory_order_acq_rel);
     l.pending.clear();
   }
+  drop_released_sources();
   MutexLock lk(targets_mu_);
   targets_.clear();
   links_.clear();
