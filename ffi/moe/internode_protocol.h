@@ -118,13 +118,26 @@ static_assert(sizeof(AbortMessage) == kAbortBytes);
 // ---- layouts ----------------------------------------------------------------------------------
 
 inline constexpr int64_t kAlign = 64;
-inline int64_t align_up(int64_t x) { return round_up(x, kAlign); }
+JG_MOE_HD inline int64_t align_up(int64_t x) { return round_up(x, kAlign); }
 
-// A dispatch message of `tokens` tokens, packed (offsets from the slot's start).
+// A dispatch message of `tokens` tokens, packed (offsets from the end of its DispatchHeader).
+// Inline for the CUDA kernels that pack and read the same messages (proxy_kernels.cu).
 struct DispatchLayout {
   int64_t token_ids = 0, indices = 0, x = 0, scales = 0, bytes = 0;
 };
-DispatchLayout dispatch_layout(const MoeShape& shape, int64_t row_bytes, int64_t tokens);
+JG_MOE_HD inline DispatchLayout dispatch_layout(int32_t experts_per_token, int32_t scale_cols, int64_t row_bytes,
+                                                int64_t tokens) {
+  DispatchLayout l;
+  l.token_ids = 0;
+  l.indices = tokens * 4;
+  l.x = align_up(tokens * 4 * (1 + int64_t{experts_per_token}));
+  l.scales = l.x + align_up(tokens * row_bytes);
+  l.bytes = l.scales + tokens * int64_t{scale_cols} * 4;
+  return l;
+}
+inline DispatchLayout dispatch_layout(const MoeShape& shape, int64_t row_bytes, int64_t tokens) {
+  return dispatch_layout(shape.experts_per_token, shape.scale_cols, row_bytes, tokens);
+}
 
 struct RegionLayout {
   int64_t row_bytes = 0;             // one dispatch row (H * element size)
