@@ -345,6 +345,29 @@ def _worker_main(argv: list[str]) -> None:
             os._exit(0)
 
 
+def _debug_main(argv: list[str]) -> int:
+    """``python tests/test_moe_gpu_nodes.py --debug R NODE_SIZE PATH CASE[,CASE...]``: runs those
+    scenarios with R worker processes (sharing the GPUs) and prints every worker's whole output,
+    including, when a step stalls, where each context stands (kernels entered/left per
+    generation, ready/posted/arrived generations per peer, counters, writes in flight)."""
+    r, node_size, path, cases = int(argv[0]), int(argv[1]), argv[2], argv[3].split(",")
+    import jax_garden  # noqa: F401  (for _child_env)
+
+    gpus = max(1, min(r, int(__import__("jax_garden._jax_garden", fromlist=["fabric"]).fabric.gpu_device_count())))
+    port = free_port()
+    args = {"node_size": node_size, "path": path, "cases": cases, "extra": []}
+    argvs = [[sys.executable, os.path.abspath(__file__), "--worker", "nodes", str(port), str(r), str(i), str(gpus),
+              json.dumps(args)] for i in range(r)]
+    failed = False
+    for i, (rc, out) in enumerate(run_scripts(argvs, _child_env(), CHILD_TIMEOUT_S)):
+        print(f"===== process {i}: exit code {rc} =====\n{out}", flush=True)
+        m = re.findall(r"^RESULT (.*)$", out, re.M)
+        failed |= rc != 0 or not m or bool(json.loads(m[-1])["errors"])
+    return 1 if failed else 0
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     _worker_main(sys.argv[2:])
     sys.exit(0)
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--debug":
+    sys.exit(_debug_main(sys.argv[2:]))

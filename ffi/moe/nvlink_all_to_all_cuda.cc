@@ -163,7 +163,10 @@ void NvlinkAllToAll::add_rank(int ordinal, int rank) {
     const int64_t cchunks = (v.cbytes + v.chunk_bytes - 1) / v.chunk_bytes;
     v.grid_dsend = std::max(blocks_for(int64_t{v.T} * xchunks), min_grid);
     v.grid_drecv = blocks_for(v.M);
-    v.grid_csend = blocks_for(int64_t{v.M} * cchunks);
+    // combine_send walks the rows in use: at most M, and at most every (token, k) of every rank
+    // plus the padding of each segment.
+    const int64_t rows = std::min<int64_t>(v.M, int64_t{v.R} * v.T * v.K + int64_t{v.L} * (v.pad - 1));
+    v.grid_csend = blocks_for(rows * cchunks);
     v.grid_crecv = blocks_for(int64_t{v.T} * ((v.H + kCombineChunk - 1) / kCombineChunk));
   }
   char* local = static_cast<char*>(r->local);
