@@ -351,9 +351,9 @@ def _debug_main(argv: list[str]) -> int:
     including, when a step stalls, where each context stands (kernels entered/left per
     generation, ready/posted/arrived generations per peer, counters, writes in flight)."""
     r, node_size, path, cases = int(argv[0]), int(argv[1]), argv[2], argv[3].split(",")
-    import jax_garden  # noqa: F401  (for _child_env)
+    from jax_garden._jax_garden import fabric as native_fabric
 
-    gpus = max(1, min(r, int(__import__("jax_garden._jax_garden", fromlist=["fabric"]).fabric.gpu_device_count())))
+    gpus = max(1, min(r, int(native_fabric.gpu_device_count())))
     port = free_port()
     args = {"node_size": node_size, "path": path, "cases": cases, "extra": []}
     argvs = [[sys.executable, os.path.abspath(__file__), "--worker", "nodes", str(port), str(r), str(i), str(gpus),

@@ -256,3 +256,112 @@ def test_proxy_arguments_are_checked():
     finally:
         r0.close()
         r1.close()
+
+
+class _FakeProxyContext:
+    """Stands in for _jax_garden.moe_cuda.ProxyAllToAll (GPU only): records what the Python
+    bootstrap asks of it."""
+
+    def __init__(self, shape, dtype, **kwargs):
+        self.kwargs, self.calls, self.local, self.id = kwargs, [], [], 7
+        self.num_ranks = shape.num_ranks
+
+    def add_rank(self, ordinal, rank):
+        self.local.append(rank)
+        self.calls.append(("add_rank", ordinal, rank))
+
+    def remote_ranks(self):
+        return [r for r in range(self.num_ranks) if r not in self.local]
+
+    def peer_info(self, rank):
+        return b"info%d" % rank
+
+    def ipc_handle(self, rank):
+        return bytes([rank]) * 64
+
+    def connect_peer(self, info):
+        self.calls.append(("peer", bytes(info)))
+
+    def connect_local(self, rank, peer):
+        self.calls.append(("local", rank, peer))
+
+    def connect_ipc(self, rank, peer, handle):
+        self.calls.append(("ipc", rank, peer, bytes(handle)))
+
+    def finalize(self):
+        self.calls.append(("finalize",))
+        return "kernels"
+
+    def error(self):
+        return 0, ""
+
+    def synchronize(self):
+        pass
+
+    def drain(self, timeout):
+        self.calls.append(("drain",))
+        return True
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+@pytest.mark.parametrize("held, node_size, want", [
+    # process 0 holds ranks 0 and 1 of 4; groups of 2: its pair meets in place, the other pair by engine
+    ([0, 1], 2, {("local", 0, 1), ("local", 1, 0), ("peer", b"info2"), ("peer", b"info3")}),
+    # groups of 1: every other rank through the engine (the local ones as the engine's own peers)
+    ([0, 1], 1, {("peer", b"info2"), ("peer", b"info3")}),
+    # process 0 holds rank 0 only; groups of 2: rank 1 (another process) is mapped by CUDA IPC
+    ([0], 2, {("ipc", 0, 1, bytes([1]) * 64), ("peer", b"info1"), ("peer", b"info2"), ("peer", b"info3")}),
+])
+def test_gpu_node_group_bootstrap_wiring(monkeypatch, held, node_size, want):
+    """What _moe_cuda builds for node groups on GPUs, with the native context and the devices
+    faked (the real ones need a GPU): every rank held elsewhere is connected for the engine, the
+    ranks of a local rank's node group are mapped (peer access in this process, CUDA IPC from the
+    bytes another process published), the bootstrap goes through InternodeConfig.bootstrap, and
+    close drains the proxy before freeing."""
+    import types
+
+    from jax_garden import _jax_garden as native
+    from jax_garden import _moe_cuda, moe
+
+    made = []
+
+    def fake(shape, dtype, **kwargs):
+        made.append(_FakeProxyContext(shape, dtype, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(native.moe_cuda, "ProxyAllToAll", fake, raising=False)
+    monkeypatch.setattr(_moe_cuda, "cuda_ordinal", lambda d: d.id)
+    devices = [types.SimpleNamespace(id=r, platform="gpu", process_index=0 if r in held else 1) for r in range(4)]
+    mesh = types.SimpleNamespace(shape={"ep": 4}, axis_names=("ep",), devices=np.array(devices, dtype=object))
+    published = {}
+
+    def bootstrap(mine):
+        published.update(mine)
+        return {r: _moe_cuda._pack_peer(b"info%d" % r, bytes([r]) * 64) for r in range(4)}
+
+    cfg = moe.AllToAllConfig(num_experts=8, experts_per_token=2, hidden=64, max_tokens=4, max_recv_tokens=64)
+    ctx = _moe_cuda._create_proxy_context(cfg, mesh, "ep", 4, 5.0, node_size,
+                                         moe.InternodeConfig(provider="tcp", path="staged", bootstrap=bootstrap))
+    fake_ctx = made[0]
+    assert fake_ctx.kwargs["node_size"] == node_size and fake_ctx.kwargs["path"] == "staged"
+    assert fake_ctx.kwargs["node"] == "127.0.0.1" and fake_ctx.kwargs["timeout_s"] == 5.0
+    assert sorted(published) == held
+    assert all(_moe_cuda._unpack_peer(b, r) == (b"info%d" % r, bytes([r]) * 64) for r, b in published.items())
+    connects = {c for c in fake_ctx.calls if c[0] in ("local", "ipc", "peer")}
+    assert connects == want
+    assert fake_ctx.calls[-1] == ("finalize",)
+    assert ctx.proxied and ctx.node_size == node_size and ctx.ranks == {r: r for r in held}
+    ctx.close()
+    assert fake_ctx.calls[-2:] == [("drain",), ("close",)]
+
+
+def test_peer_bootstrap_bytes_are_checked():
+    from jax_garden import _moe_cuda
+
+    assert _moe_cuda._unpack_peer(_moe_cuda._pack_peer(b"abc", b"h" * 64), 3) == (b"abc", b"h" * 64)
+    with pytest.raises(ValueError, match=r"bootstrap data of rank 3 is truncated \(2 bytes\)"):
+        _moe_cuda._unpack_peer(b"ab", 3)
+    with pytest.raises(ValueError, match=r"truncated \(8 bytes, peer info of 100\)"):
+        _moe_cuda._unpack_peer((100).to_bytes(4, "little") + b"abcd", 3)
