@@ -175,6 +175,72 @@ def test_gpu_in_process_engines_and_jax_arrays():
         b.close()
 
 
+def test_gpu_scatter_mixing_ipc_and_staged_targets():
+    """One scatter whose targets take different paths (a GPU buffer: ipc; host memory: staged): one
+    job, every target lands, every imm counted once."""
+    from jax_garden import fabric
+
+    a = fabric.TransferEngine(provider=PROVIDER)
+    b = fabric.TransferEngine(provider=PROVIDER)
+    n = 1 << 20
+    src, gdst = DevBuf(0, n), DevBuf(0, n)
+    try:
+        src.upload(_data(7, n))
+        gdst.upload(np.zeros(n, np.uint8))
+        hdst = np.zeros(n, np.uint8)
+        rs = a.register((src.ptr, n), memory="cuda")
+        rg, rh = b.register((gdst.ptr, n), memory="cuda"), b.register(hdst)
+        assert a.path_for(rs, rg.descriptor) == "ipc" and a.path_for(rs, rh.descriptor) == "staged"
+        targets = [(rg.descriptor, 4096, 0, 0), (rh.descriptor, 8192, 4096, 100), (rg.descriptor, 1000, 20000, 9000)]
+        a.scatter(rs, targets, imm=12).wait(60)
+        b.imm_counter(12).wait(3, 60)
+        got, want = gdst.download(), _data(7, n)
+        np.testing.assert_array_equal(got[:4096], want[:4096])
+        np.testing.assert_array_equal(got[9000:10000], want[20000:21000])
+        np.testing.assert_array_equal(hdst[100:8292], want[4096:12288])
+        time.sleep(0.05)
+        assert b.imm_counter(12).total == 3
+        del rs, rg, rh
+    finally:
+        a.close()
+        b.close()
+        src.free()
+        gdst.free()
+
+
+def _pinned_worker(rank: int, size: int, exchange):
+    """Rank 0 hides GPU 1 from itself (CUDA_VISIBLE_DEVICES, before CUDA starts); rank 1 owns a buffer
+    on GPU 1: rank 0's writes work, staged, and it is told why."""
+    if rank == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    from jax_garden import fabric
+
+    eng = fabric.TransferEngine(provider=PROVIDER)
+    n = 1 << 20
+    buf = DevBuf(1 if rank == 1 else 0, n)
+    buf.upload(_data(rank, n) if rank == 0 else np.zeros(n, np.uint8))
+    region = eng.register((buf.ptr, n), memory="cuda")
+    peer = fabric.MemoryDescriptor.from_bytes(exchange(bytes(region.descriptor))[1 - rank])
+    out = {}
+    if rank == 0:
+        out["path"], out["why"] = eng.path_for(region, peer, why=True)
+        eng.write(region, peer, n, imm=3).wait(60)
+    else:
+        eng.imm_counter(3).wait(1, 60)
+        out["equal"] = bool((buf.download() == _data(0, n)).all())
+    exchange(None)
+    eng.close()
+    buf.free()
+    return out
+
+
+@two_gpus
+def test_gpu_pinned_process_takes_staged_and_says_why():
+    out = run_group(_pinned_worker, 2, exchanges=2, timeout=120)
+    assert out[1]["equal"], out
+    assert out[0]["path"] == "staged" and "not visible" in out[0]["why"], out
+
+
 # ---- GPU <-> host across processes ----------------------------------------------------------------
 
 def _gpu_host_worker(rank: int, size: int, exchange):

@@ -109,7 +109,7 @@ class NoGpuRuntime final : public GpuRuntime {
   size_t paged_copy_then_store(int, const PagedCopy&, const StreamStore*, size_t) override { no_gpu("paged copy"); }
   void release_page_lists(size_t) override {}
   bool stream_stores() override { return false; }
-  uint64_t register_host(void*, size_t) override { return 0; }
+  uint64_t register_host(void*, size_t, int) override { return 0; }
   void unregister_host(void*) override {}
   void* host_alloc(size_t) override { return nullptr; }
   void host_free(void*) override {}

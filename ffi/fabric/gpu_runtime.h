@@ -109,9 +109,10 @@ class GpuRuntime {
   virtual void release_page_lists(size_t buffer) = 0;
   // Streams can store into host memory (cuStreamWriteValue64 is available).
   virtual bool stream_stores() = 0;
-  // Host memory GPUs may store into (cudaHostRegister, portable and mapped): its device address, 0
-  // when that is not possible here (no GPU, or the registration failed).
-  virtual uint64_t register_host(void* p, size_t bytes) = 0;
+  // Host memory GPUs may store into (cudaHostRegister, portable and mapped, made with `device`
+  // current so that no other GPU gets a context): its device address, 0 when that is not possible
+  // here (no GPU, or the registration failed).
+  virtual uint64_t register_host(void* p, size_t bytes, int device) = 0;
   virtual void unregister_host(void* p) = 0;
 
   // Pinned host memory (cudaHostAlloc Portable|Mapped); nullptr when unavailable. With UVA the

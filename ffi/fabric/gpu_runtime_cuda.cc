@@ -370,8 +370,9 @@ class CudaRuntime final : public GpuRuntime {
 
   bool stream_stores() override { return available_ && write_value64_ != nullptr; }
 
-  uint64_t register_host(void* p, size_t bytes) override {
-    if (!available_) return 0;
+  uint64_t register_host(void* p, size_t bytes, int device) override {
+    if (!available_ || device < 0 || device >= count_) return 0;
+    DeviceGuard g(device);
     if (cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped) != cudaSuccess) {
       cudaGetLastError();
       return 0;

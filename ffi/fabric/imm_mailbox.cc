@@ -109,12 +109,13 @@ class MailboxSegment {
     return reinterpret_cast<uint64_t*>(static_cast<uint8_t*>(mapping_) + kRecordsOffset) + size_t(i) * kRingRecords;
   }
   uint64_t record_offset(uint32_t i) const { return kRecordsOffset + size_t(i) * kRingRecords * sizeof(uint64_t); }
-  // The device address of the mapping (0 when no GPU can store into it).
-  uint64_t gpu_base() {
+  // The device address of the mapping (0 when no GPU can store into it); registered (once, for
+  // every GPU) with `device` current.
+  uint64_t gpu_base(int device) {
     MutexLock lk(mu_);
     if (!gpu_tried_) {
       gpu_tried_ = true;
-      gpu_base_ = gpu_runtime().register_host(mapping_, kSegmentBytes);
+      gpu_base_ = gpu_runtime().register_host(mapping_, kSegmentBytes, device);
       gpu_registered_ = gpu_base_ != 0;
     }
     return gpu_base_;
@@ -336,10 +337,10 @@ void MailboxLink::store(uint64_t pos, uint32_t imm, uint64_t count) {
                    __ATOMIC_RELEASE);
 }
 
-uint64_t MailboxLink::device_address(uint64_t pos) const {
+uint64_t MailboxLink::device_address(uint64_t pos, int device) const {
   uint64_t base = device_base_.load(std::memory_order_acquire);
   if (base == kUnknown) {  // first use: register the segment with the GPU runtime (once per process)
-    uint64_t seg = segment_->gpu_base();
+    uint64_t seg = segment_->gpu_base(device);
     base = seg ? seg + segment_->record_offset(ring_) : 0;
     device_base_.store(base, std::memory_order_release);
   }

@@ -104,8 +104,9 @@ class MailboxLink {
 
   // The record of position pos, stored by this host now.
   void store(uint64_t pos, uint32_t imm, uint64_t count);
-  // Where the GPU stores the record of position pos (0: the segment is not mapped for the GPU).
-  uint64_t device_address(uint64_t pos) const;
+  // Where a GPU stream stores the record of position pos (0: the segment cannot be mapped for the
+  // GPUs); the first call registers the segment with `device` current.
+  uint64_t device_address(uint64_t pos, int device) const;
   uint64_t host_address(uint64_t pos) const;
   // The record of pos landed (or was already taken).
   bool landed(uint64_t pos) const;

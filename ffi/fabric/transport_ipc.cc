@@ -297,8 +297,8 @@ void IpcTransport::issue(Link& l, Pending p, const CopySegment* segments, size_t
                          segments[i].bytes);
       for (size_t k = 0; k < m; ++k) ring.store(p.first + k, p.imm, imm_record::count_in(stores[k].value));
       by_host_.fetch_add(1, std::memory_order_relaxed);
-    } else if (GpuRuntime& rt = gpu_runtime(); rt.stream_stores() && ring.device_address(p.first) != 0) {
-      for (size_t k = 0; k < m; ++k) stores[k].address = ring.device_address(p.first + k);
+    } else if (GpuRuntime& rt = gpu_runtime(); rt.stream_stores() && ring.device_address(p.first, device) != 0) {
+      for (size_t k = 0; k < m; ++k) stores[k].address = ring.device_address(p.first + k, device);
       if (pages)
         p.page_lists = rt.paged_copy_then_store(device, *pages, stores, m);
       else
