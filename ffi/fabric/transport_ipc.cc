@@ -14,9 +14,49 @@
 namespace jax_garden::fabric {
 namespace {
 
-// Process-wide CUDA IPC mappings: a handle may be opened only once per process.
+// Process-wide CUDA IPC mappings: a handle may be opened only once per process. Each remembers the
+// owner's regions it served, so that a mapping whose regions are all gone can be closed when the
+// owner reuses the allocation's address for a new one (the driver then refuses the new handle with
+// cudaErrorAlreadyMapped until the stale mapping is closed).
+struct LegacyMapping {
+  uint64_t base = 0;
+  struct Region {
+    uint32_t slot;
+    uint64_t key, base;
+  };
+  std::vector<Region> regions;
+};
 Mutex g_ipc_mu;
-std::map<std::pair<uint64_t, std::array<uint8_t, kIpcHandleBytes>>, uint64_t> g_ipc_maps JG_GUARDED_BY(g_ipc_mu);
+std::map<std::pair<uint64_t, std::array<uint8_t, kIpcHandleBytes>>, LegacyMapping> g_ipc_maps JG_GUARDED_BY(g_ipc_mu);
+
+// Closes the mappings of `owner`'s allocations none of whose regions is live any more. Called only
+// when the driver refused a new handle of that owner as already mapped: the owner freed an allocation
+// we still map and reused its address, after retiring its regions (which waited for admitted copies),
+// so nothing of ours still copies into it.
+void close_dead_mappings(uint64_t owner) JG_REQUIRES(g_ipc_mu) {
+  std::shared_ptr<SharedRegionTable> table;
+  try {
+    table = SharedRegionTable::of_process(owner);
+  } catch (const TransferFailed&) {
+    // the owner is gone: none of its regions is live
+  }
+  for (auto it = g_ipc_maps.begin(); it != g_ipc_maps.end();) {
+    bool live = false;
+    if (it->first.first == owner && table) {
+      for (const auto& r : it->second.regions) {
+        std::string why;
+        bool gone = false;
+        if (table->check(r.slot, r.key, r.base, 0, 0, &why, &gone)) live = true;
+      }
+    }
+    if (it->first.first == owner && !live) {
+      gpu_runtime().ipc_close(it->second.base);
+      it = g_ipc_maps.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
 // Imported VMM ranges, by (owner process nonce, region key): the mapped base and the local devices
 // given access. The mapping holds the owner's physical memory; the owner's region table still
 // admits every copy (liveness and bounds), as for legacy handles.
@@ -108,8 +148,21 @@ uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
   auto key = std::make_pair(dst.process_nonce, dst.ipc_handle);
   MutexLock lk(g_ipc_mu);
   auto it = g_ipc_maps.find(key);
-  if (it == g_ipc_maps.end()) it = g_ipc_maps.emplace(key, gpu_runtime().ipc_open(dst.ipc_handle, device)).first;
-  return it->second + dst.ipc_offset;
+  if (it == g_ipc_maps.end()) {
+    bool already_mapped = false;
+    uint64_t base = gpu_runtime().ipc_open(dst.ipc_handle, device, &already_mapped);
+    if (already_mapped) {
+      close_dead_mappings(dst.process_nonce);
+      base = gpu_runtime().ipc_open(dst.ipc_handle, device);
+    }
+    it = g_ipc_maps.emplace(key, LegacyMapping{base, {}}).first;
+  }
+  auto& regions = it->second.regions;
+  if (std::none_of(regions.begin(), regions.end(), [&](const LegacyMapping::Region& r) {
+        return r.slot == dst.region_slot && r.key == dst.region_key;
+      }))
+    regions.push_back({dst.region_slot, dst.region_key, dst.base});
+  return it->second.base + dst.ipc_offset;
 }
 
 uint64_t IpcTransport::map_vmm(const MemoryDescriptor& dst, int device) {
