@@ -24,8 +24,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_garden import _compat, _settings, _validate
+from jax_garden import _settings, _validate
 from jax_garden import _jax_garden as _native
+from jax_garden._service.bootstrap import Bootstrap
 
 __all__ = ["available", "create_context", "CudaContext", "MoeDeviceError", "MoeTimeoutError"]
 
@@ -128,13 +129,12 @@ class CudaContext:
 def _close_native(native_ctx, uid: int, multiprocess: bool) -> None:
     if multiprocess:
         # No process may free its buffer while a peer's kernels can still write into it.
-        client = _compat.distributed_client()
-        if client is not None:
-            try:
-                native_ctx.synchronize()
-                client.wait_at_barrier(f"jax_garden_moe_cuda_{uid}_close", 60_000)
-            except Exception:  # a dead peer: free anyway, nothing can write here any more
-                pass
+        try:
+            boot = Bootstrap()  # RuntimeError without jax.distributed: nothing to wait for
+            native_ctx.synchronize()
+            boot.barrier(f"jax_garden_moe_cuda_{uid}_close", 60.0)
+        except Exception:  # a dead peer: free anyway, nothing can write here any more
+            pass
     native_ctx.close()
 
 
@@ -213,16 +213,16 @@ def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
         ordinal_of = {d.id: cuda_ordinal(d) for _, _, d in local}
         for g, r, d in local:
             ctx.add_rank(ordinal_of[d.id], int(r))
-        client = None
+        boot = None
         if remote_needed:
-            client = _compat.distributed_client()
-            if client is None:
+            try:
+                boot = Bootstrap()
+            except RuntimeError:
                 raise RuntimeError("moe (CUDA): the mesh spans several processes but "
                                    "jax.distributed is not initialised (needed to exchange "
-                                   "CUDA IPC handles)")
+                                   "CUDA IPC handles)") from None
             for g, r, d in local:
-                key = _key(uid, g, r)
-                client.key_value_set(key, ctx.ipc_handle(ordinal_of[d.id]).hex())
+                boot.publish(_key(uid, g, r), ctx.ipc_handle(ordinal_of[d.id]))
         for g, r, d in local:
             ordinal = ordinal_of[d.id]
             for p in range(num_ranks):
@@ -232,8 +232,8 @@ def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
                 else:
                     # Peers reach this point at their own pace (imports, compiles): a wait of
                     # its own, not the kernels' timeout.
-                    handle = client.blocking_key_value_get(_key(uid, g, p), _KV_TIMEOUT_MS)
-                    ctx.connect_ipc(ordinal, p, bytes.fromhex(handle))
+                    handle = boot.fetch(_key(uid, g, p), _KV_TIMEOUT_MS / 1000)
+                    ctx.connect_ipc(ordinal, p, handle)
         report = ctx.finalize()
     except BaseException:
         ctx.close()
