@@ -34,8 +34,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_garden import _compat, _settings, _validate
+from jax_garden import _settings, _validate
 from jax_garden import _jax_garden as _native
+from jax_garden._service.bootstrap import Bootstrap
 
 __all__ = ["available", "create_context", "CudaContext", "MoeDeviceError", "MoeTimeoutError"]
 
@@ -174,10 +175,10 @@ def _close_native(native_ctx, uid: int, multiprocess: bool, proxied: bool = Fals
         if multiprocess:
             # No process may free its buffer while a peer's kernels (or engine) can still write into
             # it. A context that failed skips the barrier: its peers fail too (or time out here).
-            client = _compat.distributed_client()
-            if client is not None and not (proxied and native_ctx.error()[0]):
+            boot = _bootstrap()
+            if boot is not None and not (proxied and native_ctx.error()[0]):
                 native_ctx.synchronize()
-                client.wait_at_barrier(f"jax_garden_moe_cuda_{uid}_close", 60_000)
+                boot.barrier(f"jax_garden_moe_cuda_{uid}_close", 60.0)
     except Exception:  # a dead peer: free anyway, nothing can write here any more
         pass
     native_ctx.close()
@@ -265,16 +266,15 @@ def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
         ordinal_of = {d.id: cuda_ordinal(d) for _, _, d in local}
         for g, r, d in local:
             ctx.add_rank(ordinal_of[d.id], int(r))
-        client = None
+        boot = None
         if remote_needed:
-            client = _compat.distributed_client()
-            if client is None:
+            boot = _bootstrap()
+            if boot is None:
                 raise RuntimeError("moe (CUDA): the mesh spans several processes but "
                                    "jax.distributed is not initialised (needed to exchange "
                                    "CUDA IPC handles)")
             for g, r, d in local:
-                key = _key(uid, g, r)
-                client.key_value_set(key, ctx.ipc_handle(ordinal_of[d.id]).hex())
+                boot.publish(_key(uid, g, r), ctx.ipc_handle(ordinal_of[d.id]))
         for g, r, d in local:
             ordinal = ordinal_of[d.id]
             for p in range(num_ranks):
@@ -284,8 +284,8 @@ def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
                 else:
                     # Peers reach this point at their own pace (imports, compiles): a wait of
                     # its own, not the kernels' timeout.
-                    handle = client.blocking_key_value_get(_key(uid, g, p), _KV_TIMEOUT_MS)
-                    ctx.connect_ipc(ordinal, p, bytes.fromhex(handle))
+                    handle = boot.fetch(_key(uid, g, p), _KV_TIMEOUT_MS / 1000)
+                    ctx.connect_ipc(ordinal, p, handle)
         report = ctx.finalize()
     except BaseException:
         ctx.close()
@@ -395,13 +395,18 @@ def _exchange(uid: int, mine: dict[int, bytes], remote: list[int], config: Any) 
         if missing:
             raise ValueError(f"InternodeConfig.bootstrap returned no peer info for ranks {missing}")
         return {r: _validate.check_bytes_like(f"bootstrap peer info of rank {r}", got[r]) for r in remote}
-    client = _compat.distributed_client()
-    if client is None:
+    boot = _bootstrap()
+    if boot is None:
         raise RuntimeError("moe.AllToAll across processes: jax.distributed is not initialised (its "
                            "key-value store carries the peer information); initialise it or pass "
                            "InternodeConfig(bootstrap=...)")
-    for r, blob in mine.items():
-        client.key_value_set(f"jax_garden/moe_proxy/{uid}/{r}", blob.hex())
     # Peers reach this point at their own pace (imports, compiles): a wait of its own.
-    return {r: bytes.fromhex(client.blocking_key_value_get(f"jax_garden/moe_proxy/{uid}/{r}", _KV_TIMEOUT_MS))
-            for r in remote}
+    return boot.exchange(f"jax_garden/moe_proxy/{uid}", mine, remote, _KV_TIMEOUT_MS / 1000)
+
+
+def _bootstrap() -> Bootstrap | None:
+    """jax.distributed's key-value store as the service floor's Bootstrap (None without it)."""
+    try:
+        return Bootstrap()
+    except RuntimeError:
+        return None
