@@ -287,6 +287,8 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 
 _FN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# FFI calls of one round_trip program per rank: dispatch() and combine() are one call each.
+CALLS_PER_ROUND_TRIP = 2
 
 
 def round_trip(backend: Backend, case: Case, mesh, a2a, impl=None, expert_ys=None):

@@ -81,7 +81,7 @@ def test_ladder_and_profile_headline_and_goals(tmp_path, capsys):
     result = {"ladder": [_row("256x8", 1, 6.0, 7.0), _row("256x8", 128, 11.0, 13.0),
                          _row("384x6", 128, 12.0, 14.0, errors=["oracle: rank 0 ex differs"])],
               "profile": [_row("256x8", 1, 17.0, 18.0, old), _row("256x8", 1, 6.0, 7.0, new),
-                          _row("256x8", 1, 12.0, 13.0, "arrive split"),
+                          _row("256x8", 1, 12.0, 13.0, "arrive-split"),
                           _row("256x8", 128, 22.0, 25.0, old), _row("256x8", 128, 9.5, 12.5, new)],
               "kernel_floor": {"graph": {"p50_us": 1.5, "command_buffers": {"moe_calls": 4, "in_command_buffers": 4}},
                                "host": {"p50_us": 5.0}},
@@ -101,7 +101,7 @@ def test_ladder_and_profile_headline_and_goals(tmp_path, capsys):
     assert "1.50 us launch to launch in a CUDA graph (4/4 calls in command buffers)" in out
     # the kernel table: launch to launch 3.25 against the 1.5 floor
     line = next(x for x in out.splitlines() if x.startswith(new) and "dispatch_send" in x)
-    assert line.split()[4:7] == ["1.0", "3.2", "1.8"]
+    assert line.split()[3:6] == ["1.0", "3.2", "1.8"]
     png = moe_ladder.plot(result, str(tmp_path / "ladder.png"))
     assert png is not None and (tmp_path / "ladder.png").stat().st_size > 1000
 
@@ -139,6 +139,28 @@ def test_kernel_breakdown_from_device_stamps():
     assert rows["combine_recv"]["total"] == pytest.approx(2.8)
     with pytest.raises(RuntimeError, match="missing device timestamps"):
         moe_ladder.kernel_rows({0: {k: np.zeros((30, 4), np.int64) for k in ("start", "end", "entry")}})
+
+
+def test_profile_variants_set_and_restore_the_settings(monkeypatch):
+    """A variant's settings are in the environment while its AllToAll is created, and the caller's
+    come back afterwards (a forced legacy sync is left alone by a variant that sets none)."""
+    import os
+
+    from jax_garden.bench import moe_ladder
+
+    monkeypatch.setenv("JAX_GARDEN_MOE_LEGACY_SYNC", "1")
+    monkeypatch.setenv("JAX_GARDEN_MOE_FUSED", "1")
+    monkeypatch.delenv("JAX_GARDEN_MOE_SYNC", raising=False)
+    env = ("JAX_GARDEN_MOE_SYNC", "JAX_GARDEN_MOE_FUSED", "JAX_GARDEN_MOE_COOPERATIVE", "JAX_GARDEN_MOE_LEGACY_SYNC")
+    seen = moe_ladder._with_settings(moe_ladder.VARIANTS["fused-plain-launch"],
+                                     lambda: {k: os.environ.get(k) for k in env})
+    assert seen == {"JAX_GARDEN_MOE_SYNC": "arrive", "JAX_GARDEN_MOE_FUSED": "1",
+                    "JAX_GARDEN_MOE_COOPERATIVE": "0", "JAX_GARDEN_MOE_LEGACY_SYNC": None}
+    assert {k: os.environ.get(k) for k in env} == {"JAX_GARDEN_MOE_SYNC": None, "JAX_GARDEN_MOE_FUSED": "1",
+                                                  "JAX_GARDEN_MOE_COOPERATIVE": None,
+                                                  "JAX_GARDEN_MOE_LEGACY_SYNC": "1"}
+    assert moe_ladder._with_settings({}, lambda: os.environ.get("JAX_GARDEN_MOE_LEGACY_SYNC")) == "1"
+    assert moe_ladder.OLD in moe_ladder.VARIANTS and moe_ladder.NEW in moe_ladder.VARIANTS
 
 
 def test_command_buffer_report_reads_optimized_hlo():

@@ -35,14 +35,14 @@ PHASES = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
 # --profile: how each variant is made (settings read when the AllToAll is created; "graphs": False
 # compiles the chain with XLA command buffers off). The first is the baseline of "old/new".
 VARIANTS = {
-    "flags (before)": {"sync": "flags", "fused": False},
-    "legacy": {"sync": "legacy", "fused": False},
-    "arrive split": {"sync": "arrive", "fused": False},
-    "arrive fused": {"sync": "arrive", "fused": True},
-    "fused plain launch": {"sync": "arrive", "fused": True, "cooperative": False},
-    "fused no graphs": {"sync": "arrive", "fused": True, "graphs": False},
+    "flags": {"sync": "flags", "fused": False},            # the previous version
+    "legacy": {"sync": "legacy", "fused": False},          # the first version
+    "arrive-split": {"sync": "arrive", "fused": False},
+    "arrive-fused": {"sync": "arrive", "fused": True},     # the default
+    "fused-plain-launch": {"sync": "arrive", "fused": True, "cooperative": False},
+    "fused-no-graphs": {"sync": "arrive", "fused": True, "graphs": False},
 }
-OLD, NEW = "flags (before)", "arrive fused"
+OLD, NEW = "flags", "arrive-fused"
 _VARIANT_ENV = {"sync": "JAX_GARDEN_MOE_SYNC", "fused": "JAX_GARDEN_MOE_FUSED",
                 "cooperative": "JAX_GARDEN_MOE_COOPERATIVE"}
 
@@ -201,7 +201,8 @@ def stamps_rows(stamps: dict) -> dict:
 def _with_settings(variant: dict, make):
     """make() with the variant's settings in the environment (restored afterwards)."""
     saved = {env: os.environ.get(env) for env in (*_VARIANT_ENV.values(), "JAX_GARDEN_MOE_LEGACY_SYNC")}
-    os.environ.pop("JAX_GARDEN_MOE_LEGACY_SYNC", None)
+    if "sync" in variant:  # the variant's synchronisation, not one the environment forces
+        os.environ.pop("JAX_GARDEN_MOE_LEGACY_SYNC", None)
     for key, env in _VARIANT_ENV.items():
         if key in variant:
             value = variant[key]
