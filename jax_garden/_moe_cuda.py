@@ -61,18 +61,27 @@ def available() -> bool:
     return bool(getattr(_native, "built_with_cuda", False)) and bool(_native.moe_cuda.available)
 
 
-def _tuning() -> dict[str, int]:
+_SYNC_MODES = ("arrive", "flags", "legacy")
+
+
+def _tuning() -> dict[str, Any]:
     """Kernel tuning knobs (benchmarks): bytes of a row one warp sends (512, 1024, 2048), blocks
-    per multiprocessor (1, 2) and the NVLink kernels' first synchronisation (the baseline of
-    bench moe --profile), from the settings moe_chunk_bytes / moe_blocks_per_sm /
-    moe_legacy_sync (unset: the kernels' defaults). The native context checks the values."""
-    out = {}
+    per multiprocessor (1, 2), the NVLink kernels' synchronisation (``arrive``, ``flags``,
+    ``legacy``: bench moe --profile compares them), whether dispatch()/combine() run as one kernel
+    each, and whether those are launched cooperatively, from the settings moe_chunk_bytes /
+    moe_blocks_per_sm / moe_sync (moe_legacy_sync: ``legacy``) / moe_fused / moe_cooperative
+    (unset: the kernels' defaults). The native context checks the values."""
+    out: dict[str, Any] = {}
     for key, setting in (("chunk_bytes", "moe_chunk_bytes"), ("blocks_per_sm", "moe_blocks_per_sm")):
         value = _settings.get(setting)
         if value is not None:
             out[key] = value
-    if _settings.get("moe_legacy_sync"):
-        out["legacy_sync"] = True
+    sync = "legacy" if _settings.get("moe_legacy_sync") else _settings.get("moe_sync").strip().lower()
+    if sync not in _SYNC_MODES:
+        raise ValueError(f"JAX_GARDEN_MOE_SYNC must be one of {', '.join(_SYNC_MODES)}, got {sync!r}")
+    out["sync"] = sync
+    out["fused"] = bool(_settings.get("moe_fused"))
+    out["cooperative"] = bool(_settings.get("moe_cooperative"))
     return out
 
 
@@ -139,6 +148,18 @@ class CudaContext:
     def generations(self, ordinal: int) -> dict[str, int]:
         """Calls completed by each kernel on device ``ordinal``."""
         return dict(zip(_KERNELS, self._ctx.generations(ordinal)))
+
+    def stamps(self, ordinal: int, n: int) -> dict[str, np.ndarray] | None:
+        """NVLink context only (None otherwise): every device timestamp of the last ``n`` calls of
+        each kernel on device ``ordinal``, ``{name: [n, 4] uint64}`` with the names of
+        ``_jax_garden.moe_cuda.stamp_names`` (start, end, entry = the kernel's first instruction,
+        waited, body = block 0's work done, last = the last block counted in). A fused kernel
+        stamps both of its phase's slots (the send slot ends where the receive slot starts)."""
+        if self.proxied:
+            return None
+        names = list(_native.moe_cuda.stamp_names)
+        raw = np.asarray(self._ctx.stamps(ordinal, n), np.uint64).reshape(n, 4, len(names))
+        return {name: raw[:, :, i] for i, name in enumerate(names) if not name.startswith("unused")}
 
     def timings(self, ordinal: int, n: int) -> np.ndarray:
         """Device timestamps (globaltimer, ns) of the last ``n`` calls of each phase on device
