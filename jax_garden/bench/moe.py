@@ -1,7 +1,7 @@
 """``python -m jax_garden.bench moe``: MoE dispatch/combine on the CUDA NVLink kernels against
 ``jax.lax.ragged_all_to_all`` (moe.RaggedAllToAll) and a copy-engine peer memcpy, in one run.
 
-Settings (DESIGN.md §5): decode 128 tokens/rank and prefill 4096, hidden 7168, top-8 of 256
+Settings (the field's standard for expert parallelism): decode 128 tokens/rank and prefill 4096, hidden 7168, top-8 of 256
 experts, bf16 or fp8 e4m3 (+ f32 scales per 128 channels) dispatch, bf16 combine, over all GPUs
 of the machine (one process driving them all).
 
@@ -392,7 +392,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer-copy", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="decode only, fewer iterations, a smaller peer copy: well under a minute")
-    ap.add_argument("--out", "--json", dest="out", default="moe_bench.json", help="JSON output path")
+    ap.add_argument("--out", "--json", dest="out", default="bench_results/moe.json",
+                    help="JSON output path (default bench_results/moe.json)")
     args = ap.parse_args(argv)
     modes_arg = args.modes or ("decode" if args.quick else "decode,prefill")
     iters = args.iters if args.iters is not None else (50 if args.quick else 200)
