@@ -56,7 +56,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jax_garden import fabric
+from jax_garden import _lifetime, fabric
 
 __all__ = [
     "KVLayout", "PagedKVCache", "PageAllocator", "OutOfPages", "BufferMovedError", "State", "Request",
@@ -1393,6 +1393,7 @@ class DecodeSide:
             self._channel.decode_sides[self.cache_id] = self
         self.contact = self._channel.contact
         cache._listeners.add(self)
+        _lifetime.close_at_exit(self, how=lambda side: side.close(timeout=1.0))  # no long fences at exit
 
     # -- public -----------------------------------------------------------------------------------------
     def reserve(self, num_tokens: int, *, timeout: float | None = None) -> Request:
@@ -1477,6 +1478,7 @@ class DecodeSide:
             if self._closed:
                 return
             self._closed = True
+            _lifetime.closed(self)
             live = [r for r in self._slots if r is not None and r._state is State.PENDING]
             for r in live:
                 self._begin_end(r, State.CANCELLED, "the decode side closed", timeout)
@@ -1978,6 +1980,7 @@ class PrefillSide:
             self._channel.prefill = self
         self.contact = self._channel.contact
         cache._listeners.add(self)
+        _lifetime.close_at_exit(self)
 
     # -- public -----------------------------------------------------------------------------------------
     def recv_ticket(self, timeout: float | None = None) -> tuple[bytes, bytes]:
@@ -2076,6 +2079,7 @@ class PrefillSide:
             if self._closed:
                 return
             self._closed = True
+            _lifetime.closed(self)
             live = [s for s in self._streams.values() if not s.done]
         for s in live:
             self._fail(s, "prefill side closed")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from jax_garden import fabric
+from jax_garden import _lifetime, fabric
 
 __all__ = [
     "MeshSharding", "TensorSpec", "Fp8", "fp8_spec", "TensorLayout", "Layout", "Plan", "Publisher", "PushHandle",
@@ -1547,6 +1547,7 @@ class Publisher:
         self._handle: PushHandle | None = None  # the last push's
         self._req = 0
         self._closed = False
+        _lifetime.close_at_exit(self)
 
     @property
     def address(self) -> bytes:
@@ -1853,6 +1854,7 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
+        _lifetime.closed(self)
         if self._thread is not None:
             self._thread.join(self.timeout)
         self._rings.clear()
@@ -1975,6 +1977,7 @@ class Subscriber:
         self._stop = False
         self._thread = threading.Thread(target=self._serve, name="jax_garden-weights-subscriber", daemon=True)
         self._thread.start()
+        _lifetime.close_at_exit(self)
 
     # -- bootstrap --------------------------------------------------------------------------------
     @property
@@ -2397,6 +2400,7 @@ class Subscriber:
         if self._stop:
             return
         self._stop = True
+        _lifetime.closed(self)
         self._thread.join(5.0)
         if self._own_engine:
             self.engine.close()
