@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from jax_garden.bench._harness import description
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
@@ -74,7 +76,7 @@ def _time_ops(submit, count: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jax_garden.bench.fabric_gpu", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jax_garden.bench fabric-gpu", description=description(__doc__))
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     ap.add_argument("--provider", default="tcp")
