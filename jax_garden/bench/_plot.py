@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -116,7 +117,7 @@ def _draw_bars(ax, p: StackedBars) -> None:
     for name, values in (p.markers or {}).items():
         pts = [(x, v) for x, v in zip(xs, values) if v is not None]
         ax.plot([x for x, _ in pts], [v for _, v in pts], "kD", markersize=5, label=name)
-    ax.set_xticks(xs, list(p.categories), rotation=15)
+    ax.set_xticks(xs, list(p.categories), fontsize="small")
     ax.set_ylabel(p.ylabel)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small")
@@ -139,9 +140,10 @@ def save(path: str | os.PathLike, panels: Sequence[Lines | StackedBars], *, titl
         ax.set_title(p.title, fontsize="medium")
     if title:
         fig.suptitle(title)
-    if note:
-        fig.text(0.01, 0.01, note, fontsize="x-small", color="0.35")
-    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    lines = textwrap.wrap(note, width=int(16 * 5.2 * len(panels))) if note else []
+    if lines:
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize="x-small", color="0.35")
+    fig.tight_layout(rect=(0, 0.035 * len(lines), 1, 1))
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

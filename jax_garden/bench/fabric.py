@@ -758,8 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     out = write_json(args.out, result, headline(result))
     print(f"wrote {out}", file=sys.stderr)
     if args.plot:
-        note = (f"python -m jax_garden.bench fabric {' '.join(argv)}; {os.cpu_count()} CPUs, 1-min load "
-                f"{result['loadavg_1min']['start']:.1f} at start; {time.strftime('%Y-%m-%d')}")
+        note = figures.note("fabric", argv, f"{platform.node()}, {os.cpu_count()} CPUs, 1-min load "
+                            f"{result['loadavg_1min']['start']:.1f} at start")
         print(f"wrote {figures.fabric(result, args.plot, note)}", file=sys.stderr)
     return 1 if errors else 0
 

@@ -12,9 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from jax_garden.bench import _plot
+
+
+def note(benchmark: str, argv: list[str], *details: str) -> str:
+    """The small print under a figure: the command that measured it (output paths left out), then
+    ``details`` (machine, load) and today's date."""
+    keep, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--out", "--json", "--plot"):
+            skip = True
+        elif not a.startswith(("--out=", "--json=", "--plot=")):
+            keep.append(a)
+    return "; ".join([f"python -m jax_garden.bench {' '.join([benchmark, *keep])}", *details,
+                      time.strftime("%Y-%m-%d")])
 
 
 def fabric(result: dict, path: str, note: str | None = None) -> Path:

@@ -6,7 +6,8 @@
 Shapes: Llama-3-8B KV (32 layers, 8 KV heads, head dim 128, bf16, 16-token pages: 128 KiB per
 token, 2 MiB per 16-token page over all layers) for 2k- and 8k-token prompts. Two processes on
 this host: a prefill process (source cache) and a decode process (destination cache); on GPUs one
-GPU each (CUDA_VISIBLE_DEVICES), the engine then takes the CUDA IPC path.
+GPU each, and the engine picks the path (CUDA IPC when one process can map the other's GPU memory,
+else staged through pinned host memory; docs/semantics.md).
 
 The prefill is emulated: one jitted program per request that, per layer, spends ``layer_ms`` of
 "compute" (CPU: a host callback that sleeps, so the host is free as it would be under a GPU prefill,
@@ -712,14 +713,15 @@ def main(argv: list[str] | None = None) -> int:
         if xt:
             notes.append(f"jax.experimental.transfer does not run on {platform} here: {xt[0]['error'][:200]}")
     result.update(notes=notes, errors=errors, elapsed_s=round(time.monotonic() - t_start, 1), quick=quick, pin=args.pin,
+                  loadavg_1min=load,
                   completion=args.completion,
                   method=__doc__.split("Measured:")[1].strip() if "Measured:" in __doc__ else "")
     print_table(result)
     out = write_json(args.json, result, headline(result))
     _progress(f"wrote {out}")
     if args.plot and any(r.get("ttft_ms") for r in result["rows"]):
-        note = (f"python -m jax_garden.bench kv {' '.join(argv)}; {os.cpu_count()} CPUs; "
-                f"{time.strftime('%Y-%m-%d')}")
+        note = figures.note("kv", argv, f"{os.uname().nodename}, {os.cpu_count()} CPUs, 1-min load "
+                            f"{result['loadavg_1min']:.1f} at start")
         _progress(f"wrote {figures.kv(result, args.plot, note)}")
     return 1 if errors else 0
 
