@@ -50,12 +50,19 @@ def test_import_with_the_extension_linked_into_the_checkout(checkout):
     assert r.stdout.strip().splitlines()[-1] == str(checkout / "jax_garden" / "__init__.py")
 
 
-def test_this_checkout_imports_from_its_root_when_set_up():
+def test_this_checkout_runs_readme_commands_from_its_root_when_set_up():
     """After `bash .ci/setup.sh` (what CI runs before the tests) the repository itself imports from its
-    root; in a developer tree without that link the message above is the expected outcome."""
+    root, and the README's commands run there without -P; in a developer tree without that link the
+    message above is the expected outcome."""
     root = Path(__file__).resolve().parent.parent
     linked = list((root / "jax_garden").glob("_jax_garden*.so"))
     if not linked or not linked[0].exists():
         pytest.skip("the extension is not linked into this checkout (bash .ci/setup.sh does that)")
     r = _import_from(root)
     assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(root / "jax_garden" / "__init__.py")
+    for cmd in (["-m", "jax_garden.bench", "--help"], ["-m", "jax_garden.bench", "fabric", "--help"],
+                ["examples/rl_weight_push.py", "--help"], ["examples/disaggregated_serving.py", "--help"]):
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120, cwd=root)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+    assert (root / "jax_garden" / "bin" / "raw_fabric_bench").exists()  # the fabric benchmark's baseline
