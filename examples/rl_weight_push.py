@@ -267,10 +267,9 @@ def _recv(conn, who: str, timeout: float = TIMEOUT):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 steps")
-    ap.add_argument("--short", action="store_true", help=argparse.SUPPRESS)  # the old name of --quick
     ap.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     args = ap.parse_args(argv)
-    cfg = SIZES["quick" if args.quick or args.short else "full"]
+    cfg = SIZES["quick" if args.quick else "full"]
     device = args.device if args.device != "auto" else ("gpu" if _gpus() >= 2 else "cpu")
     print(f"trainer job (2 processes, FSDP) -> inference job (2 processes, TP), {device}, "
           f"model {_shapes(cfg)}, versions 0..{cfg['steps']}", flush=True)
