@@ -1,8 +1,8 @@
 """python -m jax_garden.bench BENCHMARK [options]     (python -m jax_garden.bench BENCHMARK --help: its options)
 
 Every benchmark runs its baseline in the same run, prints a table and writes JSON (default under
-bench_results/) whose "headline" holds the same-run ratios. --quick makes any of them short; fabric and
-kv draw a figure with --plot PATH (needs matplotlib). fabric runs the host rows and, when this machine
+bench_results/) whose "headline" holds the same-run ratios. --quick makes any of them short; fabric, kv
+and moe --ladder draw a figure with --plot PATH (needs matplotlib). fabric runs the host rows and, when this machine
 has a GPU and the build has CUDA, the rows of fabric-gpu after them (--no-gpu skips those).
 """
 
@@ -23,7 +23,7 @@ BENCHMARKS = {
 SUMMARIES = {
     "fabric": "TransferEngine latency and bandwidth on 127.0.0.1 vs raw libfabric vs TCP sockets",
     "fabric-gpu": "GPU memory through the engine (ipc and staged paths) vs cudaMemcpyPeerAsync (needs a GPU)",
-    "moe": "MoE dispatch/combine vs moe.RaggedAllToAll on GPUs; --nodes N: across N CPU processes over tcp",
+    "moe": "MoE dispatch/combine vs moe.RaggedAllToAll on GPUs (--ladder: token ladder); --nodes N: across processes",
     "weights": "weight push trainer -> inference vs raw libfabric and jax.experimental.transfer; --simulate k2",
     "kv": "KV-cache streaming: TTFT layer-wise vs bulk vs jax.experimental.transfer, with the raw floor",
 }
