@@ -24,9 +24,10 @@ subscribers' engine addresses go through it (pipes); the weights go point to poi
 TransferEngine. After each step it hands the trainer's parameters (gathered, only for this check)
 to the inference processes, which verify their shards: bf16 bitwise, fp8 within the e4m3 bound.
 
-On GPUs each process uses one GPU (trainer rank r and inference rank r share GPU r: colocated
-2 -> 2), and the engine picks the path per op: CUDA IPC where one process can map the other's GPU
-memory, otherwise staged through pinned host memory (``TransferEngine.path_for`` tells which).
+On GPUs each process uses one GPU, chosen with ``jax.distributed``'s ``local_device_ids`` while
+every GPU stays visible to CUDA (trainer rank r and inference rank r share GPU r: colocated 2 -> 2),
+and the engine moves GPU memory over CUDA IPC, into XLA's own buffers. It needs 2 GPUs: the trainer
+job's collectives (NCCL) refuse two ranks on one GPU.
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ TIMEOUT = 120.0
 
 def _setup_jax(device: str, rank: int, port: int) -> None:
     if device == "gpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
-        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # two processes per GPU
     else:
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -61,7 +61,9 @@ def _setup_jax(device: str, rank: int, port: int) -> None:
 
     if device == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank, initialization_timeout=60)
+    # GPU: this process's JAX uses GPU `rank`; CUDA still sees every GPU (the engine maps peers' memory).
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank, initialization_timeout=60,
+                               local_device_ids=[rank] if device == "gpu" else None)
 
 
 def _shapes(cfg: dict) -> dict:

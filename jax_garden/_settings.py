@@ -15,10 +15,10 @@ variable                                default   meaning
                                                   NVLink kernels' first synchronisation (a fence
                                                   in every thread, the full grid for every
                                                   kernel): the baseline of bench moe --profile
-``JAX_GARDEN_VMM_IPC``                  0         1: engines created from now on offer GPU regions
-                                                  in cuMemCreate memory (XLA's buffers) to
-                                                  same-host peers through an exported fd
-                                                  (experimental: not yet verified on GPUs)
+``JAX_GARDEN_VMM_IPC``                  1         0: engines created from now on stop offering
+                                                  GPU regions in cuMemCreate memory (XLA's
+                                                  buffers) to same-host peers through an
+                                                  exported fd (their writes then go staged)
 ======================================  ========  ===========================================
 """
 
@@ -51,9 +51,9 @@ SETTINGS: dict[str, Setting] = {
     "moe_legacy_sync": Setting("JAX_GARDEN_MOE_LEGACY_SYNC", _flag, False,
                                "1: CUDA MoE contexts created from now on use the NVLink kernels' first "
                                "synchronisation (a fence in every thread, the full grid for every kernel)"),
-    "vmm_ipc": Setting("JAX_GARDEN_VMM_IPC", _flag, False,
-                       "1: engines created from now on offer GPU regions in cuMemCreate memory (XLA's buffers) "
-                       "to same-host peers through an exported fd (experimental: not yet verified on GPUs)"),
+    "vmm_ipc": Setting("JAX_GARDEN_VMM_IPC", _flag, True,
+                       "0: engines created from now on stop offering GPU regions in cuMemCreate memory (XLA's "
+                       "buffers) to same-host peers through an exported fd (their writes then go staged)"),
 }
 
 

@@ -77,12 +77,15 @@ def gpu_available() -> bool:
 
 def choose_path(*, requested: str | None = None, src_cuda: bool = False, src_staged: bool = False,
                 dst_cuda: bool = False, dst_staged: bool = False, dst_has_ipc: bool = False,
-                same_host: bool = False, same_process: bool = False,
-                gpu_can_map: bool = False) -> tuple[str, bool, bool]:
+                same_host: bool = False, same_process: bool = False, gpu_can_map: bool = False,
+                dst_mailbox: bool = True, why: bool = False) -> tuple:
     """The engine's path decision for one destination, as a pure function:
-    ``(path, stage_src, stage_dst)``. Raises ``ValueError`` when a forced path is impossible."""
-    return tuple(_native.choose_path(_check_path(requested), src_cuda, src_staged, dst_cuda, dst_staged,
-                                     dst_has_ipc, same_host, same_process, gpu_can_map))
+    ``(path, stage_src, stage_dst)``, plus the reason in words with ``why=True``. ``dst_mailbox``:
+    the destination engine has an imm mailbox (where same-host copies deliver their imms). Raises
+    ``ValueError`` when a forced path is impossible."""
+    out = tuple(_native.choose_path(_check_path(requested), src_cuda, src_staged, dst_cuda, dst_staged,
+                                    dst_has_ipc, same_host, same_process, gpu_can_map, dst_mailbox))
+    return out if why else out[:3]
 
 
 def plan_registration(*, cuda: bool, device: int = 0, staged: bool = False, provider_hmem: bool = False,
@@ -186,6 +189,12 @@ class MemoryRegion:
     def registration(self) -> str:
         """``system``, ``hmem_iov``, ``hmem_dmabuf`` or ``staged`` (see :func:`plan_registration`)."""
         return self._native.registration
+
+    @property
+    def registration_note(self) -> str:
+        """Why the region is registered the way it is, and (GPU memory) why same-host peers can or
+        cannot map it (e.g. memory without a CUDA IPC export: a ``cuda_async`` pool)."""
+        return self._native.registration_note
 
     @property
     def descriptor(self) -> MemoryDescriptor:
@@ -328,10 +337,15 @@ class TransferEngine:
         p = self._native.default_path
         return None if p == "auto" else p
 
-    def path_for(self, region: "MemoryRegion", remote_descriptor: Any, path: str | None = None) -> str:
+    def path_for(self, region: "MemoryRegion", remote_descriptor: Any, path: str | None = None, *,
+                 why: bool = False) -> "str | tuple[str, str]":
         """The path (``"fabric"``, ``"ipc"`` or ``"staged"``) an op from ``region`` to
-        ``remote_descriptor`` takes with this ``path`` override."""
-        return self._native.path_for(_region(region), _descriptor(remote_descriptor), _check_path(path))[0]
+        ``remote_descriptor`` takes with this ``path`` override; with ``why=True``, ``(path, reason)``
+        where the reason says what ruled the faster paths out (e.g. a destination GPU this process
+        cannot see, or memory its owner could not export)."""
+        reg, desc, p = _region(region), _descriptor(remote_descriptor), _check_path(path)
+        chosen = self._native.path_for(reg, desc, p)[0]
+        return (chosen, self._native.path_reason(reg, desc, p)) if why else chosen
 
     def check(self) -> None:
         """Raise (TransferError) the oldest error noticed asynchronously and forget it: a GPU
@@ -340,7 +354,11 @@ class TransferEngine:
 
     def staging_stats(self) -> dict:
         """Bounce buffers and staged transfers in flight: ``send_buffers[_free]``,
-        ``recv_slots[_free]``, ``inbound``, ``outbound``, ``chunk_bytes``, ``ipc_mappings``."""
+        ``recv_slots[_free]``, ``inbound``, ``outbound``, ``chunk_bytes``; ``ipc_mappings``
+        (peer allocations this process mapped) and the ipc destinations this engine started, by who
+        stored their imm records: ``ipc_stream_records`` (the copy's GPU stream, no host thread),
+        ``ipc_event_records`` (the worker, after the copy's event: no stream memory operations
+        here), ``ipc_host_records`` (host memory)."""
         return dict(self._native.staging_stats())
 
     # -- memory --------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Helpers for the kv tests: deterministic KV contents, a jitted prefill that marks each layer, and
 the functions tests run in spawned processes (fabric_group.run_group).
 
-Importing this module starts no accelerator: a GPU worker pins CUDA_VISIBLE_DEVICES to its rank
-before it imports jax (spawned children import this module to find their function)."""
+Importing this module starts no accelerator: a GPU worker chooses the GPU its JAX uses (its rank
+modulo the GPUs, all of them staying visible to CUDA) before it uses jax (spawned children import
+this module to find their function)."""
 
 from __future__ import annotations
 
@@ -163,8 +164,9 @@ def check_request(cache: Any, req: Any, seed: int) -> None:
 
 def _setup(rank: int, cfg: dict) -> None:
     if cfg.get("platform") == "gpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % cfg.get("gpus", 2))
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        from fabric_group import use_gpu
+
+        use_gpu(rank % cfg.get("gpus", 2))
 
 
 def _layout(cfg: dict) -> Any:
@@ -195,7 +197,9 @@ def serve_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
         else:
             cache = kv.PagedKVCache(eng, lay, devices=_devices(cfg.get("prefill_devices", 1)))
             side = kv.PrefillSide(cache, timeout=60)
-        contacts = exchange(bytes(side.contact))
+        # contacts, and a region of each cache (the path a prefill's writes take toward it)
+        infos = exchange((bytes(side.contact), cache.descriptors()[0]))
+        contacts = [c for c, _ in infos]
         if rank in decodes:
             reqs = []
             for i, n in enumerate(cfg["tokens"]):
@@ -219,7 +223,8 @@ def serve_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
                 (seed,) = struct.unpack("<q", extra)
                 streams.append(run_prefill(side, ticket, seed, sleep_s=cfg.get("sleep_s", 0.0), programs=programs))
             out = {"streams": len(streams), "on_mark": sum(s.layers_posted_on_mark for s in streams),
-                   "layers": lay.num_layers * len(streams), "counts": dict(side.counts)}
+                   "layers": lay.num_layers * len(streams), "counts": dict(side.counts),
+                   "path": eng.path_for(cache.region(0, 0, 0), infos[decodes[0]][1], why=True)}
         exchange(None)  # nobody closes while a peer may still write
         side.close()
         return out

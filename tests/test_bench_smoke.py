@@ -72,10 +72,18 @@ def test_fabric_bench_quick(tmp_path):
                 assert row["p50_us"] is None, row
             else:
                 assert row["p50_us"] > 0 and row["lat_vs_raw"] > 0 and row["lat_vs_tcp"] > 0, row
-        # The two targets are reported (met or not) for every engine row they apply to.
+        # The targets are reported (met or not) for every engine row they apply to.
         metrics = {(t["name"], t["metric"]) for t in result["targets"]}
         for name in ("engine d=1", "engine d=2"):
             assert (name, "p50 latency / raw") in metrics and (name, "bandwidth / raw") in metrics, result["targets"]
+            assert (name, "p99 / p50 latency") in metrics, result["targets"]
+        # The ipc path on host memory (two engines, one process): every row, moved and checked.
+        for test, size, pages in expected:
+            row = rows[("ipc 1 proc", test, size, pages)]
+            assert row["p50_us"] > 0 and (test == "imm" or row["gbps"] > 0), row
+            if test != "paged":
+                assert row["lat_vs_raw"] > 0, row
+        assert result["headline"]["ipc 1 proc write 4 KiB p50 latency us"] > 0, result["headline"]
     else:
         assert any("engine rows skipped" in n for n in result["notes"])
 

@@ -633,6 +633,10 @@ def _kill_child(role, rank, inbox, results, die_at_chunk, env):
         results.put((role, rank) + msg)
 
     os.environ.update(env or {})
+    if "JAX_GARDEN_TEST_GPU" in (env or {}):
+        from fabric_group import use_gpu
+
+        use_gpu(int(env["JAX_GARDEN_TEST_GPU"]))
     exact = not env  # GPUs: fp8 within the bound, not bitwise
     try:
         from jax_garden import weights

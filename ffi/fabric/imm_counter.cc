@@ -160,7 +160,7 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
   // cost more than the small-write round trip we are waiting for.
   {
     InlinePollScope scope(*driver);
-    auto spin_until = Clock::now() + std::chrono::microseconds(100);
+    auto spin_until = Clock::now() + std::chrono::microseconds(1000);
     while (Clock::now() < spin_until) {
       if (try_take(count)) return;
       driver->poll_once();

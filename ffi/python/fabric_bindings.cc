@@ -12,10 +12,14 @@
 #include <nanobind/stl/vector.h>
 #include <nanobind/stl/map.h>
 
+#include <thread>
+
+
 #include "common/error.h"
 #include "common/registry.h"
 #include "fabric/engine.h"
 #include "fabric/fd_broker.h"
+#include "fabric/imm_mailbox.h"
 #include "fabric/latency_probe.h"
 #include "fabric/shared_regions.h"
 #include "fabric/gpu_runtime.h"
@@ -133,6 +137,10 @@ void BindFabric(nb::module_& m) {
       .def_prop_ro("is_staged", [](const MemoryDescriptor& d) { return d.staged; })
       .def_prop_ro("device", [](const MemoryDescriptor& d) { return d.device; })
       .def_prop_ro("has_ipc_handle", [](const MemoryDescriptor& d) { return d.has_ipc; })
+      .def_prop_ro("ipc_kind", [](const MemoryDescriptor& d) {
+        return std::string(!d.has_ipc ? "none" : d.ipc_kind == IpcKind::kVmm ? "vmm" : "legacy");
+      })
+      .def_prop_ro("mailbox", [](const MemoryDescriptor& d) { return d.mailbox; })
       .def_prop_ro("pci_bus_id", [](const MemoryDescriptor& d) { return d.pci_bus_id; })
       .def_prop_ro("host_id", [](const MemoryDescriptor& d) { return d.host_id; })
       .def_prop_ro("pid", [](const MemoryDescriptor& d) { return d.pid; })
@@ -246,7 +254,7 @@ void BindFabric(nb::module_& m) {
         nb::gil_scoped_release release;
         return Engine::create(o);
       }, "provider"_a, "node"_a, "domains"_a, "timeout"_a, "max_message_bytes"_a, "split_threshold"_a, "path"_a,
-         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a, "vmm_ipc"_a = false)
+         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a, "vmm_ipc"_a = true)
       .def_prop_ro("address", [](const Engine& e) { return e.address(); })
       .def_prop_ro("provider", [](const Engine& e) { return e.provider(); })
       .def_prop_ro("num_domains", &Engine::num_domains)
@@ -289,9 +297,9 @@ void BindFabric(nb::module_& m) {
         q.src = std::move(r);
         q.dst = &d;
         q.page_bytes = page_bytes;
-        // Page lists arrive as uint32 numpy arrays (no per-element conversion).
-        q.src_pages.assign(src_pages.data(), src_pages.data() + src_pages.shape(0));
-        q.dst_pages.assign(dst_pages.data(), dst_pages.data() + dst_pages.shape(0));
+        // Page lists arrive as uint32 numpy arrays, viewed for the call (never converted or copied).
+        q.src_pages = {src_pages.data(), src_pages.shape(0)};
+        q.dst_pages = {dst_pages.data(), dst_pages.shape(0)};
         q.src_stride = src_stride;
         q.dst_stride = dst_stride;
         q.src_offset = src_offset;
@@ -326,6 +334,9 @@ void BindFabric(nb::module_& m) {
         auto c = e.path_for(r, d, parse_path(path));
         return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst);
       }, "region"_a, "dst"_a, "path"_a)
+      .def("path_reason", [](const Engine& e, const MemoryRegion& r, const MemoryDescriptor& d, const std::string& path) {
+        return e.path_reason(r, d, parse_path(path));
+      }, "region"_a, "dst"_a, "path"_a)
       .def("check", &Engine::check)
       .def("staging_stats", [](Engine& e) {
         StagingStats s;
@@ -342,6 +353,9 @@ void BindFabric(nb::module_& m) {
         d["outbound"] = s.outbound;
         d["chunk_bytes"] = s.chunk_bytes;
         d["ipc_mappings"] = s.ipc_mappings;
+        d["ipc_stream_records"] = s.ipc_stream_records;
+        d["ipc_event_records"] = s.ipc_event_records;
+        d["ipc_host_records"] = s.ipc_host_records;
         return d;
       })
       .def("write_imm", [](Engine& e, const MemoryDescriptor& d, uint32_t imm) {
@@ -379,8 +393,10 @@ void BindFabric(nb::module_& m) {
 
   // Pure policy functions, exposed for unit tests.
   m.def("choose_path", [](const std::string& requested, bool src_cuda, bool src_staged, bool dst_cuda,
-                          bool dst_staged, bool dst_has_ipc, bool same_host, bool same_process, bool gpu_can_map) {
+                          bool dst_staged, bool dst_has_ipc, bool same_host, bool same_process, bool gpu_can_map,
+                          bool dst_mailbox) {
     PathQuery q;
+    q.dst_mailbox = dst_mailbox;
     q.requested = parse_path(requested);
     q.src_cuda = src_cuda;
     q.src_staged = src_staged;
@@ -391,9 +407,9 @@ void BindFabric(nb::module_& m) {
     q.same_process = same_process;
     q.gpu_can_map = gpu_can_map;
     auto c = choose_path(q);
-    return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst);
+    return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst, explain_path(q, c));
   }, "requested"_a, "src_cuda"_a, "src_staged"_a, "dst_cuda"_a, "dst_staged"_a, "dst_has_ipc"_a, "same_host"_a,
-     "same_process"_a, "gpu_can_map"_a);
+     "same_process"_a, "gpu_can_map"_a, "dst_mailbox"_a = true);
   m.def("plan_registration", [](bool cuda, int device, bool staged, bool provider_hmem, bool headers_dmabuf,
                                 bool runtime_dmabuf, bool kernel_dmabuf, bool device_dmabuf) {
     RegistrationCaps c{provider_hmem, headers_dmabuf, runtime_dmabuf, kernel_dmabuf, device_dmabuf};
@@ -437,6 +453,27 @@ void BindFabric(nb::module_& m) {
     if (fd < 0) throw TransferFailed(why);
     return fd;
   }, "process_nonce"_a, "region_key"_a, "timeout"_a);
+
+  // The imm mailbox (imm_mailbox.h), for tests: post one record into an engine's mailbox from this
+  // process, then (keep=False) wait up to `timeout` for its owner to take it and release the ring as
+  // a closing sender does, or (keep=True) leave the ring claimed, as a sender that dies does.
+  // Returns whether the record was taken. And how many rings of a mailbox have a sender.
+  m.def("_mailbox_post", [](uint64_t process_nonce, uint32_t serial, uint32_t imm, uint64_t count, bool keep,
+                            double timeout) {
+    nb::gil_scoped_release release;
+    auto link = MailboxLink::open(process_nonce, serial);
+    uint64_t first = 0;
+    if (!link->reserve(1, &first)) throw TransferFailed("the ring is full");
+    link->store(first, imm, count);
+    if (keep) {
+      new std::shared_ptr<MailboxLink>(link);  // never released: the ring stays claimed
+      return false;
+    }
+    auto deadline = deadline_after(timeout);
+    while (link->taken() <= first && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return link->taken() > first;
+  }, "process_nonce"_a, "serial"_a, "imm"_a, "count"_a, "keep"_a, "timeout"_a);
+  m.def("_mailbox_senders", &ImmMailbox::senders, "process_nonce"_a, "serial"_a);
 
   // GPU runtime (CUDA builds; the CPU build reports it unavailable). Helpers for tests and the
   // benchmark: plain device buffers and same-run copy baselines.

@@ -5,9 +5,10 @@
 
 Shapes: Llama-3-8B KV (32 layers, 8 KV heads, head dim 128, bf16, 16-token pages: 128 KiB per
 token, 2 MiB per 16-token page over all layers) for 2k- and 8k-token prompts. Two processes on
-this host: a prefill process (source cache) and a decode process (destination cache); on GPUs one
-GPU each, and the engine picks the path (CUDA IPC when one process can map the other's GPU memory,
-else staged through pinned host memory; docs/semantics.md).
+this host: a prefill process (source cache) and a decode process (destination cache). On GPUs both
+processes see every GPU and each chooses the one its JAX uses (``jax_cuda_visible_devices``): the
+prefill GPU 0, the decode GPU 1, or GPU 0 too on a one-GPU machine (the two processes share it);
+the engine takes the CUDA IPC path either way (the setup record says which path and why).
 
 The prefill is emulated: one jitted program per request that, per layer, spends ``layer_ms`` of
 "compute" (CPU: a host callback that sleeps, so the host is free as it would be under a GPU prefill,
@@ -24,7 +25,9 @@ Systems, per prompt length:
                       other page, one paged write per layer and K/V, one imm per page);
 * ``bulk``            the same engine and stream, everything posted at ``finish`` (after the prefill);
 * ``raw floor``       CPU: the raw libfabric fi_writemsg loop of ``bench fabric`` (same host, same
-                      bytes: 2 x layers coalesced writes); GPU: cudaMemcpyPeerAsync GPU0 -> GPU1;
+                      bytes: 2 x layers coalesced writes); GPU: a copy of one layer's K or V by the
+                      driver, cudaMemcpyPeerAsync GPU0 -> GPU1 (2+ GPUs) or a same-device
+                      cudaMemcpyAsync (one GPU: what the ipc path does there);
 * ``jax.experimental.transfer``  tpu-inference style: after the prefill, gather the request's pages
                       into arrays, ``await_pull``; the decode side pulls them and scatters them into its
                       cache (donated jit).
@@ -184,6 +187,7 @@ def _decode_worker(ctl: Control, plan: dict, timeout: float) -> None:
     dec = kv.DecodeSide(cache, timeout=timeout, max_requests=64)
     ctl.send(bytes(dec.contact))
     prefill = kv.Contact.from_bytes(ctl.recv())
+    ctl.send(cache.descriptors()[0])
     conn = None
     scatter = jax.jit(lambda ks, vs, p, gk, gv: ([k.at[p].set(g) for k, g in zip(ks, gk)],
                                                   [v.at[p].set(g) for v, g in zip(vs, gv)]), donate_argnums=(0, 1))
@@ -262,9 +266,11 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
     decode = ctl.recv()
     ctl.send(bytes(pf.contact))
     del decode
+    dst_desc = ctl.recv()  # one of the decode cache's regions: which path the KV writes take
+    path, why = eng.path_for(cache.region(0, 0, 0), dst_desc, why=True)
     L = cache.layout.num_layers
     _emit({"event": "setup", "platform": platform, "devices": [str(d) for d in jax.devices()],
-           "provider": eng.provider})
+           "provider": eng.provider, "path": path, "path_reason": why})
     xfer_server = None
     gather = jax.jit(lambda ks, vs, p: ([k[p] for k in ks], [v[p] for v in vs]))
     seed = 0
@@ -373,6 +379,12 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
 
 def _worker_main(args: argparse.Namespace) -> int:
     plan = json.loads(args.worker_plan)
+    if plan["platform"] == "gpu":
+        # Every GPU stays visible to CUDA (the engine maps the peer's memory); JAX uses one.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the GPU may be shared
+        import jax
+
+        jax.config.update("jax_cuda_visible_devices", str(plan["gpus"][args.worker]))
     if plan["platform"] == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         # The CPU rows emulate a device prefill, which leaves the host to the transfer: XLA runs the
@@ -425,9 +437,17 @@ def _raw_floor_cpu(plan_layout: dict, prompts: list[int], iters: int, timeout: f
     return out
 
 
+def _gpu_roles() -> dict[str, int]:
+    """The GPU of each worker: the prefill on GPU 0, the decode on GPU 1 (GPU 0 when it is alone)."""
+    from jax_garden._jax_garden import fabric as native
+
+    return {"prefill": 0, "decode": 1 if native.gpu_device_count() > 1 else 0}
+
+
 def _raw_floor_gpu(plan_layout: dict, prompts: list[int], timeout: float) -> dict:
+    dst = _gpu_roles()["decode"]
     code = ("import json,sys; from jax_garden._jax_garden import fabric as n; a=json.loads(sys.argv[1]); "
-            "print(json.dumps({str(k): n.bench_peer_copy(0, 1, v, 20) for k, v in a.items()}))")
+            f"print(json.dumps({{str(k): n.bench_peer_copy(0, {dst}, v, 20) for k, v in a.items()}}))")
     sizes = {}
     for tokens in prompts:
         per_layer = _request_bytes(plan_layout, tokens) // plan_layout["num_layers"]
@@ -438,30 +458,26 @@ def _raw_floor_gpu(plan_layout: dict, prompts: list[int], timeout: float) -> dic
     if r.returncode != 0:
         raise BenchError(f"peer-copy baseline failed: {r.stderr.strip()[-300:]}")
     got = json.loads(r.stdout.strip().splitlines()[-1])
+    what = ("cudaMemcpyPeerAsync GPU0 -> GPU1" if dst else "cudaMemcpyAsync on GPU 0 (one GPU, shared by both processes)")
     return {t: {"gbps": got[f"{t}:layer_kind"], "total_gbps": got[f"{t}:total"],
-                "what": "cudaMemcpyPeerAsync GPU0 -> GPU1 (one layer's K or V per copy)"} for t in prompts}
+                "what": f"{what} (one layer's K or V per copy)"} for t in prompts}
 
 
 def _run_engine_pair(plan: dict, args: argparse.Namespace) -> list[dict]:
     common = ["--worker-plan", json.dumps(plan), "--timeout", str(args.timeout)]
 
-    def pinned(gpu: int) -> list[str]:  # each worker sees one GPU from its first instruction on
-        if plan["platform"] != "gpu":
-            return []
-        return ["env", f"CUDA_VISIBLE_DEVICES={gpu}", "XLA_PYTHON_CLIENT_PREALLOCATE=false"]
-
     env = child_env()
-    return run_pair([*pinned(1), *_python_cmd(), "--worker", "decode", *common],
-                    lambda port: [*pinned(0), *_python_cmd(), "--worker", "prefill", "--worker-port", str(port), *common],
+    return run_pair([*_python_cmd(), "--worker", "decode", *common],
+                    lambda port: [*_python_cmd(), "--worker", "prefill", "--worker-port", str(port), *common],
                     f"kv {plan['platform']} workers", args.timeout * 10, env,
                     pin=args.pin_cpus if plan["platform"] == "cpu" else None)
 
 
-def _gpu_pair_available() -> bool:
+def _gpu_available() -> bool:
     try:
         from jax_garden._jax_garden import fabric as native
 
-        return bool(native.gpu_available()) and native.gpu_device_count() >= 2
+        return bool(native.gpu_available()) and native.gpu_device_count() >= 1
     except Exception:  # noqa: BLE001
         return False
 
@@ -592,6 +608,10 @@ def print_table(result: dict) -> None:
     print("ovh %: TTFT over the colocated prefill; tail: READY - the prefill's last layer; GB/s: KV bytes / "
           "(prefill end -> READY), bulk only; posted/s: page writes handed to the engine per second by bulk's "
           "finish() (host posting rate, not a transfer rate)")
+    for plat, setup in result.get("setup", {}).items():
+        if setup.get("path"):
+            print(f"path {plat}: the KV writes take '{setup['path']}' ({setup.get('path_reason', '')}); "
+                  f"prefill devices {setup.get('devices')}")
     for plat, c in result.get("cancel", {}).items():
         for tokens, v in c.items():
             print(f"cancel -> fence {plat} {tokens} tokens: p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms "
@@ -656,10 +676,10 @@ def main(argv: list[str] | None = None) -> int:
     platforms = [] if args.no_cpu else ["cpu"]
     notes, errors = [], []
     if not args.no_gpu:
-        if _gpu_pair_available():
+        if _gpu_available():
             platforms.append("gpu")
         else:
-            notes.append("GPU rows skipped: this machine has fewer than 2 GPUs or the build has no CUDA")
+            notes.append("GPU rows skipped: this machine has no GPU or the build has no CUDA")
     if (load := os.getloadavg()[0]) > 0.5 * (os.cpu_count() or 1):
         notes.append(f"machine busy at start: 1-min load {load:.1f} on {os.cpu_count()} CPUs")
     t_start = time.monotonic()
@@ -689,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                 layer_ms[str(tokens)] = 5.0
         plan = {"platform": platform, "layout": layout, "prompts": prompts, "iters": iters,
                 "cancel_iters": cancel_iters, "cases": cases, "layer_ms": layer_ms, "engine_timeout": 10.0,
-                "completion": args.completion}
+                "completion": args.completion, "gpus": _gpu_roles() if platform == "gpu" else {}}
         _progress(f"kv benchmark, {platform}: engine workers, layer compute {layer_ms} ms")
         try:
             records = _run_engine_pair(plan, args)
@@ -730,6 +750,9 @@ def headline(result: dict) -> dict[str, Any]:
     """The same-run ratios .ci/gpu_verify.sh prints: each target's value (with its goal and whether
     it was met), and per platform and prompt the layer-wise TTFT against the colocated one."""
     out: dict[str, Any] = {}
+    for platform, setup in result.get("setup", {}).items():
+        if setup.get("path"):
+            out[f"{platform} path"] = f"{setup['path']} ({setup.get('path_reason', '')})"
     for t in result.get("targets", []):
         out[f"{t['platform']} {t['tokens']} {t['metric']}"] = (
             f"{t['value']:.3g} (target {t['target']}: {'met' if t['met'] else 'MISSED'})")

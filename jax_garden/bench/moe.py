@@ -419,7 +419,7 @@ def run_profile(result: dict, mesh, args, progress) -> None:
 
 
 def summarize_ladder(result: dict) -> dict:
-    """Headline entries of the ladder and the profile (goals of issue 19 at EP1, decode bf16:
+    """Headline entries of the ladder and the profile (goals at EP1, decode bf16:
     dispatch <= 10 us and combine <= 12 us at 128 tokens, <= 8 us per phase at 1 token)."""
     headline = {}
     for row in result["ladder"]:

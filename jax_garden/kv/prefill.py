@@ -73,6 +73,15 @@ class Stream:
 
     # -- public ------------------------------------------------------------------------------------------
     @property
+    def path(self) -> tuple[str, str] | None:
+        """The engine path this stream's KV writes take toward the decode cache (``"ipc"``,
+        ``"fabric"`` or ``"staged"``) and why, once the decode side accepted the ticket (else None)."""
+        if not self._dst:
+            return None
+        cache = self._side.cache
+        return cache.engine.path_for(cache.region(0, 0, 0), self._dst[0], why=True)
+
+    @property
     def done(self) -> bool:
         return self.state.ended
 
