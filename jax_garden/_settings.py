@@ -1,5 +1,5 @@
 """Every setting jax_garden reads from the environment, in one place. Each is read when it is
-used (never at import), so a process may change it between calls; README lists them.
+used (never at import), so a process may change it between calls; docs/semantics.md lists them.
 
 ======================================  ========  ===========================================
 variable                                default   meaning

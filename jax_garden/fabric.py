@@ -37,13 +37,11 @@ Both run on CPU and on CUDA (see their docstrings for the GPU semantics).
 
 from __future__ import annotations
 
-import atexit
-import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from jax_garden import _ffi, _settings
+from jax_garden import _ffi, _lifetime, _settings
 from jax_garden._jax_garden import fabric as _native
 from jax_garden._validate import (U32_MAX, check_bytes_like, check_choice, check_float, check_instance, check_int,
                                   check_positive_int)
@@ -298,7 +296,7 @@ class TransferEngine:
                                              _check_count("staging_chunk_bytes", staging_chunk_bytes, positive=True),
                                              _check_count("staging_slots", staging_slots, positive=True), completion,
                                              bool(_settings.get("vmm_ipc")))
-        _live_engines.add(self)
+        _lifetime.close_at_exit(self, _lifetime.ENGINE)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -496,7 +494,7 @@ class TransferEngine:
         """Fail every op in flight (TransferError), stop the threads, close the endpoints, and drop
         the watchers' callbacks. Idempotent; engines still open at interpreter exit are closed."""
         self._native.close()
-        _live_engines.discard(self)
+        _lifetime.closed(self)
 
     def __enter__(self) -> "TransferEngine":
         return self
@@ -506,20 +504,6 @@ class TransferEngine:
 
     def __repr__(self) -> str:
         return f"TransferEngine({self.provider}, domains={self.num_domains}{', closed' if self.closed else ''})"
-
-
-# Engines still open at interpreter exit are closed first: their threads stop and the Python
-# callables they hold (watcher callbacks, buffers kept alive) are released while Python still runs.
-_live_engines: "weakref.WeakSet[TransferEngine]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_engines() -> None:
-    for eng in list(_live_engines):
-        try:
-            eng.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
 
 
 def _region(region: Any) -> Any:
@@ -648,12 +632,12 @@ def wait(counter: ImmCounter, count: Any, *operands: Any, timeout: float | None 
         raise TypeError(f"wait: counter must be an ImmCounter from TransferEngine.imm_counter, "
                          f"got {type(counter).__name__}")
     static = _static_int(count)
+    if isinstance(count, (int, np.integer)) and not isinstance(count, (bool, np.bool_)):
+        check_int("wait: count", count, minimum=0, maximum=(1 << 31) - 1)  # carried as int32
     count = jnp.asarray(count)
     if count.shape != ():
         raise ValueError(f"wait: count must be a scalar, got shape {count.shape}")
-    t = DEFAULT_TIMEOUT if timeout is None else float(timeout)
-    if not t > 0:
-        raise ValueError(f"wait: timeout must be > 0, got {timeout}")
+    t = DEFAULT_TIMEOUT if timeout is None else check_float("wait: timeout", timeout)
     return _passthrough_call("jg_fabric_wait", count.astype(jnp.int32), operands, alias=False,
                              counter_id=np.uint64(counter.id), timeout=np.float64(t),
                              static_count=np.int64(static))

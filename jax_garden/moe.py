@@ -7,7 +7,7 @@ Usage (per rank, inside ``jax.jit(jax.shard_map(f, mesh=mesh, ...))`` over ``axi
     expert_x, expert_scale, expert_counts = a2a.dispatch(x, indices, weights, bound_m=n)
     y = a2a.combine(expert_y, indices, weights, bound_m=n)
 
-Semantics (DESIGN.md §3, docs/moe-ffi.md). Per rank: ``x[T, H]``, ``indices[T, K]`` int32 global
+Semantics (docs/moe-ffi.md has the protocol). Per rank: ``x[T, H]``, ``indices[T, K]`` int32 global
 expert ids, ``weights[T, K]`` f32, ``bound_m`` int32 scalar (tokens ``t >= bound_m`` are ignored and
 their outputs are zero; values outside ``[0, T]`` are clamped). Rank ``r`` of ``R`` owns experts
 ``[r*E/R, (r+1)*E/R)``.

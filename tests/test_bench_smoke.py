@@ -36,9 +36,13 @@ def _run_quick(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess
 
 @pytest.mark.timeout(600)
 def test_fabric_bench_quick(tmp_path):
-    proc, result = _run_quick(tmp_path)
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    proc, result = _run_quick(tmp_path, *(["--plot", str(tmp_path / "fig" / "fabric.png")] if has_matplotlib else []))
     assert result["benchmark"] == "fabric"
     assert result["errors"] == []
+    if has_matplotlib:  # --plot: the figure of latency and bandwidth against size
+        png = (tmp_path / "fig" / "fabric.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
     has_engine = importlib.util.find_spec("jax_garden.fabric") is not None
     names = ["raw", "tcp"] + (["engine d=1", "engine d=2"] if has_engine else [])

@@ -826,7 +826,7 @@ def test_example_short_mode(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(Path(jax_garden.__file__).parent.parent),
                                          *filter(None, [env.get("PYTHONPATH")])])
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-P", str(root / "examples" / "rl_weight_push.py"), "--short"],
+    proc = subprocess.run([sys.executable, "-P", str(root / "examples" / "rl_weight_push.py"), "--quick"],
                           capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     assert "bf16 bitwise: ok" in proc.stdout and "fp8 within bound: ok" in proc.stdout, proc.stdout

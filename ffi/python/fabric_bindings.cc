@@ -1,5 +1,7 @@
 // Bindings for jax_garden.fabric (submodule _jax_garden.fabric). No logic: argument conversion,
 // GIL handling and exception mapping only.
+#include <cmath>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -174,7 +176,12 @@ void BindFabric(nb::module_& m) {
   nb::class_<TransferState>(m, "Transfer",
                             "Completion of one operation (TransferEngine.write, ...). It completes within the "
                             "engine timeout plus a size allowance, with success or an error.")
-      .def("wait", [](TransferState& t, std::optional<double> timeout) { t.wait(timeout.value_or(-1.0)); },
+      .def("wait", [](TransferState& t, std::optional<double> timeout) {
+        // None: until the op's own deadline (-1 below); a number bounds the wait, so it must be one.
+        JG_CHECK_ARG(!timeout || (std::isfinite(*timeout) && *timeout >= 0),
+                     "Transfer.wait: timeout must be None or a finite number of seconds >= 0, got ", *timeout);
+        t.wait(timeout.value_or(-1.0));
+      },
            "timeout"_a = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
            "Block until the operation completed (at most `timeout` seconds; None: until its own deadline, which "
            "every op has). Raises TransferError on failure, TimeoutError on a timeout.")
@@ -205,7 +212,7 @@ void BindFabric(nb::module_& m) {
       .def("wait", &ImmCounter::wait, "count"_a, "timeout"_a = 10.0, nb::call_guard<nb::gil_scoped_release>(),
            "Block until `count` arrivals are there (at most `timeout` seconds), then take them. Raises "
            "TimeoutError (nothing taken) or TransferError (engine closed, GPU wait stalled).")
-      .def("on_count", [](ImmCounter& c, int64_t count, nb::object fn) {
+      .def("on_count", [](ImmCounter& c, int64_t count, nb::callable fn) {
         auto shared = share_object(std::move(fn));
         c.on_count(count, [shared]() { call_python(shared); });
       }, "count"_a, "callback"_a)

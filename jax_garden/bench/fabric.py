@@ -62,8 +62,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jax_garden.bench._harness import (BenchError, Child, Progress, child_env, median, percentile, print_table,
-                                       ratio, write_json)
+from jax_garden._interpreter import python_command
+from jax_garden.bench import _plot, figures
+from jax_garden.bench._harness import (BenchError, Child, Progress, child_env, description, median, percentile,
+                                       print_table, ratio, write_json)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -573,7 +575,7 @@ def raw_binary() -> Path:
 
 
 def _python_cmd() -> list[str]:
-    return [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "jax_garden.bench", "fabric"]
+    return python_command("-m", "jax_garden.bench", "fabric")
 
 
 def run_system(system: str, plan: list[dict], args: argparse.Namespace, domains: int = 1,
@@ -638,7 +640,7 @@ def row_label(key: tuple) -> str:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jax_garden.bench fabric", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jax_garden.bench fabric", description=description(__doc__))
     p.add_argument("--sizes", default=None, help=f"single-write sizes (default {DEFAULT_SIZES})")
     p.add_argument("--paged", default=None, help=f"paged tests PAGE:COUNT,... (default {DEFAULT_PAGED})")
     p.add_argument("--iters", type=int, default=None, help="latency iterations per size (default 1000, fewer for big sizes)")
@@ -652,10 +654,15 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         "memory, two engines in one process; engine-cxx: latency rows from the "
                         "engine's C++ ping-pong loop, d=1)")
     p.add_argument("--quick", action="store_true", help="small plan for CI smoke tests")
+    p.add_argument("--no-gpu", action="store_true",
+                   help="on a GPU machine, skip the fabric-gpu rows that otherwise run after these")
     p.add_argument("--completion", default="delivery,transmit",
                    help="engine completion modes to run, each against the raw loop with the same semantics "
                         "(default delivery,transmit)")
     p.add_argument("--out", "--json", dest="out", default="bench_results/fabric.json", help="JSON output path")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="also draw p50 latency and bandwidth against write size, one line per system, into PATH "
+                        "(PNG; needs matplotlib)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per system run (default 300)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--pin", default=None,
@@ -671,9 +678,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
     if args.worker:
         return _worker_main(args)
+    try:
+        _plot.check(args.plot)  # before minutes of measuring
+    except _plot.PlotUnavailable as e:
+        raise SystemExit(f"fabric benchmark: {e}") from None
 
     quick = args.quick
     try:
@@ -776,6 +788,10 @@ def main(argv: list[str] | None = None) -> int:
     print_report(result)
     out = write_json(args.out, result, headline(result))
     print(f"wrote {out}", file=sys.stderr)
+    if args.plot:
+        note = figures.note("fabric", argv, f"{platform.node()}, {os.cpu_count()} CPUs, 1-min load "
+                            f"{result['loadavg_1min']['start']:.1f} at start")
+        print(f"wrote {figures.fabric(result, args.plot, note)}", file=sys.stderr)
     return 1 if errors else 0
 
 
@@ -836,7 +852,7 @@ def _x(v: float | None) -> str:
 
 
 def headline(result: dict) -> dict[str, float]:
-    """The key same-run ratios: every engine row's value for the issue's targets (bandwidth / raw
+    """The key same-run ratios: every engine row's value for the targets (bandwidth / raw
     for writes >= 1 MiB, p50 latency / raw at 4 KiB) and the paged bandwidth / raw."""
     out = {f"{t['name']} {t['row']} {t['metric']}": t["value"] for t in result["targets"]}
     for row in result["rows"]:  # the ipc path's per-op host cost (one process, host memory)

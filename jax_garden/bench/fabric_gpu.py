@@ -25,7 +25,7 @@ IPC op completes once the receiver's engine took its imm record, which the copy'
 after the bytes; a staged op once the receiver copied the last chunk to its GPU and counted the
 imms). Baselines are timed with CUDA events. GB/s = 1e9 bytes/s. Every imm count at the receiver is
 checked exactly.
-Targets (issue 18, one GPU, against same-device cudaMemcpyAsync): 64 KiB >= 0.6x, 1 MiB >= 0.85x,
+Targets (one GPU, against same-device cudaMemcpyAsync): 64 KiB >= 0.6x, 1 MiB >= 0.85x,
 16 MiB and more >= 0.9x, paged 16 KiB >= 0.5x, per-op overhead <= 3 us, 100,000-page post >= 2 M
 pages/s; tcp-staged GPU -> GPU >= 0.8x tcp host -> host. Reported, never enforced. ``--probe``: the
 quickest check of the path (64 KiB, 1 MiB, 16 MiB, one paged row, the jax-array row; no staged rows).
@@ -40,6 +40,8 @@ import sys
 import time
 
 import numpy as np
+
+from jax_garden.bench._harness import description
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -115,7 +117,7 @@ def _copy_row(name: str, size: int, reps: int, dt: float, base_gbs: float, basel
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jax_garden.bench fabric-gpu", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m jax_garden.bench fabric-gpu", description=description(__doc__))
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     ap.add_argument("--probe", action="store_true", help="quickest check of the ipc path (a few rows)")

@@ -1,7 +1,7 @@
 """``python -m jax_garden.bench moe``: MoE dispatch/combine on the CUDA NVLink kernels against
 ``jax.lax.ragged_all_to_all`` (moe.RaggedAllToAll) and a copy-engine peer memcpy, in one run.
 
-Settings (DESIGN.md §5): decode 128 tokens/rank and prefill 4096, hidden 7168, top-8 of 256
+Settings (the field's standard for expert parallelism): decode 128 tokens/rank and prefill 4096, hidden 7168, top-8 of 256
 experts, bf16 or fp8 e4m3 (+ f32 scales per 128 channels) dispatch, bf16 combine, over all GPUs
 of the machine (one process driving them all).
 
@@ -423,9 +423,8 @@ def run_profile(result: dict, mesh, args, progress) -> None:
 
 
 def summarize_ladder(result: dict) -> dict:
-    """Headline entries of the ladder and the profile (goals of issue 19 at EP1, decode bf16:
-    dispatch <= 10 us and combine <= 12 us at 128 tokens, <= 8 us per phase at 1 token, met or not
-    by the default variant; old/new = the previous version's synchronisation against it)."""
+    """Headline entries of the ladder and the profile (goals at EP1, decode bf16:
+    dispatch <= 10 us and combine <= 12 us at 128 tokens, <= 8 us per phase at 1 token)."""
     from jax_garden.bench import moe_ladder
 
     headline = {}
@@ -558,7 +557,8 @@ def main(argv=None) -> int:
                     help="--profile: comma-separated subset of " + ", ".join(repr(v) for v in _variant_names()))
     ap.add_argument("--no-classic", action="store_true", help="skip the decode/prefill rows against ragged")
     ap.add_argument("--plot", default=None, help="PNG path: the ladder against its baselines (matplotlib)")
-    ap.add_argument("--out", "--json", dest="out", default="moe_bench.json", help="JSON output path")
+    ap.add_argument("--out", "--json", dest="out", default="bench_results/moe.json",
+                    help="JSON output path (default bench_results/moe.json)")
     args = ap.parse_args(argv)
     modes_arg = args.modes or ("decode" if args.quick else "decode,prefill")
     if args.ladder_iters is None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_garden import fabric
+from jax_garden import _lifetime, fabric
 from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerProbe, as_contact
 from jax_garden._validate import check_float, check_int, check_int_array, check_timeout
 from jax_garden.kv import protocol as P
@@ -268,6 +268,7 @@ class DecodeSide:
         self._router = KVRouter.attach_decode(eng, self)  # sets cache_tag
         self.contact: Contact = self._router.contact
         cache._listeners.add(self)
+        _lifetime.close_at_exit(self, how=lambda side: side.close(timeout=1.0))  # no long fences at exit
 
     def _set_descriptors(self) -> None:
         """The descriptors an ACCEPT carries: every cache buffer, then the payload region."""
@@ -389,6 +390,7 @@ class DecodeSide:
             if self._closed:
                 return
             self._closed = True
+            _lifetime.closed(self)
             live = [r for r in self._slots if r is not None and r.state is State.PENDING]
             now = time.monotonic()
             for r in live:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jax_garden import fabric
+from jax_garden import _lifetime, fabric
 from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerProbe, as_contact, weak_callback
 from jax_garden._validate import check_bool, check_float, check_int, check_timeout
 from jax_garden.kv import protocol as P
@@ -268,6 +268,7 @@ class PrefillSide:
         self._router = KVRouter.attach_prefill(eng, self)
         self.contact: Contact = self._router.contact
         cache._listeners.add(self)
+        _lifetime.close_at_exit(self)
 
     # -- public -----------------------------------------------------------------------------------------
     def _check_open(self, what: str) -> None:
@@ -385,6 +386,7 @@ class PrefillSide:
             if self._closed:
                 return
             self._closed = True
+            _lifetime.closed(self)
             live = [s for s in self._streams.values() if not s.done]
         for s in live:
             self._fail(s, "prefill side closed")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jax_garden import fabric
+from jax_garden import _lifetime, fabric
 from jax_garden._service.bootstrap import Bootstrap
 from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerDead, PeerProbe, as_contact
 from jax_garden._validate import check_float, check_instance, check_int, check_timeout
@@ -169,6 +169,7 @@ class Publisher:
         self._handles: dict[int, PushHandle] = {}  # recent pushes by version, for in-service reports
         self._closed = False
         self._router = WeightsRouter.attach(self.engine, self, "publisher")
+        _lifetime.close_at_exit(self)
 
     @property
     def staging_allocated(self) -> int:
@@ -526,6 +527,7 @@ class Publisher:
         if self._closed:
             return
         self._closed = True
+        _lifetime.closed(self)
         if self._thread is not None:
             self._thread.join(self.timeout)
         self._rings.clear()

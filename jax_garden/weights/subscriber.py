@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any, Iterator, Sequence
 
-from jax_garden import fabric
+from jax_garden import _lifetime, fabric
 from jax_garden._service.bootstrap import Bootstrap
 from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerDead, PeerProbe, as_contact
 from jax_garden._validate import check_float, check_instance, check_int, check_timeout
@@ -187,6 +187,7 @@ class Subscriber:
         self._auto_round: int | None = None  # a round this rank answered on its own (nothing to switch to)
         self._router = WeightsRouter.attach(self.engine, self, "subscriber")
         self._router.tick_for(self.liveness_s)
+        _lifetime.close_at_exit(self)
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -703,6 +704,7 @@ class Subscriber:
             if self._closed:
                 return
             self._closed = True
+            _lifetime.closed(self)
             self._cond.notify_all()
         self._router.detach(self)
         if self._own_engine:
