@@ -10,6 +10,65 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# ---- the adversarial delivery mode (docs/testing.md) ----------------------------------------------
+# `pytest --adversary=1,2` runs every test marked `adversarial` once per seed with
+# JAX_GARDEN_ADVERSARY=seed=N,<--adversary-spec> in its environment (spawned children inherit it),
+# so every engine it creates holds back, delays and reorders deliveries; the seed is in the test id
+# (`...-adv1]`). Without the option, marked tests run as usual.
+ADVERSARY_SPEC = "hold=0.5,msg=0.3,imm=0.3,last=0.5,delay_ms=3,last_ms=15"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--adversary", metavar="SEEDS", default=None,
+                     help="run the tests marked 'adversarial' under the engine's adversarial delivery mode, once "
+                          "per seed (comma-separated, e.g. 1,2); the seed is in the test id (adv1)")
+    parser.addoption("--adversary-spec", metavar="SPEC", default=ADVERSARY_SPEC,
+                     help=f"the mode's other settings (default {ADVERSARY_SPEC})")
+
+
+def _adversary_seeds(config) -> list[int]:
+    raw = config.getoption("adversary")
+    if not raw:
+        return []
+    try:
+        return [int(s) for s in raw.split(",") if s.strip()]
+    except ValueError:
+        raise pytest.UsageError(f"--adversary takes comma-separated integer seeds, got {raw!r}") from None
+
+
+def pytest_generate_tests(metafunc):
+    seeds = _adversary_seeds(metafunc.config)
+    if seeds and metafunc.definition.get_closest_marker("adversarial"):
+        metafunc.fixturenames.append("adversary_seed")
+        metafunc.parametrize("adversary_seed", seeds, ids=[f"adv{s}" for s in seeds])
+
+
+def adversarial_run() -> bool:
+    """True while a test runs under the adversarial mode from --adversary (tests that loop many
+    times shorten their loops: every delivery may wait a few milliseconds)."""
+    return bool(os.environ.get("JAX_GARDEN_ADVERSARY"))
+
+
+@pytest.fixture(autouse=True)
+def _adversarial_mode(request, monkeypatch):
+    """Sets the mode's environment for a test parametrized by --adversary, and checks afterwards that
+    the mode acted in the engines this process created (children are not visible from here)."""
+    callspec = getattr(request.node, "callspec", None)
+    seed = callspec.params.get("adversary_seed") if callspec else None
+    if seed is None:
+        yield None
+        return
+    spec = f"seed={seed},{request.config.getoption('adversary_spec')}"
+    monkeypatch.setenv("JAX_GARDEN_ADVERSARY", spec)
+    from jax_garden import _adversary
+
+    before = _adversary.totals()
+    yield spec
+    after = _adversary.totals()
+    seen = after["pieces"] - before["pieces"]
+    if seen >= 20:
+        assert after["held"] > before["held"], f"the adversarial mode ({spec}) held none of {seen} pieces"
+
 
 @pytest.fixture
 def engines():

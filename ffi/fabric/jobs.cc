@@ -1,6 +1,7 @@
 #include "fabric/jobs.h"
 
 #include "common/error.h"
+#include "fabric/adversary.h"
 #include "fabric/transport_ipc.h"
 
 namespace jax_garden::fabric {
@@ -9,6 +10,15 @@ void Part::finish(bool ok, const std::string& error) {
   if (finished_) return;
   finished_ = true;
   job_->part_finished(ok, error);
+}
+
+bool Part::start_held_by_adversary() {
+  auto now = Clock::now();
+  if (!start_decided_) {
+    start_decided_ = true;
+    start_at_ = ctx_.worker->adversary()->copy_start(now);
+  }
+  return now < start_at_;
 }
 
 void Job::part_finished(bool ok, const std::string& error) {

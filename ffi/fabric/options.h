@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "fabric/imm_accounting.h"
@@ -37,6 +38,9 @@ struct EngineOptions {
   // Same-host peers may map GPU regions in cuMemCreate memory (no legacy IPC handle; XLA's
   // allocators) through an fd this process exports (fd_broker.h). Off until verified on GPUs.
   bool vmm_ipc = false;
+  // The adversarial delivery mode (adversary.h): "seed=7,hold=0.5,..."; "" or "off" = off;
+  // nullopt = the JAX_GARDEN_ADVERSARY environment variable (read when the engine is created).
+  std::optional<std::string> adversary;
 
   // The deadline allowance of an op moving `bytes`.
   double op_timeout(uint64_t bytes) const { return timeout_s + double(bytes) / min_rate_bytes_per_s; }

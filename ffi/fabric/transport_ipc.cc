@@ -190,6 +190,7 @@ bool IpcPart::advance() {
     return true;
   }
   if (started_) return false;
+  if (start_held()) return false;  // adversarial mode: this copy starts late
   started_ = true;
   const MemoryRegion& src = *job_->src;
   const MemoryDescriptor& dst = *spec_.dst;
