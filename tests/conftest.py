@@ -91,3 +91,38 @@ def engines():
 def random_bytes(n: int, seed: int) -> np.ndarray:
     """Reproducible random uint8 contents for transfer checks."""
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+def adversary_quiet(*engines, timeout: float = 10.0) -> None:
+    """Wait until the adversarial mode of these engines holds nothing back (no-op where it is off)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    for e in engines:
+        if e.adversary is None:
+            continue
+        while e.adversary.stats()["held_now"]:
+            assert time.monotonic() < deadline, f"the adversarial mode still holds {e.adversary.stats()}"
+            time.sleep(0.002)
+
+
+def settle_imms(sender, receiver, dst_descriptor, *, probe_imm: int, timeout: float = 10.0) -> None:
+    """Once every op ``sender`` posted toward ``dst_descriptor`` completed at the sender, makes sure
+    every imm they carry was counted at ``receiver`` (rather than sleeping and hoping). A probe imm
+    goes on every sender domain (one barrier to the same peer once per domain), behind what that
+    connection carried before: loopback tcp delivers a connection in order and the receiver counts its
+    completions in order, so once every probe is counted every earlier imm was too. Pieces and imms the
+    adversarial mode holds back are waited out first (its own counters), on both sides."""
+    adversary_quiet(sender, timeout=timeout)
+    sender.barrier([dst_descriptor] * sender.num_domains, imm=probe_imm).wait(timeout)
+    receiver.imm_counter(probe_imm).wait(sender.num_domains, timeout)
+    adversary_quiet(receiver, timeout=timeout)
+
+
+def assert_no_more_imms(counter, expected: int, sender, receiver, dst_descriptor, *, probe_imm: int,
+                        timeout: float = 10.0) -> None:
+    """``counter`` ends with exactly ``expected`` arrivals, all taken by the test's waits (no imm beyond
+    what imm_writes() predicted), proven with settle_imms()."""
+    settle_imms(sender, receiver, dst_descriptor, probe_imm=probe_imm, timeout=timeout)
+    assert counter.credits == 0 and counter.total == expected, (
+        f"{counter.total} imms arrived ({counter.credits} not taken), {expected} expected")

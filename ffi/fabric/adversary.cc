@@ -115,6 +115,12 @@ std::string AdversaryOptions::to_string() const {
                  ",last_ms=", last_ms, ",reset=", reset, ",early=", early ? 1 : 0, ",split=", split);
 }
 
+AdversaryStats Adversary::stats() const {
+  AdversaryStats s = stats_;
+  s.held_now = timed_.size() + imms_.size() + held_by_rules_;
+  return s;
+}
+
 AdversaryStats Adversary::totals() {
   std::lock_guard<std::mutex> lk(g_totals_mu);
   return g_totals;

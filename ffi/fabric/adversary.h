@@ -70,6 +70,7 @@ struct AdversaryStats {
   uint64_t early_completions = 0;  // transmit ops reported complete while pieces were held
   uint64_t resets = 0;             // ops whose connection was reset mid-op
   uint64_t targeted = 0;           // pieces held by a hold() rule
+  uint64_t held_now = 0;           // pieces and imm arrivals held at this moment (not cumulative)
 
   void add(const AdversaryStats& o);
 };
@@ -110,7 +111,7 @@ class Adversary {
   void add_rule(uint32_t imm, uint32_t mask, uint64_t skip) JG_REQUIRES_PROGRESS;
   uint64_t release_rule(uint32_t imm, uint32_t mask) JG_REQUIRES_PROGRESS;  // pieces released; rule removed
   uint64_t holding(uint32_t imm, uint32_t mask) const JG_REQUIRES_PROGRESS;
-  AdversaryStats stats() const JG_REQUIRES_PROGRESS { return stats_; }
+  AdversaryStats stats() const JG_REQUIRES_PROGRESS;
 
  private:
   struct Timed {

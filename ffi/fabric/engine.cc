@@ -247,7 +247,7 @@ std::shared_ptr<Watcher> Engine::watcher(Watcher::Callback cb) {
   return w;
 }
 
-std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& payload) {
+std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& payload, MsgKind kind) {
   check_open(OpKind::kSend);
   JG_CHECK_ARG(to.provider == provider(), "send: the address is for provider '", to.provider,
                "' but this engine uses '", provider(), "'");
@@ -262,7 +262,7 @@ std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& p
     state->finish(TransferState::Status::kFailed, "the peer is unreachable: " + why + "; not posted");
     return state;
   }
-  auto op = ctx_.control->make_send_op(to.domains[0], MsgKind::kUser, payload);
+  auto op = ctx_.control->make_send_op(to.domains[0], kind, payload);
   op->user = true;
   op->state = new_state(std::move(what));
   op->deadline = deadline_after(ctx_.options.timeout_s);

@@ -58,7 +58,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::shared_ptr<TransferState> write_paged(const PagedWriteRequest& req);
   std::shared_ptr<TransferState> scatter(const ScatterRequest& req);
   std::shared_ptr<TransferState> write_imm(const ImmRequest& req);  // OpKind::kImm or kBarrier
-  std::shared_ptr<TransferState> send(const NetAddress& to, const Bytes& payload);
+  // A control message; `kind` other than kUser: an internal message (tests forge them).
+  std::shared_ptr<TransferState> send(const NetAddress& to, const Bytes& payload, MsgKind kind = MsgKind::kUser);
   Message recv(double timeout_s);
   // The path an op from `src` to `dst` takes with this override (kAuto: the engine's default).
   PathChoice path_for(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const;

@@ -72,6 +72,7 @@ nb::dict adversary_dict(const AdversaryStats& s) {
   d["early_completions"] = s.early_completions;
   d["resets"] = s.resets;
   d["targeted"] = s.targeted;
+  d["held_now"] = s.held_now;
   return d;
 }
 
@@ -385,6 +386,13 @@ void BindFabric(nb::module_& m) {
       .def("send", [](Engine& e, const NetAddress& to, nb::handle payload) {
         return e.send(to, buffer_bytes(payload, "send: payload"));
       }, "to"_a, "payload"_a)
+      // Tests only: a control message of an internal kind (control.h), as a buggy or hostile peer
+      // could send one, to check what the receiver accepts.
+      .def("_send_internal", [](Engine& e, const NetAddress& to, uint8_t kind, nb::handle payload) {
+        JG_CHECK_ARG(kind >= 1 && kind <= kMaxMsgKind, "_send_internal: kind must be in 1..", int(kMaxMsgKind),
+                     ", got ", int(kind));
+        return e.send(to, buffer_bytes(payload, "_send_internal: payload"), static_cast<MsgKind>(kind));
+      }, "to"_a, "kind"_a, "payload"_a)
       .def("recv", [](Engine& e, double timeout) {
         Message m;
         {

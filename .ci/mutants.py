@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Mutation habit (not in CI): plant known bugs in the product one at a time, run the tests meant to
+catch each, and report which test catches it (docs/testing.md keeps the table).
+
+Each plant is a pattern-based edit (an exact snippet, searched in a set of files by glob), so the list
+survives file moves and splits; a snippet that matches nowhere or more than once is reported as
+"not planted" (update the plant). The original file is restored after each plant, also on Ctrl-C or
+SIGTERM; a hard kill leaves ``<file>.mutant-orig`` beside it, which the next run restores first.
+A native plant (C++) rebuilds the extension (ninja, in --build) before its tests run.
+
+Usage:
+  .venv/bin/python .ci/mutants.py [--only NAME ...] [--build DIR] [--out FILE] [--list]
+
+Grow the list as protocols grow: add a Plant with the bug a careful reviewer might write, the tests
+that should catch it, and run this script; a plant that survives is a missing test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = "--adversary=1,2"  # the adversarial runs CI does (conftest.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plant:
+    name: str
+    why: str                  # the bug, as a reviewer would describe it
+    files: str                # glob (relative to the root) of the files that may hold the snippet
+    before: str               # exact snippet (must occur exactly once over those files)
+    after: str
+    tests: tuple[str, ...]    # pytest node ids / files to run
+    pytest_args: tuple[str, ...] = ()
+
+    @property
+    def native(self) -> bool:
+        return not self.files.endswith(".py")
+
+
+PLANTS = [
+    # ---- the six classes of issue 23 ----------------------------------------------------------------
+    Plant("kv-fence-frees-early",
+          "kv: the decode side frees a cancelled request's pages as soon as FENCED arrives, without waiting "
+          "until the posted writes are counted",
+          "jax_garden/kv*/**/*.py", "if req._taken[0] == posted_d and req._taken[1] == posted_p:", "if True:",
+          ("tests/test_adversarial_protocols.py::test_kv_fence_that_overtakes_the_writes_it_covers",
+           "tests/test_kv.py::test_cancel_mid_stream_is_fenced")),
+    Plant("kv-ready-one-early",
+          "kv: READY declared with one data imm still outstanding",
+          "jax_garden/kv*/**/*.py",
+          "if req._taken[0] == req._expected[0] and req._taken[1] == req._expected[1]:",
+          "if req._taken[0] >= req._expected[0] - 1 and req._taken[1] == req._expected[1]:",
+          ("tests/test_adversarial_protocols.py::test_kv_request_stays_pending_while_its_last_data_write_is_held",
+           "tests/test_kv.py::test_stream_contents_bitwise", "tests/test_kv.py::test_many_concurrent_requests")),
+    Plant("weights-source-complete-early",
+          "weights: a source counted complete one imm early",
+          "jax_garden/weights*/**/*.py",
+          'if c.credits >= st["expected"]:\n                c.wait(st["expected"], 1.0)',
+          'if c.credits >= st["expected"] - 1:\n                c.wait(st["expected"] - 1, 1.0)',
+          ("tests/test_adversarial_protocols.py::test_weights_version_not_in_service_while_a_sources_last_write_is_held",
+           "tests/test_weights.py::test_single_process_push_versions_and_refusals")),
+    Plant("weights-swap-first-runs",
+          "weights: the publisher swaps the destinations of a piece's first two runs",
+          "jax_garden/weights*/**/*.py", "dsts = g.run_dst_offsets().tolist()",
+          "dsts = (lambda d: d[1::-1] + d[2:])(g.run_dst_offsets().tolist())",
+          ("tests/test_adversarial_protocols.py::test_weights_push_with_multi_run_pieces_and_fp8_blocks_bitwise",
+           "tests/test_weights.py::test_single_process_push_versions_and_refusals",
+           "tests/test_weights.py::test_publisher_with_two_domains")),
+    Plant("weights-fp8-scale-440",
+          "weights: the fp8 scale convention changed from 1/448 to 1/440 in the product",
+          "jax_garden/weights*/**/*.py", "_INV_FP8_MAX = np.float32(1.0 / 448.0)", "_INV_FP8_MAX = np.float32(1.0 / 440.0)",
+          ("tests/test_adversarial_protocols.py::test_weights_push_with_multi_run_pieces_and_fp8_blocks_bitwise",
+           "tests/test_weights.py::test_single_process_push_versions_and_refusals",
+           "tests/test_weights.py::test_fp8_error_bound")),
+    Plant("ipc-bounds-off-by-one",
+          "fabric: the same-host (ipc) bounds check lets a write run one byte past the region",
+          "ffi/fabric/shared_regions.cc", "if (offset > size || length > size - offset) {",
+          "if (offset > size || length > size - offset + 1) {",
+          ("tests/test_adversary.py::test_ipc_receiver_refuses_writes_past_the_region_at_the_exact_boundary",
+           "tests/test_fabric_reliability.py::test_ipc_path_refuses_a_forged_length_in_process")),
+    # ---- more, grown with the adversarial mode --------------------------------------------------------
+    Plant("staged-bounds-off-by-one",
+          "fabric: the staged receiver lets a chunk segment run one byte past the region",
+          "ffi/fabric/transport_staged.cc",
+          "if (!(off <= in.region->length() && len <= in.region->length() - off)) {",
+          "if (!(off <= in.region->length() && len <= in.region->length() - off + 1)) {",
+          ("tests/test_adversary.py::test_staged_receiver_refuses_segments_past_the_region_at_the_exact_boundary",
+           "tests/test_fabric_security.py")),
+    Plant("staged-imms-before-last-chunk",
+          "fabric: a staged sender (source staging only) sends the imms once all but the last chunk's writes "
+          "completed",
+          "ffi/fabric/transport_staged.cc", "} else if (chunks_written_ == chunks_.size() && !imms_started_) {",
+          "} else if (chunks_written_ + 1 >= chunks_.size() && !imms_started_) {",
+          ("tests/test_fabric_staging.py::test_staged_single_write",
+           "tests/test_adversary.py::test_imm_never_counted_before_its_data_on_every_path"),
+          (SEEDS,)),
+    Plant("checked-write-drops-dst-offset",
+          "fabric: the checked (slow) write path passes dst_offset as 0",
+          "jax_garden/fabric.py",
+          '_check_count("src_offset", src_offset), _check_count("dst_offset", dst_offset),\n'
+          '                                  _check_imm(imm), _check_path(path))',
+          '_check_count("src_offset", src_offset), 0 * _check_count("dst_offset", dst_offset),\n'
+          '                                  _check_imm(imm), _check_path(path))',
+          ("tests/test_fabric.py::test_checked_write_path_honours_offsets",)),
+    Plant("barrier-counts-one-short",
+          "fabric tests' barrier helper: a rank leaves once all but one peer arrived",
+          "tests/test_fabric_procs.py", "eng.imm_counter(700 + k).wait(size - 1, 30)",
+          "eng.imm_counter(700 + k).wait(size - 2, 30)",
+          ("tests/test_fabric_procs.py::test_barrier_across_four_processes",)),
+]
+
+
+def _backups() -> list[Path]:
+    return [Path(p) for p in glob.glob(str(ROOT / "**" / "*.mutant-orig"), recursive=True)]
+
+
+def restore_leftovers() -> None:
+    for b in _backups():
+        target = b.with_name(b.name[: -len(".mutant-orig")])
+        target.write_bytes(b.read_bytes())
+        b.unlink()
+        print(f"restored {target.relative_to(ROOT)} from a run that was killed", flush=True)
+
+
+def locate(plant: Plant) -> tuple[Path | None, str]:
+    hits = []
+    for f in sorted(glob.glob(str(ROOT / plant.files), recursive=True)):
+        text = Path(f).read_text()
+        n = text.count(plant.before)
+        if n:
+            hits.append((Path(f), n))
+    total = sum(n for _, n in hits)
+    if total != 1:
+        return None, f"snippet found {total} times in {plant.files}" + (f" ({[str(p.relative_to(ROOT)) for p, _ in hits]})" if hits else "")
+    return hits[0][0], ""
+
+
+def build(build_dir: Path) -> tuple[bool, str]:
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", str(ROOT / ".ci" / "dev_build.sh"), str(build_dir)], capture_output=True, text=True,
+                       cwd=ROOT)
+    return r.returncode == 0, f"{time.monotonic() - t0:.0f} s" if r.returncode == 0 else (r.stdout + r.stderr)[-3000:]
+
+
+def run_tests(plant: Plant, pkg: Path, timeout: float) -> tuple[list[str], str, float]:
+    env = dict(os.environ, PYTHONPATH=str(pkg))
+    env.pop("JAX_GARDEN_ADVERSARY", None)
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *plant.pytest_args,
+           *plant.tests]
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+        out = r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return ["(timed out)"], out, time.monotonic() - t0
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    return failed, out, time.monotonic() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="plant names to run (default: all)")
+    ap.add_argument("--build", default=str(ROOT / "build" / "mutants"), help="build directory for native plants")
+    ap.add_argument("--out", help="also write the report (markdown) here")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per plant's test run")
+    ap.add_argument("--list", action="store_true", help="list the plants and exit")
+    args = ap.parse_args()
+    if args.list:
+        for p in PLANTS:
+            print(f"{p.name:32s} {p.why}")
+        return 0
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    restore_leftovers()
+    plants = [p for p in PLANTS if not args.only or p.name in args.only]
+    unknown = set(args.only or ()) - {p.name for p in PLANTS}
+    if unknown:
+        ap.error(f"unknown plants: {sorted(unknown)}")
+    build_dir = Path(args.build)
+    ok, info = build(build_dir)
+    if not ok:
+        print(f"the unmodified tree does not build:\n{info}")
+        return 2
+    pkg = build_dir / "pkg"
+    rows = []
+    dirty_native = False
+    try:
+        for p in plants:
+            path, why = locate(p)
+            if path is None:
+                rows.append((p, "not planted: " + why, [], 0.0))
+                print(f"[{p.name}] NOT PLANTED: {why}", flush=True)
+                continue
+            original = path.read_bytes()
+            backup = path.with_name(path.name + ".mutant-orig")
+            backup.write_bytes(original)
+            try:
+                path.write_text(original.decode().replace(p.before, p.after, 1))
+                if p.native:
+                    dirty_native = True
+                    ok, info = build(build_dir)
+                    if not ok:
+                        rows.append((p, "planted code does not build", [], 0.0))
+                        print(f"[{p.name}] does not build:\n{info}", flush=True)
+                        continue
+                failed, out, secs = run_tests(p, pkg, args.timeout)
+                verdict = "caught" if failed else "SURVIVED"
+                rows.append((p, verdict, failed, secs))
+                print(f"[{p.name}] {verdict} in {secs:.0f} s: {', '.join(failed) or '-'}", flush=True)
+                if not failed:
+                    print(out[-2000:], flush=True)
+            finally:
+                path.write_bytes(original)
+                backup.unlink()
+    finally:
+        if dirty_native:
+            build(build_dir)  # leave the mutants build matching the restored sources
+    lines = ["| plant | the bug | caught by |", "|---|---|---|"]
+    for p, verdict, failed, secs in rows:
+        who = "<br>".join(f"`{f}`" for f in failed) if failed else f"**{verdict}**"
+        extra = f" (with `{' '.join(p.pytest_args)}`)" if failed and p.pytest_args else ""
+        lines.append(f"| `{p.name}` | {p.why} | {who}{extra} |")
+    report = "\n".join(lines)
+    print("\n" + report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    return 0 if all(v == "caught" for _, v, _, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
