@@ -36,7 +36,7 @@ SEEDS = "--adversary=1,2"  # the adversarial runs CI does (conftest.py)
 class Plant:
     name: str
     why: str                  # the bug, as a reviewer would describe it
-    files: str                # glob (relative to the root) of the files that may hold the snippet
+    files: tuple[str, ...]    # globs (relative to the root) of the files that may hold the snippet
     before: str               # exact snippet (must occur exactly once over those files)
     after: str
     tests: tuple[str, ...]    # pytest node ids / files to run
@@ -44,7 +44,12 @@ class Plant:
 
     @property
     def native(self) -> bool:
-        return not self.files.endswith(".py")
+        return not all(f.endswith(".py") for f in self.files)
+
+
+# Where the services live (a module, or a package once split).
+KV = ("jax_garden/kv.py", "jax_garden/kv/**/*.py")
+WEIGHTS = ("jax_garden/weights.py", "jax_garden/weights/**/*.py")
 
 
 PLANTS = [
@@ -52,46 +57,46 @@ PLANTS = [
     Plant("kv-fence-frees-early",
           "kv: the decode side frees a cancelled request's pages as soon as FENCED arrives, without waiting "
           "until the posted writes are counted",
-          "jax_garden/kv*/**/*.py", "if req._taken[0] == posted_d and req._taken[1] == posted_p:", "if True:",
+          KV, "if req._taken[0] == posted_d and req._taken[1] == posted_p:", "if True:",
           ("tests/test_adversarial_protocols.py::test_kv_fence_that_overtakes_the_writes_it_covers",
            "tests/test_kv.py::test_cancel_mid_stream_is_fenced")),
     Plant("kv-ready-one-early",
           "kv: READY declared with one data imm still outstanding",
-          "jax_garden/kv*/**/*.py",
+          KV,
           "if req._taken[0] == req._expected[0] and req._taken[1] == req._expected[1]:",
           "if req._taken[0] >= req._expected[0] - 1 and req._taken[1] == req._expected[1]:",
           ("tests/test_adversarial_protocols.py::test_kv_request_stays_pending_while_its_last_data_write_is_held",
            "tests/test_kv.py::test_stream_contents_bitwise", "tests/test_kv.py::test_many_concurrent_requests")),
     Plant("weights-source-complete-early",
           "weights: a source counted complete one imm early",
-          "jax_garden/weights*/**/*.py",
+          WEIGHTS,
           'if c.credits >= st["expected"]:\n                c.wait(st["expected"], 1.0)',
           'if c.credits >= st["expected"] - 1:\n                c.wait(st["expected"] - 1, 1.0)',
           ("tests/test_adversarial_protocols.py::test_weights_version_not_in_service_while_a_sources_last_write_is_held",
            "tests/test_weights.py::test_single_process_push_versions_and_refusals")),
     Plant("weights-swap-first-runs",
           "weights: the publisher swaps the destinations of a piece's first two runs",
-          "jax_garden/weights*/**/*.py", "dsts = g.run_dst_offsets().tolist()",
+          WEIGHTS, "dsts = g.run_dst_offsets().tolist()",
           "dsts = (lambda d: d[1::-1] + d[2:])(g.run_dst_offsets().tolist())",
           ("tests/test_adversarial_protocols.py::test_weights_push_with_multi_run_pieces_and_fp8_blocks_bitwise",
            "tests/test_weights.py::test_single_process_push_versions_and_refusals",
            "tests/test_weights.py::test_publisher_with_two_domains")),
     Plant("weights-fp8-scale-440",
           "weights: the fp8 scale convention changed from 1/448 to 1/440 in the product",
-          "jax_garden/weights*/**/*.py", "_INV_FP8_MAX = np.float32(1.0 / 448.0)", "_INV_FP8_MAX = np.float32(1.0 / 440.0)",
+          WEIGHTS, "_INV_FP8_MAX = np.float32(1.0 / 448.0)", "_INV_FP8_MAX = np.float32(1.0 / 440.0)",
           ("tests/test_adversarial_protocols.py::test_weights_push_with_multi_run_pieces_and_fp8_blocks_bitwise",
            "tests/test_weights.py::test_single_process_push_versions_and_refusals",
            "tests/test_weights.py::test_fp8_error_bound")),
     Plant("ipc-bounds-off-by-one",
           "fabric: the same-host (ipc) bounds check lets a write run one byte past the region",
-          "ffi/fabric/shared_regions.cc", "if (offset > size || length > size - offset) {",
+          ("ffi/fabric/shared_regions.cc",), "if (offset > size || length > size - offset) {",
           "if (offset > size || length > size - offset + 1) {",
           ("tests/test_adversary.py::test_ipc_receiver_refuses_writes_past_the_region_at_the_exact_boundary",
            "tests/test_fabric_reliability.py::test_ipc_path_refuses_a_forged_length_in_process")),
     # ---- more, grown with the adversarial mode --------------------------------------------------------
     Plant("staged-bounds-off-by-one",
           "fabric: the staged receiver lets a chunk segment run one byte past the region",
-          "ffi/fabric/transport_staged.cc",
+          ("ffi/fabric/transport_staged*.cc", "ffi/fabric/staged/**/*.cc"),
           "if (!(off <= in.region->length() && len <= in.region->length() - off)) {",
           "if (!(off <= in.region->length() && len <= in.region->length() - off + 1)) {",
           ("tests/test_adversary.py::test_staged_receiver_refuses_segments_past_the_region_at_the_exact_boundary",
@@ -99,14 +104,14 @@ PLANTS = [
     Plant("staged-imms-before-last-chunk",
           "fabric: a staged sender (source staging only) sends the imms once all but the last chunk's writes "
           "completed",
-          "ffi/fabric/transport_staged.cc", "} else if (chunks_written_ == chunks_.size() && !imms_started_) {",
+          ("ffi/fabric/transport_staged*.cc", "ffi/fabric/staged/**/*.cc"), "} else if (chunks_written_ == chunks_.size() && !imms_started_) {",
           "} else if (chunks_written_ + 1 >= chunks_.size() && !imms_started_) {",
           ("tests/test_fabric_staging.py::test_staged_single_write",
            "tests/test_adversary.py::test_imm_never_counted_before_its_data_on_every_path"),
           (SEEDS,)),
     Plant("checked-write-drops-dst-offset",
           "fabric: the checked (slow) write path passes dst_offset as 0",
-          "jax_garden/fabric.py",
+          ("jax_garden/fabric.py", "jax_garden/fabric/**/*.py"),
           '_check_count("src_offset", src_offset), _check_count("dst_offset", dst_offset),\n'
           '                                  _check_imm(imm), _check_path(path))',
           '_check_count("src_offset", src_offset), 0 * _check_count("dst_offset", dst_offset),\n'
@@ -114,7 +119,7 @@ PLANTS = [
           ("tests/test_fabric.py::test_checked_write_path_honours_offsets",)),
     Plant("barrier-counts-one-short",
           "fabric tests' barrier helper: a rank leaves once all but one peer arrived",
-          "tests/test_fabric_procs.py", "eng.imm_counter(700 + k).wait(size - 1, 30)",
+          ("tests/test_fabric_procs.py",), "eng.imm_counter(700 + k).wait(size - 1, 30)",
           "eng.imm_counter(700 + k).wait(size - 2, 30)",
           ("tests/test_fabric_procs.py::test_barrier_across_four_processes",)),
 ]
@@ -134,14 +139,16 @@ def restore_leftovers() -> None:
 
 def locate(plant: Plant) -> tuple[Path | None, str]:
     hits = []
-    for f in sorted(glob.glob(str(ROOT / plant.files), recursive=True)):
+    files = sorted({f for pattern in plant.files for f in glob.glob(str(ROOT / pattern), recursive=True)})
+    for f in files:
         text = Path(f).read_text()
         n = text.count(plant.before)
         if n:
             hits.append((Path(f), n))
     total = sum(n for _, n in hits)
     if total != 1:
-        return None, f"snippet found {total} times in {plant.files}" + (f" ({[str(p.relative_to(ROOT)) for p, _ in hits]})" if hits else "")
+        where = f" ({[str(p.relative_to(ROOT)) for p, _ in hits]})" if hits else ""
+        return None, f"snippet found {total} times in {', '.join(plant.files)}{where}"
     return hits[0][0], ""
 
 
