@@ -74,3 +74,21 @@ def check_bytes_like(name: str, value: Any) -> bytes:
         return bytes(memoryview(value))
     except TypeError:
         raise TypeError(f"{name} must be bytes-like (bytes, bytearray, memoryview), got {_type_name(value)}") from None
+
+
+def check_timeout(name: str, value: Any, default: float | None = None) -> float:
+    """The one timeout rule of every call that waits: ``None`` means ``default`` (the object's own
+    timeout); otherwise a finite number of seconds >= 0, where 0 checks once without blocking. Not a
+    number (or a bool) -> ``TypeError``; negative, NaN or infinite -> ``ValueError`` (every wait ends)."""
+    if value is None:
+        if default is None:
+            raise TypeError(f"{name} must be a number of seconds, got None")
+        return float(default)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number of seconds (or None for the default), got "
+                        f"{_type_name(value)} {value!r}")
+    value = float(value)
+    if not 0.0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0 (0: check once without waiting), "
+                         f"got {value}")
+    return value

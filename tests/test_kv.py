@@ -28,6 +28,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from jax_garden import fabric, kv  # noqa: E402
+from jax_garden._service.codec import seal  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_layers=3, num_pages=48, page_tokens=4, kv_heads=4, head_dim=8, dtype="float32")
@@ -186,17 +187,23 @@ def _donated_step():
     return step
 
 
+def _bases(cache):
+    """The registered address of every shard of every layer's K and V."""
+    return [[cache.region(l, k, s).base for s in range(cache.num_shards)]
+            for l in range(cache.layout.num_layers) for k in range(2)]
+
+
 @pytest.mark.parametrize("devices", [1, 4])
 def test_donated_step_keeps_registered_buffers(engines, devices):
     lay = kv.KVLayout(**SMALL)
     cache = kv.PagedKVCache(engines(), lay, devices=jax.devices()[:devices])
-    bases = [[r.base for r in cache._regions[l][k]] for l in range(lay.num_layers) for k in range(2)]
+    bases = _bases(cache)
     step = _donated_step()
     for i in range(3):
         k, v = step(cache.k, cache.v, i, jnp.float32(i + 1))
         cache.commit(k, v)
     cache.check()
-    assert [[r.base for r in cache._regions[l][k]] for l in range(lay.num_layers) for k in range(2)] == bases
+    assert _bases(cache) == bases
     np.testing.assert_array_equal(np.asarray(cache.k[0])[2], 3.0)
     # the registered bytes are the array's bytes: a raw write through the registered buffer shows up
     cache.host_view(1, 0, 0)[:4] = np.frombuffer(np.float32(7.5).tobytes(), np.uint8)
@@ -287,7 +294,7 @@ def test_layers_stream_while_prefill_runs(pair):
 
     def pause(stream, layer):
         t0 = time.monotonic()
-        while not stream._posted[layer] and time.monotonic() - t0 < 20:
+        while layer not in stream.layers_posted and time.monotonic() - t0 < 20:
             time.sleep(0.001)
         waited[layer] = time.monotonic() - t0
 
@@ -497,13 +504,31 @@ def test_deadline_with_silent_prefill_is_fenced(pair):
     assert not req.quarantined and s.state == "cancelled"
 
 
+def _hold(engine, kind, held):
+    """Hold back every KV message of ``kind`` that reaches ``engine`` (the mailbox's fault-injection
+    hook); the test delivers them later with ``mailbox.deliver``. Returns the mailbox."""
+    from jax_garden._service.mailbox import Mailbox
+    from jax_garden._service.tags import ProtocolId
+
+    mb = Mailbox.acquire(engine)
+    mb.release()  # the sides on the engine keep it running
+
+    def intercept(env):
+        if env.protocol is ProtocolId.KV and isinstance(kv.protocol.KV.decode(env.message), kind):
+            held.append(env)
+            return True
+        return False
+
+    mb.intercept(intercept)
+    return mb
+
+
 @pytest.mark.adversarial
-def test_cancel_overtaking_the_accept(pair, monkeypatch):
+def test_cancel_overtaking_the_accept(pair):
     dec, pf = pair()
     req = dec.reserve(6)
-    real = kv.PrefillSide._on_accept
     held = []
-    monkeypatch.setattr(kv.PrefillSide, "_on_accept", lambda self, r: held.append(r))
+    mb = _hold(pf.cache.engine, kv.protocol.Accept, held)
     errors = []
 
     def opener():
@@ -523,20 +548,20 @@ def test_cancel_overtaking_the_accept(pair, monkeypatch):
     th.join(10)
     assert time.monotonic() - t0 < 5
     assert len(errors) == 1 and isinstance(errors[0], kv.StreamError), errors
-    real(pf, held[0])  # the late ACCEPT changes nothing
+    mb.intercept(None)
+    mb.deliver(held[0])  # the late ACCEPT changes nothing
     assert pf.streams() == []
 
 
-def test_open_timeout_tells_decode_nothing_comes(pair, monkeypatch):
+def test_open_timeout_tells_decode_nothing_comes(pair):
     dec, pf = pair()
     req = dec.reserve(4)
-    real = kv.DecodeSide._on_open
     held = []
-    monkeypatch.setattr(kv.DecodeSide, "_on_open", lambda self, cid, r: held.append((cid, r)))
+    mb = _hold(dec.cache.engine, kv.protocol.Open, held)
     with pytest.raises(TimeoutError, match="did not answer"):
         pf.open_stream(req.ticket, pf.cache.allocator.alloc(1), timeout=0.3)
-    monkeypatch.setattr(kv.DecodeSide, "_on_open", real)
-    real(dec, *held[0])  # the OPEN is answered late: the decode side accepts, then sees the abort fence
+    mb.intercept(None)
+    mb.deliver(held[0])  # the OPEN is answered late: the decode side accepts, then sees the abort fence
     assert req.wait(10) is kv.State.FAILED and "aborted" in req.reason
 
 
@@ -565,7 +590,7 @@ def test_bad_tickets_rejected_before_anything_is_posted(pair):
     bad += [
         (good + b"\0", "checksum"),
         (b"XXXX" + good[4:], "wrong magic"),
-        (kv._seal(b"JGKT", struct.pack("<H", 9) + good[6:-4]), "version 9"),
+        (seal(b"JGKT", struct.pack("<H", 9) + good[6:-4]), "version 9"),
         (forged(layout=kv.KVLayout(**{**SMALL, "kv_heads": 8})), "wrong layout.*kv_heads: 4 vs 8"),
         (forged(layout=kv.KVLayout(**{**SMALL, "dtype": "bfloat16"})), "wrong layout.*dtype"),
         (forged(layout=kv.KVLayout(**{**SMALL, "page_layout": "NHD"})), "wrong layout.*page_layout"),
@@ -621,42 +646,6 @@ def test_user_messages_and_contacts(pair):
         kv.Contact.from_bytes(bytes(pf.contact)[:-1] + b"\0")
     with pytest.raises(ValueError, match="one PrefillSide per engine"):
         kv.PrefillSide(pf.cache)
-
-
-class _FailedTransfer:
-    done, failed, error = True, True, "injected failure"
-
-
-def test_control_messages_are_resent_and_deduplicated(pair, monkeypatch):
-    """A control message whose send fails is sent again by the heartbeat; a message that arrived
-    although its completion reported a failure is dropped the second time (same sequence number)."""
-    dec, pf = pair()
-    real = kv._Channel._post
-    plan = {"lost": 1, "reported_failed": 1}
-
-    def flaky(self, out):
-        if out.name == "USER" and out.attempts == 0:
-            if b"lost" in out.msg and plan["lost"]:
-                plan["lost"] -= 1
-                out.attempts += 1
-                out.transfers = [_FailedTransfer()]  # neither the message nor its doorbell left
-                return
-            if b"twice" in out.msg and plan["reported_failed"]:
-                plan["reported_failed"] -= 1
-                real(self, out)  # delivered ...
-                out.transfers = [_FailedTransfer()]  # ... but reported failed: it is sent again
-                return
-        real(self, out)
-
-    monkeypatch.setattr(kv._Channel, "_post", flaky)
-    dec.send_message(pf.contact, b"lost once")
-    dec.send_message(pf.contact, b"twice")
-    got = sorted(pf.recv_message(5)[1] for _ in range(2))
-    assert got == [b"lost once", b"twice"]
-    time.sleep(0.8)  # the resend of "twice" arrived meanwhile and was dropped
-    with pytest.raises(TimeoutError):
-        pf.recv_message(0.2)
-    assert plan == {"lost": 0, "reported_failed": 0}
 
 
 # ---- cancel / reuse cycles with a canary scan ------------------------------------------------------
@@ -783,19 +772,20 @@ def test_ten_thousand_cancel_reuse_cycles_no_late_writes(pair, completion):
 
 def test_canary_scan_catches_late_writes_without_the_fence(pair, monkeypatch):
     """Negative control: with cancel() freeing pages as soon as CANCEL is sent (no fence, no
-    drain), writes the prefill side posts before it hears of the cancel land in pages the decode
-    side already reused, and the same scan reports them."""
+    drain: the state machine's begin_end transition replaced), writes the prefill side posts before
+    it hears of the cancel land in pages the decode side already reused, and the same scan reports
+    them."""
     dec, pf = pair(kv.KVLayout(**CYCLE_LAYOUT), max_requests=8)
+    sm = kv.state
+    fenced_begin_end = sm.begin_end
 
-    def unfenced_begin_end(self, req, final, reason, fence_timeout):
-        if req._state is not kv.State.PENDING or req._ending is not None:
-            return
-        if req._owner is not None:
-            self._channel.send(req._owner.contact, kv.MSG_CANCEL, kv._Writer().u64(self.cache_id).u32(req.slot)
-                               .u32(req.generation).blob(bytes(self.contact)).bytes())
-        self._finish(req, final, reason, clean=True)  # pages free before the prefill side heard of it
+    def unfenced_begin_end(p, final, reason, now, fence_timeout):
+        if p.state is not kv.State.PENDING or p.ending is not None or not p.opened:
+            return fenced_begin_end(p, final, reason, now, fence_timeout)
+        p, ended = sm.finish(p, final, reason, clean=True)  # pages free before the prefill side heard of it
+        return p, (sm.SendCancel(),) + ended
 
-    monkeypatch.setattr(kv.DecodeSide, "_begin_end", unfenced_begin_end)
+    monkeypatch.setattr(sm, "begin_end", unfenced_begin_end)
     out = _cycles(dec, pf, 150, seed=12)
     assert out["late"] > 0, out
 

@@ -91,7 +91,8 @@ def test_plan_matches_numpy_reference(name, chunk_bytes, direct_min):
 def test_mesh_sharding_matches_jax_devices_indices_map():
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jax_garden.weights import MeshSharding, _box_of_index
+    from jax_garden.weights import MeshSharding
+    from jax_garden.weights.layout import box_of_index
 
     devs = jax.devices()
     assert len(devs) >= 8, "conftest forces 8 CPU devices"
@@ -102,7 +103,7 @@ def test_mesh_sharding_matches_jax_devices_indices_map():
         want = NamedSharding(mesh, P(*spec)).devices_indices_map(shape)
         got = MeshSharding(axes, spec).shard_boxes(shape)
         for i, d in enumerate(devs[:8]):
-            assert got[i][2] == _box_of_index(want[d], shape), (axes, spec, shape, i)
+            assert got[i][2] == box_of_index(want[d], shape), (axes, spec, shape, i)
     with pytest.raises(ValueError, match="must divide"):
         MeshSharding({"a": 4}, ("a",)).shard_boxes((6,))
     with pytest.raises(ValueError, match="twice"):
@@ -210,7 +211,7 @@ def test_stager_matches_reference_bitwise(engines, host):
         plan = weights.Plan(weights.Layout.from_pytree(src), weights.Layout.from_pytree(dst), chunk_bytes=8192,
                             direct_min_bytes=1 << 30)
         g = _globals(plan.src, 3)
-        ring = weights._StagingRing(engines(), jax.devices()[0], 2, plan.chunk_bytes, host=host)
+        ring = weights.stager.StagingRing(engines(), jax.devices()[0], 2, plan.chunk_bytes, host=host)
         assert ring.host == host
         for r in range(plan.num_src_ranks):
             for c in plan.chunks_of(r):
@@ -318,7 +319,7 @@ def test_single_process_push_versions_and_refusals(engines, monkeypatch, host_st
     from jax_garden import weights
     from jax_garden.weights import MeshSharding as M, TensorSpec as T
 
-    monkeypatch.setattr(weights, "HOST_STAGING", host_staging)
+    monkeypatch.setattr(weights.stager, "HOST_STAGING", host_staging)
 
     src = {"a": T((64, 128), "bfloat16", None), "b": T((512, 512), "bfloat16", None)}
     dst = {"a": T((64, 128), "bfloat16", None), "b": weights.fp8_spec((512, 512), None, None, (128, 128))}
@@ -327,7 +328,7 @@ def test_single_process_push_versions_and_refusals(engines, monkeypatch, host_st
     sub = weights.Subscriber(plan, dst, engine=engines(), fence_s=0.2)
     pub = weights.Publisher(plan, engine=engines(), staging_bytes=4 * 16384, timeout=20)
     try:
-        assert all(r.host == host_staging for r in pub._rings.values()) and pub._rings
+        assert pub.staging and all(r.host == host_staging for r in pub.staging)
         assert plan.src.tensors[1].nbytes > 2 * pub.staging_bytes  # a tensor much larger than the staging
         pub.connect([sub.address])
         with pytest.raises(RuntimeError, match="no version"):
@@ -663,12 +664,13 @@ def _kill_child(role, rank, inbox, results, die_at_chunk, env):
                 post("checked", sub.current_version)
         else:
             class Dying(weights.Publisher):
-                def _before_chunk(self, index):
-                    if die_at_chunk is not None and self._dying and index == die_at_chunk:
+                dying = False
+
+                def before_chunk(self, index):
+                    if die_at_chunk is not None and self.dying and index == die_at_chunk:
                         os.kill(os.getpid(), signal.SIGKILL)
 
             pub = Dying(plan, rank=rank, provider=PROVIDER, staging_bytes=1 << 14, timeout=60)
-            pub._dying = False
             pub.connect(inbox.get(timeout=60))
             post("connected")
             while True:
@@ -678,7 +680,7 @@ def _kill_child(role, rank, inbox, results, die_at_chunk, env):
                     post("closed")
                     return
                 _, version, seed, dying = cmd
-                pub._dying = dying
+                pub.dying = dying
                 g = _globals(plan.src, seed)
                 h = pub.push({k.strip("[]'"): v for k, v in g.items()}, version).wait(60)
                 post("pushed", version, dict(h.bytes_sent))

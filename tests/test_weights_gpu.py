@@ -61,11 +61,12 @@ def _worker(rank, size, exchange, n_src, gpus, direct_min):
     if rank >= n_src:
         r = rank - n_src
         sub = weights.Subscriber(plan, dst, rank=r, provider=PROVIDER)
-        assert all(a.devices() == {jax.devices()[0]} for a in sub._arrays[0])  # buffers in GPU memory
         addrs = exchange(sub.address)[n_src:]
         sub.set_peers(addrs)
         for v in (1, 2):
             assert sub.wait(v, 120) == v
+            leaves = jax.tree_util.tree_leaves(sub.params())
+            assert leaves and all(a.devices() == {jax.devices()[0]} for a in leaves)  # buffers in GPU memory
             _check_local(plan, r, v, sub.params(), exact_fp8=False)
             exchange(None)
         exchange(None)
@@ -76,11 +77,8 @@ def _worker(rank, size, exchange, n_src, gpus, direct_min):
     pub.connect(addrs)
     # The path the engine takes toward the first destination buffer: CUDA IPC (copy engines) when
     # the destination exports an IPC handle, else staging (see test_xla_buffers_take_the_ipc_path).
-    for ring in pub._rings.values():
-        descs = pub._subs[pub.plan.destinations_of(rank)[0]]["descs"]  # {dst tensor: [desc per local]}
-        dst_desc = descs[min(descs)][0]  # not every destination tensor gets bytes from every trainer
-        out["path"] = pub.engine.path_for(ring.regions[0], dst_desc)
-        out["dst_has_ipc"] = dst_desc.has_ipc_handle
+    if pub.staging:
+        out.update(pub.path_to(pub.plan.destinations_of(rank)[0]))  # {"path": ..., "dst_has_ipc": ...}
     for v in (1, 2):
         g = _globals(plan.src, v)
         params = {}

@@ -109,7 +109,8 @@ def _single_process_baselines(conn: Any, sizes: list[int], rounds: int) -> None:
 
 def gpu_rows(args: argparse.Namespace) -> dict:
     from jax_garden import fabric
-    from jax_garden.bench import weights as wb
+    from jax_garden.bench.weights_rig import Workers, progress, run_config
+    from jax_garden.bench.weights_workloads import bench_configs
 
     if not fabric.gpu_available():
         return {"skipped": "no GPU usable by this build (fabric.gpu_available() is false)"}
@@ -118,20 +119,20 @@ def gpu_rows(args: argparse.Namespace) -> dict:
     if native.gpu_device_count() < 2:
         return {"skipped": f"{native.gpu_device_count()} GPU(s); these rows need 2"}
     rows, errors = [], []
-    configs = wb.bench_configs(args.quick, gpu=True)
-    w = wb._Workers(2, 2, [_gpu_env(0), _gpu_env(1)], [_gpu_env(1), _gpu_env(0)])
+    configs = bench_configs(args.quick, gpu=True)
+    w = Workers(2, 2, [_gpu_env(0), _gpu_env(1)], [_gpu_env(1), _gpu_env(0)])
     try:
         for cfg in configs:
-            wb._progress(f"{cfg['name']}: {cfg['rounds']} timed pushes")
+            progress(f"{cfg['name']}: {cfg['rounds']} timed pushes")
             try:
-                rows.append(wb.run_config(w, cfg, verify=True))
+                rows.append(run_config(w, cfg, verify=True))
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{cfg['name']}: {e}")
-                wb._progress(f"  FAILED: {e}")
+                progress(f"  FAILED: {e}")
     finally:
         w.close()
     sizes = sorted({c["total"] for c in configs})
-    wb._progress("single-process baselines (device_put, jax.experimental.transfer, gather+broadcast, peer copy)")
+    progress("single-process baselines (device_put, jax.experimental.transfer, gather+broadcast, peer copy)")
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     p = ctx.Process(target=_single_process_baselines, args=(b, sizes, 2 if args.quick else 3), daemon=True)

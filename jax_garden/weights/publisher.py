@@ -1,0 +1,455 @@
+"""The trainer end of a weight push: a Publisher pushes versions of one source rank's shards,
+chunk by chunk through a bounded staging ring, to the subscriber ranks its plan writes to."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jax_garden import fabric
+from jax_garden._service.bootstrap import Bootstrap
+from jax_garden._service.mailbox import Contact, as_contact
+from jax_garden.weights import protocol as P
+from jax_garden.weights.layout import box_of_index, dtype_name, slices
+from jax_garden.weights.placement import bootstrap_key, default_rank, local_devices, put_on, registrable
+from jax_garden.weights.plan import Plan
+from jax_garden.weights.router import WeightsRouter
+from jax_garden.weights.stager import StagingRing
+
+
+@dataclasses.dataclass
+class SubscriberLink:
+    """What a publisher knows of one subscriber rank after connect."""
+
+    contact: Contact
+    descriptors: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)  # buffer id -> (copy 0, 1)
+    parts: set[int] = dataclasses.field(default_factory=set)  # welcome parts received
+
+
+class PushHandle:
+    """A push in flight. :meth:`wait` returns once every write left this process (the subscriber
+    learns that they landed by counting imms) and raises what went wrong."""
+
+    def __init__(self, version: int, ranks: Sequence[int]):
+        self.version = version
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self.bytes_sent = {r: 0 for r in ranks}
+        self.skipped: list[int] = []  # subscriber ranks that already had this version from us
+        self.started = time.monotonic()
+        self.seconds: float | None = None
+        self.chunks_posted = 0
+        self.stage_seconds = 0.0
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> "PushHandle":
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"push of version {self.version} still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._error = error
+        self.seconds = time.monotonic() - self.started
+        self._done.set()
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("failed" if self._error else f"done in {self.seconds:.3f} s")
+        return f"PushHandle(version={self.version}, {state})"
+
+
+class Publisher:
+    """Pushes parameter versions from one trainer process (one rank of the plan's source side).
+
+    Args:
+      plan: the :class:`Plan`.
+      rank: this process's source rank (default: from ``jax.process_index()`` for layouts built
+        from real devices, 0 for one-rank sides).
+      engine: the TransferEngine to push with (it may carry other services too: control messages go
+        through its mailbox); by default the publisher makes its own (``provider``, ``domains``,
+        ``engine_timeout``) and closes it with itself.
+      staging_bytes: staging memory per process (split over its devices): chunk k+1 is gathered
+        into one slot while chunk k is written from another. At least 2 chunks per device.
+      timeout: seconds for connecting, for grants, and for each write to complete.
+      imm_tag: 4-bit tag in every imm (must match the subscriber's; default 0xA, the weights entry of
+        the service table; a tag of another jax_garden service is refused).
+      devices: jax device of each local index (default from the layout / ``jax.local_devices()``).
+    """
+
+    def __init__(self, plan: Plan, rank: int | None = None, *, engine: fabric.TransferEngine | None = None,
+                 provider: str | None = None, domains: int = 1, engine_timeout: float = fabric.DEFAULT_TIMEOUT,
+                 staging_bytes: int = 256 << 20, timeout: float = 60.0, imm_tag: int = P.DEFAULT_IMM_TAG,
+                 devices: Sequence[Any] | None = None):
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a weights.Plan, got {type(plan).__name__}")
+        if not (isinstance(staging_bytes, int) and staging_bytes > 0):
+            raise ValueError(f"staging_bytes must be a positive int, got {staging_bytes!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        imm_tag = P.check_imm_tag(imm_tag)
+        self.plan, self.timeout, self.imm_tag = plan, float(timeout), imm_tag
+        self.rank = default_rank(plan.src, rank, "source")
+        self._own_engine = engine is None
+        self.engine = engine or fabric.TransferEngine(provider, domains, timeout=engine_timeout)
+        self._devices = local_devices(plan.src, self.rank, devices)
+        self._chunks = plan.chunks_of(self.rank)
+        self._dests = plan.destinations_of(self.rank)
+        staged_locals = sorted({c.src_local for c in self._chunks if c.staged})
+        self.staging_bytes = staging_bytes
+        self._rings: dict[int, StagingRing] = {}
+        if staged_locals:
+            per = staging_bytes // len(staged_locals)
+            slots = per // plan.chunk_bytes
+            if slots < 2:
+                raise ValueError(f"staging_bytes={staging_bytes} holds {slots} chunk(s) of {plan.chunk_bytes} bytes per "
+                                 f"device ({len(staged_locals)} devices stage here); need at least 2 to pipeline")
+            for l in staged_locals:
+                self._rings[l] = StagingRing(self.engine, self._devices[l], slots, plan.chunk_bytes)
+        self._subs: dict[int, SubscriberLink] = {}
+        self._targets: list[dict] | None = None
+        self._cv = threading.Condition()
+        self._replies: list[tuple[Contact, Any]] = []  # answers not yet taken, bounded
+        self._busy = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._handle: PushHandle | None = None  # the last push's
+        self._requests = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
+        self._closed = False
+        self._router = WeightsRouter.attach(self.engine, self, "publisher")
+
+    @property
+    def address(self) -> bytes:
+        """This publisher's contact (its engine address and mailbox), as bytes."""
+        return bytes(self._router.contact)
+
+    @property
+    def staging(self) -> list[StagingRing]:
+        """The staging rings, one per local device that stages pieces."""
+        return list(self._rings.values())
+
+    def path_to(self, dst_rank: int) -> dict:
+        """How the first staging slot's writes reach subscriber rank ``dst_rank`` (after
+        :meth:`connect`): ``{"path": "fabric" | "ipc" | "staged", "dst_has_ipc": bool}``."""
+        link = self._subs.get(dst_rank)
+        if link is None or not self._rings:
+            raise ValueError(f"path_to: not connected to subscriber rank {dst_rank} (or nothing is staged here)")
+        desc = link.descriptors[min(link.descriptors)][0]  # not every buffer gets bytes from every trainer
+        region = next(iter(self._rings.values())).regions[0]
+        return {"path": self.engine.path_for(region, desc), "dst_has_ipc": bool(desc.has_ipc_handle)}
+
+    # -- connecting -------------------------------------------------------------------------------
+    def connect(self, addresses: Sequence[Any] | None = None, *, kv: str | None = None,
+                timeout: float | None = None) -> None:
+        """Say hello to every subscriber rank this rank writes to and get its buffers' descriptors.
+
+        ``addresses[r]`` is subscriber rank r's :attr:`Subscriber.address` (bytes the caller moved),
+        or ``kv=name`` reads them from ``jax.distributed``'s key-value store (both sides one JAX job,
+        subscribers called :meth:`Subscriber.announce` with the same name). Raises ``ValueError`` if
+        a subscriber runs another plan (fingerprint mismatch), ``TimeoutError`` if one is silent.
+        """
+        t = self.timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + t
+        if (addresses is None) == (kv is None):
+            raise ValueError("connect takes either addresses or kv=name")
+        contacts: dict[int, Contact] = {}
+        if kv is not None:
+            boot = Bootstrap()
+            for r in self._dests:
+                v = boot.fetch(bootstrap_key(kv, r), max(1e-3, deadline - time.monotonic()))
+                contacts[r] = as_contact(v, f"the contact subscriber rank {r} announced as {kv!r}")
+        else:
+            addresses = list(addresses)
+            if len(addresses) < self.plan.num_dst_ranks:
+                raise ValueError(f"connect needs the addresses of all {self.plan.num_dst_ranks} subscriber ranks, "
+                                 f"got {len(addresses)}")
+            for r in self._dests:
+                contacts[r] = as_contact(addresses[r], f"addresses[{r}]")
+        with self._busy:
+            links = {r: SubscriberLink(contacts[r]) for r in self._dests}
+            for r in self._dests:
+                self._router.send(contacts[r], P.Hello(self.plan.fingerprint, self.rank, self.engine.num_domains))
+            waiting = set(self._dests)
+            while waiting:
+                _, m = self._next_reply(deadline, lambda m: isinstance(m, (P.Welcome, P.Refuse)),
+                                        lambda: f"no answer to hello from subscriber ranks {sorted(waiting)}")
+                if isinstance(m, P.Refuse):
+                    raise ValueError(f"subscriber rank {m.dst} refused the connection: {m.reason}")
+                if m.fingerprint != self.plan.fingerprint:
+                    raise ValueError(f"plan fingerprint mismatch: subscriber rank {m.dst} runs plan {m.fingerprint}, "
+                                     f"this publisher runs {self.plan.fingerprint}")
+                if m.dst not in waiting:
+                    continue
+                link = links[m.dst]
+                descs = [fabric.MemoryDescriptor.from_bytes(d) for d in m.descriptors]
+                for k, b in enumerate(m.buffers.tolist()):
+                    link.descriptors[b] = (descs[2 * k], descs[2 * k + 1])
+                link.parts.add(m.part)
+                if len(link.parts) == m.parts:
+                    waiting.discard(m.dst)
+            self._subs = links
+            self._targets = self._build_targets()
+
+    def _build_targets(self) -> list[dict]:
+        """Per chunk: {dst rank: [(targets for slot 0, targets for slot 1, sharding), ...]}: one
+        scatter for the small runs (sharding "targets") and one for the big ones ("bytes")."""
+        out = []
+        multi = self.engine.num_domains > 1
+        for c in self._chunks:
+            per: dict[int, list] = {}
+            for r in c.rank_targets:
+                lists = {False: ([], []), True: ([], [])}
+                descs = self._subs[r].descriptors
+                for it, off in zip(c.items, c.offsets):
+                    g = it.g
+                    dsts = None
+                    for rr, l in g.receivers:
+                        if rr != r:
+                            continue
+                        bid = self.plan.buffer_id(r, it.dst_tensor, l)
+                        if dsts is None:
+                            dsts = g.run_dst_offsets().tolist()
+                        d0, d1 = descs[bid]
+                        l0, l1 = lists[g.big]
+                        for t, do in enumerate(dsts):
+                            so = off + t * g.run_bytes
+                            l0.append((d0, g.run_bytes, so, do))
+                            l1.append((d1, g.run_bytes, so, do))
+                # Checked and converted once here: each push then posts them without per-target work.
+                per[r] = [(fabric.ScatterTargets(l0), fabric.ScatterTargets(l1), "bytes" if big and multi else "targets")
+                          for big, (l0, l1) in lists.items() if l0]
+            out.append(per)
+        return out
+
+    def _next_reply(self, deadline: float, want: Callable[[Any], bool], what: Callable[[], str]) -> tuple[Contact, Any]:
+        """The first answer ``want`` accepts (older ones stay queued), or TimeoutError naming ``what``."""
+        with self._cv:
+            while True:
+                for i, (sender, m) in enumerate(self._replies):
+                    if want(m):
+                        return self._replies.pop(i)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"weights publisher rank {self.rank}: {what()}")
+                self._cv.wait(min(left, 0.05))
+
+    def _on_message(self, sender: Contact, m: Any) -> None:
+        """An answer from a subscriber (mailbox reader thread)."""
+        with self._cv:
+            self._replies.append((sender, m))
+            del self._replies[:-256]  # bounded: stale answers of old pushes are dropped
+            self._cv.notify_all()
+
+    def _tick(self, now: float) -> None:
+        pass
+
+    # -- pushing ---------------------------------------------------------------------------------
+    def push(self, params: Any, version: int) -> PushHandle:
+        """Push ``params`` (a pytree like the plan's source side: global jax arrays, this rank's
+        shard of each leaf, or whole numpy arrays) as ``version`` (an int, increasing).
+
+        Checks everything before anything is sent: ``ValueError`` for a wrong structure, shape or
+        sharding, ``TypeError`` for a wrong dtype. The push runs on a background thread (grants,
+        then the pipelined chunks); the returned handle's ``wait`` raises its errors."""
+        if self._targets is None:
+            raise RuntimeError("Publisher.connect() must run before push()")
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 1 << 62:
+            raise ValueError(f"version must be an int in 0..2^62, got {version!r}")
+        if self._thread is not None:
+            # The handle is done before its thread has quite returned: a push right after
+            # wait() must not be refused for that.
+            if not self._handle.done():
+                raise RuntimeError("a push is still running on this publisher; wait for its handle first")
+            self._thread.join()
+        srcs = self._sources(params)
+        handle = self._handle = PushHandle(version, self._dests)
+        self._thread = threading.Thread(target=self._run, args=(handle, srcs), name="jax_garden-weights-push",
+                                        daemon=True)
+        self._thread.start()
+        return handle
+
+    def _sources(self, params: Any) -> dict[tuple[int, int], Any]:
+        """{(src tensor, local): single-device array} for this rank, after checking the pytree."""
+        import jax
+
+        flat, _ = jax.tree_util.tree_flatten_with_path(params)
+        got = {jax.tree_util.keystr(kp): leaf for kp, leaf in flat}
+        want = [t.path for t in self.plan.src.tensors]
+        if set(got) != set(want):
+            missing = [p for p in want if p not in got]
+            extra = [p for p in got if p not in set(want)]
+            raise ValueError(f"params do not match the plan: missing {missing[:8]}, unexpected {extra[:8]}")
+        out: dict[tuple[int, int], Any] = {}
+        for ti, t in enumerate(self.plan.src.tensors):
+            leaf = got[t.path]
+            mine = [(l, box) for r, l, box in t.shards if r == self.rank]
+            if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+                raise TypeError(f"{t.path}: expected an array, got {type(leaf).__name__}")
+            try:
+                dt = dtype_name(leaf.dtype)
+            except TypeError:
+                raise TypeError(f"{t.path}: dtype {leaf.dtype!r} is not an array dtype") from None
+            if dt != t.dtype:
+                raise TypeError(f"{t.path}: dtype {dt}, the plan says {t.dtype}")
+            shape = tuple(int(s) for s in leaf.shape)
+            if not mine:
+                continue
+            for l, box in mine:
+                ext = tuple(b - a for a, b in box)
+                arr = None
+                if shape == t.shape and hasattr(leaf, "addressable_shards"):
+                    did = self.plan.src.device_id(ti, self.rank, l)
+                    cands = [s for s in leaf.addressable_shards
+                             if (did is None or s.device.id == did) and box_of_index(s.index, shape) == box]
+                    if did is None:  # abstract layout: the l-th shard with this box on this process
+                        same = [lb for lb in mine if lb[1] == box]
+                        cands = sorted(cands, key=lambda s: s.device.id)
+                        pos = same.index((l, box))
+                        cands = cands[pos:pos + 1]
+                    if not cands:
+                        have = sorted({box_of_index(s.index, shape) for s in leaf.addressable_shards})
+                        raise ValueError(f"{t.path}: this process holds no shard {list(box)} (rank {self.rank}, "
+                                         f"device {l}); its shards are {[list(h) for h in have]}")
+                    arr = cands[0].data
+                elif shape == ext:
+                    arr = leaf
+                elif shape == t.shape:
+                    arr = np.asarray(leaf)[slices([a for a, _ in box], ext)]
+                else:
+                    raise ValueError(f"{t.path}: shape {shape}; the plan wants {t.shape} (global) or this rank's "
+                                     f"shard {ext}")
+                out[(ti, l)] = arr
+        # Staged pieces are read on the staging device; direct pieces straight from the shard, so
+        # their values must exist before the engine reads them (jit results may still be running).
+        for (ti, l), arr in list(out.items()):
+            out[(ti, l)] = put_on(arr, self._devices[l]) if self._rings else arr
+        jax.block_until_ready([a for a in out.values() if not isinstance(a, np.ndarray)])
+        return out
+
+    def before_chunk(self, index: int) -> None:
+        """Called on the push thread before chunk ``index`` of a push is staged and posted. Does
+        nothing; override it to instrument or throttle a push (the tests kill a publisher here)."""
+
+    def _run(self, handle: PushHandle, srcs: dict) -> None:
+        try:
+            grants = self._request_grants(handle)
+            self._pipeline(handle, srcs, grants)
+            handle._finish(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the handle
+            handle._finish(e)
+
+    def _request_grants(self, handle: PushHandle) -> dict[int, tuple[int, int]]:
+        req = next(self._requests) & ((1 << 64) - 1)
+        deadline = time.monotonic() + self.timeout
+        for r in self._dests:
+            self._router.send(self._subs[r].contact, P.PushRequest(self.rank, handle.version, req))
+        grants: dict[int, tuple[int, int]] = {}
+        waiting = set(self._dests)
+        reasons: dict[int, str] = {}
+        while waiting:
+            _, m = self._next_reply(
+                deadline, lambda m: isinstance(m, P.ANSWERS) and m.request == req,
+                lambda: (f"push of version {handle.version}: no grant within {self.timeout} s from subscriber ranks "
+                         f"{sorted(waiting)}" + "".join(f"; rank {r}: {reasons[r]}" for r in sorted(waiting) if r in reasons)))
+            if isinstance(m, P.Pending):
+                reasons[m.dst] = m.reason
+            elif isinstance(m, P.Reject):
+                raise ValueError(f"push of version {handle.version} refused by subscriber rank {m.dst}: {m.reason}")
+            elif isinstance(m, P.Done):
+                handle.skipped.append(m.dst)
+                waiting.discard(m.dst)
+            elif isinstance(m, P.Grant):
+                grants[m.dst] = (m.slot, m.epoch)
+                waiting.discard(m.dst)
+        return grants
+
+    def _pipeline(self, handle: PushHandle, srcs: dict, grants: dict[int, tuple[int, int]]) -> None:
+        failed: dict[int, str] = {}
+        direct: list = []
+        regions: dict[tuple[int, int], Any] = {}
+
+        def reap(r: int, t: Any) -> None:
+            try:
+                t.wait(self.timeout)
+            except (fabric.TransferError, TimeoutError) as e:
+                failed.setdefault(r, str(e))
+
+        assert self._targets is not None
+        try:
+            self._post_chunks(handle, srcs, grants, failed, direct, regions, reap)
+        finally:
+            # Every write is complete (or failed) before the staging slots are refilled by another
+            # push or the source arrays and their registrations are let go.
+            for ring in self._rings.values():
+                for k in range(len(ring.busy)):
+                    for r, t in ring.busy[k]:
+                        reap(r, t)
+                    ring.busy[k] = []
+            for r, t in direct:
+                reap(r, t)
+            regions.clear()
+        if failed:
+            detail = "; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items()))
+            raise fabric.TransferError(f"push of version {handle.version} failed toward subscriber ranks "
+                                       f"{sorted(failed)}: {detail}")
+
+    def _post_chunks(self, handle: PushHandle, srcs: dict, grants: dict, failed: dict, direct: list,
+                     regions: dict, reap: Callable[[int, Any], None]) -> None:
+        assert self._targets is not None
+        for ci, c in enumerate(self._chunks):
+            ranks = [r for r in c.rank_targets if r in grants and r not in failed]
+            if not ranks:
+                continue
+            self.before_chunk(ci)
+            if c.staged:
+                ring = self._rings[c.src_local]
+                k = ring.acquire(reap)
+                t0 = time.perf_counter()
+                ring.stage(k, c, srcs)
+                handle.stage_seconds += time.perf_counter() - t0
+                region = ring.regions[k]
+            else:
+                key = (c.src_tensor, c.src_local)
+                region = regions.get(key)
+                if region is None:
+                    region = regions[key] = self.engine.register(registrable(srcs[key]))
+            posted = []
+            for r in ranks:
+                slot, epoch = grants[r]
+                imm = P.imm_value(self.imm_tag, epoch, self.rank)
+                try:
+                    for lists in self._targets[ci][r]:
+                        posted.append((r, self.engine.scatter(region, lists[slot], imm=imm, sharding=lists[2])))
+                except (fabric.TransferError, ValueError) as e:
+                    failed.setdefault(r, str(e))
+                    continue
+                handle.bytes_sent[r] += c.rank_targets[r][2]
+            handle.chunks_posted += 1
+            if c.staged:
+                ring.busy[k] = posted
+            else:
+                direct.extend(posted)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._thread.join(self.timeout)
+        self._rings.clear()
+        self._router.detach(self)
+        if self._own_engine:
+            self.engine.close()
+
+    def __enter__(self) -> "Publisher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
