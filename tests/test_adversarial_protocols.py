@@ -241,7 +241,8 @@ def test_weights_version_not_in_service_while_a_sources_last_write_is_held(closi
     assert expected >= 2
     # Source 1's imms carry (tag, epoch, rank 1): hold its last write whatever epoch it is granted.
     mask = 0xF000FFFF
-    engines[1].adversary.hold(weights.imm_value(0xB, 0, 1), mask=mask, skip=expected - 1)
+    imm = weights.imm_value(pubs[1].imm_tag, 0, 1)
+    engines[1].adversary.hold(imm, mask=mask, skip=expected - 1)
     g = {"w": _bf16((48, 64), 7), "e": _bf16((96, 256), 8)}
     handles = _push_all(pubs, g, 3)
 
@@ -249,13 +250,13 @@ def test_weights_version_not_in_service_while_a_sources_last_write_is_held(closi
         st = sub.status().get("collecting", {}).get("sources", {})
         return st.get(p, {})
 
-    _until(lambda: engines[1].adversary.holding(weights.imm_value(0xB, 0, 1), mask=mask) == 1
+    _until(lambda: engines[1].adversary.holding(imm, mask=mask) == 1
            and source(1).get("arrived") == expected - 1 and source(0).get("complete"), 20,
            f"all but source 1's last write arrive ({sub.status()})")
     with pytest.raises(TimeoutError, match="source 1"):
         sub.wait(3, 0.5)
     assert sub.current_version is None and not source(1)["complete"]
-    assert engines[1].adversary.release(weights.imm_value(0xB, 0, 1), mask=mask) == 1
+    assert engines[1].adversary.release(imm, mask=mask) == 1
     for h in handles:
         h.wait(30)
     assert sub.wait(3, 30) == 3
