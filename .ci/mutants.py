@@ -107,8 +107,8 @@ PLANTS = [
           ("ffi/fabric/transport_staged*.cc", "ffi/fabric/staged/**/*.cc"), "} else if (chunks_written_ == chunks_.size() && !imms_started_) {",
           "} else if (chunks_written_ + 1 >= chunks_.size() && !imms_started_) {",
           ("tests/test_fabric_staging.py::test_staged_single_write",
-           "tests/test_adversary.py::test_imm_never_counted_before_its_data_on_every_path"),
-          (SEEDS,)),
+           "tests/test_fabric_staging.py::test_staged_paged_and_imm_counted_after_data",
+           "tests/test_adversary.py::test_imm_never_counted_before_its_data_on_every_path")),
     Plant("checked-write-drops-dst-offset",
           "fabric: the checked (slow) write path passes dst_offset as 0",
           ("jax_garden/fabric.py", "jax_garden/fabric/**/*.py"),
@@ -116,7 +116,24 @@ PLANTS = [
           '                                  _check_imm(imm), _check_path(path))',
           '_check_count("src_offset", src_offset), 0 * _check_count("dst_offset", dst_offset),\n'
           '                                  _check_imm(imm), _check_path(path))',
-          ("tests/test_fabric.py::test_checked_write_path_honours_offsets",)),
+          ("tests/test_fabric.py::test_checked_write_path_honours_offsets",
+           "tests/test_fabric.py::test_write_without_imm_and_descriptor_bytes",
+           "tests/test_fabric.py::test_write_contents_and_imm_count")),
+    # ---- the same bugs against the protocol suites under the adversarial mode (random holds) -------------
+    Plant("kv-fence-frees-early/adversary",
+          "kv-fence-frees-early, against the kv suites run with --adversary=1,2",
+          KV, "if p.taken == fence.posted:", "if True:",
+          ("tests/test_kv.py::test_cancel_mid_stream_is_fenced",
+           "tests/test_kv.py::test_ten_thousand_cancel_reuse_cycles_no_late_writes",
+           "tests/test_kv.py::test_cancel_reuse_cycles_across_processes"), (SEEDS,)),
+    Plant("staged-imms-before-last-chunk/adversary",
+          "staged-imms-before-last-chunk, against the staging suites run with --adversary=1,2",
+          ("ffi/fabric/transport_staged*.cc", "ffi/fabric/staged/**/*.cc"),
+          "} else if (chunks_written_ == chunks_.size() && !imms_started_) {",
+          "} else if (chunks_written_ + 1 >= chunks_.size() && !imms_started_) {",
+          ("tests/test_fabric_staging.py::test_staged_single_write",
+           "tests/test_fabric_staging.py::test_staged_paged_and_imm_counted_after_data",
+           "tests/test_fabric_staging.py::test_scatter_with_mixed_paths"), (SEEDS,)),
     Plant("barrier-counts-one-short",
           "fabric tests' barrier helper: a rank leaves once all but one peer arrived",
           ("tests/test_fabric_procs.py",), "eng.imm_counter(700 + k).wait(size - 1, 30)",
@@ -159,10 +176,11 @@ def build(build_dir: Path) -> tuple[bool, str]:
     return r.returncode == 0, f"{time.monotonic() - t0:.0f} s" if r.returncode == 0 else (r.stdout + r.stderr)[-3000:]
 
 
-def run_tests(plant: Plant, pkg: Path, timeout: float) -> tuple[list[str], str, float]:
+def run_tests(plant: Plant, pkg: Path, timeout: float) -> tuple[list[str], list[str], str, float]:
+    """(failed test ids, passed test ids, output, seconds)."""
     env = dict(os.environ, PYTHONPATH=str(pkg))
     env.pop("JAX_GARDEN_ADVERSARY", None)
-    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *plant.pytest_args,
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-rfEp", "-p", "no:cacheprovider", *plant.pytest_args,
            *plant.tests]
     t0 = time.monotonic()
     try:
@@ -170,9 +188,10 @@ def run_tests(plant: Plant, pkg: Path, timeout: float) -> tuple[list[str], str, 
         out = r.stdout + r.stderr
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return ["(timed out)"], out, time.monotonic() - t0
+        return ["(timed out)"], [], out, time.monotonic() - t0
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
-    return failed, out, time.monotonic() - t0
+    passed = re.findall(r"^PASSED (\S+)", out, re.M)
+    return failed, passed, out, time.monotonic() - t0
 
 
 def main() -> int:
@@ -210,7 +229,7 @@ def main() -> int:
         for p in plants:
             path, why = locate(p)
             if path is None:
-                rows.append((p, "not planted: " + why, [], 0.0))
+                rows.append((p, "not planted: " + why, [], [], 0.0))
                 print(f"[{p.name}] NOT PLANTED: {why}", flush=True)
                 continue
             original = path.read_bytes()
@@ -222,12 +241,12 @@ def main() -> int:
                     dirty_native = True
                     ok, info = build(build_dir)
                     if not ok:
-                        rows.append((p, "planted code does not build", [], 0.0))
+                        rows.append((p, "planted code does not build", [], [], 0.0))
                         print(f"[{p.name}] does not build:\n{info}", flush=True)
                         continue
-                failed, out, secs = run_tests(p, pkg, args.timeout)
+                failed, passed, out, secs = run_tests(p, pkg, args.timeout)
                 verdict = "caught" if failed else "SURVIVED"
-                rows.append((p, verdict, failed, secs))
+                rows.append((p, verdict, failed, passed, secs))
                 print(f"[{p.name}] {verdict} in {secs:.0f} s: {', '.join(failed) or '-'}", flush=True)
                 if not failed:
                     print(out[-2000:], flush=True)
@@ -237,16 +256,17 @@ def main() -> int:
     finally:
         if dirty_native:
             build(build_dir)  # leave the mutants build matching the restored sources
-    lines = ["| plant | the bug | caught by |", "|---|---|---|"]
-    for p, verdict, failed, secs in rows:
+    lines = ["| plant | the bug | caught by | not caught by |", "|---|---|---|---|"]
+    for p, verdict, failed, passed, secs in rows:
         who = "<br>".join(f"`{f}`" for f in failed) if failed else f"**{verdict}**"
-        extra = f" (with `{' '.join(p.pytest_args)}`)" if failed and p.pytest_args else ""
-        lines.append(f"| `{p.name}` | {p.why} | {who}{extra} |")
+        extra = f" (with `{' '.join(p.pytest_args)}`)" if p.pytest_args else ""
+        missed = "<br>".join(f"`{f}`" for f in passed) or "-"
+        lines.append(f"| `{p.name}` | {p.why} | {who}{extra} | {missed} |")
     report = "\n".join(lines)
     print("\n" + report)
     if args.out:
         Path(args.out).write_text(report + "\n")
-    return 0 if all(v == "caught" for _, v, _, _ in rows) else 1
+    return 0 if all(v == "caught" for _, v, _, _, _ in rows) else 1
 
 
 if __name__ == "__main__":
