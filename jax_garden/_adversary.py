@@ -26,7 +26,7 @@ ALL_BITS = U32_MAX
 
 def totals() -> dict:
     """What the mode did in every engine of this process so far (closed engines included):
-    ``pieces``, ``held``, ``messages_held``, ``reordered``, ``last_held``, ``imms_held``,
+    ``pieces``, ``held``, ``messages_held``, ``reordered``, ``last_held``, ``tail_held``, ``imms_held``,
     ``imm_splits``, ``copies_delayed``, ``early_completions``, ``resets``, ``targeted``."""
     return dict(_native.adversary_totals())
 

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 # JAX_GARDEN_ADVERSARY=seed=N,<--adversary-spec> in its environment (spawned children inherit it),
 # so every engine it creates holds back, delays and reorders deliveries; the seed is in the test id
 # (`...-adv1]`). Without the option, marked tests run as usual.
-ADVERSARY_SPEC = "hold=0.5,msg=0.3,imm=0.3,last=0.5,delay_ms=3,last_ms=15"
+ADVERSARY_SPEC = "hold=0.5,msg=0.3,imm=0.3,last=0.5,tail=0.05,delay_ms=3,last_ms=20"
 
 
 def pytest_addoption(parser):

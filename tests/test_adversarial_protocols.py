@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax_garden import fabric, kv, weights  # noqa: E402
 
 # Only targeted holds: the random parts of the mode are off, so each test controls exactly what is late.
-TARGETED_ONLY = "seed=1,hold=0,msg=0,imm=0,last=0"
+TARGETED_ONLY = "seed=1,hold=0,msg=0,imm=0,last=0,tail=0"
 
 
 def _until(cond, timeout: float, what: str) -> None:

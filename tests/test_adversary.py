@@ -28,7 +28,7 @@ from descriptor_codec import decode, forge
 from jax_garden import _adversary, fabric
 
 HEAVY = "seed=3,hold=0.8,msg=0.5,imm=0.5,last=0.8,delay_ms=4,last_ms=20"
-TARGETED_ONLY = "seed=1,hold=0,msg=0,imm=0,last=0"
+TARGETED_ONLY = "seed=1,hold=0,msg=0,imm=0,last=0,tail=0"
 
 
 # ---- settings ------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def test_settings_are_parsed_and_bad_ones_refused(engines, monkeypatch):
         assert engines(adversary=off).adversary is None
     a = engines(adversary="seed=9,hold=0.25,delay_ms=2,last_ms=8,reset=0.5,early=0,split=5")
     spec = a.adversary.spec
-    for part in ("seed=9", "hold=0.25", "delay_ms=2", "last_ms=8", "reset=0.5", "early=0", "split=5"):
+    for part in ("seed=9", "hold=0.25", "tail=0.05", "delay_ms=2", "last_ms=8", "reset=0.5", "early=0", "split=5"):
         assert part in spec, spec
     assert engines(adversary="42").adversary.spec.startswith("seed=42,")  # a bare number is the seed
     for bad, msg in [("seed=1,bogus=2", "unknown setting 'bogus'"), ("hold=1.5", "hold is a probability"),
@@ -166,7 +166,7 @@ def test_delivery_completion_never_early_and_transmit_completion_copies_the_sour
 
 
 def test_reset_mid_op_fails_the_op_and_only_the_first_pieces_land(engines):
-    a = engines(adversary="seed=4,hold=0,msg=0,imm=0,last=0,reset=1")
+    a = engines(adversary="seed=4,hold=0,msg=0,imm=0,last=0,tail=0,reset=1")
     b = engines()
     src, dst = random_bytes(64 * 1024, 2), np.zeros(64 * 1024, np.uint8)
     ra, rb = a.register(src), b.register(dst)

@@ -14,7 +14,7 @@ namespace {
 // Salts: one independent stream of decisions per kind of choice.
 enum Salt : uint64_t {
   kSaltHold = 1, kSaltDelay, kSaltLast, kSaltLastDelay, kSaltReset, kSaltResetCut, kSaltImm, kSaltImmDelay,
-  kSaltCopy, kSaltCopyDelay, kSaltSplit,
+  kSaltCopy, kSaltCopyDelay, kSaltSplit, kSaltTail,
 };
 
 uint64_t splitmix64(uint64_t x) {
@@ -49,6 +49,7 @@ void AdversaryStats::add(const AdversaryStats& o) {
   messages_held += o.messages_held;
   reordered += o.reordered;
   last_held += o.last_held;
+  tail_held += o.tail_held;
   imms_held += o.imms_held;
   imm_splits += o.imm_splits;
   copies_delayed += o.copies_delayed;
@@ -88,6 +89,8 @@ bool AdversaryOptions::parse(const std::string& raw, AdversaryOptions* out) {
       probability(&o.imm);
     } else if (key == "last") {
       probability(&o.last);
+    } else if (key == "tail") {
+      probability(&o.tail);
     } else if (key == "reset") {
       probability(&o.reset);
     } else if (key == "delay_ms" || key == "last_ms") {
@@ -101,7 +104,7 @@ bool AdversaryOptions::parse(const std::string& raw, AdversaryOptions* out) {
       o.split = static_cast<uint32_t>(v);
     } else {
       throw InvalidArgument(str_cat("adversary: unknown setting '", key,
-                                    "' (known: seed, hold, msg, imm, last, delay_ms, last_ms, reset, early, split)"));
+                                    "' (known: seed, hold, msg, imm, last, tail, delay_ms, last_ms, reset, early, split)"));
     }
   }
   JG_CHECK_ARG(o.last_ms >= o.delay_ms, "adversary: last_ms (", o.last_ms, ") must be >= delay_ms (", o.delay_ms,
@@ -111,7 +114,8 @@ bool AdversaryOptions::parse(const std::string& raw, AdversaryOptions* out) {
 }
 
 std::string AdversaryOptions::to_string() const {
-  return str_cat("seed=", seed, ",hold=", hold, ",msg=", msg, ",imm=", imm, ",last=", last, ",delay_ms=", delay_ms,
+  return str_cat("seed=", seed, ",hold=", hold, ",msg=", msg, ",imm=", imm, ",last=", last, ",tail=", tail,
+                 ",delay_ms=", delay_ms,
                  ",last_ms=", last_ms, ",reset=", reset, ",early=", early ? 1 : 0, ",split=", split);
 }
 
@@ -161,7 +165,8 @@ Adversary::OpDecision Adversary::on_install(Op& op, bool delivery_complete) {
       for (const Rule& r : rules_)
         if (!r.released && (wr.imm & r.mask) == (r.imm & r.mask)) d.early = true;
     double p = wr.hdr.kind == ContextKind::kSend ? o_.msg : o_.hold;
-    if (unit(d.op_seq, i, kSaltHold) < p || (n >= 2 && i == n - 1 && unit(d.op_seq, i, kSaltLast) < o_.last))
+    if (unit(d.op_seq, i, kSaltHold) < p || (n >= 2 && i == n - 1 && unit(d.op_seq, i, kSaltLast) < o_.last) ||
+        (wr.hdr.kind != ContextKind::kSend && unit(d.op_seq, i, kSaltTail) < o_.tail))
       d.early = true;
   }
   return d;
@@ -186,10 +191,11 @@ bool Adversary::hold(WorkRequest& wr, uint64_t op_seq, size_t index, size_t piec
     }
   }
   Clock::duration delay;
-  if (!msg && pieces >= 2 && index == pieces - 1 && unit(op_seq, index, kSaltLast) < o_.last) {
+  const bool last = !msg && pieces >= 2 && index == pieces - 1 && unit(op_seq, index, kSaltLast) < o_.last;
+  if (last || (!msg && unit(op_seq, index, kSaltTail) < o_.tail)) {  // the wide margin
     double lo = (o_.delay_ms + o_.last_ms) / 2;
     delay = ms(lo + (o_.last_ms - lo) * unit(op_seq, index, kSaltLastDelay));
-    count(&AdversaryStats::last_held);
+    count(last ? &AdversaryStats::last_held : &AdversaryStats::tail_held);
   } else if (unit(op_seq, index, kSaltHold) < (msg ? o_.msg : o_.hold)) {
     delay = ms(o_.delay_ms * unit(op_seq, index, kSaltDelay));
   } else {

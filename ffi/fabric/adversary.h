@@ -9,7 +9,7 @@
 //     writes of the ipc and staged paths: chunk writes, imm deliveries): each piece may be held back
 //     for a bounded random delay before it is posted, so pieces of one op, of different ops and
 //     toward different peers land out of order (another piece's imm before this piece's data); the
-//     last piece of a multi-piece op may be held by a wide margin;
+//     last piece of a multi-piece op, and now and then any piece, may be held by a wide margin;
 //   * imms that arrived (RMA completions, imm batches, the staged receiver's count) may be held back
 //     before they are counted, so messages overtake them;
 //   * ipc copies may start late; ipc/staged imm deliveries are cut into several deliveries;
@@ -45,6 +45,7 @@ struct AdversaryOptions {
   double msg = 0.3;         // P(a control message is held back)
   double imm = 0.3;         // P(an arrived imm is held back before it is counted)
   double last = 0.5;        // P(the last piece of a multi-piece op is held by the wide margin)
+  double tail = 0.05;       // P(any other write piece is held by the wide margin: one op lands far behind)
   double delay_ms = 4.0;    // a held piece waits uniform(0, delay_ms]
   double last_ms = 25.0;    // the wide margin: such a last piece waits in (delay_ms + last_ms) / 2 .. last_ms
   double reset = 0.0;       // P(a multi-piece op's connection is reset mid-op)
@@ -64,6 +65,7 @@ struct AdversaryStats {
   uint64_t messages_held = 0;      // of which control messages
   uint64_t reordered = 0;          // held pieces posted after a piece submitted later than them
   uint64_t last_held = 0;          // last pieces of multi-piece ops held by the wide margin
+  uint64_t tail_held = 0;          // other write pieces held by the wide margin
   uint64_t imms_held = 0;          // imm arrivals held back before being counted
   uint64_t imm_splits = 0;         // ipc/staged imm deliveries cut into several
   uint64_t copies_delayed = 0;     // ipc copies started late

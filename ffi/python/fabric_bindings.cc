@@ -66,6 +66,7 @@ nb::dict adversary_dict(const AdversaryStats& s) {
   d["messages_held"] = s.messages_held;
   d["reordered"] = s.reordered;
   d["last_held"] = s.last_held;
+  d["tail_held"] = s.tail_held;
   d["imms_held"] = s.imms_held;
   d["imm_splits"] = s.imm_splits;
   d["copies_delayed"] = s.copies_delayed;
