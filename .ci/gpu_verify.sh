@@ -62,8 +62,11 @@ run_tests() {  # name, timeout, pytest args...
 : > "$out/test_counts.txt"
 run_tests build 60 tests/test_build.py
 run_tests fabric_gpu 150 tests/test_fabric_gpu.py tests/test_fabric_staging.py
-run_tests moe_gpu 300 -m gpu tests/test_moe_gpu.py tests/test_moe.py
-others=$(grep -l -E 'pytest\.mark\.gpu' tests/test_*.py | grep -v -E 'test_(fabric_gpu|fabric_staging|moe_gpu|moe)\.py' | tr '\n' ' ')
+run_tests moe_gpu 240 -m gpu tests/test_moe_gpu.py tests/test_moe.py
+# MoE in node groups (the host proxy), one process per rank sharing the GPUs when there are fewer;
+# the probe (the smallest layout) is for a first, short run: the layouts below cover it.
+run_tests moe_nodes 180 -m gpu tests/test_moe_gpu_nodes.py -k "not probe"
+others=$(grep -l -E 'pytest\.mark\.gpu' tests/test_*.py | grep -v -E 'test_(fabric_gpu|fabric_staging|moe_gpu|moe_gpu_nodes|moe)\.py' | tr '\n' ' ')
 [ -n "$others" ] && run_tests other_gpu 240 -m gpu $others
 
 # 3. Benchmarks, quick settings, GPU rows only (their CPU rows run anywhere), JSON under OUTDIR
@@ -78,7 +81,12 @@ run_bench() {  # name, timeout, args...
   note "bench $name: rc=$?"
 }
 run_bench fabric-gpu 120 fabric-gpu --quick --json "$out/bench_fabric_gpu.json"
-run_bench moe 150 moe --iters 200 --prefill-iters 10 --ragged-iters 20 --ragged-prefill-iters 3 --out "$out/bench_moe.json"
+# MoE: the decode row against ragged_all_to_all, the token ladder (two shapes, period, oracle at
+# every rung), the fixed-cost profile (first vs current sync, empty-kernel floor), the plot; then the
+# node groups through the host proxy across 2 processes against plain engine writes of the same bytes.
+run_bench moe 120 moe --quick --modes decode --dtypes bf16 --ladder --profile --ladder-iters 40 \
+  --plot "$out/moe_ladder.png" --out "$out/bench_moe.json"
+run_bench moe_nodes 75 moe --nodes 2 --quick --out "$out/bench_moe_nodes.json"
 "$python" -P -c 'import sys; from jax_garden.bench.__main__ import BENCHMARKS as b; sys.exit(0 if "kv" in b else 1)' 2>/dev/null \
   && run_bench kv 100 kv --quick --no-cpu --json "$out/bench_kv.json"
 "$python" -P -c 'import sys; from jax_garden.bench.__main__ import BENCHMARKS as b; sys.exit(0 if "weights" in b else 1)' 2>/dev/null \

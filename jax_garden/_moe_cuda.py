@@ -1,13 +1,22 @@
-"""CUDA (NVLink) context of :class:`jax_garden.moe.AllToAll`: buffers allocated outside XLA,
-peers mapped, sync flags. ``moe.AllToAll`` calls :func:`create_context` for GPU meshes; the FFI
-targets (docs/moe-ffi.md, platform "CUDA") find the context by ``context_id``.
+"""CUDA contexts of :class:`jax_garden.moe.AllToAll`: buffers allocated outside XLA, peers mapped,
+sync flags. ``moe.AllToAll`` calls :func:`create_context` for GPU meshes; the FFI targets
+(docs/moe-ffi.md, platform "CUDA") find the context by ``context_id``.
 
-Two process layouts, R = 1, 2, 4 or 8 ranks per group (one NVLink node):
+One node group (``node_size`` unset or R; R = 1, 2, 4 or 8 ranks per group, one NVLink domain):
+the NVLink context. Two process layouts:
   * one process driving several GPUs: peers are mapped with peer access, pointers exchanged
     in-process;
-  * one process per GPU (``jax.distributed``): CUDA IPC handles of each rank's buffer are
-    exchanged through the coordination service's key-value store.
+  * one process per rank (``jax.distributed``), one GPU each or **several processes sharing one
+    GPU** (``local_device_ids`` all 0): CUDA IPC handles of each rank's buffer are exchanged
+    through the coordination service's key-value store (same-device IPC mappings work across
+    processes; their kernels are time-sliced, and every wait is bounded and backs off).
 Mesh axes other than ``axis_name`` form independent groups, each with its own ranks.
+
+Node groups (``node_size`` < R): the proxy context (docs/moe-ffi.md, "Host proxy for GPUs"). Ranks
+of one group write messages into each other's receive areas (peer access or CUDA IPC); between
+groups the kernels hand the messages to a host proxy thread that posts them through this process's
+TransferEngine (``InternodeConfig``: provider, domains, path). Bootstrap (:func:`_exchange`): each
+rank's peer info and CUDA IPC handle, through the key-value store or ``InternodeConfig.bootstrap``.
 
 Waits inside the kernels are bounded (``timeout`` seconds; default: the setting
 ``moe_timeout_s``, 30): a rank that never arrives sets a sticky error instead of hanging;
@@ -18,6 +27,7 @@ with it. The error codes are the kernels' own (``_jax_garden.moe.DeviceError``).
 from __future__ import annotations
 
 import itertools
+import struct
 import weakref
 from typing import Any
 
@@ -51,14 +61,17 @@ def available() -> bool:
 
 
 def _tuning() -> dict[str, int]:
-    """Kernel tuning knobs (benchmarks): bytes of a row one warp sends (512, 1024, 2048) and
-    blocks per multiprocessor (1, 2), from the settings moe_chunk_bytes / moe_blocks_per_sm
-    (unset: the kernels' defaults). The native context checks the values."""
+    """Kernel tuning knobs (benchmarks): bytes of a row one warp sends (512, 1024, 2048), blocks
+    per multiprocessor (1, 2) and the NVLink kernels' first synchronisation (the baseline of
+    bench moe --profile), from the settings moe_chunk_bytes / moe_blocks_per_sm /
+    moe_legacy_sync (unset: the kernels' defaults). The native context checks the values."""
     out = {}
     for key, setting in (("chunk_bytes", "moe_chunk_bytes"), ("blocks_per_sm", "moe_blocks_per_sm")):
         value = _settings.get(setting)
         if value is not None:
             out[key] = value
+    if _settings.get("moe_legacy_sync"):
+        out["legacy_sync"] = True
     return out
 
 
@@ -67,19 +80,27 @@ class CudaContext:
     (executables compiled against it then fail with an unknown-context error, never crash)."""
 
     def __init__(self, native_ctx, ranks: dict[int, int], num_ranks: int, uid: int,
-                 multiprocess: bool, report: str):
+                 multiprocess: bool, report: str, node_size: int | None = None,
+                 timeout: float = 30.0):
         self._ctx = native_ctx
         self.context_id = int(native_ctx.id)
         self.ranks = dict(ranks)  # local CUDA device (cuda_ordinal) -> rank
         self.num_ranks = num_ranks
+        self.node_size = num_ranks if node_size is None else node_size  # < R: the proxy context
         self.kernel_report = report
         self._uid = uid
         self._multiprocess = multiprocess
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_native, native_ctx, uid, multiprocess)
+        self._finalizer = weakref.finalize(self, _close_native, native_ctx, uid, multiprocess,
+                                           self.node_size < num_ranks, float(timeout))
+
+    @property
+    def proxied(self) -> bool:
+        """True for node groups (the host proxy and a TransferEngine between them)."""
+        return self.node_size < self.num_ranks
 
     def __repr__(self):
-        return (f"CudaContext(id={self.context_id}, R={self.num_ranks}, "
+        return (f"CudaContext(id={self.context_id}, R={self.num_ranks}, node_size={self.node_size}, "
                 f"local ranks={self.ranks}, closed={self._closed})")
 
     def close(self) -> None:
@@ -119,22 +140,46 @@ class CudaContext:
         return dict(zip(_KERNELS, self._ctx.generations(ordinal)))
 
     def timings(self, ordinal: int, n: int) -> np.ndarray:
-        """Device timestamps (globaltimer, ns) of the last ``n`` calls of each kernel on device
+        """Device timestamps (globaltimer, ns) of the last ``n`` calls of each phase on device
         ``ordinal``: ``[n, 4 (dispatch_send, dispatch_recv, combine_send, combine_recv), 2
-        (first block start, last block end)]`` uint64; 0 where no such call happened."""
+        (first block start, last block end)]`` uint64; 0 where no such call happened. (A phase of
+        the proxy context is several kernels: from its first kernel's start to its last's end.)"""
         return np.asarray(self._ctx.timings(ordinal, n), np.uint64).reshape(n, 4, 2)
 
+    def proxy_posts(self, ordinal: int) -> dict[str, tuple[int, int]]:
+        """Node groups only: ``{kind: (posts, bytes)}`` the host proxy of the rank on device
+        ``ordinal`` posted so far (dispatch, dispatch free ack, combine, combine free ack)."""
+        if not self.proxied:
+            return {}
+        kinds = ("dispatch", "dispatch_free", "combine", "combine_free")
+        return dict(zip(kinds, zip(self._ctx.proxy_posts(ordinal), self._ctx.proxy_bytes(ordinal))))
 
-def _close_native(native_ctx, uid: int, multiprocess: bool) -> None:
-    if multiprocess:
-        # No process may free its buffer while a peer's kernels can still write into it.
-        client = _compat.distributed_client()
-        if client is not None:
-            try:
+    def describe(self) -> str:
+        """Where the context stands (debugging a stall): per rank the calls completed; for node
+        groups also every kernel's last generation entered and left, the proxy's ready, posted
+        and arrived generations per peer, counters, writes in flight and the first failure."""
+        if self.proxied:
+            return self._ctx.describe()
+        return "\n".join(f"rank {r} on device {o}: calls completed {self.generations(o)}"
+                         for o, r in sorted(self.ranks.items()))
+
+
+def _close_native(native_ctx, uid: int, multiprocess: bool, proxied: bool = False,
+                  timeout: float = 30.0) -> None:
+    try:
+        if proxied:
+            native_ctx.synchronize()
+            if not native_ctx.error()[0]:
+                native_ctx.drain(timeout)  # every message this process owes a peer was posted and landed
+        if multiprocess:
+            # No process may free its buffer while a peer's kernels (or engine) can still write into
+            # it. A context that failed skips the barrier: its peers fail too (or time out here).
+            client = _compat.distributed_client()
+            if client is not None and not (proxied and native_ctx.error()[0]):
                 native_ctx.synchronize()
                 client.wait_at_barrier(f"jax_garden_moe_cuda_{uid}_close", 60_000)
-            except Exception:  # a dead peer: free anyway, nothing can write here any more
-                pass
+    except Exception:  # a dead peer: free anyway, nothing can write here any more
+        pass
     native_ctx.close()
 
 
@@ -171,10 +216,13 @@ def _groups(mesh, axis_name: str):
 
 
 def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
-                   timeout: float | None = None) -> CudaContext:
+                   timeout: float | None = None, node_size: int | None = None,
+                   internode: Any = None) -> CudaContext:
     """Builds the CUDA context of ``cfg`` (an ``AllToAllConfig`` whose ``max_recv_tokens`` is
-    resolved) over ``mesh`` axis ``axis_name``. Collective across processes: every process of
-    the job must call it, in the same order as its other contexts."""
+    resolved) over ``mesh`` axis ``axis_name``: the NVLink context for one node group
+    (``node_size`` None or R), the proxy context for node groups of ``node_size`` ranks
+    (``internode``: an ``InternodeConfig``, None for the defaults). Collective across processes:
+    every process of the job must call it, in the same order as its other contexts."""
     if not available():
         raise RuntimeError("jax_garden was built without the CUDA MoE kernels "
                            "(rebuild with nvcc available, JAX_GARDEN_CUDA=ON)")
@@ -184,6 +232,10 @@ def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
         raise ValueError(f"moe (CUDA): axis {axis_name!r} is not in the mesh axes "
                          f"{tuple(mesh.axis_names)}")
     num_ranks = int(mesh.shape[axis_name])
+    if node_size is not None and node_size < num_ranks:
+        timeout = _validate.check_float("moe (CUDA): timeout",
+                                        _settings.get("moe_timeout_s") if timeout is None else timeout)
+        return _create_proxy_context(cfg, mesh, axis_name, num_ranks, timeout, node_size, internode)
     max_ranks = int(_native.moe_cuda.max_ranks)
     if not 1 <= num_ranks <= max_ranks:
         raise ValueError(f"moe (CUDA): axis {axis_name!r} has {num_ranks} devices; the NVLink "
@@ -245,3 +297,111 @@ def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
 def _key(uid: int, group: tuple, rank: int) -> str:
     g = "_".join(map(str, group)) or "0"
     return f"jax_garden/moe_cuda/{uid}/{g}/{rank}/ipc"
+
+
+# ---------------------------------------------------------------------------------------------
+# Node groups: the proxy context
+
+
+_PROVIDERS_WITH_TCP_NODE = ("tcp", "tcp;ofi_rxm")
+
+
+def _create_proxy_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, num_ranks: int,
+                          timeout: float, node_size: int, internode: Any) -> CudaContext:
+    from jax_garden._moe_internode import InternodeConfig
+
+    config = internode if internode is not None else InternodeConfig()
+    others = {n: s for n, s in mesh.shape.items() if n != axis_name and s != 1}
+    if others:
+        raise ValueError(f"AllToAll on GPUs in node groups: mesh axes other than {axis_name!r} must have "
+                         f"size 1, got {others}")
+    if num_ranks % node_size:
+        raise ValueError(f"AllToAll: node_size={node_size} does not divide the number of ranks R={num_ranks}")
+    max_group = int(_native.moe_cuda.max_ranks)
+    if node_size > max_group:
+        raise ValueError(f"AllToAll on GPUs: node_size={node_size} exceeds {max_group} (one NVLink domain)")
+    devices = list(np.asarray(mesh.devices).reshape(-1))  # rank order: the only axis > 1
+    for d in devices:
+        if d.platform not in ("gpu", "cuda"):
+            raise ValueError(f"moe (CUDA): device {d} is not a CUDA GPU")
+    me = jax.process_index()
+    local = [(r, d) for r, d in enumerate(devices) if d.process_index == me]
+    if not local:
+        raise ValueError("moe (CUDA): no device of the mesh belongs to this process")
+    provider = config.provider or ""
+    node = config.node
+    if node is None:
+        node = _settings.get("tcp_node") if provider in _PROVIDERS_WITH_TCP_NODE else ""
+    native = _native.moe_cuda.ProxyAllToAll(
+        cfg._native_shape(num_ranks), np.dtype(cfg.dispatch_dtype).name, timeout_s=timeout,
+        node_size=node_size, blocks_per_sm=_tuning().get("blocks_per_sm", 2), provider=provider,
+        node=node, domains=config.domains, completion=config.completion,
+        split_threshold=config.split_threshold, path=config.path)
+    uid = next(_uid)
+    local_ranks = {r for r, _ in local}
+    try:
+        ordinal_of = {d.id: cuda_ordinal(d) for _, d in local}
+        for r, d in local:
+            native.add_rank(ordinal_of[d.id], r)
+        remote = [int(r) for r in native.remote_ranks()]
+        infos = {}
+        if remote:
+            mine = {r: _pack_peer(bytes(native.peer_info(r)), bytes(native.ipc_handle(r))) for r, _ in local}
+            infos = {r: _unpack_peer(b, r) for r, b in _exchange(uid, mine, remote, config).items()}
+        for r in remote:
+            native.connect_peer(infos[r][0])
+        for r, _ in local:
+            first = r // node_size * node_size
+            for p in range(first, first + node_size):
+                if p == r:
+                    continue
+                if p in local_ranks:
+                    native.connect_local(r, p)
+                else:
+                    native.connect_ipc(r, p, infos[p][1])
+        report = native.finalize()
+    except BaseException:
+        native.close()
+        raise
+    ranks = {ordinal_of[d.id]: int(r) for r, d in local}
+    return CudaContext(native, ranks, num_ranks, uid, bool(remote), report, node_size=node_size,
+                       timeout=timeout)
+
+
+def _pack_peer(info: bytes, ipc: bytes) -> bytes:
+    return struct.pack("<I", len(info)) + info + ipc
+
+
+def _unpack_peer(blob: bytes, rank: int) -> tuple[bytes, bytes]:
+    if len(blob) < 4:
+        raise ValueError(f"moe (CUDA): bootstrap data of rank {rank} is truncated ({len(blob)} bytes)")
+    (n,) = struct.unpack_from("<I", blob)
+    if len(blob) < 4 + n:
+        raise ValueError(f"moe (CUDA): bootstrap data of rank {rank} is truncated ({len(blob)} bytes, "
+                         f"peer info of {n})")
+    return blob[4:4 + n], blob[4 + n:]
+
+
+def _exchange(uid: int, mine: dict[int, bytes], remote: list[int], config: Any) -> dict[int, bytes]:
+    """The bootstrap of node groups, in one place: an all-gather of ``{rank: bytes}`` through
+    ``config.bootstrap`` (a callable the caller provides) or jax.distributed's key-value store.
+    Returns the bytes of every rank in ``remote``."""
+    if config.bootstrap is not None:
+        got = config.bootstrap(dict(mine))
+        if not isinstance(got, dict):
+            raise TypeError(f"InternodeConfig.bootstrap must return a dict {{rank: bytes}}, got "
+                            f"{type(got).__name__}")
+        missing = [r for r in remote if r not in got]
+        if missing:
+            raise ValueError(f"InternodeConfig.bootstrap returned no peer info for ranks {missing}")
+        return {r: _validate.check_bytes_like(f"bootstrap peer info of rank {r}", got[r]) for r in remote}
+    client = _compat.distributed_client()
+    if client is None:
+        raise RuntimeError("moe.AllToAll across processes: jax.distributed is not initialised (its "
+                           "key-value store carries the peer information); initialise it or pass "
+                           "InternodeConfig(bootstrap=...)")
+    for r, blob in mine.items():
+        client.key_value_set(f"jax_garden/moe_proxy/{uid}/{r}", blob.hex())
+    # Peers reach this point at their own pace (imports, compiles): a wait of its own.
+    return {r: bytes.fromhex(client.blocking_key_value_get(f"jax_garden/moe_proxy/{uid}/{r}", _KV_TIMEOUT_MS))
+            for r in remote}

@@ -32,7 +32,8 @@ _DEFAULT_SPLIT_THRESHOLD = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class InternodeConfig:
-    """How the ranks of different node groups reach each other (CPU path across processes).
+    """How the ranks of different node groups reach each other (CPU ranks across processes, and GPU
+    node groups through the host proxy).
 
     Attributes:
       provider: libfabric provider of the context's TransferEngine (``"tcp"``, ``"efa"``,
@@ -44,6 +45,10 @@ class InternodeConfig:
         meaning). Receivers learn completion by counting imms either way; delivery lets
         ``close()`` know that every row this process wrote has landed.
       split_threshold: single writes at least this long are cut into one piece per domain.
+      path: the engine's transport for the messages: ``"auto"`` (the engine picks: CUDA IPC between
+        GPU buffers of one host, else the provider's RMA, staging GPU memory through host buffers
+        when the provider cannot reach it), ``"fabric"``, ``"ipc"`` or ``"staged"`` (force one;
+        e.g. ``"staged"`` moves GPU rows through the provider as a NIC would, on one host).
       bootstrap: None to exchange peer information through ``jax.distributed``'s key-value store;
         else a callable, called once per AllToAll in every process with ``{rank: bytes}`` of this
         process's ranks, that returns ``{rank: bytes}`` of every rank (an all-gather the caller
@@ -55,6 +60,7 @@ class InternodeConfig:
     node: str | None = None
     completion: str = "delivery"
     split_threshold: int = _DEFAULT_SPLIT_THRESHOLD
+    path: str = "auto"
     bootstrap: Callable[[dict[int, bytes]], dict[int, bytes]] | None = None
 
     def __post_init__(self):
@@ -67,6 +73,7 @@ class InternodeConfig:
         _validate.check_choice("InternodeConfig.completion", self.completion, ("delivery", "transmit"))
         object.__setattr__(self, "split_threshold", _validate.check_positive_int(
             "InternodeConfig.split_threshold", self.split_threshold))
+        _validate.check_choice("InternodeConfig.path", self.path, ("auto", "fabric", "ipc", "staged"))
         if self.bootstrap is not None and not callable(self.bootstrap):
             raise TypeError(f"InternodeConfig.bootstrap must be callable, got "
                             f"{type(self.bootstrap).__name__}")
@@ -116,7 +123,7 @@ class InternodeContext(HostContext):
         native = _native.moe.InternodeAllToAll(
             cfg._native_shape(num_ranks), cfg.dispatch_dtype.name, cfg.combine_dtype.name, float(timeout),
             int(node_size), [int(r) for r in local_ranks], provider, node, config.domains,
-            config.completion, config.split_threshold)
+            config.completion, config.split_threshold, config.path)
         self.node_size = node_size
         self.local_ranks = list(local_ranks)
         self._uid = next(_uid)

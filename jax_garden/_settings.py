@@ -11,6 +11,10 @@ variable                                default   meaning
 ``JAX_GARDEN_MOE_BLOCKS_PER_SM``        (auto)    CUDA MoE: thread blocks per SM (tuning)
 ``JAX_GARDEN_MOE_CUDA_GRAPHS``          1         0: MoE CUDA calls traced from now on use the
                                                   targets without the command-buffer trait
+``JAX_GARDEN_MOE_LEGACY_SYNC``          0         1: CUDA MoE contexts created from now on use the
+                                                  NVLink kernels' first synchronisation (a fence
+                                                  in every thread, the full grid for every
+                                                  kernel): the baseline of bench moe --profile
 ``JAX_GARDEN_VMM_IPC``                  0         1: engines created from now on offer GPU regions
                                                   in cuMemCreate memory (XLA's buffers) to
                                                   same-host peers through an exported fd
@@ -49,6 +53,9 @@ SETTINGS: dict[str, Setting] = {
     "moe_cuda_graphs": Setting("JAX_GARDEN_MOE_CUDA_GRAPHS", _flag, True,
                                "0: MoE CUDA calls traced from now on use the targets without the "
                                "command-buffer trait (no CUDA graphs)"),
+    "moe_legacy_sync": Setting("JAX_GARDEN_MOE_LEGACY_SYNC", _flag, False,
+                               "1: CUDA MoE contexts created from now on use the NVLink kernels' first "
+                               "synchronisation (a fence in every thread, the full grid for every kernel)"),
     "vmm_ipc": Setting("JAX_GARDEN_VMM_IPC", _flag, False,
                        "1: engines created from now on offer GPU regions in cuMemCreate memory (XLA's buffers) "
                        "to same-host peers through an exported fd (experimental: not yet verified on GPUs)"),

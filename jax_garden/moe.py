@@ -369,21 +369,23 @@ def _create_native_context(cfg: AllToAllConfig, mesh: jax.sharding.Mesh, axis_na
         return platform, _moe_internode.create_context(resolved, num_ranks, timeout, node_size, local,
                                                        internode), node_size
     if platform in ("gpu", "cuda"):
-        if (node_size is not None and node_size != num_ranks) or internode is not None:
-            raise NotImplementedError(
-                "AllToAll on GPUs across node groups (node_size < R, the host proxy between NVLink "
-                "domains) is not implemented yet; its design is in docs/moe-ffi.md. GPUs of one "
-                "NVLink domain: leave node_size and internode unset")
+        if internode is not None and node_size is None:
+            raise ValueError("AllToAll on GPUs: internode= needs node_size (the ranks of one NVLink "
+                             "domain); without it every rank is one node group")
+        if node_size is not None and num_ranks % node_size:
+            raise ValueError(f"AllToAll: node_size={node_size} does not divide the number of ranks "
+                             f"R={num_ranks}")
         if not bool(_native.built_with_cuda):
             raise RuntimeError("AllToAll on GPUs: jax_garden was built without CUDA "
                                "(rebuild with JAX_GARDEN_CUDA=ON)")
         # The CUDA implementation: returns an object with .context_id, .close(), .check() and
         # .dropped_rows(). It gets the config with max_recv_tokens resolved, so both sides agree
-        # on M, and the same wait timeout.
+        # on M, and the same wait timeout. node_size < R: node groups through the host proxy.
         from jax_garden import _moe_cuda
         resolved = dataclasses.replace(cfg, max_recv_tokens=cfg.recv_tokens(num_ranks))
-        return ("cuda", _moe_cuda.create_context(resolved, mesh, axis_name, timeout=timeout),
-                num_ranks)
+        ctx = _moe_cuda.create_context(resolved, mesh, axis_name, timeout=timeout, node_size=node_size,
+                                       internode=internode)
+        return "cuda", ctx, ctx.node_size
     raise ValueError(f"AllToAll: no MoE implementation for platform {platform!r}")
 
 
@@ -409,8 +411,10 @@ class AllToAll:
     contiguous block, else 1); a group must live in one process. Creating such an AllToAll is
     collective: every process creates it, in the same order. Across processes a rank's failure
     fails its own program; its peers fail at their next wait (the failing rank tells them), and
-    :meth:`check` reports the error once this process learned it. On GPUs ``node_size < R`` (the
-    host proxy between NVLink domains) is not implemented yet (docs/moe-ffi.md has the design).
+    :meth:`check` reports the error once this process learned it. On GPUs ``node_size`` defaults
+    to R (one NVLink domain); ``node_size < R`` puts a host proxy and a TransferEngine between the
+    groups (docs/moe-ffi.md, "Host proxy for GPUs"); processes of one group map each other's
+    buffers with CUDA IPC, several processes may share one GPU.
 
     Attributes:
       config: the :class:`AllToAllConfig`.
@@ -418,7 +422,7 @@ class AllToAll:
       num_local_experts: L = E / R.
       max_recv_tokens: M, receive rows per rank (the config's, or the worst case).
       platform: ``"cpu"`` (the reference or the inter-node host context) or ``"cuda"`` (the
-        NVLink kernels).
+        NVLink kernels, or node groups through the host proxy).
       node_size, num_nodes: the node topology (``node_size == num_ranks``: one group).
       context_id: the id of the native context in the compiled programs.
     """

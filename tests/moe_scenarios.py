@@ -3,9 +3,11 @@
 A backend is where the ranks of an AllToAll live: ``CPU`` (the reference context, R ranks as R
 CPU devices of this process), ``CPU`` with a node topology (:func:`cpu_nodes`: the inter-node host
 context, node groups of ``node_size`` ranks, rows between groups through the TransferEngine over
-tcp; in this process or, in tests/test_moe_internode.py's workers, across processes) or ``GPU``
+tcp; in this process or, in tests/test_moe_internode.py's workers, across processes), ``GPU``
 (the CUDA NVLink kernels, R GPUs; in this process or, in tests/test_moe_gpu.py's workers, one
-process per GPU). tests/test_moe.py parametrizes every scenario by backend; the workers call the
+process per rank, several of them sharing a GPU when there are fewer GPUs than ranks) or GPU node
+groups (:func:`gpu_nodes`: the proxy context, NVLink inside a group and the host proxy with a
+TransferEngine between groups; in tests/test_moe_gpu.py's workers). tests/test_moe.py parametrizes every scenario by backend; the workers call the
 same functions. Scenarios build their AllToAll through :meth:`Backend.all_to_all`. Scenario functions return a list
 of mismatches (empty when everything matches) so that worker processes can report them; tests
 assert that the list is empty. GPU-only modules are imported inside functions, so importing this
@@ -42,10 +44,12 @@ class Backend:
       (CUDA: AllToAll.check() raises it, docs/moe-ffi.md "Errors").
     ragged_exact: True when RaggedAllToAll's combine is bitwise the reference's (the CPU
       all_gather emulation); on GPUs XLA may fuse multiply-add (last-bit differences).
-    internode: True for the inter-node host context (node groups; the engine on tcp, 127.0.0.1).
+    internode: True for node groups: the inter-node host context on CPU, the proxy context on
+      GPUs (the engine on tcp, 127.0.0.1).
     node_size: its node_size (None: the default, one node group per process).
     domains: the engine's domains (tcp: loopback endpoints); a message is cut into one piece per
       domain.
+    path: the engine's transport for the messages (InternodeConfig.path).
     """
 
     name: str
@@ -55,20 +59,28 @@ class Backend:
     internode: bool = False
     node_size: int | None = None
     domains: int = 1
+    path: str = "auto"
 
     def all_to_all(self, cfg, mesh, axis_name: str = "ep", **kwargs):
         """The AllToAll of this backend."""
         from jax_garden import moe
 
         if not self.internode:
-            return moe.AllToAll(cfg, mesh, axis_name, **kwargs)
-        node_size = None if self.node_size is None else min(self.node_size, int(mesh.shape[axis_name]))
-        kwargs.setdefault("node_size", node_size)
-        kwargs.setdefault("internode", moe.InternodeConfig(provider="tcp", domains=self.domains))
-        a2a = moe.AllToAll(cfg, mesh, axis_name, **kwargs)
-        # Never a silent fallback to the in-process reference.
-        assert type(a2a._native).__name__ == "InternodeContext", a2a
-        assert node_size is None or a2a.node_size == node_size, a2a
+            a2a = moe.AllToAll(cfg, mesh, axis_name, **kwargs)
+        else:
+            node_size = None if self.node_size is None else min(self.node_size, int(mesh.shape[axis_name]))
+            kwargs.setdefault("node_size", node_size)
+            kwargs.setdefault("internode", moe.InternodeConfig(provider="tcp", domains=self.domains,
+                                                               path=self.path))
+            a2a = moe.AllToAll(cfg, mesh, axis_name, **kwargs)
+            # Never a silent fallback to the in-process reference or to one node group.
+            if self.platform == "cpu":
+                assert type(a2a._native).__name__ == "InternodeContext", a2a
+            elif a2a.num_ranks > kwargs["node_size"]:
+                assert a2a._native.proxied, a2a
+            assert node_size is None or a2a.node_size == node_size, a2a
+        CURRENT.append(a2a)  # what a stalled worker describes (tests/test_moe_gpu.py)
+        del CURRENT[:-1]
         return a2a
 
     def require(self, r: int) -> None:
@@ -119,6 +131,16 @@ class Backend:
 
 CPU = Backend("cpu", "cpu", errors_fail_program=True, ragged_exact=True)
 GPU = Backend("gpu", "gpu", errors_fail_program=False, ragged_exact=False)
+CURRENT: list = []  # the AllToAll a scenario built last
+
+
+def gpu_nodes(node_size: int, path: str = "auto") -> Backend:
+    """GPU ranks in node groups of ``node_size`` (the proxy context): rows inside a group over
+    NVLink (or CUDA IPC between processes sharing a GPU), between groups through the host proxy
+    and a tcp TransferEngine whose ``path`` moves GPU memory (auto: CUDA IPC on one host; staged:
+    through host bounce buffers and the provider, as a NIC would)."""
+    return Backend(f"gpu-nodes{node_size}-{path}", "gpu", errors_fail_program=False, ragged_exact=False,
+                   internode=True, node_size=node_size, path=path)
 
 
 def cpu_nodes(node_size: int) -> Backend:
@@ -391,16 +413,17 @@ def run_case(backend: Backend, name: str, case: Case, mesh) -> list[str]:
     return errors
 
 
-def run_same_bits_as_reference(backend: Backend, name: str, case: Case, mesh) -> list[str]:
-    """The backend's round trip and the in-process CPU reference's on the same inputs (same
-    expert_y): every output bit for bit equal, and the same dropped rows. (Both also match the
-    NumPy reference, in run_case; this compares the two implementations directly.)"""
-    from jax_garden import moe
-
+def run_same_bits_as_reference(backend: Backend, name: str, case: Case, mesh,
+                               reference: Backend | None = None) -> list[str]:
+    """The backend's round trip and the in-process CPU reference's (or ``reference``'s: on GPUs
+    the NVLink context) on the same inputs (same expert_y): every output bit for bit equal, and
+    the same dropped rows. (Both also match the NumPy reference, in run_case; this compares the
+    two implementations directly.)"""
+    reference = reference or CPU
     rng = np.random.default_rng(case.seed + 1)
-    with moe.AllToAll(case.config(), mesh, "ep") as ref_a2a:
+    with reference.all_to_all(case.config(), mesh, "ep") as ref_a2a:
         eys = rng.normal(size=(case.r, ref_a2a.max_recv_tokens, case.h)).astype(BF16)
-        want, _, _ = round_trip(CPU, case, mesh, ref_a2a, expert_ys=eys)
+        want, _, _ = round_trip(reference, case, mesh, ref_a2a, expert_ys=eys)
         want_dropped = ref_a2a.dropped_rows()
     with backend.all_to_all(case.config(), mesh, "ep") as a2a:
         got, _, _ = round_trip(backend, case, mesh, a2a, expert_ys=eys)
@@ -410,9 +433,9 @@ def run_same_bits_as_reference(backend: Backend, name: str, case: Case, mesh) ->
         for key in want[rank]:
             a, b = np.asarray(got[rank][key]), np.asarray(want[rank][key])
             if a.shape != b.shape or not np.array_equal(bits(a), bits(b)):
-                errors.append(f"{name}: rank {rank} {key} differs from the CPU reference's")
+                errors.append(f"{name}: rank {rank} {key} differs from the {reference.name} reference's")
         if dropped[rank] != want_dropped[rank]:
-            errors.append(f"{name}: rank {rank} dropped {dropped[rank]} rows, the CPU reference "
+            errors.append(f"{name}: rank {rank} dropped {dropped[rank]} rows, the {reference.name} reference "
                           f"{want_dropped[rank]}")
     return errors
 

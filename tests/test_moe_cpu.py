@@ -355,7 +355,10 @@ def test_device_error_codes_come_from_the_native_enum():
     codes = native.moe.DeviceError
     timeouts = {c for c in codes if native.moe.is_timeout_error(c)}
     assert timeouts == {codes.TIMEOUT_DISPATCH_DATA, codes.TIMEOUT_DISPATCH_FREE,
-                        codes.TIMEOUT_COMBINE_DATA, codes.TIMEOUT_COMBINE_FREE}
+                        codes.TIMEOUT_COMBINE_DATA, codes.TIMEOUT_COMBINE_FREE,
+                        codes.PEER_TIMED_OUT}  # a timeout in another node group, through the host proxy
+    msg = native.moe.device_error_message(codes.MALFORMED_MESSAGE, 2, 3, 0, 999)
+    assert msg.startswith("moe (CUDA): rank 0 received a malformed message from rank 2: its token count is 999")
     msg = native.moe.device_error_message(codes.COUNTS_MISMATCH, 3, 7, 1, 5)
     assert msg.startswith("moe (CUDA): combine_send on rank 1: expert_counts[3] = 7 but the last "
                           "dispatch received 5 rows")

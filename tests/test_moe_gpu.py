@@ -2,14 +2,19 @@
 mapping of devices to ranks, and how kernel-recorded errors surface. The round-trip scenarios
 (bit for bit against the NumPy reference tests/moe_reference.py and against
 ``jax.lax.ragged_all_to_all``) run on GPUs from tests/test_moe.py, on 1, 2, 4 and 8 GPUs of this
-process; here they also run with one process per GPU:
+process; here they also run with one process per rank:
 
 * one process driving all GPUs (peer access), in this pytest process;
-* one process per GPU (``jax.distributed`` on 127.0.0.1, CUDA IPC handles through its key-value
-  store): this file run as a script (``--worker``), one child per GPU;
+* one process per rank (``jax.distributed`` on 127.0.0.1, CUDA IPC handles through its key-value
+  store): this file run as a script (``--worker``), one child per rank. With fewer GPUs than ranks
+  the processes share GPUs (``local_device_ids`` = rank mod GPUs: same-device IPC mappings, kernels
+  time-sliced), so one GPU checks every rank count; with one GPU per rank it is the deployment
+  layout. Only ``jax.lax.ragged_all_to_all`` (NCCL) refuses two ranks on one GPU: those cases skip
+  there;
 
 plus a run under XLA command buffers (CUDA graphs), the timeout path (a missing peer becomes an
-error, not a hang) and sticky-error reporting. Marker ``gpu``; skipped without CUDA GPUs.
+error, not a hang) and sticky-error reporting. Node groups (the host proxy between NVLink domains)
+are in tests/test_moe_gpu_nodes.py. Marker ``gpu``; skipped without CUDA GPUs.
 """
 
 from __future__ import annotations
@@ -133,13 +138,14 @@ def test_recv_without_send_is_an_error_not_a_hang():
 
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
 def test_peer_that_never_arrives_times_out():
-    """One process per GPU; process 1 never runs the program: process 0's kernels give up after
-    the timeout, record which rank never arrived, and the program returns."""
-    _require(2)
+    """One process per rank (sharing the GPU when there is one); process 1 never runs the
+    program: process 0's kernels give up after the timeout, record which rank never arrived, and
+    the program returns."""
+    gpus = _ranks_layout(2)
     import jax_garden  # noqa: F401
 
     port = free_port()
-    argvs = [["--worker", "timeout", str(port), "2", str(i)] for i in range(2)]
+    argvs = [["--worker", "timeout", str(port), "2", str(i), str(gpus)] for i in range(2)]
     env = _child_env()
     # Compilation must not wait for the idle process (XLA shards autotuning across processes).
     env["XLA_FLAGS"] += " --xla_gpu_shard_autotuning=false"
@@ -174,20 +180,22 @@ def test_closed_context_fails_cleanly():
     _compat.settle_effects()  # the expected failures are not reported again at exit
 
 
-def test_node_groups_on_gpus_are_not_implemented_yet():
-    """Node groups between NVLink domains (the host proxy, docs/moe-ffi.md "Across nodes") are
-    designed, not built: asking for them on GPUs is a clear error, never a silent fallback."""
+def test_node_group_arguments_on_gpus():
+    """node_size = R (or unset) is one NVLink domain (the NVLink context); a node_size that does not
+    divide R and internode= without node_size are clear errors. (Node groups themselves run in
+    tests/test_moe_gpu_nodes.py, across processes.)"""
     _require(2)
     from jax_garden import moe
 
     mesh = mesh_of(2)
     case = Case(r=2, e=8, k=2)
-    with pytest.raises(NotImplementedError, match=r"node_size < R.*docs/moe-ffi.md"):
-        moe.AllToAll(case.config(), mesh, "ep", node_size=1)
-    with pytest.raises(NotImplementedError, match=r"docs/moe-ffi.md"):
+    with pytest.raises(ValueError, match=r"node_size=3 exceeds the number of ranks R=2"):
+        moe.AllToAll(case.config(), mesh, "ep", node_size=3)
+    with pytest.raises(ValueError, match=r"internode= needs node_size"):
         moe.AllToAll(case.config(), mesh, "ep", internode=moe.InternodeConfig(provider="tcp"))
     with moe.AllToAll(case.config(), mesh, "ep", node_size=2) as a2a:  # one NVLink domain: as before
         assert (a2a.platform, a2a.num_nodes) == ("cuda", 1)
+        assert not a2a._native.proxied
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,15 +230,43 @@ def _report(results) -> list[str]:
     return errors
 
 
+def _ranks_layout(r: int) -> int:
+    """GPUs the r processes use: one each when there are enough, else they share all there are
+    (process i on GPU i mod n). Skips the calling test without a GPU."""
+    _require(1)
+    if r == 8 and _gpu_count() < 8:
+        pytest.skip("8 processes sharing fewer GPUs: covered by 2 and 4 processes (time)")
+    return min(r, _gpu_count())
+
+
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
 @pytest.mark.parametrize("r", [1, 2, 4, 8])
-def test_one_process_per_gpu(r):
-    """Every case with one process per GPU: CUDA IPC handles via jax.distributed's KV store."""
-    _require(r)
+def test_one_process_per_rank(r):
+    """Every case with one process per rank, CUDA IPC handles via jax.distributed's KV store; the
+    processes share GPUs when there are fewer than r (bit for bit the same results)."""
+    gpus = _ranks_layout(r)
     import jax_garden  # noqa: F401  (for _child_env)
 
     port = free_port()
-    argvs = [["--worker", "multiprocess", str(port), str(r), str(i)] for i in range(r)]
+    argvs = [["--worker", "multiprocess", str(port), str(r), str(i), str(gpus), "native"] for i in range(r)]
+    errors = _report(_run_children(argvs, _child_env(), CHILD_TIMEOUT_S))
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
+@pytest.mark.parametrize("r", [2, 4])
+def test_ragged_baseline_one_process_per_gpu(r):
+    """moe.RaggedAllToAll (jax.lax.ragged_all_to_all, NCCL) against the native kernels and the
+    reference, one process per GPU. NCCL refuses two ranks on one GPU, so this needs r GPUs."""
+    _require(1)
+    if _gpu_count() < r:
+        pytest.skip(f"needs {r} GPUs, found {_gpu_count()}: NCCL (ragged_all_to_all) refuses two ranks on "
+                    f"one GPU (\"Duplicate GPU detected\"); the native cases run with shared GPUs in "
+                    f"test_one_process_per_rank")
+    import jax_garden  # noqa: F401
+
+    port = free_port()
+    argvs = [["--worker", "multiprocess", str(port), str(r), str(i), str(r), "ragged"] for i in range(r)]
     errors = _report(_run_children(argvs, _child_env(), CHILD_TIMEOUT_S))
     assert not errors, "\n".join(errors)
 
@@ -271,31 +307,31 @@ def test_under_cuda_graphs():
 # Worker entry points.
 
 
-def _worker_multiprocess(port: int, r: int, i: int) -> list[str]:
+def _worker_multiprocess(port: int, r: int, i: int, gpus: int, what: str) -> list[str]:
     import jax
 
+    # Process i uses GPU i mod gpus: the processes share GPUs when there are fewer than r.
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=r,
-                               process_id=i, local_device_ids=[i],
+                               process_id=i, local_device_ids=[i % gpus],
                                initialization_timeout=120)
     assert jax.process_count() == r and len(jax.local_devices()) == 1
     mesh = mesh_of(r)
     errors = []
     t0 = time.monotonic()
-    for name, case in sc.gpu_cases(r).items():
-        _progress(f"case {name} ({time.monotonic() - t0:.1f}s)")
-        try:
-            errors += sc.run_case(GPU, name, case, mesh)
-        except Exception as e:  # report and go on: the other cases still say something
-            errors.append(f"{name}: {type(e).__name__}: {e}")
-    scenarios = [("determinism", lambda: sc.run_determinism(GPU, sc.determinism_case(GPU, r), mesh))]
-    scenarios += [(f"ragged {name}", lambda name=name, case=case: sc.run_ragged(GPU, name, case, mesh))
-                  for name, case in sc.gpu_ragged_cases(r).items()]
-    for what, run in scenarios:
-        _progress(f"{what} ({time.monotonic() - t0:.1f}s)")
+    scenarios = []
+    if what == "native":
+        for name, case in sc.gpu_cases(r).items():
+            scenarios.append((name, lambda name=name, case=case: sc.run_case(GPU, name, case, mesh)))
+        scenarios.append(("determinism", lambda: sc.run_determinism(GPU, sc.determinism_case(GPU, r), mesh)))
+    else:
+        scenarios += [(f"ragged {name}", lambda name=name, case=case: sc.run_ragged(GPU, name, case, mesh))
+                      for name, case in sc.gpu_ragged_cases(r).items()]
+    for what_, run in scenarios:
+        _progress(f"{what_} ({time.monotonic() - t0:.1f}s)")
         try:
             errors += run()
-        except Exception as e:
-            errors.append(f"{what}: {type(e).__name__}: {e}")
+        except Exception as e:  # report and go on: the other cases still say something
+            errors.append(f"{what_}: {type(e).__name__}: {e}")
     _progress(f"done ({time.monotonic() - t0:.1f}s)")
     return errors
 
@@ -341,13 +377,13 @@ def _worker_graphs(n: int) -> list[str]:
     return errors
 
 
-def _worker_timeout(port: int, r: int, i: int) -> list[str]:
+def _worker_timeout(port: int, r: int, i: int, gpus: int) -> list[str]:
     import jax
 
     from jax_garden import _moe_cuda, moe
 
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=r,
-                               process_id=i, local_device_ids=[i], initialization_timeout=120)
+                               process_id=i, local_device_ids=[i % gpus], initialization_timeout=120)
     mesh = mesh_of(r)
     case = Case(r=r, e=4 * r, k=2)
     errors = []
@@ -417,9 +453,9 @@ def _worker_main(argv: list[str]) -> int:
     _progress(f"worker {argv}")
     try:
         if mode == "multiprocess":
-            errors = _worker_multiprocess(int(argv[1]), int(argv[2]), int(argv[3]))
+            errors = _worker_multiprocess(int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]), argv[5])
         elif mode == "timeout":
-            errors = _worker_timeout(int(argv[1]), int(argv[2]), int(argv[3]))
+            errors = _worker_timeout(int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]))
         elif mode == "graphs":
             errors = _worker_graphs(int(argv[1]))
         elif mode == "defaults":

@@ -8,6 +8,7 @@
 #include "fabric/region.h"
 #include "fabric/transfer.h"
 #include "moe/host_math.h"
+#include "moe/internode_post.h"
 
 namespace jax_garden::moe {
 
@@ -483,16 +484,10 @@ void InternodeAllToAll::fail_timeout(const char* phase, int32_t rank, const char
 std::shared_ptr<fabric::TransferState> InternodeAllToAll::post_message(Local& me, Phase phase, int32_t peer,
                                                                        int64_t src_offset, int64_t dst_offset,
                                                                        int64_t bytes, Kind kind, uint64_t generation) {
-  // A one-target scatter cut by bytes: one piece (one imm) per sender domain whatever the length,
-  // so the receiver counts message_imms() before it knows the length (internode_protocol.h).
-  fabric::ScatterRequest req;
-  req.src = me.send_region;
-  req.targets.push_back({&peers_[peer].receive, static_cast<uint64_t>(bytes), static_cast<uint64_t>(src_offset),
-                         static_cast<uint64_t>(dst_offset)});
-  req.sharding = fabric::ScatterSharding::kBytes;
-  req.imm = internode::make_imm(kind, generation, me.rank, peer);
+  // One piece (one imm) per sender domain whatever the length (internode_post.h).
   const uint64_t t0 = now_ns();
-  auto state = engine_->scatter(req);
+  auto state = internode::post_message(*engine_, me.send_region, peers_[peer].receive, src_offset, dst_offset, bytes,
+                                       internode::make_imm(kind, generation, me.rank, peer));
   me.post_ns[phase] += now_ns() - t0;
   me.bytes[phase] += static_cast<uint64_t>(bytes);
   me.ops[phase] += 1;
@@ -501,12 +496,8 @@ std::shared_ptr<fabric::TransferState> InternodeAllToAll::post_message(Local& me
 
 std::shared_ptr<fabric::TransferState> InternodeAllToAll::post_signal(Local& me, Phase phase, int32_t peer, Kind kind,
                                                                       uint64_t generation) {
-  fabric::ImmRequest req;
-  req.kind = fabric::OpKind::kImm;
-  req.peers = {&peers_[peer].receive};
-  req.imm = internode::make_imm(kind, generation, me.rank, peer);
   const uint64_t t0 = now_ns();
-  auto state = engine_->write_imm(req);
+  auto state = internode::post_signal(*engine_, peers_[peer].receive, internode::make_imm(kind, generation, me.rank, peer));
   me.post_ns[phase] += now_ns() - t0;
   me.ops[phase] += 1;
   return state;

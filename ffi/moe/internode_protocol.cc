@@ -49,16 +49,6 @@ bool parse_imm(uint32_t imm, ImmFields* out) {
   return true;
 }
 
-DispatchLayout dispatch_layout(const MoeShape& s, int64_t row_bytes, int64_t tokens) {
-  DispatchLayout l;
-  l.token_ids = 0;
-  l.indices = tokens * 4;
-  l.x = align_up(tokens * 4 * (1 + int64_t{s.experts_per_token}));
-  l.scales = l.x + align_up(tokens * row_bytes);
-  l.bytes = l.scales + tokens * int64_t{s.scale_cols} * 4;
-  return l;
-}
-
 RegionLayout region_layout(const MoeShape& s, DType dispatch_dtype) {
   RegionLayout l;
   const int64_t R = s.num_ranks, T = s.max_tokens, K = s.experts_per_token, M = s.max_recv_tokens;

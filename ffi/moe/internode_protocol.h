@@ -1,7 +1,7 @@
 // The inter-node MoE protocol: how ranks of different node groups move dispatch/combine rows
 // through the TransferEngine (fabric/engine.h). Pure definitions and arithmetic (no engine calls):
-// the host context (internode_all_to_all.cc) follows them, and the GPU host proxy (designed in
-// docs/moe-ffi.md, "Across nodes") follows the same ones.
+// the host context (internode_all_to_all.cc) follows them, and so do the GPU node groups (the CUDA
+// kernels of proxy_kernels.cu pack and place the same messages, host_proxy.cc posts them).
 //
 // Every rank owns two host regions, registered once when the AllToAll is created:
 //   receive region (peers write into it; its descriptor is what peers get at bootstrap):
@@ -118,13 +118,26 @@ static_assert(sizeof(AbortMessage) == kAbortBytes);
 // ---- layouts ----------------------------------------------------------------------------------
 
 inline constexpr int64_t kAlign = 64;
-inline int64_t align_up(int64_t x) { return round_up(x, kAlign); }
+JG_MOE_HD inline int64_t align_up(int64_t x) { return round_up(x, kAlign); }
 
-// A dispatch message of `tokens` tokens, packed (offsets from the slot's start).
+// A dispatch message of `tokens` tokens, packed (offsets from the end of its DispatchHeader).
+// Inline for the CUDA kernels that pack and read the same messages (proxy_kernels.cu).
 struct DispatchLayout {
   int64_t token_ids = 0, indices = 0, x = 0, scales = 0, bytes = 0;
 };
-DispatchLayout dispatch_layout(const MoeShape& shape, int64_t row_bytes, int64_t tokens);
+JG_MOE_HD inline DispatchLayout dispatch_layout(int32_t experts_per_token, int32_t scale_cols, int64_t row_bytes,
+                                                int64_t tokens) {
+  DispatchLayout l;
+  l.token_ids = 0;
+  l.indices = tokens * 4;
+  l.x = align_up(tokens * 4 * (1 + int64_t{experts_per_token}));
+  l.scales = l.x + align_up(tokens * row_bytes);
+  l.bytes = l.scales + tokens * int64_t{scale_cols} * 4;
+  return l;
+}
+inline DispatchLayout dispatch_layout(const MoeShape& shape, int64_t row_bytes, int64_t tokens) {
+  return dispatch_layout(shape.experts_per_token, shape.scale_cols, row_bytes, tokens);
+}
 
 struct RegionLayout {
   int64_t row_bytes = 0;             // one dispatch row (H * element size)

@@ -6,7 +6,7 @@
 //
 // Lifecycle, driven by jax_garden/_moe_cuda.py outside jit: construct, add_rank for every local
 // device, connect_local / connect_ipc every (rank, peer) pair, finalize (then register it in
-// nvlink_contexts() so the XLA handlers find it by id), run programs, close.
+// cuda_contexts() so the XLA handlers find it by id), run programs, close.
 #pragma once
 
 #include <atomic>
@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "common/object_registry.h"
+#include "moe/cuda_all_to_all.h"
 #include "moe/dtype.h"
 #include "moe/layout.h"
 #include "moe/nvlink_protocol.h"
@@ -27,6 +27,10 @@ struct NvlinkOptions {
   double timeout_s = 30.0;                // bound of every in-kernel wait
   int32_t chunk_bytes = kDefaultChunkBytes;  // bytes of a row one warp sends: 512, 1024 or 2048
   int32_t blocks_per_sm = 2;              // blocks per multiprocessor of every kernel: 1 or 2
+  // The kernels' synchronisation as first measured (every thread fences at system scope before the
+  // last-block count; every kernel launches blocks_per_sm x SMs blocks), kept selectable so that a
+  // benchmark compares it with the default in one run (bench moe --profile).
+  bool legacy_sync = false;
 };
 
 // One rank held by this process.
@@ -42,16 +46,16 @@ struct NvlinkRank {
   bool ready = false;
 };
 
-class NvlinkAllToAll {
+class NvlinkAllToAll final : public CudaAllToAll {
  public:
   // dispatch_dtype: kBF16 or kF8E4M3FN (combine is bf16). Throws InvalidArgument naming the value.
   NvlinkAllToAll(const MoeShape& shape, DType dispatch_dtype, const NvlinkOptions& options);
-  ~NvlinkAllToAll();
+  ~NvlinkAllToAll() override;
   NvlinkAllToAll(const NvlinkAllToAll&) = delete;
   NvlinkAllToAll& operator=(const NvlinkAllToAll&) = delete;
 
-  const MoeShape& shape() const { return shape_; }
-  DType dispatch_dtype() const { return dispatch_dtype_; }
+  const MoeShape& shape() const override { return shape_; }
+  DType dispatch_dtype() const override { return dispatch_dtype_; }
   int64_t sym_bytes() const { return sym_bytes_; }
 
   // Allocates the buffers of `rank` on device `ordinal` (zeroed, synchronised).
@@ -69,20 +73,28 @@ class NvlinkAllToAll {
   // Waits for the devices, unmaps peers, frees everything. Idempotent.
   void close();
 
-  // Handler side: the rank state of a device, or nullptr.
+  // The rank state of a device, or nullptr.
   const NvlinkRank* find_rank(int ordinal) const;
-  std::vector<int> ordinals() const;
-  // Sticky error of any local rank: kErrNone if none; else the code, and *message names the values.
-  int32_t error_code(std::string* message) const;
+
+  // ---- CudaAllToAll (the FFI handlers) ----
+  bool holds(int ordinal) const override { return find_rank(ordinal) != nullptr; }
+  std::vector<int> ordinals() const override;
+  int32_t error_code(std::string* message) const override;
+  int dispatch_send(int ordinal, void* stream, const void* x, const float* x_scale, const int32_t* indices,
+                    const int32_t* bound_m, const int32_t* rank, uint32_t* send_done) override;
+  int dispatch_recv(int ordinal, void* stream, const uint32_t* send_done, const int32_t* rank, void* expert_x,
+                    float* expert_scale, int32_t* expert_counts) override;
+  int combine_send(int ordinal, void* stream, const void* expert_y, const int32_t* expert_counts,
+                   const int32_t* rank, uint32_t* send_done) override;
+  int combine_recv(int ordinal, void* stream, const uint32_t* send_done, const int32_t* indices,
+                   const float* weights, const int32_t* bound_m, const int32_t* rank, void* y) override;
+
   // Timestamps of the last `n` calls of each kernel on `ordinal`: [n][4][2] (ns).
   std::vector<uint64_t> timings(int ordinal, int n) const;
   // Generations (calls completed) of the four kernels on `ordinal`.
   std::vector<uint32_t> generations(int ordinal) const;
   // Rows dropped for lack of max_recv_tokens space by the rank on `ordinal`, since creation.
   uint64_t dropped_rows(int ordinal) const;
-  // FFI handler invocations so far (a CUDA-graph replay launches our kernels without one).
-  uint64_t handler_calls() const { return handler_calls_.load(std::memory_order_relaxed); }
-  void count_handler_call() { handler_calls_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
   NvlinkRank* find_rank_mutable(int ordinal);
@@ -95,10 +107,6 @@ class NvlinkAllToAll {
   DeviceView base_{};
   std::vector<std::unique_ptr<NvlinkRank>> ranks_;
   bool closed_ = false;
-  std::atomic<uint64_t> handler_calls_{0};
 };
-
-// Process-wide registry: the XLA handlers find a finalized context by the id baked into the HLO.
-ObjectRegistry<NvlinkAllToAll>& nvlink_contexts();
 
 }  // namespace jax_garden::moe

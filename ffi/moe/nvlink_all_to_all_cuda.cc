@@ -146,8 +146,29 @@ void NvlinkAllToAll::add_rank(int ordinal, int rank) {
   DeviceView& v = r->view;
   v = base_;
   v.rank = rank;
-  const int min_grid = (v.E + kThreads / 32 - 1) / (kThreads / 32);  // one routing warp per expert
-  v.grid = std::max(options_.blocks_per_sm * sms, min_grid);
+  const int warps = kThreads / 32;
+  const int min_grid = (v.E + warps - 1) / warps;  // one routing warp per expert
+  const int cap = options_.blocks_per_sm * sms;
+  v.grid = std::max(cap, min_grid);
+  v.fence_all = options_.legacy_sync ? 1 : 0;
+  if (options_.legacy_sync) {
+    v.grid_dsend = v.grid_drecv = v.grid_csend = v.grid_crecv = v.grid;
+  } else {
+    // Each kernel gets the blocks its static work can use (one warp per unit), at most `cap`: a
+    // 1-token decode step does not launch, schedule and count in 264 idle blocks.
+    auto blocks_for = [&](int64_t units) {
+      return static_cast<int32_t>(std::clamp<int64_t>((units + warps - 1) / warps, 1, cap));
+    };
+    const int64_t xchunks = (v.xbytes + v.chunk_bytes - 1) / v.chunk_bytes;
+    const int64_t cchunks = (v.cbytes + v.chunk_bytes - 1) / v.chunk_bytes;
+    v.grid_dsend = std::max(blocks_for(int64_t{v.T} * xchunks), min_grid);
+    v.grid_drecv = blocks_for(v.M);
+    // combine_send walks the rows in use: at most M, and at most every (token, k) of every rank
+    // plus the padding of each segment.
+    const int64_t rows = std::min<int64_t>(v.M, int64_t{v.R} * v.T * v.K + int64_t{v.L} * (v.pad - 1));
+    v.grid_csend = blocks_for(rows * cchunks);
+    v.grid_crecv = blocks_for(int64_t{v.T} * ((v.H + kCombineChunk - 1) / kCombineChunk));
+  }
   char* local = static_cast<char*>(r->local);
   v.row_map = reinterpret_cast<int32_t*>(local);
   local += round_up(int64_t{v.M} * 4, 256);
@@ -324,9 +345,33 @@ uint64_t NvlinkAllToAll::dropped_rows(int ordinal) const {
   return dropped;
 }
 
-ObjectRegistry<NvlinkAllToAll>& nvlink_contexts() {
-  static auto* registry = new ObjectRegistry<NvlinkAllToAll>();  // never destroyed: handlers may run late
-  return *registry;
+int NvlinkAllToAll::dispatch_send(int ordinal, void* stream, const void* x, const float* x_scale,
+                                  const int32_t* indices, const int32_t* bound_m, const int32_t* rank,
+                                  uint32_t* send_done) {
+  const NvlinkRank* r = find_rank(ordinal);
+  if (r == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  return launch_dispatch_send(r->view, stream, x, x_scale, indices, bound_m, rank, send_done);
+}
+
+int NvlinkAllToAll::dispatch_recv(int ordinal, void* stream, const uint32_t* send_done, const int32_t* rank,
+                                  void* expert_x, float* expert_scale, int32_t* expert_counts) {
+  const NvlinkRank* r = find_rank(ordinal);
+  if (r == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  return launch_dispatch_recv(r->view, stream, send_done, rank, expert_x, expert_scale, expert_counts);
+}
+
+int NvlinkAllToAll::combine_send(int ordinal, void* stream, const void* expert_y, const int32_t* expert_counts,
+                                 const int32_t* rank, uint32_t* send_done) {
+  const NvlinkRank* r = find_rank(ordinal);
+  if (r == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  return launch_combine_send(r->view, stream, expert_y, expert_counts, rank, send_done);
+}
+
+int NvlinkAllToAll::combine_recv(int ordinal, void* stream, const uint32_t* send_done, const int32_t* indices,
+                                 const float* weights, const int32_t* bound_m, const int32_t* rank, void* y) {
+  const NvlinkRank* r = find_rank(ordinal);
+  if (r == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  return launch_combine_recv(r->view, stream, send_done, indices, weights, bound_m, rank, y);
 }
 
 }  // namespace jax_garden::moe

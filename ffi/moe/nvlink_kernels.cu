@@ -3,8 +3,10 @@
 //
 // Every kernel: a prologue (read the generation, wait with a deadline for the peers' flags),
 // a grid-stride body where one warp moves one chunk of one row with 16-byte accesses, and a
-// last-block epilogue that publishes a release flag in the peers (fence.sys by every thread,
-// then a block counter; the last block writes the flags and advances the generation).
+// last-block epilogue that publishes a release flag in the peers (one fence.sys per block after a
+// barrier, then a block counter; the last block writes the flags and advances the generation).
+// Each kernel launches the blocks its static work can use (DeviceView::grid_*), so the fixed cost
+// of a small step (launch, scheduling, the last-block count) stays small.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -64,11 +66,17 @@ __device__ void record_error(const DeviceView& v, int32_t code, int32_t a, int32
 // 0: (int32)(flag - target) >= 0 reached; 1: deadline passed; 2: the context died meanwhile.
 __device__ int wait_flag(const DeviceView& v, const uint32_t* flag, uint32_t target) {
   const uint64_t deadline = globaltimer() + v.timeout_ns;
-  uint32_t spins = 0;
+  uint32_t spins = 0, pause = 32;
   while (static_cast<int32_t>(ld_acquire_sys(flag) - target) < 0) {
     if ((++spins & 127u) == 0) {
       if (globaltimer() > deadline) return 1;
       if (vload(v.state + kDead) != 0) return 2;
+      // A peer that is not there yet (a slower GPU, or another process's time slice on a shared
+      // GPU): back off instead of hammering its memory.
+      if (spins >= 4096) {
+        __nanosleep(pause);
+        if (pause < 1024) pause <<= 1;
+      }
     }
   }
   return 0;
@@ -121,9 +129,13 @@ __device__ void wait_peers(const DeviceView& v, Shared& s, int which, uint32_t t
 // Last-block epilogue: true in the one block that finishes last (all blocks' global and peer
 // accesses are ordered before what that block does next, at system scope).
 __device__ bool finish_block(const DeviceView& v, Shared& s, int ctr_word) {
-  __threadfence_system();
+  // One system-scope fence per block, by the thread that counts the block in, after a barrier that
+  // makes the block's writes observed by it (fences are cumulative); the legacy mode fences in
+  // every thread (tens of thousands of fence.sc.sys per kernel).
+  if (v.fence_all) __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
+    if (!v.fence_all) __threadfence_system();
     const uint32_t prev = atomicAdd(v.state + ctr_word, 1u);
     s.last = prev == static_cast<uint32_t>(gridDim.x - 1);
     if (s.last) {
@@ -598,7 +610,7 @@ size_t recv_shared_bytes(const DeviceView& v) {
 int launch_dispatch_send(const DeviceView& v, void* stream, const void* x, const float* x_scale,
                          const int32_t* indices, const int32_t* bound_m, const int32_t* rank,
                          uint32_t* send_done) {
-  dispatch_send_kernel<<<v.grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  dispatch_send_kernel<<<v.grid_dsend, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       v, static_cast<const char*>(x), x_scale, indices, bound_m, rank, send_done);
   return static_cast<int>(cudaGetLastError());
 }
@@ -606,14 +618,14 @@ int launch_dispatch_send(const DeviceView& v, void* stream, const void* x, const
 int launch_dispatch_recv(const DeviceView& v, void* stream, const uint32_t* send_done,
                          const int32_t* rank, void* expert_x, float* expert_scale,
                          int32_t* expert_counts) {
-  dispatch_recv_kernel<<<v.grid, kThreads, recv_shared_bytes(v), static_cast<cudaStream_t>(stream)>>>(
+  dispatch_recv_kernel<<<v.grid_drecv, kThreads, recv_shared_bytes(v), static_cast<cudaStream_t>(stream)>>>(
       v, send_done, rank, static_cast<char*>(expert_x), expert_scale, expert_counts);
   return static_cast<int>(cudaGetLastError());
 }
 
 int launch_combine_send(const DeviceView& v, void* stream, const void* expert_y,
                         const int32_t* expert_counts, const int32_t* rank, uint32_t* send_done) {
-  combine_send_kernel<<<v.grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  combine_send_kernel<<<v.grid_csend, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       v, static_cast<const char*>(expert_y), expert_counts, rank, send_done);
   return static_cast<int>(cudaGetLastError());
 }
@@ -621,7 +633,7 @@ int launch_combine_send(const DeviceView& v, void* stream, const void* expert_y,
 int launch_combine_recv(const DeviceView& v, void* stream, const uint32_t* send_done,
                         const int32_t* indices, const float* weights, const int32_t* bound_m,
                         const int32_t* rank, void* y) {
-  combine_recv_kernel<<<v.grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  combine_recv_kernel<<<v.grid_crecv, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       v, send_done, indices, weights, bound_m, rank, static_cast<__nv_bfloat16*>(y));
   return static_cast<int>(cudaGetLastError());
 }

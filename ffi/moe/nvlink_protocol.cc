@@ -6,7 +6,7 @@ namespace jax_garden::moe {
 
 bool is_timeout_error(int32_t code) {
   return code == kErrTimeoutDispatchData || code == kErrTimeoutDispatchFree ||
-         code == kErrTimeoutCombineData || code == kErrTimeoutCombineFree;
+         code == kErrTimeoutCombineData || code == kErrTimeoutCombineFree || code == kErrPeerTimedOut;
 }
 
 std::string device_error_message(int32_t code, int32_t a, int32_t b, int32_t rank, int32_t c) {
@@ -52,6 +52,23 @@ std::string device_error_message(int32_t code, int32_t a, int32_t b, int32_t ran
       return str_cat("moe (CUDA): combine_recv on rank ", rank, ": indices entry ", a,
                      " (flat t*K+k) = ", b, " but the matching dispatch routed it to expert ", c,
                      "; combine needs the indices given to dispatch");
+    case kErrMalformedMessage: {
+      static const char* const field[] = {"magic",          "generation",   "source",     "token count",
+                                          "combine rows",   "combine offset", "bound_m",  "token ids",
+                                          "row count",      "kept rows",    "dispatch generation"};
+      return str_cat("moe (CUDA): rank ", rank, " received a malformed message from rank ", a, ": its ",
+                     (b >= 0 && b <= kFieldDispatchGeneration) ? field[b] : "header", " is ", c,
+                     " (every rank must run the same AllToAll, and the same sequence of calls)");
+    }
+    case kErrPeerFailed:
+      return str_cat("moe (CUDA): rank ", a, " (another node) failed; rank ", rank, " stopped waiting for it");
+    case kErrPeerTimedOut:
+      return str_cat("moe (CUDA): rank ", a, " (another node) timed out; rank ", rank, " stopped waiting for it");
+    case kErrTransferFailed:
+      return str_cat("moe (CUDA): rank ", rank, ": the TransferEngine could not write to rank ", a);
+    case kErrProxyProtocol:
+      return str_cat("moe (CUDA): rank ", rank, ": the host proxy saw a ", b, " record for rank ", a,
+                     " out of sequence (generation ", c, ")");
     default:
       return str_cat("moe (CUDA): rank ", rank, " error code ", code, " (", a, ", ", b, ", ", c, ")");
   }

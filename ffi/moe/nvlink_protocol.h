@@ -64,6 +64,19 @@ enum DeviceError : int32_t {
   kErrCountsMismatch = 6,        // a = local expert, b = expert_counts[a] given, c = rows received
   kErrPhaseOrder = 7,            // a = call (PhaseCall), b = its calls so far, c = the other half's
   kErrRoutingMismatch = 8,       // a = t*K+k (-1: bound_m), b = value given to combine, c = dispatch's
+  // Node groups through the host proxy (proxy_protocol.h):
+  kErrMalformedMessage = 9,      // a = rank that sent it, b = MessageField that is wrong, c = its value
+  kErrPeerFailed = 10,           // a = rank of another node that reported a failure (text: the proxy's)
+  kErrPeerTimedOut = 11,         // a = rank of another node whose wait ran out of time (text: the proxy's)
+  kErrTransferFailed = 12,       // a = rank the engine could not write to (text: the proxy's)
+  kErrProxyProtocol = 13,        // a = peer, b = kind, c = generation: a ready record out of sequence
+};
+
+// Which field of a received message is wrong (kErrMalformedMessage, b).
+enum MessageField : int32_t {
+  kFieldMagic = 0, kFieldGeneration = 1, kFieldSource = 2, kFieldTokens = 3, kFieldCombineRows = 4,
+  kFieldCombineOffset = 5, kFieldBoundM = 6, kFieldTokenIds = 7, kFieldRows = 8, kFieldKept = 9,
+  kFieldDispatchGeneration = 10,
 };
 
 // Which call broke the phase order (kErrPhaseOrder).
@@ -72,7 +85,8 @@ enum PhaseCall : int32_t {
   kCallCombineBeforeDispatch = 4,
 };
 
-// True for the codes that are waits which ran out of time (a peer that never arrived).
+// True for the codes that are waits which ran out of time (a peer that never arrived), here or,
+// reported through the host proxy, in another node.
 bool is_timeout_error(int32_t code);
 // The message of a recorded error, naming the rank, the peer and the values.
 std::string device_error_message(int32_t code, int32_t a, int32_t b, int32_t rank, int32_t c);
@@ -85,7 +99,10 @@ struct DeviceView {
   int32_t xbytes;       // bytes of one dispatch row (H * elem)
   int32_t sbytes;       // bytes of one scale row (S * 4)
   int32_t cbytes;       // bytes of one combine row (H * 2)
-  int32_t grid;         // blocks of every kernel
+  int32_t grid;         // blocks of every kernel (legacy sync) or the most any kernel uses
+  int32_t grid_dsend, grid_drecv, grid_csend, grid_crecv;  // blocks of each kernel (sized to its static work)
+  int32_t fence_all;    // 1: every thread fences at system scope before the last-block count (legacy
+                        // sync, the kernels as first measured); 0: one fence per block after a barrier
   int32_t chunk_bytes;  // bytes of a row one warp sends at a time: 512, 1024 or 2048
   int64_t rec_stride;   // dispatch slot: round16(xbytes) + round16(sbytes)
   int64_t crec_stride;  // combine slot: round16(cbytes)

@@ -2,18 +2,23 @@
 // ffi/moe/layout.h (Python computes sizes with them, never by itself), the CUDA kernels' error
 // codes (DeviceError), and the CPU reference context. No logic here.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "common/error.h"
 #include "common/registry.h"
+#include "fabric/region.h"
 #include "moe/cpu_all_to_all.h"
+#include "moe/host_proxy.h"
 #include "moe/internode_all_to_all.h"
 #include "moe/layout.h"
 #include "moe/nvlink_protocol.h"
@@ -60,6 +65,14 @@ fabric::CompletionMode parse_completion(const std::string& s) {
   if (s == "delivery") return fabric::CompletionMode::kDelivery;
   if (s == "transmit") return fabric::CompletionMode::kTransmit;
   throw InvalidArgument(str_cat("completion must be 'delivery' or 'transmit', got '", s, "'"));
+}
+
+fabric::TransferPath parse_transfer_path(const std::string& name) {
+  if (name.empty() || name == "auto") return fabric::TransferPath::kAuto;
+  if (name == "fabric") return fabric::TransferPath::kFabric;
+  if (name == "ipc") return fabric::TransferPath::kIpc;
+  if (name == "staged") return fabric::TransferPath::kStaged;
+  throw InvalidArgument(str_cat("path must be 'auto', 'fabric', 'ipc' or 'staged', got '", name, "'"));
 }
 
 nb::bytes to_py_bytes(const fabric::Bytes& b) { return nb::bytes(reinterpret_cast<const char*>(b.data()), b.size()); }
@@ -125,7 +138,12 @@ void bind_device_errors(nb::module_& m) {
       .value("RANK_MISMATCH", kErrRankMismatch)
       .value("COUNTS_MISMATCH", kErrCountsMismatch)
       .value("PHASE_ORDER", kErrPhaseOrder)
-      .value("ROUTING_MISMATCH", kErrRoutingMismatch);
+      .value("ROUTING_MISMATCH", kErrRoutingMismatch)
+      .value("MALFORMED_MESSAGE", kErrMalformedMessage)
+      .value("PEER_FAILED", kErrPeerFailed)
+      .value("PEER_TIMED_OUT", kErrPeerTimedOut)
+      .value("TRANSFER_FAILED", kErrTransferFailed)
+      .value("PROXY_PROTOCOL", kErrProxyProtocol);
   m.def("is_timeout_error", &is_timeout_error, nb::arg("code"),
         "True for the codes that are waits which ran out of time (a peer never arrived).");
   m.def("device_error_message", &device_error_message, nb::arg("code"), nb::arg("a"), nb::arg("b"),
@@ -170,7 +188,7 @@ void bind_internode_context(nb::module_& m) {
           [](InternodeHandle* self, const MoeShape& shape, const std::string& dispatch_dtype,
              const std::string& combine_dtype, double timeout_s, int32_t node_size, std::vector<int32_t> local_ranks,
              const std::string& provider, const std::string& node, uint32_t domains, const std::string& completion,
-             uint64_t split_threshold) {
+             uint64_t split_threshold, const std::string& path) {
             InternodeOptions o;
             o.timeout_s = timeout_s;
             o.node_size = node_size;
@@ -180,6 +198,7 @@ void bind_internode_context(nb::module_& m) {
             o.engine.domains = domains;
             o.engine.completion = parse_completion(completion);
             o.engine.sharding.split_threshold = split_threshold;
+            o.engine.default_path = parse_transfer_path(path);
             const DType dd = parse_dtype(dispatch_dtype), cd = parse_dtype(combine_dtype);
             std::shared_ptr<InternodeAllToAll> context;
             {
@@ -190,7 +209,7 @@ void bind_internode_context(nb::module_& m) {
           },
           nb::arg("shape"), nb::arg("dispatch_dtype"), nb::arg("combine_dtype"), nb::arg("timeout_s"),
           nb::arg("node_size"), nb::arg("local_ranks"), nb::arg("provider"), nb::arg("node"), nb::arg("domains"),
-          nb::arg("completion"), nb::arg("split_threshold"))
+          nb::arg("completion"), nb::arg("split_threshold"), nb::arg("path") = "auto")
       .def_ro("id", &InternodeHandle::id, "Registry id (0 before finalize() and once closed).")
       .def_prop_ro("needs_engine", [](const InternodeHandle& h) { return h.get().needs_engine(); },
                    "True when the AllToAll has several node groups (then it owns a TransferEngine).")
@@ -248,6 +267,90 @@ void bind_internode_context(nb::module_& m) {
   m.attr("internode_max_ranks") = internode::kMaxRanks;
 }
 
+// The GPU host proxy (host_proxy.h) over host memory: the CPU tests drive it as the kernels would
+// (ready records written from Python) between two engines.
+void bind_host_proxy(nb::module_& m) {
+  using proxy::HostProxy;
+  nb::class_<HostProxy>(m, "HostProxy",
+                        "The host proxy of MoE across node groups on GPUs (ffi/moe/host_proxy.h), exposed for "
+                        "tests over host memory: ranks = [(rank, control block address, send region, receive "
+                        "area address)], peers = [None or (receive descriptor, sender domains, split threshold)] "
+                        "by rank.")
+      .def(
+          "__init__",
+          [](HostProxy* self, std::shared_ptr<fabric::Engine> engine, int32_t num_ranks, int32_t node_size,
+             double timeout_s,
+             const std::vector<std::tuple<int32_t, uint64_t, std::shared_ptr<fabric::MemoryRegion>, uint64_t>>& ranks,
+             const std::vector<std::optional<std::tuple<fabric::MemoryDescriptor, uint32_t, uint64_t>>>& peers) {
+            std::vector<proxy::ProxyRank> rs;
+            for (const auto& [rank, control, send, recv] : ranks) {
+              proxy::ProxyRank r;
+              r.rank = rank;
+              r.control = reinterpret_cast<char*>(control);
+              r.send = send;
+              r.read_abort = [recv](int32_t peer) {
+                internode::AbortMessage msg;
+                std::memcpy(&msg, reinterpret_cast<const char*>(recv) + int64_t{peer} * internode::kAbortBytes,
+                            sizeof(msg));
+                if (msg.magic != internode::kAbortMagic || msg.length > sizeof(msg.text)) return std::string("(no reason given)");
+                return std::string(msg.text, msg.length);
+              };
+              rs.push_back(std::move(r));
+            }
+            std::vector<std::optional<proxy::ProxyPeer>> ps;
+            for (const auto& p : peers) {
+              if (!p) {
+                ps.emplace_back();
+                continue;
+              }
+              proxy::ProxyPeer peer;
+              peer.receive = std::get<0>(*p);
+              peer.sender.domains = std::get<1>(*p);
+              peer.sender.sharding.split_threshold = std::get<2>(*p);
+              ps.emplace_back(std::move(peer));
+            }
+            proxy::ProxyOptions o;
+            o.timeout_s = timeout_s;
+            o.num_ranks = num_ranks;
+            o.node_size = node_size;
+            new (self) HostProxy(std::move(engine), o, std::move(rs), std::move(ps));
+          },
+          nb::arg("engine"), nb::arg("num_ranks"), nb::arg("node_size"), nb::arg("timeout_s"), nb::arg("ranks"),
+          nb::arg("peers"))
+      .def("start", &HostProxy::start)
+      .def("stop", &HostProxy::stop, nb::call_guard<nb::gil_scoped_release>())
+      .def("poll_once", &HostProxy::poll_once, nb::call_guard<nb::gil_scoped_release>())
+      .def("drain", &HostProxy::drain, nb::arg("timeout_s"), nb::call_guard<nb::gil_scoped_release>())
+      .def("failure",
+           [](const HostProxy& h) {
+             HostProxy::Failure f = h.failure();
+             return nb::make_tuple(f.code, f.peer, f.message);
+           },
+           "(DeviceError code, peer, message) of the first failure (code 0 if none).")
+      .def("posts", &HostProxy::posts, nb::arg("index"))
+      .def("bytes", &HostProxy::bytes, nb::arg("index"))
+      .def("describe", &HostProxy::describe);
+  m.def("proxy_control_layout", [](int32_t num_ranks) {
+        const proxy::ControlLayout l = proxy::control_layout(num_ranks);
+        nb::dict d;
+        d["abort"] = l.abort;
+        d["kernel_error"] = l.kernel_error;
+        d["progress"] = l.progress;
+        d["ready"] = l.ready;
+        d["arrived"] = l.arrived;
+        d["bytes"] = l.bytes;
+        d["ready_record_bytes"] = sizeof(proxy::ReadyRecord);
+        return d;
+      }, nb::arg("num_ranks"), "Offsets of the host proxy's control block (proxy_protocol.h).");
+  m.def("internode_message_imms", [](uint32_t domains, uint64_t split_threshold) {
+        internode::SenderSettings s;
+        s.domains = domains;
+        s.sharding.split_threshold = split_threshold;
+        return nb::make_tuple(internode::message_imms(s), internode::signal_imms(s));
+      }, nb::arg("domains"), nb::arg("split_threshold"),
+      "(imms of one message, imms of one free ack) from a sender with these settings.");
+}
+
 void bind_moe(nb::module_& m) {
   m.doc() = "MoE dispatch/combine: shapes, layout math, CPU reference contexts (found by id).";
   bind_shape(m);
@@ -255,6 +358,7 @@ void bind_moe(nb::module_& m) {
   bind_device_errors(m);
   bind_cpu_context(m);
   bind_internode_context(m);
+  bind_host_proxy(m);
 }
 
 }  // namespace

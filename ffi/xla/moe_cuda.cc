@@ -8,8 +8,9 @@
 
 #include "common/error.h"
 #include "common/registry.h"
-#include "moe/nvlink_all_to_all.h"
+#include "moe/cuda_all_to_all.h"
 #include "moe/nvlink_kernels.h"
+#include "moe/nvlink_protocol.h"
 #include "xla/handler_util.h"
 
 namespace ffi = xla::ffi;
@@ -20,12 +21,12 @@ namespace {
 using handlers::check_buffer;
 
 struct Resolved {
-  std::shared_ptr<NvlinkAllToAll> ctx;
-  const NvlinkRank* rank = nullptr;
+  std::shared_ptr<CudaAllToAll> ctx;
+  int ordinal = -1;  // the device of this call's rank, in our runtime's numbering
 };
 
 ffi::Error resolve(const char* target, uint64_t id, int32_t ordinal, Resolved* out) {
-  out->ctx = nvlink_contexts().find(id);
+  out->ctx = cuda_contexts().find(id);
   if (!out->ctx) {
     return ffi::Error::InvalidArgument(
         str_cat(target, ": unknown context_id ", id, " (closed, or created in another process)"));
@@ -33,9 +34,11 @@ ffi::Error resolve(const char* target, uint64_t id, int32_t ordinal, Resolved* o
   // The device XLA made current on this thread, in our runtime's numbering (the one the context
   // allocated with), is authoritative; XLA's DeviceOrdinal may count only visible devices.
   int current = -1;
-  if (cudaGetDevice(&current) == cudaSuccess) out->rank = out->ctx->find_rank(current);
-  if (out->rank == nullptr) out->rank = out->ctx->find_rank(ordinal);
-  if (out->rank == nullptr) {
+  if (cudaGetDevice(&current) == cudaSuccess && out->ctx->holds(current)) {
+    out->ordinal = current;
+  } else if (out->ctx->holds(ordinal)) {
+    out->ordinal = ordinal;
+  } else {
     std::string have;
     for (int o : out->ctx->ordinals()) have += (have.empty() ? "" : ", ") + std::to_string(o);
     return ffi::Error::InvalidArgument(str_cat(target, ": device ordinal ", ordinal, " (current CUDA device ",
@@ -56,7 +59,7 @@ ffi::Error launch_result(const char* target, int err) {
                     str_cat(target, ": kernel launch failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e)));
 }
 
-ffi::DataType dispatch_ffi_dtype(const NvlinkAllToAll& ctx) {
+ffi::DataType dispatch_ffi_dtype(const CudaAllToAll& ctx) {
   return ctx.dispatch_dtype() == DType::kF8E4M3FN ? ffi::DataType::F8E4M3FN : ffi::DataType::BF16;
 }
 
@@ -75,7 +78,7 @@ ffi::Error dispatch_send(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "bound_m", bound_m, ffi::DataType::S32, {}));
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "rank", rank, ffi::DataType::S32, {}));
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "send_done", *send_done, ffi::DataType::U32, {1}));
-  return launch_result(kT, launch_dispatch_send(r.rank->view, stream, x.untyped_data(),
+  return launch_result(kT, r.ctx->dispatch_send(r.ordinal, stream, x.untyped_data(),
                                                 static_cast<const float*>(x_scale.untyped_data()),
                                                 static_cast<const int32_t*>(indices.untyped_data()),
                                                 static_cast<const int32_t*>(bound_m.untyped_data()),
@@ -96,7 +99,7 @@ ffi::Error dispatch_recv(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer se
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_x", *expert_x, dispatch_ffi_dtype(*r.ctx), {M, H}));
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_scale", *expert_scale, ffi::DataType::F32, {M, S}));
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_counts", *expert_counts, ffi::DataType::S32, {L}));
-  return launch_result(kT, launch_dispatch_recv(r.rank->view, stream,
+  return launch_result(kT, r.ctx->dispatch_recv(r.ordinal, stream,
                                                 static_cast<const uint32_t*>(send_done.untyped_data()),
                                                 static_cast<const int32_t*>(rank.untyped_data()),
                                                 expert_x->untyped_data(),
@@ -115,7 +118,7 @@ ffi::Error combine_send(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer exp
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_counts", expert_counts, ffi::DataType::S32, {L}));
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "rank", rank, ffi::DataType::S32, {}));
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "send_done", *send_done, ffi::DataType::U32, {1}));
-  return launch_result(kT, launch_combine_send(r.rank->view, stream, expert_y.untyped_data(),
+  return launch_result(kT, r.ctx->combine_send(r.ordinal, stream, expert_y.untyped_data(),
                                                static_cast<const int32_t*>(expert_counts.untyped_data()),
                                                static_cast<const int32_t*>(rank.untyped_data()),
                                                static_cast<uint32_t*>(send_done->untyped_data())));
@@ -135,7 +138,7 @@ ffi::Error combine_recv(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer sen
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "bound_m", bound_m, ffi::DataType::S32, {}));
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "rank", rank, ffi::DataType::S32, {}));
   JG_FFI_RETURN_IF_BAD(check_buffer(kT, "y", *y, ffi::DataType::BF16, {T, H}));
-  return launch_result(kT, launch_combine_recv(r.rank->view, stream,
+  return launch_result(kT, r.ctx->combine_recv(r.ordinal, stream,
                                                static_cast<const uint32_t*>(send_done.untyped_data()),
                                                static_cast<const int32_t*>(indices.untyped_data()),
                                                static_cast<const float*>(weights.untyped_data()),

@@ -17,9 +17,16 @@ Method (device timers, never host clocks):
     combine, and after combine.
   * peer copy: cudaMemcpyPeerAsync (cupy) timed with CUDA events: one pair (GPU0 -> GPU1) and
     every GPU sending to every other at once (per-GPU egress).
-``--nodes N`` runs the CPU rows across processes instead (jax_garden/bench/moe_nodes.py: the
-inter-node host context over tcp, against the in-process reference and the tcp wire time of the
-same bytes).
+``--ladder`` adds EP as the field now measures it (jax_garden/bench/moe_ladder.py): a token ladder
+(1, 8, 32, 128, 512 per rank) for 256 experts top-8 and 384 experts top-6, the back-to-back period
+of a chain of dispatch -> combine pairs beside the per-phase device times, the slowest and fastest
+rank, the oracle checked at every rung; ``--profile`` the decode kernels' fixed cost at 1 and 128
+tokens with the kernels' first synchronisation and the current one in the same run, beside the
+floor of a chain of empty kernels; ``--plot PATH`` draws the ladder (matplotlib).
+``--nodes N`` runs the rows across N processes instead (jax_garden/bench/moe_nodes.py): on GPUs
+node groups through the host proxy (sharing the GPUs when there are fewer than N), against plain
+engine writes of the same bytes; on CPU the inter-node host context over tcp, against the
+in-process reference and the tcp wire time of the same bytes.
 
 Logical GB/s = selections (tokens * K) * bytes per selection / time, per GPU, counting the
 selections whose expert lives on the same rank (local traffic) too, as pplx-garden and DeepEP
@@ -369,10 +376,107 @@ def print_report(result: dict) -> None:
         print(f"  error: {e}")
 
 
+def run_ladder(result: dict, mesh, args, progress) -> None:
+    """The ladder rows (and the ragged_all_to_all baseline at 128 tokens) into result."""
+    from jax_garden.bench import moe_ladder
+
+    for shape in args.shapes.split(","):
+        for dtype in args.ladder_dtypes.split(","):
+            for t in (int(x) for x in args.ladder_tokens.split(",")):
+                try:
+                    row = moe_ladder.measure(mesh, shape, t, dtype, args.ladder_iters, args.recv_factor)
+                    result["ladder"].append(row)
+                    result["errors"] += [f"ladder {shape} {dtype} {t}: {e}" for e in row["oracle_errors"]]
+                except Exception as e:
+                    result["errors"].append(f"ladder {shape} {dtype} {t}: {type(e).__name__}: {e}")
+                progress.timed(f"ladder {shape} {dtype} {t} tokens done")
+
+
+def run_profile(result: dict, mesh, args, progress) -> None:
+    """The decode kernels' fixed cost at EP1: legacy and current synchronisation, 1 and 128 tokens,
+    and the floor of a chain of empty kernels, in one run."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jax_garden.bench import moe_ladder
+
+    ep1 = Mesh(np.asarray(mesh.devices).reshape(-1)[:1], ("ep",))
+    try:
+        result["kernel_floor"] = moe_ladder.kernel_floor(ep1.devices.flat[0])
+    except Exception as e:
+        result["errors"].append(f"kernel floor: {type(e).__name__}: {e}")
+    for t in (1, 128):
+        for legacy in (True, False):
+            try:
+                row = moe_ladder.measure(ep1, "256x8", t, "bf16", args.ladder_iters, args.recv_factor,
+                                         legacy_sync=legacy)
+                row["variant"] = "legacy sync" if legacy else "current"
+                result["profile"].append(row)
+                result["errors"] += [f"profile {t} {row['variant']}: {e}" for e in row["oracle_errors"]]
+            except Exception as e:
+                result["errors"].append(f"profile {t} legacy={legacy}: {type(e).__name__}: {e}")
+            progress.timed(f"profile {t} tokens {'legacy' if legacy else 'current'} done")
+
+
+def summarize_ladder(result: dict) -> dict:
+    """Headline entries of the ladder and the profile (goals of issue 19 at EP1, decode bf16:
+    dispatch <= 10 us and combine <= 12 us at 128 tokens, <= 8 us per phase at 1 token)."""
+    headline = {}
+    for row in result["ladder"]:
+        if row["tokens"] in (1, 128):
+            key = f"ladder {row['shape']} {row['dtype']} EP{row['ranks']} {row['tokens']}tok"
+            headline[f"{key} period_us"] = row["phases"]["period"]["p50_us"]
+            headline[f"{key} dispatch_us"] = row["phases"]["dispatch"]["p50_us"]
+            headline[f"{key} combine_us"] = row["phases"]["combine"]["p50_us"]
+    if result["ladder"]:
+        headline["ladder oracle ok"] = not any(r["oracle_errors"] for r in result["ladder"])
+    prof = {(r["tokens"], r["legacy_sync"]): r["phases"] for r in result["profile"]}
+    for t in (1, 128):
+        cur, old = prof.get((t, False)), prof.get((t, True))
+        if cur is None:
+            continue
+        for ph in ("dispatch", "combine"):
+            headline[f"profile EP1 {t}tok {ph}_us"] = cur[ph]["p50_us"]
+            if old is not None:
+                headline[f"profile EP1 {t}tok {ph} legacy/current"] = old[ph]["p50_us"] / cur[ph]["p50_us"]
+        if t == 128:
+            headline["goal EP1 128tok dispatch <= 10us"] = cur["dispatch"]["p50_us"] <= 10.0
+            headline["goal EP1 128tok combine <= 12us"] = cur["combine"]["p50_us"] <= 12.0
+        else:
+            headline["goal EP1 1tok <= 8us per phase"] = max(cur["dispatch"]["p50_us"], cur["combine"]["p50_us"]) <= 8.0
+    if "p50_us" in result.get("kernel_floor", {}):
+        headline["empty kernel floor_us"] = result["kernel_floor"]["p50_us"]
+    return headline
+
+
+LADDER_COLUMNS = [("rows", 12, "<"), ("shape", 6, "<"), ("dtype", 5, "<"), ("tok", 4, ">"), ("EP", 3, ">"),
+                  ("disp p50", 9, ">"), ("comb p50", 9, ">"), ("period", 8, ">"), ("disp slow/fast", 15, ">"),
+                  ("comb slow/fast", 15, ">"), ("kernels ds/dr/cs/cr us", 24, ">"), ("oracle", 6, "<")]
+
+
+def print_ladder(result: dict) -> None:
+    rows = [("ladder", r) for r in result["ladder"]] + [(r.get("variant", "profile"), r) for r in result["profile"]]
+    if not rows:
+        return
+    print("\nMoE ladder and profile (device timers, µs p50; period = back-to-back pair; slow/fast = per-rank medians)")
+    if "p50_us" in result.get("kernel_floor", {}):
+        print(f"  floor: an empty kernel in a chain costs {result['kernel_floor']['p50_us']:.2f} us launch to launch")
+    cells = []
+    for what, r in rows:
+        p = r["phases"]
+        kern = "/".join(f"{p[k]['p50_us']:.1f}" for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv"))
+        cells.append([what, r["shape"], r["dtype"], r["tokens"], r["ranks"], f"{p['dispatch']['p50_us']:.1f}",
+                      f"{p['combine']['p50_us']:.1f}", f"{p['period']['p50_us']:.1f}",
+                      f"{p['dispatch']['slowest_rank_us']:.1f}/{p['dispatch']['fastest_rank_us']:.1f}",
+                      f"{p['combine']['slowest_rank_us']:.1f}/{p['combine']['fastest_rank_us']:.1f}", kern,
+                      "ok" if not r["oracle_errors"] else "FAIL"])
+    print_table(LADDER_COLUMNS, cells)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--nodes" or a.startswith("--nodes=") for a in argv):
-        # Across processes on CPU (node groups, the TransferEngine between them): its own module.
+        # Across processes (node groups, the TransferEngine between them): its own module.
         from jax_garden.bench import moe_nodes
 
         return moe_nodes.main(argv)
@@ -392,9 +496,23 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer-copy", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="decode only, fewer iterations, a smaller peer copy: well under a minute")
+    ap.add_argument("--ladder", action="store_true", help="the token ladder, two shapes, period and oracle")
+    ap.add_argument("--ladder-tokens", default="1,8,32,128,512")
+    ap.add_argument("--shapes", default="256x8,384x6", help="experts x top-k, hidden 7168 (ladder)")
+    ap.add_argument("--ladder-dtypes", default="bf16")
+    ap.add_argument("--ladder-iters", type=int, default=None, help="pairs per chain (default 100, --quick 40)")
+    ap.add_argument("--profile", action="store_true",
+                    help="EP1 fixed cost at 1 and 128 tokens, first vs current synchronisation, and the "
+                         "empty-kernel floor")
+    ap.add_argument("--no-classic", action="store_true", help="skip the decode/prefill rows against ragged")
+    ap.add_argument("--plot", default=None, help="PNG path: the ladder against its baselines (matplotlib)")
     ap.add_argument("--out", "--json", dest="out", default="moe_bench.json", help="JSON output path")
     args = ap.parse_args(argv)
     modes_arg = args.modes or ("decode" if args.quick else "decode,prefill")
+    if args.ladder_iters is None:
+        args.ladder_iters = 40 if args.quick else 100
+    if args.ladder_iters <= 2 * 5:
+        ap.error(f"--ladder-iters must be > 10 (the first 5 pairs are dropped), got {args.ladder_iters}")
     iters = args.iters if args.iters is not None else (50 if args.quick else 200)
     ragged_iters = args.ragged_iters if args.ragged_iters is not None else (10 if args.quick else 20)
     for name, value in (("--iters", iters), ("--prefill-iters", args.prefill_iters),
@@ -431,8 +549,11 @@ def main(argv=None) -> int:
     result = {"benchmark": "moe", "device": gpus[0].device_kind, "ranks": r,
               "experts": E, "top_k": K, "hidden": H, "method": __doc__.split("Method", 1)[1].strip(),
               "local_traffic_counted": True, "quick": args.quick, "rows": [], "peer_copy": {},
-              "ratios": {}, "errors": []}
+              "ratios": {}, "errors": [], "ladder": [], "profile": [], "baselines": []}
     progress = Progress(sys.stdout)
+    if args.no_classic:
+        modes = []
+        args.no_peer_copy = True
     if not args.no_peer_copy:
         try:
             result["peer_copy"] = (bench_peer_copy(r, nbytes=64 << 20, iters=5) if args.quick
@@ -456,8 +577,23 @@ def main(argv=None) -> int:
                     result["errors"].append(f"ragged {mode} {dtype}: {type(e).__name__}: {e}")
             progress.timed(f"{mode} {dtype} done")
 
+    if args.profile:
+        run_profile(result, mesh, args, progress)
+    if args.ladder:
+        run_ladder(result, mesh, args, progress)
+    for row in result["rows"]:  # the classic decode row's ragged round trip: the ladder's baseline at 128
+        if row["impl"] == "ragged_all_to_all" and row["mode"] == "decode" and row["dtype"] == "bf16":
+            result["baselines"].append({"name": "ragged_all_to_all", "shape": "256x8", "tokens": row["tokens"],
+                                        "round_trip_us": row["phases"]["round_trip"]["p50_us"]})
     headline = summarize(result)
+    headline.update(summarize_ladder(result))
     print_report(result)
+    print_ladder(result)
+    if args.plot:
+        from jax_garden.bench import moe_ladder
+
+        drawn = moe_ladder.plot(result, args.plot)
+        print(f"plot: {drawn}" if drawn else "plot: matplotlib is not installed (pip install matplotlib)")
     out = write_json(args.out, result, headline)
     print(f"wrote {out}")
     return 1 if result["errors"] else 0

@@ -290,19 +290,33 @@ class _EngineWire:
 
     IMM = 0x4A47_0001
 
-    def __init__(self, me: int, n: int, client, max_bytes: int, tag: str):
+    def __init__(self, me: int, n: int, client, max_bytes: int, tag: str, gpu_device: int | None = None):
+        """`gpu_device`: the buffers are GPU memory (cudaMalloc) of that CUDA device, so the engine
+        moves them by its GPU path (CUDA IPC on one host); else host memory."""
         import base64
 
         import numpy as np
 
         from jax_garden import fabric
+        from jax_garden._jax_garden import fabric as native_fabric
 
         self.me, self.n, self.peers = me, n, [p for p in range(n) if p != me]
         self.engine = fabric.TransferEngine(provider="tcp")
-        self.send = np.ones(max(1, max_bytes), np.uint8)
-        self.recv = {p: np.zeros(max(1, max_bytes), np.uint8) for p in self.peers}  # one landing area per sender
-        self.send_region = self.engine.register(self.send)
-        self.recv_regions = {p: self.engine.register(b) for p, b in self.recv.items()}
+        self._gpu_ptrs = []
+        size = max(1, max_bytes)
+        if gpu_device is None:
+            self.send = np.ones(size, np.uint8)
+            self.recv = {p: np.zeros(size, np.uint8) for p in self.peers}  # one landing area per sender
+            self.send_region = self.engine.register(self.send)
+            self.recv_regions = {p: self.engine.register(b) for p, b in self.recv.items()}
+        else:
+            def gpu_region():
+                ptr = native_fabric.gpu_alloc(gpu_device, size)
+                self._gpu_ptrs.append(ptr)
+                return self.engine.register((ptr, size), memory="cuda")
+
+            self.send_region = gpu_region()
+            self.recv_regions = {p: gpu_region() for p in self.peers}
         for p in self.peers:
             client.key_value_set(f"jg_bench_ewire/{tag}/{me}->{p}",
                                  base64.b64encode(bytes(self.recv_regions[p].descriptor)).decode())
@@ -323,6 +337,13 @@ class _EngineWire:
 
     def close(self) -> None:
         self.engine.close()
+        self.send_region = self.recv_regions = None
+        if self._gpu_ptrs:
+            from jax_garden._jax_garden import fabric as native_fabric
+
+            for ptr in self._gpu_ptrs:
+                native_fabric.gpu_free(ptr)
+            self._gpu_ptrs = []
 
 
 def _measure_wire(wire: _Wire, client, tag: str, dispatch_bytes: int, combine_bytes: int, iters: int) -> dict:
@@ -534,6 +555,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="max_recv_tokens = factor * tokens * K rounded up to 128")
     ap.add_argument("--completion", default="delivery", choices=("delivery", "transmit"))
     ap.add_argument("--no-reference", action="store_true", help="skip the in-process reference rows")
+    ap.add_argument("--cpu", action="store_true", help="the CPU rows even on a machine with GPUs")
     ap.add_argument("--quick", action="store_true", help="bf16 only, 30 steps: well under a minute")
     ap.add_argument("--out", "--json", dest="out", default="moe_nodes_bench.json", help="JSON output path")
     # worker-only
@@ -544,9 +566,25 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _gpu_rows() -> bool:
+    """True when this machine has a GPU and the CUDA MoE kernels (then --nodes runs GPU rows)."""
+    try:
+        from jax_garden import _moe_cuda
+        from jax_garden._jax_garden import fabric as native_fabric
+
+        return _moe_cuda.available() and int(native_fabric.gpu_device_count()) > 0
+    except Exception:  # noqa: BLE001 - no GPU runtime: the CPU rows
+        return False
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" not in argv and "--cpu" not in argv and _gpu_rows():
+        from jax_garden.bench import moe_nodes_gpu
+
+        return moe_nodes_gpu.main(argv)
     ap = _parser()
-    args = ap.parse_args(argv)
+    args = ap.parse_args([a for a in argv if a != "--cpu"])
     if args.quick:
         args.dtypes = "bf16" if args.dtypes == "bf16,fp8" else args.dtypes
     args.iters = args.iters if args.iters is not None else (30 if args.quick else 200)
