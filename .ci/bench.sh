@@ -4,5 +4,5 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-bash .ci/setup.sh
+bash .ci/setup.sh serve
 exec .venv/bin/python -P -m jax_garden.bench fabric "$@"

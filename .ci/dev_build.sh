@@ -12,7 +12,10 @@ cmake -S "$root" -B "$build" -G Ninja -DPython_EXECUTABLE="$python" -DCMAKE_BUIL
 ninja -C "$build" >/dev/null
 pkg=$build/pkg/jax_garden
 mkdir -p "$pkg"
-for f in "$root"/jax_garden/*; do ln -sfn "$f" "$pkg/$(basename "$f")"; done
+for f in "$root"/jax_garden/*; do
+  case "$(basename "$f")" in bin | __pycache__ | _jax_garden*.so) continue ;; esac  # setup.sh's links, caches
+  ln -sfn "$f" "$pkg/$(basename "$f")"
+done
 ln -sfn "$build"/_jax_garden*.so "$pkg/"
 mkdir -p "$pkg/bin" && ln -sfn "$build/raw_fabric_bench" "$pkg/bin/raw_fabric_bench"
 echo "$build/pkg"

@@ -8,5 +8,5 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-bash .ci/setup.sh
+bash .ci/setup.sh serve
 exec .venv/bin/python -P examples/disaggregated_serving.py "$@"

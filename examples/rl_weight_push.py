@@ -1,27 +1,33 @@
 """RL weight push: a trainer job updates a small model and pushes every new version to an inference
-job, which generates with it.
+job, which serves it: you see the served model learn, version by version.
 
     python examples/rl_weight_push.py            # CPU over tcp (default), or GPUs when 2 are present
-    python examples/rl_weight_push.py --short    # tiny model, 2 steps (the test runs this)
+    python examples/rl_weight_push.py --quick    # tiny model, 2 steps (the test runs this)
     python examples/rl_weight_push.py --device gpu
 
 Two separate JAX jobs, each of 2 processes with its own ``jax.distributed`` coordinator:
 
-* trainer job: the parameters are FSDP-sharded over its 2 processes (dimension 0); every step is
-  an SGD step on a next-token loss (``jax.grad``; XLA adds the collectives), then
+* trainer job: the parameters are FSDP-sharded over its 2 processes (dimension 0). It pushes the
+  initial parameters as version 0, then every step is an SGD step on a next-token loss (``jax.grad``;
+  XLA adds the collectives) over one training sequence, 0 7 14 21 ..., followed by
   ``Publisher.push(params, step)``;
 * inference job: tensor parallel over its 2 processes (column-parallel up projection and head,
   row-parallel down projection); the two MLP matrices arrive as fp8 e4m3 with 16x16 block scales
   (quantized by the trainers while they send), the rest as bf16. Each process ``wait``s for the
-  version, then decodes a few tokens greedily with it inside ``jax.jit``.
+  version, then, inside ``jax.jit`` with the served weights, computes the loss on the training
+  sequence and decodes greedily from token 0. Per version the example prints the trainer's loss and
+  the served one (equal up to fp8 rounding) and the greedy tokens, which turn into the training
+  sequence as the versions come in.
 
 This launcher is "the caller that moves bytes" between the jobs: each side's ``Layout`` and the
 subscribers' engine addresses go through it (pipes); the weights go point to point over the
 TransferEngine. After each step it hands the trainer's parameters (gathered, only for this check)
 to the inference processes, which verify their shards: bf16 bitwise, fp8 within the e4m3 bound.
 
-On GPUs each process pins one GPU (trainer rank r and inference rank r share GPU r: colocated
-2 -> 2), and the engine moves GPU memory over CUDA IPC.
+On GPUs each process uses one GPU, chosen with ``jax.distributed``'s ``local_device_ids`` while
+every GPU stays visible to CUDA (trainer rank r and inference rank r share GPU r: colocated 2 -> 2),
+and the engine moves GPU memory over CUDA IPC, into XLA's own buffers. It needs 2 GPUs: the trainer
+job's collectives (NCCL) refuse two ranks on one GPU.
 """
 
 from __future__ import annotations
@@ -39,16 +45,15 @@ import traceback
 
 import numpy as np
 
-SIZES = {"short": dict(vocab=64, dim=32, ffn=64, steps=2, tokens=4, batch=8),
-         "full": dict(vocab=512, dim=256, ffn=1024, steps=5, tokens=8, batch=32)}
+SIZES = {"quick": dict(vocab=64, dim=32, ffn=64, steps=2, tokens=6, batch=8, lr=0.2),
+         "full": dict(vocab=512, dim=256, ffn=1024, steps=5, tokens=8, batch=32, lr=0.5)}
 BLOCK = (16, 16)
 TIMEOUT = 120.0
 
 
 def _setup_jax(device: str, rank: int, port: int) -> None:
     if device == "gpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
-        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # two processes per GPU
     else:
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -56,7 +61,9 @@ def _setup_jax(device: str, rank: int, port: int) -> None:
 
     if device == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank, initialization_timeout=60)
+    # GPU: this process's JAX uses GPU `rank`; CUDA still sees every GPU (the engine maps peers' memory).
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank, initialization_timeout=60,
+                               local_device_ids=[rank] if device == "gpu" else None)
 
 
 def _shapes(cfg: dict) -> dict:
@@ -72,6 +79,19 @@ def _forward(p: dict, tokens, up, down):
     h = h * jnp.reciprocal(jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6)) * p["norm"].astype(jnp.float32)
     h = h + jnp.maximum(h @ up, 0.0) @ down
     return h @ p["head"].astype(jnp.float32)
+
+
+def _loss(p: dict, seq, up, down):
+    """Mean next-token cross-entropy over ``seq``."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = _forward(p, seq[:-1], up, down)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), seq[1:, None], 1))
+
+
+def _training_sequence(cfg: dict) -> np.ndarray:
+    return (np.arange(cfg["batch"] + 1) * 7 % cfg["vocab"]).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------- trainer
@@ -101,27 +121,31 @@ def trainer(rank: int, cfg: dict, device: str, port: int, conn) -> None:
                 .astype(np.float32) for k, s in _shapes(cfg).items()}
         params = {k: jax.make_array_from_callback(v.shape, shard[k], lambda idx, a=v: jnp.asarray(a[idx], jnp.bfloat16))
                   for k, v in init.items()}
-        data = jax.make_array_from_callback((cfg["batch"] + 1,), NamedSharding(mesh, P()),
-                                            lambda idx: np.arange(cfg["batch"] + 1)[idx] * 7 % cfg["vocab"])
+        seq = _training_sequence(cfg)
+        data = jax.make_array_from_callback(seq.shape, NamedSharding(mesh, P()), lambda idx: seq[idx])
+
+        def loss(p, seq):
+            return _loss(p, seq, p["w_up"].astype(jnp.float32), p["w_down"].astype(jnp.float32))
 
         # out_shardings keep every parameter where the plan says it is (push checks it).
         @jax.jit
         def train_step(p, seq):
-            def loss(p):
-                logits = _forward(p, seq[:-1], p["w_up"].astype(jnp.float32), p["w_down"].astype(jnp.float32))
-                return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), seq[1:, None], 1))
+            g = jax.grad(loss)(p, seq)
+            new = {k: (p[k].astype(jnp.float32) - cfg["lr"] * g[k].astype(jnp.float32)).astype(jnp.bfloat16)
+                   for k in p}
+            return {k: jax.lax.with_sharding_constraint(v, shard[k]) for k, v in new.items()}
 
-            l, g = jax.value_and_grad(loss)(p)
-            new = {k: (p[k].astype(jnp.float32) - 1.0 * g[k].astype(jnp.float32)).astype(jnp.bfloat16) for k in p}
-            return {k: jax.lax.with_sharding_constraint(v, shard[k]) for k, v in new.items()}, l
-
-        for step in range(1, cfg["steps"] + 1):
-            params, loss = train_step(params, data)
+        eval_loss = jax.jit(loss)
+        for version in range(cfg["steps"] + 1):  # version 0: the initial parameters
+            if version:
+                params = train_step(params, data)
             t0 = time.perf_counter()
-            h = pub.push(params, step).wait(TIMEOUT)
+            h = pub.push(params, version).wait(TIMEOUT)
+            push_s = time.perf_counter() - t0
             full = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in params.items()}
+            trained = float(np.asarray(eval_loss(params, data).addressable_shards[0].data))  # every rank takes part
             if rank == 0:
-                conn.send(("pushed", step, float(loss), time.perf_counter() - t0, sum(h.bytes_sent.values()), full))
+                conn.send(("pushed", version, trained, push_s, sum(h.bytes_sent.values()), full))
             conn.recv()  # the inference job checked this version
         pub.close()
         conn.send(("done",))
@@ -169,15 +193,22 @@ def inference(rank: int, cfg: dict, device: str, port: int, conn) -> None:
             return q.weight.astype(jnp.float32) * s
 
         @jax.jit
-        def next_token(p, tok):
-            logits = _forward(p, tok, dequant(p["w_up"]), dequant(p["w_down"]))
-            return jnp.argmax(logits, -1).astype(jnp.int32)
+        def served(p, seq):
+            """The served model at work: its loss on the training sequence, and greedy decoding from token 0."""
+            up, down = dequant(p["w_up"]), dequant(p["w_down"])
 
-        prompt = jnp.arange(2, dtype=jnp.int32)
-        for step in range(1, cfg["steps"] + 1):
+            def step(tok, _):
+                nxt = jnp.argmax(_forward(p, tok[None], up, down)[0]).astype(jnp.int32)
+                return nxt, nxt
+
+            _, tokens = jax.lax.scan(step, jnp.int32(0), None, length=cfg["tokens"])
+            return _loss(p, seq, up, down), tokens
+
+        seq = jnp.asarray(_training_sequence(cfg))
+        for version in range(cfg["steps"] + 1):
             ref = conn.recv()
             t0 = time.perf_counter()
-            sub.wait(step, TIMEOUT)
+            sub.wait(version, TIMEOUT)
             waited = time.perf_counter() - t0
             with sub.hold() as (version, p):
                 bad = []
@@ -193,11 +224,10 @@ def inference(rank: int, cfg: dict, device: str, port: int, conn) -> None:
                         err = np.abs(deq - x)
                         bound = weights.fp8_error_bound(x, np.asarray(ss.data), BLOCK)
                         worst = max(worst, float((err / bound).max()))
-                tok, out = prompt, []
-                for _ in range(cfg["tokens"]):
-                    tok = next_token(p, tok)
-                    out.append(np.asarray(jax.device_get(tok.addressable_shards[0].data)).tolist())
-            conn.send(("checked", step, version, not bad, bad, worst, waited, out))
+                loss, tokens = served(p, seq)
+                loss = float(np.asarray(loss.addressable_shards[0].data))
+                out = np.asarray(tokens.addressable_shards[0].data).tolist()
+            conn.send(("checked", version, not bad, bad, worst, waited, loss, out))
         sub.close()
         conn.send(("done",))
     except BaseException as e:  # noqa: BLE001
@@ -238,13 +268,14 @@ def _recv(conn, who: str, timeout: float = TIMEOUT):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--short", action="store_true", help="tiny model, 2 steps")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 2 steps")
     ap.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     args = ap.parse_args(argv)
-    cfg = SIZES["short" if args.short else "full"]
+    cfg = SIZES["quick" if args.quick else "full"]
     device = args.device if args.device != "auto" else ("gpu" if _gpus() >= 2 else "cpu")
     print(f"trainer job (2 processes, FSDP) -> inference job (2 processes, TP), {device}, "
-          f"model {_shapes(cfg)}, {cfg['steps']} steps", flush=True)
+          f"model {_shapes(cfg)}, versions 0..{cfg['steps']}", flush=True)
+    print(f"training sequence: {' '.join(map(str, _training_sequence(cfg)))}", flush=True)
 
     ctx = mp.get_context("spawn")
     tport, iport = _free_port(), _free_port()
@@ -269,17 +300,24 @@ def main(argv: list[str] | None = None) -> int:
         for c in iconn + tconn:
             c.send(addrs)
         ok_bf16 = ok_fp8 = True
-        for step in range(1, cfg["steps"] + 1):
-            _, _, loss, push_s, nbytes, full = _recv(tconn[0], "trainer 0")
+        seq = _training_sequence(cfg)[1:cfg["tokens"] + 1].tolist()
+        header = (f"{'version':>7} {'trainer loss':>12} {'served loss':>11} {'push ms':>8} {'wait ms':>8}   "
+                  "greedy tokens from 0 (served weights)")
+        for step in range(cfg["steps"] + 1):
+            _, version, loss, push_s, nbytes, full = _recv(tconn[0], "trainer 0")
             for c in iconn:
                 c.send(full)
             for r, c in enumerate(iconn):
-                _, s, version, bitwise, bad, worst, waited, tokens = _recv(c, f"inference {r}")
+                _, served_version, bitwise, bad, worst, waited, served_loss, tokens = _recv(c, f"inference {r}")
                 ok_bf16 &= bitwise
                 ok_fp8 &= worst <= 1.0
                 if r == 0:
-                    print(f"step {step}: loss {loss:.4f}, push {push_s * 1e3:.1f} ms ({nbytes} bytes from trainer 0), "
-                          f"version {version} in service after {waited * 1e3:.1f} ms, tokens {tokens}", flush=True)
+                    follow = sum(a == b for a, b in zip(tokens, seq))
+                    if step == 0:  # after the first version: the jobs' start-up chatter is over by then
+                        print(header)
+                    print(f"{served_version:>7} {loss:>12.4f} {served_loss:>11.4f} {push_s * 1e3:>8.1f} "
+                          f"{waited * 1e3:>8.1f}   {' '.join(map(str, tokens))}  ({follow}/{len(seq)} follow the "
+                          f"sequence)", flush=True)
                 if not bitwise:
                     print(f"  inference {r}: bf16 mismatch in {bad}", flush=True)
                 if worst > 1.0:
@@ -288,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                 c.send("next")
         for r, c in enumerate(tconn + iconn):
             _recv(c, f"process {r}")
+        print("push ms: Publisher.push(...).wait() on trainer 0; wait ms: Subscriber.wait(version) on inference 0 "
+              "once the push was known done; served loss: with the fp8 MLP weights as received")
         print(f"bf16 bitwise: {'ok' if ok_bf16 else 'FAILED'}")
         print(f"fp8 within bound: {'ok' if ok_fp8 else 'FAILED'}")
         return 0 if ok_bf16 and ok_fp8 else 1

@@ -34,8 +34,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_garden import _compat, _settings, _validate
+from jax_garden import _settings, _validate
 from jax_garden import _jax_garden as _native
+from jax_garden._service.bootstrap import Bootstrap
 
 __all__ = ["available", "create_context", "CudaContext", "MoeDeviceError", "MoeTimeoutError"]
 
@@ -60,18 +61,27 @@ def available() -> bool:
     return bool(getattr(_native, "built_with_cuda", False)) and bool(_native.moe_cuda.available)
 
 
-def _tuning() -> dict[str, int]:
+_SYNC_MODES = ("arrive", "flags", "legacy")
+
+
+def _tuning() -> dict[str, Any]:
     """Kernel tuning knobs (benchmarks): bytes of a row one warp sends (512, 1024, 2048), blocks
-    per multiprocessor (1, 2) and the NVLink kernels' first synchronisation (the baseline of
-    bench moe --profile), from the settings moe_chunk_bytes / moe_blocks_per_sm /
-    moe_legacy_sync (unset: the kernels' defaults). The native context checks the values."""
-    out = {}
+    per multiprocessor (1, 2), the NVLink kernels' synchronisation (``arrive``, ``flags``,
+    ``legacy``: bench moe --profile compares them), whether dispatch()/combine() run as one kernel
+    each, and whether those are launched cooperatively, from the settings moe_chunk_bytes /
+    moe_blocks_per_sm / moe_sync (moe_legacy_sync: ``legacy``) / moe_fused / moe_cooperative
+    (unset: the kernels' defaults). The native context checks the values."""
+    out: dict[str, Any] = {}
     for key, setting in (("chunk_bytes", "moe_chunk_bytes"), ("blocks_per_sm", "moe_blocks_per_sm")):
         value = _settings.get(setting)
         if value is not None:
             out[key] = value
-    if _settings.get("moe_legacy_sync"):
-        out["legacy_sync"] = True
+    sync = "legacy" if _settings.get("moe_legacy_sync") else _settings.get("moe_sync").strip().lower()
+    if sync not in _SYNC_MODES:
+        raise ValueError(f"JAX_GARDEN_MOE_SYNC must be one of {', '.join(_SYNC_MODES)}, got {sync!r}")
+    out["sync"] = sync
+    out["fused"] = bool(_settings.get("moe_fused"))
+    out["cooperative"] = bool(_settings.get("moe_cooperative"))
     return out
 
 
@@ -139,6 +149,18 @@ class CudaContext:
         """Calls completed by each kernel on device ``ordinal``."""
         return dict(zip(_KERNELS, self._ctx.generations(ordinal)))
 
+    def stamps(self, ordinal: int, n: int) -> dict[str, np.ndarray] | None:
+        """NVLink context only (None otherwise): every device timestamp of the last ``n`` calls of
+        each kernel on device ``ordinal``, ``{name: [n, 4] uint64}`` with the names of
+        ``_jax_garden.moe_cuda.stamp_names`` (start, end, entry = the kernel's first instruction,
+        waited, body = block 0's work done, last = the last block counted in). A fused kernel
+        stamps both of its phase's slots (the send slot ends where the receive slot starts)."""
+        if self.proxied:
+            return None
+        names = list(_native.moe_cuda.stamp_names)
+        raw = np.asarray(self._ctx.stamps(ordinal, n), np.uint64).reshape(n, 4, len(names))
+        return {name: raw[:, :, i] for i, name in enumerate(names) if not name.startswith("unused")}
+
     def timings(self, ordinal: int, n: int) -> np.ndarray:
         """Device timestamps (globaltimer, ns) of the last ``n`` calls of each phase on device
         ``ordinal``: ``[n, 4 (dispatch_send, dispatch_recv, combine_send, combine_recv), 2
@@ -174,10 +196,10 @@ def _close_native(native_ctx, uid: int, multiprocess: bool, proxied: bool = Fals
         if multiprocess:
             # No process may free its buffer while a peer's kernels (or engine) can still write into
             # it. A context that failed skips the barrier: its peers fail too (or time out here).
-            client = _compat.distributed_client()
-            if client is not None and not (proxied and native_ctx.error()[0]):
+            boot = _bootstrap()
+            if boot is not None and not (proxied and native_ctx.error()[0]):
                 native_ctx.synchronize()
-                client.wait_at_barrier(f"jax_garden_moe_cuda_{uid}_close", 60_000)
+                boot.barrier(f"jax_garden_moe_cuda_{uid}_close", 60.0)
     except Exception:  # a dead peer: free anyway, nothing can write here any more
         pass
     native_ctx.close()
@@ -265,16 +287,15 @@ def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
         ordinal_of = {d.id: cuda_ordinal(d) for _, _, d in local}
         for g, r, d in local:
             ctx.add_rank(ordinal_of[d.id], int(r))
-        client = None
+        boot = None
         if remote_needed:
-            client = _compat.distributed_client()
-            if client is None:
+            boot = _bootstrap()
+            if boot is None:
                 raise RuntimeError("moe (CUDA): the mesh spans several processes but "
                                    "jax.distributed is not initialised (needed to exchange "
                                    "CUDA IPC handles)")
             for g, r, d in local:
-                key = _key(uid, g, r)
-                client.key_value_set(key, ctx.ipc_handle(ordinal_of[d.id]).hex())
+                boot.publish(_key(uid, g, r), ctx.ipc_handle(ordinal_of[d.id]))
         for g, r, d in local:
             ordinal = ordinal_of[d.id]
             for p in range(num_ranks):
@@ -284,8 +305,8 @@ def create_context(cfg: Any, mesh: jax.sharding.Mesh, axis_name: str, *,
                 else:
                     # Peers reach this point at their own pace (imports, compiles): a wait of
                     # its own, not the kernels' timeout.
-                    handle = client.blocking_key_value_get(_key(uid, g, p), _KV_TIMEOUT_MS)
-                    ctx.connect_ipc(ordinal, p, bytes.fromhex(handle))
+                    handle = boot.fetch(_key(uid, g, p), _KV_TIMEOUT_MS / 1000)
+                    ctx.connect_ipc(ordinal, p, handle)
         report = ctx.finalize()
     except BaseException:
         ctx.close()
@@ -395,13 +416,18 @@ def _exchange(uid: int, mine: dict[int, bytes], remote: list[int], config: Any) 
         if missing:
             raise ValueError(f"InternodeConfig.bootstrap returned no peer info for ranks {missing}")
         return {r: _validate.check_bytes_like(f"bootstrap peer info of rank {r}", got[r]) for r in remote}
-    client = _compat.distributed_client()
-    if client is None:
+    boot = _bootstrap()
+    if boot is None:
         raise RuntimeError("moe.AllToAll across processes: jax.distributed is not initialised (its "
                            "key-value store carries the peer information); initialise it or pass "
                            "InternodeConfig(bootstrap=...)")
-    for r, blob in mine.items():
-        client.key_value_set(f"jax_garden/moe_proxy/{uid}/{r}", blob.hex())
     # Peers reach this point at their own pace (imports, compiles): a wait of its own.
-    return {r: bytes.fromhex(client.blocking_key_value_get(f"jax_garden/moe_proxy/{uid}/{r}", _KV_TIMEOUT_MS))
-            for r in remote}
+    return boot.exchange(f"jax_garden/moe_proxy/{uid}", mine, remote, _KV_TIMEOUT_MS / 1000)
+
+
+def _bootstrap() -> Bootstrap | None:
+    """jax.distributed's key-value store as the service floor's Bootstrap (None without it)."""
+    try:
+        return Bootstrap()
+    except RuntimeError:
+        return None

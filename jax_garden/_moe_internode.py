@@ -19,8 +19,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jax_garden import _compat, _settings, _validate
+from jax_garden import _settings, _validate
 from jax_garden import _jax_garden as _native
+from jax_garden._service.bootstrap import Bootstrap
 
 __all__ = ["InternodeConfig", "create_context", "detect_node_size"]
 
@@ -154,17 +155,15 @@ class InternodeContext(HostContext):
             if missing:
                 raise ValueError(f"InternodeConfig.bootstrap returned no peer info for ranks {missing}")
             return {r: _validate.check_bytes_like(f"bootstrap peer info of rank {r}", got[r]) for r in remote}
-        client = _compat.distributed_client()
-        if client is None:
+        try:
+            boot = Bootstrap()
+        except RuntimeError:
             raise RuntimeError("moe.AllToAll across processes: jax.distributed is not initialised (its "
                                "key-value store carries the peer information); initialise it or pass "
-                               "InternodeConfig(bootstrap=...)")
+                               "InternodeConfig(bootstrap=...)") from None
         self._kv = True
-        for r, info in mine.items():
-            client.key_value_set(_key(self._uid, r), info.hex())
         # Peers reach this point at their own pace (imports, compiles): a wait of its own.
-        return {r: bytes.fromhex(client.blocking_key_value_get(_key(self._uid, r), _KV_TIMEOUT_MS))
-                for r in remote}
+        return boot.exchange(_key(self._uid), mine, remote, _KV_TIMEOUT_MS / 1000)
 
     def timings(self, rank: int, n: int) -> np.ndarray:
         """Host timestamps (steady clock, ns) of the last ``n`` calls of each phase of local
@@ -186,11 +185,10 @@ def _close_native(native, uid: int, kv: bool, timeout: float) -> None:
         broken = bool(native.error()[0])
         if not broken:
             native.drain(timeout)  # every row this process wrote has been handed over (or landed)
-            client = _compat.distributed_client() if kv else None
-            if client is not None:
+            if kv:
                 # No process closes its engine while a peer may still count on its writes. A
                 # process that failed skips it (its peers fail too, or wait here at most `timeout`).
-                client.wait_at_barrier(f"jax_garden_moe_internode_{uid}_close", int(timeout * 1000))
+                Bootstrap().barrier(f"jax_garden_moe_internode_{uid}_close", timeout)
     except Exception:  # a dead peer: close anyway, nothing needs this process's writes any more
         pass
     native.close()
@@ -204,5 +202,6 @@ def create_context(cfg: Any, num_ranks: int, timeout: float, node_size: int, loc
     return InternodeContext(cfg, num_ranks, timeout, node_size, local_ranks, config or InternodeConfig())
 
 
-def _key(uid: int, rank: int) -> str:
-    return f"jax_garden/moe_internode/{uid}/{rank}"
+def _key(uid: int) -> str:
+    """The bootstrap namespace of context ``uid``: rank r's peer info is under ``<namespace>/r``."""
+    return f"jax_garden/moe_internode/{uid}"

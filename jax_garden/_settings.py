@@ -1,5 +1,5 @@
 """Every setting jax_garden reads from the environment, in one place. Each is read when it is
-used (never at import), so a process may change it between calls; README lists them.
+used (never at import), so a process may change it between calls; docs/semantics.md lists them.
 
 ======================================  ========  ===========================================
 variable                                default   meaning
@@ -11,14 +11,22 @@ variable                                default   meaning
 ``JAX_GARDEN_MOE_BLOCKS_PER_SM``        (auto)    CUDA MoE: thread blocks per SM (tuning)
 ``JAX_GARDEN_MOE_CUDA_GRAPHS``          1         0: MoE CUDA calls traced from now on use the
                                                   targets without the command-buffer trait
-``JAX_GARDEN_MOE_LEGACY_SYNC``          0         1: CUDA MoE contexts created from now on use the
-                                                  NVLink kernels' first synchronisation (a fence
-                                                  in every thread, the full grid for every
-                                                  kernel): the baseline of bench moe --profile
-``JAX_GARDEN_VMM_IPC``                  0         1: engines created from now on offer GPU regions
-                                                  in cuMemCreate memory (XLA's buffers) to
-                                                  same-host peers through an exported fd
-                                                  (experimental: not yet verified on GPUs)
+``JAX_GARDEN_MOE_SYNC``                 arrive    CUDA MoE contexts created from now on
+                                                  synchronise their NVLink kernels by ``arrive``
+                                                  (release reductions into the peers' counters),
+                                                  ``flags`` (last block publishes a flag) or
+                                                  ``legacy`` (the first version): bench moe
+                                                  --profile compares them
+``JAX_GARDEN_MOE_LEGACY_SYNC``          0         1: same as ``JAX_GARDEN_MOE_SYNC=legacy``
+``JAX_GARDEN_MOE_FUSED``                1         0: CUDA MoE contexts created from now on run
+                                                  ``dispatch()``/``combine()`` as two kernels
+                                                  each instead of one (needs ``arrive``)
+``JAX_GARDEN_MOE_COOPERATIVE``          1         0: the fused kernels get a plain launch instead
+                                                  of a cooperative one (benchmarks)
+``JAX_GARDEN_VMM_IPC``                  1         0: engines created from now on stop offering
+                                                  GPU regions in cuMemCreate memory (XLA's
+                                                  buffers) to same-host peers through an
+                                                  exported fd (their writes then go staged)
 ``JAX_GARDEN_ADVERSARY``                (off)     engines created from now on without an
                                                   ``adversary=`` argument run the adversarial
                                                   delivery mode with these settings, e.g.
@@ -56,9 +64,16 @@ SETTINGS: dict[str, Setting] = {
     "moe_legacy_sync": Setting("JAX_GARDEN_MOE_LEGACY_SYNC", _flag, False,
                                "1: CUDA MoE contexts created from now on use the NVLink kernels' first "
                                "synchronisation (a fence in every thread, the full grid for every kernel)"),
-    "vmm_ipc": Setting("JAX_GARDEN_VMM_IPC", _flag, False,
-                       "1: engines created from now on offer GPU regions in cuMemCreate memory (XLA's buffers) "
-                       "to same-host peers through an exported fd (experimental: not yet verified on GPUs)"),
+    "moe_sync": Setting("JAX_GARDEN_MOE_SYNC", str, "arrive",
+                        "CUDA MoE contexts created from now on synchronise their NVLink kernels by 'arrive', "
+                        "'flags' or 'legacy'"),
+    "moe_fused": Setting("JAX_GARDEN_MOE_FUSED", _flag, True,
+                         "0: CUDA MoE contexts created from now on run dispatch()/combine() as two kernels each"),
+    "moe_cooperative": Setting("JAX_GARDEN_MOE_COOPERATIVE", _flag, True,
+                               "0: the fused MoE kernels get a plain launch instead of a cooperative one"),
+    "vmm_ipc": Setting("JAX_GARDEN_VMM_IPC", _flag, True,
+                       "0: engines created from now on stop offering GPU regions in cuMemCreate memory (XLA's "
+                       "buffers) to same-host peers through an exported fd (their writes then go staged)"),
     "adversary": Setting("JAX_GARDEN_ADVERSARY", str, "",
                          "engines created without adversary= run the adversarial delivery mode with these "
                          "settings (seed=7,hold=0.5,...); read by the native engine when it is created"),

@@ -92,3 +92,36 @@ def check_timeout(name: str, value: Any, default: float | None = None) -> float:
         raise ValueError(f"{name} must be a finite number of seconds >= 0 (0: check once without waiting), "
                          f"got {value}")
     return value
+
+
+def check_int_array(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+                    distinct: bool = False) -> np.ndarray:
+    """A 1-D sequence of integers (as int64): ``TypeError`` when it is not one, ``ValueError`` for an
+    element outside ``[minimum, maximum]`` or (``distinct``) a repeated one."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)) or np.isscalar(value):
+        raise TypeError(f"{name} must be a 1-D sequence of ints, got {_type_name(value)} {value!r}")
+    try:
+        arr = np.asarray(value)
+    except Exception:  # noqa: BLE001 - ragged or odd objects
+        raise TypeError(f"{name} must be a 1-D sequence of ints, got {_type_name(value)}") from None
+    if arr.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D sequence of ints, got shape {arr.shape}")
+    if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must hold ints, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if minimum is not None and lo < minimum:
+            raise ValueError(f"{name}: {lo} is out of range {minimum}..{maximum if maximum is not None else ''}")
+        if maximum is not None and hi > maximum:
+            raise ValueError(f"{name}: {hi} is out of range {minimum if minimum is not None else ''}..{maximum}")
+        if distinct and np.unique(arr).size != arr.size:
+            vals, counts = np.unique(arr, return_counts=True)
+            raise ValueError(f"{name}: {int(vals[counts > 1][0])} appears twice")
+    return arr
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {_type_name(value)} {value!r}")
+    return bool(value)

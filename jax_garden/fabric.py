@@ -37,13 +37,11 @@ Both run on CPU and on CUDA (see their docstrings for the GPU semantics).
 
 from __future__ import annotations
 
-import atexit
-import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from jax_garden import _ffi, _settings
+from jax_garden import _ffi, _lifetime, _settings
 from jax_garden._adversary import Adversary
 from jax_garden._jax_garden import fabric as _native
 from jax_garden._validate import (U32_MAX, check_bytes_like, check_choice, check_float, check_instance, check_int,
@@ -80,12 +78,15 @@ def gpu_available() -> bool:
 
 def choose_path(*, requested: str | None = None, src_cuda: bool = False, src_staged: bool = False,
                 dst_cuda: bool = False, dst_staged: bool = False, dst_has_ipc: bool = False,
-                same_host: bool = False, same_process: bool = False,
-                gpu_can_map: bool = False) -> tuple[str, bool, bool]:
+                same_host: bool = False, same_process: bool = False, gpu_can_map: bool = False,
+                dst_mailbox: bool = True, why: bool = False) -> tuple:
     """The engine's path decision for one destination, as a pure function:
-    ``(path, stage_src, stage_dst)``. Raises ``ValueError`` when a forced path is impossible."""
-    return tuple(_native.choose_path(_check_path(requested), src_cuda, src_staged, dst_cuda, dst_staged,
-                                     dst_has_ipc, same_host, same_process, gpu_can_map))
+    ``(path, stage_src, stage_dst)``, plus the reason in words with ``why=True``. ``dst_mailbox``:
+    the destination engine has an imm mailbox (where same-host copies deliver their imms). Raises
+    ``ValueError`` when a forced path is impossible."""
+    out = tuple(_native.choose_path(_check_path(requested), src_cuda, src_staged, dst_cuda, dst_staged,
+                                    dst_has_ipc, same_host, same_process, gpu_can_map, dst_mailbox))
+    return out if why else out[:3]
 
 
 def plan_registration(*, cuda: bool, device: int = 0, staged: bool = False, provider_hmem: bool = False,
@@ -189,6 +190,12 @@ class MemoryRegion:
     def registration(self) -> str:
         """``system``, ``hmem_iov``, ``hmem_dmabuf`` or ``staged`` (see :func:`plan_registration`)."""
         return self._native.registration
+
+    @property
+    def registration_note(self) -> str:
+        """Why the region is registered the way it is, and (GPU memory) why same-host peers can or
+        cannot map it (e.g. memory without a CUDA IPC export: a ``cuda_async`` pool)."""
+        return self._native.registration_note
 
     @property
     def descriptor(self) -> MemoryDescriptor:
@@ -296,7 +303,7 @@ class TransferEngine:
                                              _check_count("staging_chunk_bytes", staging_chunk_bytes, positive=True),
                                              _check_count("staging_slots", staging_slots, positive=True), completion,
                                              bool(_settings.get("vmm_ipc")), adversary)
-        _live_engines.add(self)
+        _lifetime.close_at_exit(self, _lifetime.ENGINE)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -343,10 +350,15 @@ class TransferEngine:
         p = self._native.default_path
         return None if p == "auto" else p
 
-    def path_for(self, region: "MemoryRegion", remote_descriptor: Any, path: str | None = None) -> str:
+    def path_for(self, region: "MemoryRegion", remote_descriptor: Any, path: str | None = None, *,
+                 why: bool = False) -> "str | tuple[str, str]":
         """The path (``"fabric"``, ``"ipc"`` or ``"staged"``) an op from ``region`` to
-        ``remote_descriptor`` takes with this ``path`` override."""
-        return self._native.path_for(_region(region), _descriptor(remote_descriptor), _check_path(path))[0]
+        ``remote_descriptor`` takes with this ``path`` override; with ``why=True``, ``(path, reason)``
+        where the reason says what ruled the faster paths out (e.g. a destination GPU this process
+        cannot see, or memory its owner could not export)."""
+        reg, desc, p = _region(region), _descriptor(remote_descriptor), _check_path(path)
+        chosen = self._native.path_for(reg, desc, p)[0]
+        return (chosen, self._native.path_reason(reg, desc, p)) if why else chosen
 
     def check(self) -> None:
         """Raise (TransferError) the oldest error noticed asynchronously and forget it: a GPU
@@ -355,7 +367,11 @@ class TransferEngine:
 
     def staging_stats(self) -> dict:
         """Bounce buffers and staged transfers in flight: ``send_buffers[_free]``,
-        ``recv_slots[_free]``, ``inbound``, ``outbound``, ``chunk_bytes``, ``ipc_mappings``."""
+        ``recv_slots[_free]``, ``inbound``, ``outbound``, ``chunk_bytes``; ``ipc_mappings``
+        (peer allocations this process mapped) and the ipc destinations this engine started, by who
+        stored their imm records: ``ipc_stream_records`` (the copy's GPU stream, no host thread),
+        ``ipc_event_records`` (the worker, after the copy's event: no stream memory operations
+        here), ``ipc_host_records`` (host memory)."""
         return dict(self._native.staging_stats())
 
     # -- memory --------------------------------------------------------------------------------
@@ -491,7 +507,7 @@ class TransferEngine:
         """Fail every op in flight (TransferError), stop the threads, close the endpoints, and drop
         the watchers' callbacks. Idempotent; engines still open at interpreter exit are closed."""
         self._native.close()
-        _live_engines.discard(self)
+        _lifetime.closed(self)
 
     def __enter__(self) -> "TransferEngine":
         return self
@@ -501,20 +517,6 @@ class TransferEngine:
 
     def __repr__(self) -> str:
         return f"TransferEngine({self.provider}, domains={self.num_domains}{', closed' if self.closed else ''})"
-
-
-# Engines still open at interpreter exit are closed first: their threads stop and the Python
-# callables they hold (watcher callbacks, buffers kept alive) are released while Python still runs.
-_live_engines: "weakref.WeakSet[TransferEngine]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_engines() -> None:
-    for eng in list(_live_engines):
-        try:
-            eng.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
 
 
 def _region(region: Any) -> Any:
@@ -643,12 +645,12 @@ def wait(counter: ImmCounter, count: Any, *operands: Any, timeout: float | None 
         raise TypeError(f"wait: counter must be an ImmCounter from TransferEngine.imm_counter, "
                          f"got {type(counter).__name__}")
     static = _static_int(count)
+    if isinstance(count, (int, np.integer)) and not isinstance(count, (bool, np.bool_)):
+        check_int("wait: count", count, minimum=0, maximum=(1 << 31) - 1)  # carried as int32
     count = jnp.asarray(count)
     if count.shape != ():
         raise ValueError(f"wait: count must be a scalar, got shape {count.shape}")
-    t = DEFAULT_TIMEOUT if timeout is None else float(timeout)
-    if not t > 0:
-        raise ValueError(f"wait: timeout must be > 0, got {timeout}")
+    t = DEFAULT_TIMEOUT if timeout is None else check_float("wait: timeout", timeout)
     return _passthrough_call("jg_fabric_wait", count.astype(jnp.int32), operands, alias=False,
                              counter_id=np.uint64(counter.id), timeout=np.float64(t),
                              static_count=np.int64(static))

@@ -7,7 +7,7 @@ Usage (per rank, inside ``jax.jit(jax.shard_map(f, mesh=mesh, ...))`` over ``axi
     expert_x, expert_scale, expert_counts = a2a.dispatch(x, indices, weights, bound_m=n)
     y = a2a.combine(expert_y, indices, weights, bound_m=n)
 
-Semantics (DESIGN.md §3, docs/moe-ffi.md). Per rank: ``x[T, H]``, ``indices[T, K]`` int32 global
+Semantics (docs/moe-ffi.md has the protocol). Per rank: ``x[T, H]``, ``indices[T, K]`` int32 global
 expert ids, ``weights[T, K]`` f32, ``bound_m`` int32 scalar (tokens ``t >= bound_m`` are ignored and
 their outputs are zero; values outside ``[0, T]`` are clamped). Rank ``r`` of ``R`` owns experts
 ``[r*E/R, (r+1)*E/R)``.
@@ -532,8 +532,23 @@ class AllToAll:
 
         Returns ``(expert_x[M, H], expert_scale[M, H/scale_block] f32 or None, expert_counts[E/R]
         int32)`` in the layout described in the module docstring.
+
+        One call (``jg_moe_dispatch``): on CUDA one kernel where the context can (the setting
+        ``moe_fused``), the same results as :meth:`dispatch_send` then :meth:`dispatch_recv`.
         """
-        return self.dispatch_recv(self.dispatch_send(x, indices, weights, x_scale, bound_m))
+        op = "AllToAll.dispatch"
+        cfg = self.config
+        x, x_scale = _dispatch_input(op, cfg, x, x_scale)
+        bound_m = _routing(op, cfg, indices, weights, bound_m)
+        rank = _rank(op, self.axis_name, self.num_ranks)
+        m, s = self.max_recv_tokens, cfg.scale_cols
+        expert_x, expert_scale, counts, _ = _ffi(
+            self._target("jg_moe_dispatch"),
+            (jax.ShapeDtypeStruct((m, cfg.hidden), cfg.dispatch_dtype),
+             jax.ShapeDtypeStruct((m, s), jnp.float32),
+             jax.ShapeDtypeStruct((self.num_local_experts,), jnp.int32), _TOKEN),
+            self.context_id, x, x_scale, indices, weights, bound_m, rank)
+        return expert_x, (expert_scale if cfg.is_fp8 else None), counts
 
     # -- combine -------------------------------------------------------------------------------
 
@@ -570,9 +585,22 @@ class AllToAll:
                 bound_m: jax.Array | int | None = None, expert_counts: jax.Array | None = None
                 ) -> jax.Array:
         """``y[t] = sum_k weights[t, k] * expert_y[row(t, k)]`` in f32, k order, for ``t < bound_m``
-        (zero rows after), where ``row(t, k)`` is where the last dispatch put (t, k)."""
-        return self.combine_recv(self.combine_send(expert_y, expert_counts), indices, weights,
-                                 bound_m)
+        (zero rows after), where ``row(t, k)`` is where the last dispatch put (t, k).
+
+        One call (``jg_moe_combine``): on CUDA one kernel where the context can (the setting
+        ``moe_fused``), the same result as :meth:`combine_send` then :meth:`combine_recv`."""
+        op = "AllToAll.combine"
+        cfg = self.config
+        _check(op, "expert_y", expert_y, (self.max_recv_tokens, cfg.hidden), cfg.combine_dtype)
+        if expert_counts is None:
+            expert_counts = jnp.full((self.num_local_experts,), -1, jnp.int32)
+        _check(op, "expert_counts", expert_counts, (self.num_local_experts,), np.int32)
+        bound_m = _routing(op, cfg, indices, weights, bound_m)
+        rank = _rank(op, self.axis_name, self.num_ranks)
+        y, _ = _ffi(self._target("jg_moe_combine"),
+                    (jax.ShapeDtypeStruct((cfg.max_tokens, cfg.hidden), cfg.combine_dtype), _TOKEN),
+                    self.context_id, expert_y, expert_counts, indices, weights, bound_m, rank)
+        return y
 
 
 # ---------------------------------------------------------------------------------------------

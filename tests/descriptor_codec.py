@@ -49,6 +49,8 @@ def decode(data: bytes) -> dict:
     d["host_id"], d["pid"], d["process_nonce"] = r.blob(), r.get("I"), r.get("Q")
     if d["version"] >= 3:
         d["region_key"], d["region_slot"] = r.get("Q"), r.get("I")
+    if d["version"] >= 5:  # v5: the owner engine's imm mailbox (same-host imm delivery)
+        d["mailbox"] = r.get("I")
     if d["flags"] & 2:
         if d["flags"] & 4:  # v4: a VMM range (its size; the fd comes from the owner's broker)
             d["ipc_range_bytes"], d["ipc_offset"], d["pci_bus_id"] = r.get("Q"), r.get("Q"), r.blob()
@@ -71,6 +73,8 @@ def encode(d: dict) -> bytes:
     out += struct.pack("<IQ", d["pid"], d["process_nonce"])
     if d["version"] >= 3:
         out += struct.pack("<QI", d["region_key"], d["region_slot"])
+    if d["version"] >= 5:
+        out += struct.pack("<I", d["mailbox"])
     if d["flags"] & 2:
         head = struct.pack("<Q", d["ipc_range_bytes"]) if d["flags"] & 4 else d["ipc_handle"]
         out += head + struct.pack("<Q", d["ipc_offset"]) + blob(d["pci_bus_id"])

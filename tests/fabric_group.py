@@ -21,9 +21,8 @@ CHILD_TIMEOUT = 120.0
 def gpu_count() -> int:
     """CUDA GPUs this build and machine can use (0 without a CUDA build or a GPU). Asks the native
     runtime, not jax, so that test collection initialises no backend. Only the test process asks
-    CUDA: a spawned child imports its test module to find its worker, and a query there would
-    initialise CUDA before the worker pins its GPU with CUDA_VISIBLE_DEVICES (every child would
-    then see, and use, GPU 0). Children read the count their parent left in the environment."""
+    CUDA (a spawned child imports its test module to find its worker, and need not start CUDA for
+    that); children read the count their parent left in the environment."""
     # (While a spawned child unpickles its target, parent_process() is still None; its name is set.)
     if mp.current_process().name != "MainProcess" or mp.parent_process() is not None:
         return int(os.environ.get("JAX_GARDEN_TEST_NGPU", "0"))
@@ -34,6 +33,19 @@ def gpu_count() -> int:
     n = native.gpu_device_count() if native.gpu_available() else 0
     os.environ["JAX_GARDEN_TEST_NGPU"] = str(n)
     return n
+
+
+def use_gpu(index: int) -> None:
+    """Choose the GPU this process's JAX uses (``index`` modulo the GPUs there are: on a one-GPU
+    machine every process shares GPU 0), keeping every GPU visible to CUDA, so that the engine can
+    map other processes' memory on any of them (the process model: never CUDA_VISIBLE_DEVICES).
+    Call before the first use of jax in the process."""
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # processes share the GPUs
+    os.environ.pop("XLA_FLAGS", None)
+    os.environ.pop("JAX_PLATFORMS", None)
+    import jax
+
+    jax.config.update("jax_cuda_visible_devices", str(index % max(1, gpu_count())))
 
 
 def _entry(fn: Callable, rank: int, size: int, board: Any, inbox: Any, results: Any, args: tuple) -> None:

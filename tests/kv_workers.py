@@ -1,8 +1,9 @@
 """Helpers for the kv tests: deterministic KV contents, a jitted prefill that marks each layer, and
 the functions tests run in spawned processes (fabric_group.run_group).
 
-Importing this module starts no accelerator: a GPU worker pins CUDA_VISIBLE_DEVICES to its rank
-before it imports jax (spawned children import this module to find their function)."""
+Importing this module starts no accelerator: a GPU worker chooses the GPU its JAX uses (its rank
+modulo the GPUs, all of them staying visible to CUDA) before it uses jax (spawned children import
+this module to find their function)."""
 
 from __future__ import annotations
 
@@ -163,8 +164,9 @@ def check_request(cache: Any, req: Any, seed: int) -> None:
 
 def _setup(rank: int, cfg: dict) -> None:
     if cfg.get("platform") == "gpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank % cfg.get("gpus", 2))
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        from fabric_group import use_gpu
+
+        use_gpu(rank % cfg.get("gpus", 2))
 
 
 def _layout(cfg: dict) -> Any:
@@ -195,7 +197,9 @@ def serve_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
         else:
             cache = kv.PagedKVCache(eng, lay, devices=_devices(cfg.get("prefill_devices", 1)))
             side = kv.PrefillSide(cache, timeout=60)
-        contacts = exchange(bytes(side.contact))
+        # contacts, and a region of each cache (the path a prefill's writes take toward it)
+        infos = exchange((bytes(side.contact), cache.descriptors()[0]))
+        contacts = [c for c, _ in infos]
         if rank in decodes:
             reqs = []
             for i, n in enumerate(cfg["tokens"]):
@@ -219,7 +223,8 @@ def serve_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
                 (seed,) = struct.unpack("<q", extra)
                 streams.append(run_prefill(side, ticket, seed, sleep_s=cfg.get("sleep_s", 0.0), programs=programs))
             out = {"streams": len(streams), "on_mark": sum(s.layers_posted_on_mark for s in streams),
-                   "layers": lay.num_layers * len(streams), "counts": dict(side.counts)}
+                   "layers": lay.num_layers * len(streams), "counts": dict(side.counts),
+                   "path": eng.path_for(cache.region(0, 0, 0), infos[decodes[0]][1], why=True)}
         exchange(None)  # nobody closes while a peer may still write
         side.close()
         return out
@@ -227,20 +232,28 @@ def serve_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
         eng.close()
 
 
+def _victim(cfg: dict) -> tuple[Any, dict]:
+    """The signal that takes the victim down (SIGKILL by default; SIGSTOP freezes it: a silent peer,
+    noticed only by liveness) and the sides' liveness settings."""
+    import signal
+
+    sig = getattr(signal, "SIG" + cfg.get("signal", "KILL"))
+    return sig, ({"liveness_s": cfg["liveness_s"]} if "liveness_s" in cfg else {})
+
+
 def killed_prefill_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
     """rank 0 decode, rank 1 prefill (killed mid-stream by rank 0), rank 2 healthy prefill."""
     _setup(rank, cfg)
-    import signal
-
     from jax_garden import fabric, kv
 
+    sig, live = _victim(cfg)
     lay = _layout(cfg)
-    eng = fabric.TransferEngine(provider="tcp", timeout=ENGINE_TIMEOUT)
+    eng = fabric.TransferEngine(provider="tcp", timeout=cfg.get("engine_timeout", ENGINE_TIMEOUT))
     cache = kv.PagedKVCache(eng, lay)
     if rank == 0:
-        side = kv.DecodeSide(cache, timeout=60, quarantine_s=1.0)
+        side = kv.DecodeSide(cache, timeout=60, quarantine_s=1.0, **live)
     else:
-        side = kv.PrefillSide(cache, timeout=60)
+        side = kv.PrefillSide(cache, timeout=60, **live)
     infos = exchange((bytes(side.contact), os.getpid()))
     if rank == 1:  # the victim: streams slowly until killed
         ticket, extra = side.recv_ticket(60)
@@ -260,7 +273,7 @@ def killed_prefill_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any
     while doomed.progress()["arrived_data"] == 0:  # the stream is open and layer 0 landed
         assert time.monotonic() < deadline, "the victim never streamed"
         time.sleep(0.01)
-    os.kill(infos[1][1], signal.SIGKILL)
+    os.kill(infos[1][1], sig)
     killed = time.monotonic()
     state = doomed.wait(60)
     failed_after = time.monotonic() - killed
@@ -283,14 +296,13 @@ def killed_prefill_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any
 def killed_decode_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
     """rank 0 prefill, rank 1 decode (killed while rank 0 streams to it), rank 2 healthy decode."""
     _setup(rank, cfg)
-    import signal
-
     from jax_garden import fabric, kv
 
+    sig, live = _victim(cfg)
     lay = _layout(cfg)
-    eng = fabric.TransferEngine(provider="tcp", timeout=ENGINE_TIMEOUT)
+    eng = fabric.TransferEngine(provider="tcp", timeout=cfg.get("engine_timeout", ENGINE_TIMEOUT))
     cache = kv.PagedKVCache(eng, lay)
-    side = kv.DecodeSide(cache, timeout=60) if rank else kv.PrefillSide(cache, timeout=60)
+    side = kv.DecodeSide(cache, timeout=60, **live) if rank else kv.PrefillSide(cache, timeout=60, **live)
     infos = exchange((bytes(side.contact), os.getpid()))
     if rank == 1:
         req = side.reserve(6 * lay.page_tokens)
@@ -308,27 +320,30 @@ def killed_decode_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
         return "ok"
     ticket, _ = side.recv_ticket(60)
     src = cache.allocator.alloc(6)
-    s = side.open_stream(ticket, src)
+    ended: list = []  # the prefill is told when its stream fails: (stream, when)
+    s = side.open_stream(ticket, src, on_end=lambda st: ended.append((st, time.monotonic())))
+    import jax
     import jax.numpy as jnp
 
-    slow = make_prefill(side.marks, lay, sleep_s=0.25)
     killed_at: list = []
+    layer_s = cfg.get("layer_s", 0.25)
 
-    def kill_when_streaming() -> None:  # the program may run on this thread: kill from another one
-        deadline = time.monotonic() + 30
-        while s.stats()["posted_data"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(infos[1][1], signal.SIGKILL)
-        killed_at.append(time.monotonic())
+    def pause(layer: int) -> None:  # on the host, inside the program, after each layer's mark
+        if layer == 0:  # kill the decode side once layer 0 is posted: later layers post after the kill
+            deadline = time.monotonic() + 30
+            while 0 not in s.layers_posted and time.monotonic() < deadline:
+                time.sleep(0.002)
+            os.kill(infos[1][1], sig)
+            killed_at.append(time.monotonic())
+        time.sleep(layer_s)
 
-    import threading
-
-    killer = threading.Thread(target=kill_when_streaming)
-    killer.start()
+    slow = make_prefill(side.marks, lay, pause=pause)
     k, v = slow(cache.k, cache.v, jnp.asarray(src.astype(np.int32)), jnp.uint32(s.token), jnp.int32(1))
-    killer.join()
+    jax.block_until_ready((k, v))
     killed = killed_at[0]
-    assert killed < max(s.times["posted"].values()), "every layer was posted before the decode side was killed"
+    posted = s.times["posted"]
+    assert len(posted) < lay.num_layers or killed < max(posted.values()), \
+        "every layer was posted before the decode side was killed"
     cache.commit(k, v)
     error = None
     try:
@@ -336,16 +351,18 @@ def killed_decode_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:
         s.wait(60)
     except kv.StreamError as e:
         error = str(e)
-    while s.state not in ("failed", "cancelled") and time.monotonic() - killed < 60:
-        time.sleep(0.05)
-    failed_after = time.monotonic() - killed
+    deadline = time.monotonic() + 60
+    while not ended and time.monotonic() < deadline:
+        time.sleep(0.005)
+    failed_after = (ended[0][1] if ended else time.monotonic()) - killed
     side.send_message(infos[2][0], b"go")  # the healthy decode may start
     ticket, extra = side.recv_ticket(60)
     run_prefill(side, ticket, struct.unpack("<q", extra)[0])
     side.recv_message(60)  # it checked its pages
     side.close()
     eng.close()
-    return {"state": s.state, "reason": s.reason, "error": error, "failed_after": failed_after}
+    return {"state": s.state, "reason": s.reason, "error": error, "failed_after": failed_after,
+            "told": [x is s for x, _ in ended]}
 
 
 def cycles_worker(rank: int, size: int, exchange: Any, cfg: dict) -> Any:

@@ -1,4 +1,4 @@
-"""NumPy reference of MoE dispatch/combine (DESIGN.md §3, jax_garden/moe.py docstring).
+"""NumPy reference of MoE dispatch/combine (the semantics in jax_garden/moe.py's docstring).
 
 Written from the semantics, independently of the native and ragged implementations, so the CPU
 and GPU suites can check either against it. Arrays are stacked over ranks: ``xs[R, T, H]``,

@@ -287,6 +287,8 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 
 _FN_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# FFI calls of one round_trip program per rank: dispatch() and combine() are one call each.
+CALLS_PER_ROUND_TRIP = 2
 
 
 def round_trip(backend: Backend, case: Case, mesh, a2a, impl=None, expert_ys=None):
@@ -498,11 +500,24 @@ def run_combine_in_k_order(backend: Backend, r: int) -> list[str]:
     return errors
 
 
+# Calls of each layer of run_mixed_calls: (dispatch, combine), "split" = the two halves called
+# explicitly, "one" = dispatch() / combine() (one kernel each on CUDA where the context fuses them).
+MIXED_CALLS = (("one", "split"), ("split", "one"), ("one", "one"), ("split", "split"), ("one", "one"))
+
+
+def run_mixed_calls(backend: Backend, r: int, h: int, bound_m: list[int]) -> list[str]:
+    """dispatch()/combine() and the split halves in any mix on one AllToAll (MIXED_CALLS, one
+    layer each, in one program): the same results as the reference, layer after layer; on CUDA
+    the fused kernels and the split ones keep one protocol."""
+    return run_split_phases_with_layers(backend, r, h, bound_m, calls=MIXED_CALLS)
+
+
 def run_split_phases_with_layers(backend: Backend, r: int, h: int, bound_m: list[int],
-                                 layers: int = 3) -> list[str]:
+                                 layers: int = 3, calls: tuple | None = None) -> list[str]:
     """dispatch_send/recv and combine_send/recv called explicitly, with expert work between the
     halves, ``layers`` layers in one program (scan) on one AllToAll (generations advance inside
-    the program), against the reference iterated; the counts of every layer too."""
+    the program), against the reference iterated; the counts of every layer too. ``calls``: per
+    layer (dispatch, combine) as "split" or "one" (see MIXED_CALLS), the layers unrolled."""
     import jax
     import jax.numpy as jnp
 
@@ -526,19 +541,30 @@ def run_split_phases_with_layers(backend: Backend, r: int, h: int, bound_m: list
             local = jax.lax.dynamic_slice(jnp.asarray(scale), (me * a2a.num_local_experts,),
                                           (a2a.num_local_experts,))
 
-            def layer(x, _):
-                sent = a2a.dispatch_send(x, idx, w, bound_m=bm)
-                expert_x, _, counts = a2a.dispatch_recv(sent)
+            def layer(x, style):
+                if style[0] == "split":
+                    sent = a2a.dispatch_send(x, idx, w, bound_m=bm)
+                    expert_x, _, counts = a2a.dispatch_recv(sent)
+                else:
+                    expert_x, _, counts = a2a.dispatch(x, idx, w, bound_m=bm)
                 # Scale of the expert owning each row, from the segment layout.
                 padded = (counts + cfg.expert_padding - 1) // cfg.expert_padding * cfg.expert_padding
                 seg = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(a2a.max_recv_tokens),
                                        side="right")
                 f = local[jnp.minimum(seg, a2a.num_local_experts - 1)]
                 expert_y = (expert_x.astype(jnp.float32) * f[:, None]).astype(jnp.bfloat16)
-                back = a2a.combine_send(expert_y, counts)
-                return a2a.combine_recv(back, idx, w, bound_m=bm), counts
+                if style[1] == "split":
+                    back = a2a.combine_send(expert_y, counts)
+                    return a2a.combine_recv(back, idx, w, bound_m=bm), counts
+                return a2a.combine(expert_y, idx, w, bound_m=bm, expert_counts=counts), counts
 
-            return jax.lax.scan(layer, x, None, length=layers)
+            if calls is None:
+                return jax.lax.scan(lambda x, _: layer(x, ("split", "split")), x, None, length=layers)
+            all_counts = []
+            for style in calls:
+                x, counts = layer(x, style)
+                all_counts.append(counts)
+            return x, jnp.stack(all_counts)
 
         y, counts = spmd(mesh, body)(global_array(mesh, x), global_array(mesh, idx),
                                      global_array(mesh, w), global_array(mesh, bm))
@@ -546,6 +572,7 @@ def run_split_phases_with_layers(backend: Backend, r: int, h: int, bound_m: list
         a2a.check()
 
     errors = []
+    layers = layers if calls is None else len(calls)
     want = ref.scaled_expert_layers(idx, bm, w, x, e, r, cfg.expert_padding, scale, layers)
     # Per rank, scan stacks the counts of each layer: [R * layers, L] globally.
     want_counts = np.repeat(ref.plan(idx, bm, e, cfg.expert_padding).counts[:, None], layers, axis=1)

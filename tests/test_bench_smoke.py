@@ -36,9 +36,13 @@ def _run_quick(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess
 
 @pytest.mark.timeout(600)
 def test_fabric_bench_quick(tmp_path):
-    proc, result = _run_quick(tmp_path)
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    proc, result = _run_quick(tmp_path, *(["--plot", str(tmp_path / "fig" / "fabric.png")] if has_matplotlib else []))
     assert result["benchmark"] == "fabric"
     assert result["errors"] == []
+    if has_matplotlib:  # --plot: the figure of latency and bandwidth against size
+        png = (tmp_path / "fig" / "fabric.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
     has_engine = importlib.util.find_spec("jax_garden.fabric") is not None
     names = ["raw", "tcp"] + (["engine d=1", "engine d=2"] if has_engine else [])
@@ -68,10 +72,18 @@ def test_fabric_bench_quick(tmp_path):
                 assert row["p50_us"] is None, row
             else:
                 assert row["p50_us"] > 0 and row["lat_vs_raw"] > 0 and row["lat_vs_tcp"] > 0, row
-        # The two targets are reported (met or not) for every engine row they apply to.
+        # The targets are reported (met or not) for every engine row they apply to.
         metrics = {(t["name"], t["metric"]) for t in result["targets"]}
         for name in ("engine d=1", "engine d=2"):
             assert (name, "p50 latency / raw") in metrics and (name, "bandwidth / raw") in metrics, result["targets"]
+            assert (name, "p99 / p50 latency") in metrics, result["targets"]
+        # The ipc path on host memory (two engines, one process): every row, moved and checked.
+        for test, size, pages in expected:
+            row = rows[("ipc 1 proc", test, size, pages)]
+            assert row["p50_us"] > 0 and (test == "imm" or row["gbps"] > 0), row
+            if test != "paged":
+                assert row["lat_vs_raw"] > 0, row
+        assert result["headline"]["ipc 1 proc write 4 KiB p50 latency us"] > 0, result["headline"]
     else:
         assert any("engine rows skipped" in n for n in result["notes"])
 

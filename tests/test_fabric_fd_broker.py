@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,41 @@ def test_broker_hands_a_registered_fd_to_another_process_and_only_by_its_key():
         os.close(fd)
     gone = _fetch_in_child(native.process_nonce(), key)  # removed: refused like a stale descriptor
     assert gone.startswith("ERROR") and "deregistered, or a stale descriptor" in gone, gone
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a process as another user needs root")
+def test_broker_refuses_processes_of_another_user():
+    """The broker's abstract socket is reachable by every process of the network namespace: it hands
+    fds only to its own user, whatever key is asked for."""
+    fd = _memfd(os.urandom(64))
+    key = int.from_bytes(os.urandom(8), "little") | 1
+    try:
+        native._fd_broker_add(key, os.dup(fd))
+        r, w = os.pipe()
+        with warnings.catch_warnings():  # the child runs no thread of ours: one request, then _exit
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child becomes nobody (no exec: the interpreter is already loaded), then asks
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    native._fd_broker_fetch(native.process_nonce(), key, 5.0)
+                    msg = b"OK"
+                except fabric.TransferError as e:
+                    msg = b"ERROR " + str(e).encode()
+                os.write(w, msg)
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            other = f.read().decode()
+        os.waitpid(pid, 0)
+        assert other.startswith("ERROR") and "serves only processes of its own user" in other, other
+        assert _fetch_in_child(native.process_nonce(), key).startswith("OK")  # its own user still gets it
+    finally:
+        native._fd_broker_remove(key)
+        os.close(fd)
 
 
 def test_fetch_from_a_process_without_a_broker_fails_at_once():

@@ -128,6 +128,8 @@ def test_gpu_every_op_across_processes(path):
         assert totals == [2, 256, 2], (rank, totals)
         if path is None:
             assert stats["ipc_mappings"] >= 1 and stats["inbound"] == 0 and stats["outbound"] == 0, stats
+            # the imm records were stored by the copies' stream (no event polled, no host hand-off)
+            assert stats["ipc_stream_records"] == 3 and stats["ipc_event_records"] == 0, stats
         else:
             assert stats["recv_slots_free"] == stats["recv_slots"] > 0, stats
             assert stats["send_buffers_free"] == stats["send_buffers"] > 0, stats
@@ -174,6 +176,72 @@ def test_gpu_in_process_engines_and_jax_arrays():
         b.close()
 
 
+def test_gpu_scatter_mixing_ipc_and_staged_targets():
+    """One scatter whose targets take different paths (a GPU buffer: ipc; host memory: staged): one
+    job, every target lands, every imm counted once."""
+    from jax_garden import fabric
+
+    a = fabric.TransferEngine(provider=PROVIDER)
+    b = fabric.TransferEngine(provider=PROVIDER)
+    n = 1 << 20
+    src, gdst = DevBuf(0, n), DevBuf(0, n)
+    try:
+        src.upload(_data(7, n))
+        gdst.upload(np.zeros(n, np.uint8))
+        hdst = np.zeros(n, np.uint8)
+        rs = a.register((src.ptr, n), memory="cuda")
+        rg, rh = b.register((gdst.ptr, n), memory="cuda"), b.register(hdst)
+        assert a.path_for(rs, rg.descriptor) == "ipc" and a.path_for(rs, rh.descriptor) == "staged"
+        targets = [(rg.descriptor, 4096, 0, 0), (rh.descriptor, 8192, 4096, 100), (rg.descriptor, 1000, 20000, 9000)]
+        a.scatter(rs, targets, imm=12).wait(60)
+        b.imm_counter(12).wait(3, 60)
+        got, want = gdst.download(), _data(7, n)
+        np.testing.assert_array_equal(got[:4096], want[:4096])
+        np.testing.assert_array_equal(got[9000:10000], want[20000:21000])
+        np.testing.assert_array_equal(hdst[100:8292], want[4096:12288])
+        time.sleep(0.05)
+        assert b.imm_counter(12).total == 3
+        del rs, rg, rh
+    finally:
+        a.close()
+        b.close()
+        src.free()
+        gdst.free()
+
+
+def _pinned_worker(rank: int, size: int, exchange):
+    """Rank 0 hides GPU 1 from itself (CUDA_VISIBLE_DEVICES, before CUDA starts); rank 1 owns a buffer
+    on GPU 1: rank 0's writes work, staged, and it is told why."""
+    if rank == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    from jax_garden import fabric
+
+    eng = fabric.TransferEngine(provider=PROVIDER)
+    n = 1 << 20
+    buf = DevBuf(1 if rank == 1 else 0, n)
+    buf.upload(_data(rank, n) if rank == 0 else np.zeros(n, np.uint8))
+    region = eng.register((buf.ptr, n), memory="cuda")
+    peer = fabric.MemoryDescriptor.from_bytes(exchange(bytes(region.descriptor))[1 - rank])
+    out = {}
+    if rank == 0:
+        out["path"], out["why"] = eng.path_for(region, peer, why=True)
+        eng.write(region, peer, n, imm=3).wait(60)
+    else:
+        eng.imm_counter(3).wait(1, 60)
+        out["equal"] = bool((buf.download() == _data(0, n)).all())
+    exchange(None)
+    eng.close()
+    buf.free()
+    return out
+
+
+@two_gpus
+def test_gpu_pinned_process_takes_staged_and_says_why():
+    out = run_group(_pinned_worker, 2, exchanges=2, timeout=120)
+    assert out[1]["equal"], out
+    assert out[0]["path"] == "staged" and "not visible" in out[0]["why"], out
+
+
 # ---- GPU <-> host across processes ----------------------------------------------------------------
 
 def _gpu_host_worker(rank: int, size: int, exchange):
@@ -204,10 +272,14 @@ def test_gpu_to_host_and_host_to_gpu():
     assert run_group(_gpu_host_worker, 2, exchanges=2, timeout=120) == {0: True, 1: True}
 
 
-def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
-    """Rank 1 registers a jax array (XLA's allocator: cuMemCreate memory, no legacy IPC handle);
-    rank 0 writes into it from a cudaMalloc buffer on its own GPU."""
-    os.environ["JAX_GARDEN_VMM_IPC"] = "1" if vmm else "0"
+def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool | None, allocator: str):
+    """Rank 1 registers a jax array (XLA's allocator: cuMemCreate memory with the default and
+    platform allocators, a memory pool with cuda_async; no legacy IPC handle either way); rank 0
+    writes into it from a cudaMalloc buffer on its own GPU."""
+    if vmm is not None:
+        os.environ["JAX_GARDEN_VMM_IPC"] = "1" if vmm else "0"
+    if allocator != "default":
+        os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = allocator
     import jax
     import jax.numpy as jnp
 
@@ -219,7 +291,7 @@ def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
         arr = jax.device_put(jnp.zeros(n, jnp.uint8), jax.local_devices()[-1])  # GPU 1 when there are two
         arr.block_until_ready()
         rd = eng.register(arr)
-        info = bytes(rd.descriptor)
+        info = (bytes(rd.descriptor), rd.registration_note)
     else:
         src = DevBuf(0, n)
         src.upload(_data(5, n))
@@ -228,9 +300,10 @@ def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
     peer = exchange(info)[1]
     result = {}
     if rank == 0:
-        desc = fabric.MemoryDescriptor.from_bytes(peer)
-        result["has_ipc"] = desc.has_ipc_handle
-        result["path"] = eng.path_for(rs, desc)
+        desc = fabric.MemoryDescriptor.from_bytes(peer[0])
+        result["ipc_kind"] = desc.ipc_kind
+        result["note"] = peer[1]
+        result["path"], result["why"] = eng.path_for(rs, desc, why=True)
         eng.write(rs, desc, n - 4096, src_offset=4096, dst_offset=0, imm=11).wait(60)
     else:
         eng.imm_counter(11).wait(fabric.imm_writes("write", domains=1, length=n - 4096), 60)
@@ -241,13 +314,23 @@ def _xla_buffer_worker(rank: int, size: int, exchange, vmm: bool):
     return result
 
 
-@pytest.mark.parametrize("vmm", [False, True], ids=["legacy-ipc-only", "vmm-ipc"])
-def test_gpu_write_into_an_xla_buffer_of_another_process(vmm):
-    """Into a jax array of another process: staged without JAX_GARDEN_VMM_IPC (XLA's buffers have
-    no legacy IPC handle), the ipc path with it (the range's fd from the owner's broker)."""
-    out = run_group(_xla_buffer_worker, 2, vmm, exchanges=2, timeout=180)
+@pytest.mark.parametrize("vmm,allocator,want", [
+    (None, "default", "ipc"),        # VMM IPC is on by default
+    (False, "default", "staged"),    # JAX_GARDEN_VMM_IPC=0
+    (None, "platform", "ipc"),       # cuMemCreate too
+    (None, "cuda_async", "staged"),  # pool memory: not exportable, staged with a reason
+], ids=["vmm-default", "vmm-off", "platform", "cuda-async"])
+def test_gpu_write_into_an_xla_buffer_of_another_process(vmm, allocator, want):
+    """Into a jax array of another process: the ipc path through the owner's exported VMM fd (on by
+    default), staged where the memory cannot be exported, and path_for says why."""
+    out = run_group(_xla_buffer_worker, 2, vmm, allocator, exchanges=2, timeout=180)
     assert out[1]["equal"], out
-    assert out[0]["has_ipc"] is vmm and out[0]["path"] == ("ipc" if vmm else "staged"), out
+    assert out[0]["path"] == want, out
+    if want == "ipc":
+        assert out[0]["ipc_kind"] == "vmm", out
+    else:
+        assert out[0]["ipc_kind"] == "none" and "no CUDA IPC handle" in out[0]["why"], out
+        assert "IPC" in out[0]["note"], out  # the owner's region says why it offers no ipc path
 
 
 # ---- faults -----------------------------------------------------------------------------------------

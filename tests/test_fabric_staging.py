@@ -48,6 +48,13 @@ def test_choose_path_table():
     assert cp(src_cuda=True, src_staged=True, same_host=True) == ("staged", True, False)  # GPU -> host
     assert cp(dst_cuda=True, dst_staged=True, same_host=True) == ("staged", False, True)  # host -> GPU
     assert cp(same_host=True, same_process=True) == ("fabric", False, False)  # host memory: never auto-IPC
+    # the destination engine has no imm mailbox: no ipc path (its imms could not be delivered)
+    assert cp(**gpu_pair, dst_mailbox=False) == ("fabric", False, False)
+    assert cp(**gpu_pair, dst_mailbox=False, dst_staged=True) == ("staged", False, True)
+    path, _, _, why = cp(**{**gpu_pair, "gpu_can_map": False}, dst_staged=True, why=True)
+    assert path == "staged" and "cannot map the destination GPU" in why, why
+    path, _, _, why = cp(**{**gpu_pair, "dst_has_ipc": False}, dst_staged=True, why=True)
+    assert path == "staged" and "no CUDA IPC handle" in why and "JAX_GARDEN_VMM_IPC=0" in why, why
     # forced
     assert cp(requested="staged") == ("staged", True, True)
     assert cp(requested="fabric") == ("fabric", False, False)
@@ -63,6 +70,8 @@ def test_choose_path_table():
         cp(requested="ipc", **{**gpu_pair, "gpu_can_map": False})
     with pytest.raises(ValueError, match="no CUDA IPC handle"):
         cp(requested="ipc", **{**gpu_pair, "dst_has_ipc": False})
+    with pytest.raises(ValueError, match="no imm mailbox"):
+        cp(requested="ipc", same_host=True, same_process=True, dst_mailbox=False)
     with pytest.raises(ValueError, match="source region is not registered"):
         cp(requested="fabric", src_staged=True)
     with pytest.raises(ValueError, match="destination region is not registered"):

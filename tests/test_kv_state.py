@@ -98,8 +98,8 @@ def test_a_waiting_thread_keeps_the_credits():
 
 
 def test_dead_peer_and_failed_cancel_quarantine():
-    p, eff = sm.peer_dead(opened(), "probe failed", 3.0)
-    assert p.state is State.FAILED and p.quarantined and "prefill side unreachable: probe failed" in p.reason
+    p, eff = sm.peer_dead(opened(), "tcp://10.0.0.1:5", "probe failed", 3.0)
+    assert p.state is State.FAILED and p.quarantined and "prefill side tcp://10.0.0.1:5 unreachable: probe failed" in p.reason
     p, _ = sm.begin_end(opened(), State.CANCELLED, "cancelled", T0, FENCE)
     p, eff = sm.cancel_failed(p, "peer gone")
     assert p.state is State.FAILED and p.quarantined and "CANCEL could not be sent (peer gone)" in p.reason

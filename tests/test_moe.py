@@ -78,6 +78,16 @@ def test_split_phases_with_expert_compute_and_layers(backend, r, h, bound_m):
     sc.assert_no_errors(sc.run_split_phases_with_layers(backend, r, h, bound_m))
 
 
+@pytest.mark.parametrize("backend, r, h, bound_m",
+                         _backends((4, 16, [6, 3, 0, 5]), (1, 64, [5])) + [_on("gpu", 2, 64, [6, 3], id="R2")]
+                         + _nodes((4, 16, [6, 3, 0, 5]), nodes=(1,)))
+def test_dispatch_combine_and_split_halves_mixed(backend, r, h, bound_m):
+    """dispatch()/combine() (one kernel each on CUDA) and the split halves in any order on one
+    AllToAll: one protocol, the reference's results."""
+    backend.require(r)
+    sc.assert_no_errors(sc.run_mixed_calls(backend, r, h, bound_m))
+
+
 @pytest.mark.parametrize("backend", _backends((), ()) + _nodes((), nodes=(1,)))
 def test_dispatch_and_combine_in_separate_programs(backend):
     backend.require(2)

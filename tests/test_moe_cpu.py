@@ -209,7 +209,7 @@ def _good(fp8=False):
 
 @pytest.mark.parametrize("fp8, change, exc, match", [
     (False, dict(x=jnp.zeros((4, 16), jnp.bfloat16)), ValueError,
-     r"dispatch_send: x has shape \(4, 16\), expected \(4, 32\)"),
+     r"AllToAll\.dispatch: x has shape \(4, 16\), expected \(4, 32\)"),
     (False, dict(x=jnp.zeros((4, 32), jnp.float32)), TypeError,
      r"x has dtype float32, expected bfloat16"),
     (False, dict(indices=jnp.zeros((4, 2), jnp.int16)), TypeError,

@@ -180,6 +180,78 @@ def test_closed_context_fails_cleanly():
     _compat.settle_effects()  # the expected failures are not reported again at exit
 
 
+# The kernels' variants (settings read when an AllToAll is created): every one must give the same
+# bits. (name, settings, fused kernels expected)
+SYNC_VARIANTS = [
+    ("arrive-fused", {"JAX_GARDEN_MOE_SYNC": "arrive", "JAX_GARDEN_MOE_FUSED": "1"}, True),
+    ("arrive-fused-plain-launch", {"JAX_GARDEN_MOE_SYNC": "arrive", "JAX_GARDEN_MOE_FUSED": "1",
+                                   "JAX_GARDEN_MOE_COOPERATIVE": "0"}, True),
+    ("arrive-split", {"JAX_GARDEN_MOE_SYNC": "arrive", "JAX_GARDEN_MOE_FUSED": "0"}, False),
+    ("flags", {"JAX_GARDEN_MOE_SYNC": "flags"}, False),
+    ("legacy", {"JAX_GARDEN_MOE_LEGACY_SYNC": "1"}, False),
+]
+
+
+@pytest.mark.parametrize("name, settings, fused", SYNC_VARIANTS, ids=[v[0] for v in SYNC_VARIANTS])
+def test_sync_variants_give_the_same_bits(name, settings, fused, monkeypatch):
+    """Each synchronisation of the NVLink kernels (release arrivals, the previous flags, the first
+    version) and dispatch()/combine() as one fused kernel or two: the reference's bits, capacity
+    drops included, the split halves and the one-call forms mixed on one AllToAll; the context
+    says which kernels it runs."""
+    r = min(2, max(1, _gpu_count()))
+    _require(r)
+    from jax_garden import moe
+
+    for env in ("JAX_GARDEN_MOE_SYNC", "JAX_GARDEN_MOE_FUSED", "JAX_GARDEN_MOE_COOPERATIVE",
+                "JAX_GARDEN_MOE_LEGACY_SYNC"):
+        monkeypatch.delenv(env, raising=False)
+    for env, value in settings.items():
+        monkeypatch.setenv(env, value)
+    mesh = mesh_of(r)
+    cases = sc.gpu_cases(r)
+    errors = []
+    for case_name in ("decode-size", "overflow"):  # every case runs on the default in tests/test_moe.py
+        errors += sc.run_case(GPU, f"{name} {case_name}", cases[case_name], mesh)
+    errors += [f"{name} mixed calls: {e}" for e in sc.run_mixed_calls(GPU, r, 64, [6, 3][:r])]
+    with moe.AllToAll(cases["random"].config(), mesh, "ep") as a2a:
+        ctx = a2a._native._ctx
+        want_sync = "legacy" if "JAX_GARDEN_MOE_LEGACY_SYNC" in settings else settings["JAX_GARDEN_MOE_SYNC"]
+        assert ctx.sync == want_sync
+        for ordinal in a2a._native.ranks:
+            grids = list(ctx.grids(ordinal))
+            assert (grids[4] > 0 and grids[5] > 0) == fused, grids
+    assert not errors, "\n".join(errors)
+
+
+def test_fused_kernel_stamps_cover_the_phase():
+    """The device stamps of a fused dispatch/combine: the send half's slot ends where the receive
+    half's begins, block 0's stamps in order (entry <= start <= waited <= body: one thread's
+    clock), each half ending after it started, and timings() (start, end) spans the phase: what
+    bench moe --profile reads."""
+    _require(1)
+    from jax_garden import moe
+
+    mesh = mesh_of(1)
+    case = sc.gpu_cases(1)["random"]
+    with moe.AllToAll(case.config(), mesh, "ep") as a2a:
+        assert list(a2a._native._ctx.grids(next(iter(a2a._native.ranks))))[4] > 0, "not fused"
+        for seed in range(3):
+            round_trip(dataclasses.replace(case, seed=seed), mesh, a2a)
+        a2a.check()
+        ordinal = next(iter(a2a._native.ranks))
+        st = {k: v.astype(np.int64) for k, v in a2a._native.stamps(ordinal, 3).items()}
+        t = a2a._native.timings(ordinal, 3).astype(np.int64)
+    for name in ("entry", "start", "waited", "body", "end"):
+        assert (st[name] > 0).all(), (name, st[name])
+    order = ("entry", "start", "waited", "body")
+    for a, b in zip(order, order[1:]):
+        assert (st[a] <= st[b]).all(), (a, b, st[a], st[b])
+    assert (st["start"] < st["end"]).all(), (st["start"], st["end"])
+    for send, recv in ((0, 1), (2, 3)):  # the receive half starts where the send half ended
+        assert (st["end"][:, send] == st["entry"][:, recv]).all()
+    assert (t[:, :, 0] == st["start"]).all() and (t[:, :, 1] == st["end"]).all()
+
+
 def test_node_group_arguments_on_gpus():
     """node_size = R (or unset) is one NVLink domain (the NVLink context); a node_size that does not
     divide R and internode= without node_size are clear errors. (Node groups themselves run in
@@ -254,6 +326,23 @@ def test_one_process_per_rank(r):
 
 
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
+@pytest.mark.parametrize("sync", ["flags", "arrive-split"])
+def test_one_process_per_rank_other_synchronisations(sync):
+    """The previous synchronisation (flags) and release arrivals with two kernels per phase, with
+    2 processes (sharing the GPU when there is one): every case, bit for bit."""
+    gpus = _ranks_layout(2)
+    import jax_garden  # noqa: F401
+
+    env = _child_env()
+    env["JAX_GARDEN_MOE_SYNC"] = "flags" if sync == "flags" else "arrive"
+    env["JAX_GARDEN_MOE_FUSED"] = "0"
+    port = free_port()
+    argvs = [["--worker", "multiprocess", str(port), "2", str(i), str(gpus), "native"] for i in range(2)]
+    errors = _report(_run_children(argvs, env, CHILD_TIMEOUT_S))
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
 @pytest.mark.parametrize("r", [2, 4])
 def test_ragged_baseline_one_process_per_gpu(r):
     """moe.RaggedAllToAll (jax.lax.ragged_all_to_all, NCCL) against the native kernels and the
@@ -323,6 +412,8 @@ def _worker_multiprocess(port: int, r: int, i: int, gpus: int, what: str) -> lis
         for name, case in sc.gpu_cases(r).items():
             scenarios.append((name, lambda name=name, case=case: sc.run_case(GPU, name, case, mesh)))
         scenarios.append(("determinism", lambda: sc.run_determinism(GPU, sc.determinism_case(GPU, r), mesh)))
+        bound_m = [6 - (j % 4) for j in range(r)]
+        scenarios.append(("mixed calls", lambda: sc.run_mixed_calls(GPU, r, 64, bound_m)))
     else:
         scenarios += [(f"ragged {name}", lambda name=name, case=case: sc.run_ragged(GPU, name, case, mesh))
                       for name, case in sc.gpu_ragged_cases(r).items()]
@@ -368,9 +459,9 @@ def _worker_graphs(n: int) -> list[str]:
         _progress(f"replays: kernel generations advanced by {gens}, handler calls {calls}")
         if gens != [replays] * len(ordinals):
             errors.append(f"replays: combine_recv ran {gens} times per device, expected {replays}")
-        if calls >= 4 * len(ordinals) * replays:
-            errors.append(f"replays: the FFI handler ran {calls} times for {replays} replays of 4 "
-                          f"calls on {len(ordinals)} devices: no CUDA graph captured our calls")
+        if calls >= sc.CALLS_PER_ROUND_TRIP * len(ordinals) * replays:
+            errors.append(f"replays: the FFI handler ran {calls} times for {replays} replays of "
+                          f"{sc.CALLS_PER_ROUND_TRIP} calls on {len(ordinals)} devices: no CUDA graph captured our calls")
         code, msg = a2a._native.error()
         if code:
             errors.append(f"sticky error {code}: {msg}")

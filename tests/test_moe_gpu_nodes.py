@@ -216,7 +216,7 @@ def _graph_replays(backend, r: int, mesh) -> list[str]:
         _progress(f"replays: kernel generations advanced by {gens}, handler calls {calls}")
         if gens != [replays] * len(ordinals):
             errors.append(f"replays: combine_recv ran {gens} times per device, expected {replays}")
-        if calls >= 4 * len(ordinals) * replays:
+        if calls >= sc.CALLS_PER_ROUND_TRIP * len(ordinals) * replays:
             errors.append(f"replays: the FFI handler ran {calls} times for {replays} replays: no CUDA graph "
                           f"captured our calls")
         code, msg = a2a._native.error()

@@ -632,11 +632,15 @@ def _kill_specs():
     return src, dst
 
 
-def _kill_child(role, rank, inbox, results, die_at_chunk, env):
+def _kill_child(role, rank, inbox, results, die_at_chunk, env, sig="KILL"):
     def post(*msg):
         results.put((role, rank) + msg)
 
     os.environ.update(env or {})
+    if "JAX_GARDEN_TEST_GPU" in (env or {}):
+        from fabric_group import use_gpu
+
+        use_gpu(int(env["JAX_GARDEN_TEST_GPU"]))
     exact = not env  # GPUs: fp8 within the bound, not bitwise
     try:
         from jax_garden import weights
@@ -658,8 +662,8 @@ def _kill_child(role, rank, inbox, results, die_at_chunk, env):
                 try:
                     sub.wait(version, timeout)
                     post("waited", version, time.monotonic() - t0, None)
-                except TimeoutError as e:
-                    post("waited", version, time.monotonic() - t0, str(e))
+                except (TimeoutError, weights.PeerDead) as e:
+                    post("waited", version, time.monotonic() - t0, f"{type(e).__name__}: {e}")
                 _check_local(plan, rank, seed_in_service, sub.params(), exact_fp8=exact)
                 post("checked", sub.current_version)
         else:
@@ -668,7 +672,7 @@ def _kill_child(role, rank, inbox, results, die_at_chunk, env):
 
                 def before_chunk(self, index):
                     if die_at_chunk is not None and self.dying and index == die_at_chunk:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                        os.kill(os.getpid(), getattr(signal, "SIG" + sig))  # KILL: dead; STOP: silent
 
             pub = Dying(plan, rank=rank, provider=PROVIDER, staging_bytes=1 << 14, timeout=60)
             pub.connect(inbox.get(timeout=60))
@@ -698,10 +702,10 @@ class _Procs:
         self.pending: list = []
         self.env_of = env_of or (lambda role, rank: None)
 
-    def start(self, role, rank, die_at_chunk=None):
+    def start(self, role, rank, die_at_chunk=None, sig="KILL"):
         inbox = self.ctx.Queue()
         p = self.ctx.Process(target=_kill_child, args=(role, rank, inbox, self.results, die_at_chunk,
-                                                       self.env_of(role, rank)), daemon=True)
+                                                       self.env_of(role, rank), sig), daemon=True)
         p.start()
         self.procs[(role, rank)] = p
         self.inboxes[(role, rank)] = inbox
@@ -734,10 +738,16 @@ class _Procs:
                 p.join(timeout=5)
 
 
-def kill_scenario(env_of=None) -> None:
-    """2 publishers, 2 subscribers: version 1 lands; publisher 1 dies after 3 chunks of version 2;
-    the subscribers' wait fails in time naming source 1 and its tensors while version 1 stays in
-    service; a restarted publisher 1 pushes version 2, which then completes."""
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def kill_scenario(env_of=None, sig="KILL") -> None:
+    """2 publishers, 2 subscribers: version 1 lands; publisher 1 dies (SIGKILL) or freezes (SIGSTOP:
+    silent, its sockets open) after 3 chunks of version 2; the subscribers' wait fails within the
+    liveness interval with PeerDead naming source 1 and its tensors while version 1 stays in service;
+    a restarted publisher 1 pushes version 2, which then completes."""
     procs = _Procs(env_of)
     try:
         for r in (0, 1):
@@ -746,7 +756,7 @@ def kill_scenario(env_of=None) -> None:
         for r in (0, 1):
             procs.send("sub", r, addrs)
         procs.start("pub", 0)
-        victim = procs.start("pub", 1, die_at_chunk=3)
+        victim = procs.start("pub", 1, die_at_chunk=3, sig=sig)
         for r in (0, 1):
             procs.send("pub", r, addrs)
             procs.expect("pub", r, "connected")
@@ -763,18 +773,28 @@ def kill_scenario(env_of=None) -> None:
         procs.send("pub", 0, ("push", 2, 12, False))
         procs.send("pub", 1, ("push", 2, 12, True))
         procs.expect("pub", 0, "pushed")
-        victim.join(timeout=60)
-        assert victim.exitcode == -signal.SIGKILL
-        timeout = 3.0
+        if sig == "KILL":
+            victim.join(timeout=60)
+            assert victim.exitcode == -signal.SIGKILL
+        else:
+            deadline = time.monotonic() + 60
+            while not _stopped(victim.pid):
+                assert time.monotonic() < deadline, "the publisher did not stop itself"
+                time.sleep(0.05)
+        timeout = 3.0  # longer than the liveness interval (1 s), far shorter than the engine timeout
         for r in (0, 1):
             procs.send("sub", r, ("wait", 2, timeout, 11))  # the old version must still be in service
         for r in (0, 1):
             version, elapsed, err = procs.expect("sub", r, "waited")
             assert err is not None, "wait succeeded although a sender died mid-push"
-            assert elapsed < timeout + 2.0, elapsed
+            assert err.startswith("PeerDead: ") and "source 1 at" in err and "is dead" in err, err
+            assert elapsed < timeout, elapsed  # noticed by liveness, before the caller's own timeout
             assert "source 1:" in err and "writes arrived" in err and "['layer0'] [" in err, err
             assert "source 0" not in err, err  # source 0 completed its part
             assert procs.expect("sub", r, "checked") == (1,)
+        if sig != "KILL":
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(timeout=30)
         # a restarted publisher 1 pushes version 2 again: it completes
         procs.start("pub", 1)
         procs.send("pub", 1, addrs)
@@ -794,8 +814,9 @@ def kill_scenario(env_of=None) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_sender_killed_mid_push_old_version_stays_new_push_completes():
-    kill_scenario()
+@pytest.mark.parametrize("sig", ["KILL", "STOP"])
+def test_sender_killed_mid_push_old_version_stays_new_push_completes(sig):
+    kill_scenario(sig=sig)
 
 
 # ---- the example -------------------------------------------------------------------------------
@@ -809,7 +830,7 @@ def test_example_short_mode(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(Path(jax_garden.__file__).parent.parent),
                                          *filter(None, [env.get("PYTHONPATH")])])
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-P", str(root / "examples" / "rl_weight_push.py"), "--short"],
+    proc = subprocess.run([sys.executable, "-P", str(root / "examples" / "rl_weight_push.py"), "--quick"],
                           capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     assert "bf16 bitwise: ok" in proc.stdout and "fp8 within bound: ok" in proc.stdout, proc.stdout

@@ -3,6 +3,7 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -19,12 +20,14 @@ namespace {
 
 bool fits(uint64_t offset, uint64_t length, uint64_t size) { return offset <= size && length <= size - offset; }
 
-// "<what> to tcp;ofi_rxm[1a2b]": cheap enough to build for every op (no stream formatting).
-std::string describe(const std::string& what, const MemoryDescriptor& dst) {
+// "<what> to tcp;ofi_rxm[1a2b]": built for every op, on the stack (no heap, no stream formatting).
+OpName& describe(OpName& what, const MemoryDescriptor& dst) {
   uint32_t h = dst.domains.empty() ? 0 : checksum32(dst.domains[0].endpoint.data(), dst.domains[0].endpoint.size());
-  char tag[16];
-  std::snprintf(tag, sizeof(tag), "%04x", h & 0xffff);
-  return what + " to " + dst.provider + "[" + tag + (dst.domains.size() > 1 ? ",..]" : "]");
+  char tag[8];
+  auto r = std::to_chars(tag, tag + sizeof(tag), h & 0xffff, 16);
+  what << " to " << dst.provider << "[" << std::string_view(tag, static_cast<size_t>(r.ptr - tag))
+       << (dst.domains.size() > 1 ? ",..]" : "]");
+  return what;
 }
 
 void fill_rma_wr(WorkRequest& wr, const WritePiece& p, const MemoryRegion& src, const MemoryDescriptor& dst,
@@ -147,10 +150,18 @@ void Engine::start() {
   ctx_.peers = std::make_unique<PeerKnowledge>(o.timeout_s);
   ctx_.control = std::make_unique<ControlPlane>(ctx_);
   ctx_.staging = std::make_unique<StagingTransport>(ctx_);
+  try {
+    ctx_.mailbox = ImmMailbox::create();
+  } catch (const std::exception& e) {
+    // No shared memory: same-host peers cannot deliver imms without the network, so its regions
+    // offer no ipc path (descriptors carry mailbox 0).
+    std::fprintf(stderr, "jax_garden.fabric: no imm mailbox for this engine (%s); the ipc path is off toward it\n",
+                 e.what());
+  }
   ctx_.ipc = std::make_unique<IpcTransport>(ctx_);
   ctx_.jobs = std::make_unique<JobRunner>(ctx_);
   gpu_waits_ = std::make_unique<GpuWaitTask>(*ctx_.counters);
-  ctx_.worker->start({ctx_.control.get(), ctx_.staging.get(), ctx_.jobs.get(), gpu_waits_.get()});
+  ctx_.worker->start({ctx_.control.get(), ctx_.ipc.get(), ctx_.staging.get(), ctx_.jobs.get(), gpu_waits_.get()});
 }
 
 Engine::~Engine() { close(); }
@@ -164,6 +175,7 @@ void Engine::close() {
   MutexLock close_lk(close_mu_);
   if (closed_.exchange(true)) return;
   if (!ctx_.worker) return;  // start() failed
+  if (ctx_.mailbox) ctx_.mailbox->close();  // same-host senders' ops toward us fail from now on
   watchers_.stop();
   ctx_.worker->stop();  // fails the ops in flight
   ctx_.counters->abort_all("engine closed");
@@ -172,6 +184,7 @@ void Engine::close() {
   {
     ProgressLock pl(*ctx_.worker);
     ctx_.jobs->close();
+    ctx_.ipc->close();
     ctx_.staging->close();
   }
   ctx_.regions->close_all();
@@ -197,6 +210,10 @@ StagingStats Engine::staging_stats() {
   }
   s.chunk_bytes = ctx_.options.stage_chunk_bytes;
   s.ipc_mappings = IpcTransport::mappings();
+  auto records = ctx_.ipc->record_counts();
+  s.ipc_stream_records = records[0];
+  s.ipc_event_records = records[1];
+  s.ipc_host_records = records[2];
   return s;
 }
 
@@ -256,7 +273,7 @@ std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& p
                " bytes exceeds the control-message limit of ", ctx_.options.max_message_bytes - header,
                " bytes (max_message_bytes=", ctx_.options.max_message_bytes, " minus a ", header,
                "-byte header); use a write for bulk data");
-  std::string what = str_cat("send of ", payload.size(), " bytes to ", to.to_string());
+  OpName what(str_cat("send of ", payload.size(), " bytes to ", to.to_string()));
   if (std::string why = ctx_.peers->unreachable(to.domains[0]); !why.empty()) {
     auto state = new_state(what);
     state->finish(TransferState::Status::kFailed, "the peer is unreachable: " + why + "; not posted");
@@ -264,7 +281,7 @@ std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& p
   }
   auto op = ctx_.control->make_send_op(to.domains[0], kind, payload);
   op->user = true;
-  op->state = new_state(std::move(what));
+  op->state = new_state(what);
   op->deadline = deadline_after(ctx_.options.timeout_s);
   auto state = op->state;
   ctx_.worker->submit(std::move(op));
@@ -300,6 +317,7 @@ std::shared_ptr<MemoryRegion> Engine::register_memory(uint64_t ptr, uint64_t len
   desc.host_id = host_id();
   desc.pid = static_cast<uint32_t>(getpid());
   desc.process_nonce = process_nonce();
+  desc.mailbox = ctx_.mailbox ? ctx_.mailbox->serial() : kNoMailbox;
 
   RegistrationCaps caps;
   caps.provider_hmem = ctx_.provider->hmem;
@@ -383,13 +401,13 @@ void Engine::check_destination(const MemoryDescriptor& dst, const char* op) cons
   JG_CHECK_ARG(!dst.domains.empty(), op, ": the destination descriptor has no domains");
 }
 
-std::shared_ptr<TransferState> Engine::new_state(std::string what) {
-  auto s = std::make_shared<TransferState>(next_id_.fetch_add(1), std::move(what));
+std::shared_ptr<TransferState> Engine::new_state(const OpName& what) {
+  auto s = std::make_shared<TransferState>(next_id_.fetch_add(1), what);
   s->set_driver(ctx_.worker);
   return s;
 }
 
-std::shared_ptr<TransferState> Engine::known_failure(const MemoryDescriptor& dst, const std::string& what) {
+std::shared_ptr<TransferState> Engine::known_failure(const MemoryDescriptor& dst, const OpName& what) {
   std::string why;
   if (std::string down = ctx_.peers->unreachable(dst.domains[0].endpoint); !down.empty()) {
     why = "the peer is unreachable: " + down + "; not posted";
@@ -408,9 +426,9 @@ OpTarget Engine::target_of(const MemoryDescriptor& dst, uint32_t domain) {
   return {dst.domains[0].endpoint, dst.region_key, dst.domains[domain % dst.domains.size()].key, dst.base, dst.length};
 }
 
-std::unique_ptr<Job> Engine::new_job(std::string what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src) {
+std::unique_ptr<Job> Engine::new_job(const OpName& what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src) {
   auto job = std::make_unique<Job>();
-  job->state = new_state(std::move(what));
+  job->state = new_state(what);
   job->deadline = deadline_after(ctx_.options.op_timeout(bytes));
   job->src = src;
   return job;
@@ -423,26 +441,10 @@ void Engine::check_ipc_range(const MemoryDescriptor& dst, uint64_t offset, uint6
   throw InvalidArgument(str_cat(op, ": destination ", why));
 }
 
-void Engine::add_path_part(Job& job, const PathChoice& choice, const MemoryDescriptor& dst,
-                           std::vector<StageSegment> segments, std::optional<uint32_t> imm, uint64_t imm_count,
-                           const PagedCopy* paged) {
-  auto shared_dst = std::make_shared<const MemoryDescriptor>(dst);
-  if (choice.path == TransferPath::kIpc) {
-    IpcPart::Spec spec;
-    spec.dst = std::move(shared_dst);
-    for (auto& sg : segments) spec.segments.push_back({sg.dst_offset, sg.src_offset, sg.length});
-    if (paged) {
-      spec.paged = true;
-      spec.pages = *paged;
-    }
-    spec.has_imm = imm.has_value();
-    spec.imm = imm.value_or(0);
-    spec.imm_count = imm ? imm_count : 0;
-    job.parts.push_back(std::make_unique<IpcPart>(ctx_, &job, std::move(spec)));
-    return;
-  }
+void Engine::add_staged_part(Job& job, const PathChoice& choice, const MemoryDescriptor& dst,
+                             std::vector<StageSegment> segments, std::optional<uint32_t> imm, uint64_t imm_count) {
   StagedPart::Spec spec;
-  spec.dst = std::move(shared_dst);
+  spec.dst = std::make_shared<const MemoryDescriptor>(dst);
   spec.segments = std::move(segments);
   spec.stage_src = choice.stage_src;
   spec.stage_dst = choice.stage_dst;
@@ -452,7 +454,13 @@ void Engine::add_path_part(Job& job, const PathChoice& choice, const MemoryDescr
   job.parts.push_back(std::make_unique<StagedPart>(ctx_, &job, std::move(spec)));
 }
 
-PathChoice Engine::path_for(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const {
+std::shared_ptr<IpcOp> Engine::new_ipc_op(const OpName& what, uint32_t parts) {
+  auto op = std::make_shared<IpcOp>(next_id_.fetch_add(1), what, parts);
+  op->set_driver(ctx_.worker);
+  return op;
+}
+
+PathQuery Engine::path_query(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const {
   PathQuery q;
   q.requested = path == TransferPath::kAuto ? ctx_.options.default_path : path;
   q.src_cuda = src.cuda();
@@ -462,9 +470,39 @@ PathChoice Engine::path_for(const MemoryRegion& src, const MemoryDescriptor& dst
   q.dst_has_ipc = dst.has_ipc && dst.region_slot != kNoRegionSlot;
   q.same_host = dst.host_id == host_id();
   q.same_process = q.same_host && dst.process_nonce == process_nonce() && dst.region_slot != kNoRegionSlot;
+  q.dst_mailbox = dst.mailbox != kNoMailbox;
   q.gpu_can_map =
       (q.requested == TransferPath::kAuto || q.requested == TransferPath::kIpc) && ctx_.ipc->gpu_can_map(src, dst);
-  return choose_path(q);
+  return q;
+}
+
+PathChoice Engine::path_for(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const {
+  PathQuery q = path_query(src, dst, path);
+  PathChoice c = choose_path(q);
+  if (q.requested == TransferPath::kAuto && c.path == TransferPath::kStaged && q.src_cuda && q.dst_cuda &&
+      q.same_host && !q.same_process && q.dst_has_ipc && !q.gpu_can_map) {
+    // The classic pinned process (CUDA_VISIBLE_DEVICES): it works, staged, but far from device speed.
+    static std::once_flag warned;
+    std::call_once(warned, [&] {
+      std::string why;
+      ctx_.ipc->gpu_can_map(src, dst, &why);
+      std::fprintf(stderr,
+                   "jax_garden.fabric: GPU writes to a process on this host take the staged path (through host "
+                   "memory), not ipc: %s. Let every process see every GPU and pick the one JAX uses with "
+                   "jax.config.update(\"jax_cuda_visible_devices\", ...) or jax.distributed's local_device_ids.\n",
+                   why.c_str());
+    });
+  }
+  return c;
+}
+
+std::string Engine::path_reason(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const {
+  PathQuery q = path_query(src, dst, path);
+  std::string why = explain_path(q, choose_path(q));
+  std::string gpu;
+  if (q.src_cuda && q.dst_cuda && q.same_host && !q.gpu_can_map && !ctx_.ipc->gpu_can_map(src, dst, &gpu))
+    why += " (" + gpu + ")";
+  return why;
 }
 
 std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
@@ -480,30 +518,43 @@ std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
                r.dst_offset + r.length, ") run past the end of the destination region (", dst.length, " bytes)");
   PathChoice choice = path_for(*r.src, dst, r.path);
   if (choice.path == TransferPath::kIpc) check_ipc_range(dst, r.dst_offset, r.length, "write");
-  std::string what = describe("write of " + std::to_string(r.length) + " bytes", dst);
+  OpName what;
+  describe(what << "write of " << r.length << " bytes", dst);
   if (auto failed = known_failure(dst, what)) return failed;
-  if (choice.path != TransferPath::kFabric) {
-    auto job = new_job(std::move(what), r.length, r.src);
-    uint64_t count = imm_writes(OpKind::kWrite, num_domains(), r.length, 0, ScatterSharding::kTargets,
-                                ctx_.options.sharding);
-    add_path_part(*job, choice, dst, {{r.src_offset, r.dst_offset, r.length}}, r.imm, count, nullptr);
+  uint64_t count = imm_writes(OpKind::kWrite, num_domains(), r.length, 0, ScatterSharding::kTargets,
+                              ctx_.options.sharding);
+  if (choice.path == TransferPath::kIpc) {
+    auto op = new_ipc_op(what, 1);
+    CopySegment seg{r.dst_offset, r.src_offset, r.length};
+    IpcCopySpec spec;
+    spec.segments = &seg;
+    spec.num_segments = 1;
+    spec.has_imm = r.imm.has_value();
+    spec.imm = r.imm.value_or(0);
+    spec.imm_count = count;
+    ctx_.ipc->start(op, r.src, dst, spec, deadline_after(ctx_.options.op_timeout(r.length)));
+    return op;
+  }
+  if (choice.path == TransferPath::kStaged) {
+    auto job = new_job(what, r.length, r.src);
+    add_staged_part(*job, choice, dst, {{r.src_offset, r.dst_offset, r.length}}, r.imm, count);
     auto state = job->state;
     ctx_.jobs->submit(std::move(job));
     return state;
   }
   auto pieces = plan_write(r.length, r.src_offset, r.dst_offset, num_domains(), round_robin_.fetch_add(1),
                            ctx_.options.sharding);
-  return submit_rma(OpKind::kWrite, std::move(what), r.length, r.src, dst, pieces, r.imm);
+  return submit_rma(OpKind::kWrite, what, r.length, r.src, dst, pieces, r.imm);
 }
 
 // One user op of RMA pieces toward one destination.
-std::shared_ptr<TransferState> Engine::submit_rma(OpKind kind, std::string what, uint64_t bytes,
+std::shared_ptr<TransferState> Engine::submit_rma(OpKind kind, const OpName& what, uint64_t bytes,
                                                   const std::shared_ptr<MemoryRegion>& src, const MemoryDescriptor& dst,
                                                   const std::vector<WritePiece>& pieces, std::optional<uint32_t> imm) {
   auto op = std::make_unique<Op>();
   op->kind = kind;
   op->user = true;
-  op->state = new_state(std::move(what));
+  op->state = new_state(what);
   op->deadline = deadline_after(ctx_.options.op_timeout(bytes));
   op->keep_region = src;
   op->targets.push_back(target_of(dst, pieces.empty() ? 0 : pieces[0].domain));
@@ -546,39 +597,45 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
   PathChoice choice = path_for(*r.src, dst, r.path);
   if (choice.path == TransferPath::kIpc && !r.src_pages.empty())
     check_ipc_range(dst, r.dst_offset, max_dst * r.dst_stride + r.page_bytes, "write_paged");
-  std::string what = describe(
-      "paged write of " + std::to_string(r.src_pages.size()) + " x " + std::to_string(r.page_bytes) + " bytes", dst);
+  OpName what;
+  describe(what << "paged write of " << uint64_t(r.src_pages.size()) << " x " << r.page_bytes << " bytes", dst);
   if (auto failed = known_failure(dst, what)) return failed;
   uint64_t bytes = r.page_bytes * r.src_pages.size();
-  std::vector<WritePiece> pieces;
-  if (choice.path != TransferPath::kIpc)
-    pieces = plan_paged(r.page_bytes, r.src_pages, r.dst_pages, r.src_stride, r.dst_stride, r.src_offset,
-                        r.dst_offset, num_domains(), round_robin_.fetch_add(1));
-  if (choice.path != TransferPath::kFabric) {
-    auto job = new_job(std::move(what), bytes, r.src);
+  uint64_t count = imm_writes(OpKind::kPaged, num_domains(), 0, r.src_pages.size(), ScatterSharding::kTargets,
+                              ctx_.options.sharding);
+  if (choice.path == TransferPath::kIpc) {
+    // One copy kernel (or memcpy loop) over the caller's page lists, no piece list.
+    auto op = new_ipc_op(what, 1);
+    PagedCopy pc;  // offsets: resolved against the mapped bases when the copy starts
+    pc.src = r.src_offset;
+    pc.dst = r.dst_offset;
+    pc.page_bytes = r.page_bytes;
+    pc.src_stride = r.src_stride;
+    pc.dst_stride = r.dst_stride;
+    pc.src_pages = r.src_pages.data();
+    pc.dst_pages = r.dst_pages.data();
+    pc.pages = r.src_pages.size();
+    IpcCopySpec spec;
+    spec.pages = &pc;
+    spec.has_imm = r.imm.has_value();
+    spec.imm = r.imm.value_or(0);
+    spec.imm_count = count;
+    ctx_.ipc->start(op, r.src, dst, spec, deadline_after(ctx_.options.op_timeout(bytes)));
+    return op;
+  }
+  std::vector<WritePiece> pieces = plan_paged(r.page_bytes, r.src_pages, r.dst_pages, r.src_stride, r.dst_stride,
+                                              r.src_offset, r.dst_offset, num_domains(), round_robin_.fetch_add(1));
+  if (choice.path == TransferPath::kStaged) {
+    auto job = new_job(what, bytes, r.src);
     std::vector<StageSegment> segs;
-    PagedCopy pc;
-    if (choice.path == TransferPath::kIpc) {
-      // offsets: resolved against the mapped bases when the copy starts
-      pc.src = r.src_offset;
-      pc.dst = r.dst_offset;
-      pc.page_bytes = r.page_bytes;
-      pc.src_stride = r.src_stride;
-      pc.dst_stride = r.dst_stride;
-      pc.src_pages = r.src_pages;
-      pc.dst_pages = r.dst_pages;
-    } else {
-      segs.reserve(pieces.size());
-      for (auto& p : pieces) segs.push_back({p.src_offset, p.dst_offset, p.length});
-    }
-    uint64_t count = imm_writes(OpKind::kPaged, num_domains(), 0, r.src_pages.size(), ScatterSharding::kTargets,
-                                ctx_.options.sharding);
-    add_path_part(*job, choice, dst, std::move(segs), r.imm, count, choice.path == TransferPath::kIpc ? &pc : nullptr);
+    segs.reserve(pieces.size());
+    for (auto& p : pieces) segs.push_back({p.src_offset, p.dst_offset, p.length});
+    add_staged_part(*job, choice, dst, std::move(segs), r.imm, count);
     auto state = job->state;
     ctx_.jobs->submit(std::move(job));
     return state;
   }
-  return submit_rma(OpKind::kPaged, std::move(what), bytes, r.src, dst, pieces, r.imm);
+  return submit_rma(OpKind::kPaged, what, bytes, r.src, dst, pieces, r.imm);
 }
 
 std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
@@ -589,7 +646,7 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
   std::vector<ScatterTarget> targets;
   std::vector<PathChoice> choices;
   uint64_t total = 0;
-  bool all_fabric = true;
+  bool all_fabric = true, all_ipc = true;
   // Targets to one destination usually come in runs sharing a descriptor (always with a
   // ScatterTargetList): its checks and path choice are made once per run.
   const MemoryDescriptor* checked = nullptr;
@@ -613,13 +670,49 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
     choices.push_back(choice);
     if (choices.back().path == TransferPath::kIpc) check_ipc_range(*t.dst, t.dst_offset, t.length, "scatter");
     all_fabric &= choices.back().path == TransferPath::kFabric;
+    all_ipc &= choices.back().path == TransferPath::kIpc;
   }
-  std::string what = str_cat("scatter of ", total, " bytes to ", r.targets.size(), " targets");
+  OpName what;
+  what << "scatter of " << total << " bytes to " << uint64_t(r.targets.size()) << " targets";
   checked = nullptr;
   for (const auto& t : r.targets) {
     if (t.dst == checked) continue;
     if (auto failed = known_failure(*t.dst, what)) return failed;
     checked = t.dst;
+  }
+  const uint64_t per_target = imm_writes(OpKind::kScatter, num_domains(), 0, 0, r.sharding, ctx_.options.sharding);
+  // IPC targets go in runs of consecutive targets to one destination: one batched copy and one
+  // imm record per run.
+  auto ipc_runs = [&](auto&& fn) {
+    for (size_t i = 0; i < r.targets.size();) {
+      if (choices[i].path != TransferPath::kIpc) {
+        ++i;
+        continue;
+      }
+      size_t j = i + 1;
+      while (j < r.targets.size() && r.targets[j].dst == r.targets[i].dst && choices[j].path == TransferPath::kIpc) ++j;
+      fn(i, j);
+      i = j;
+    }
+  };
+  if (all_ipc) {
+    uint32_t runs = 0;
+    ipc_runs([&](size_t, size_t) { ++runs; });
+    auto op = new_ipc_op(what, runs);
+    auto deadline = deadline_after(ctx_.options.op_timeout(total));
+    thread_local std::vector<CopySegment> segs;
+    ipc_runs([&](size_t i, size_t j) {
+      segs.clear();
+      for (size_t k = i; k < j; ++k) segs.push_back({r.targets[k].dst_offset, r.targets[k].src_offset, r.targets[k].length});
+      IpcCopySpec spec;
+      spec.segments = segs.data();
+      spec.num_segments = segs.size();
+      spec.has_imm = r.imm.has_value();
+      spec.imm = r.imm.value_or(0);
+      spec.imm_count = per_target * (j - i);
+      ctx_.ipc->start(op, r.src, *r.targets[i].dst, spec, deadline);
+    });
+    return op;
   }
   auto pieces = plan_scatter(targets, num_domains(), r.sharding, round_robin_.fetch_add(1));
   auto op = std::make_unique<Op>();
@@ -637,22 +730,30 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
     fill_rma_wr(op->wrs.back(), p, *r.src, *r.targets[p.target].dst, r.imm, static_cast<uint32_t>(target_index[p.target]));
   }
   if (all_fabric) {
-    op->state = new_state(std::move(what));
+    op->state = new_state(what);
     op->deadline = deadline_after(ctx_.options.op_timeout(total));
     auto state = op->state;
     ctx_.worker->submit(std::move(op));
     return state;
   }
-  // Mixed or non-RMA targets: one job, a part per non-RMA target plus one for the RMA targets.
+  // Mixed paths: one job, a part per staged target, one for the IPC runs and one for the RMA targets.
   auto job = new_job(what, total, r.src);
-  uint64_t per_target = imm_writes(OpKind::kScatter, num_domains(), 0, 0, r.sharding, ctx_.options.sharding);
   for (size_t i = 0; i < r.targets.size(); ++i) {
-    if (choices[i].path == TransferPath::kFabric) continue;
+    if (choices[i].path != TransferPath::kStaged) continue;
     const auto& t = r.targets[i];
-    add_path_part(*job, choices[i], *t.dst, {{t.src_offset, t.dst_offset, t.length}}, r.imm, per_target, nullptr);
+    add_staged_part(*job, choices[i], *t.dst, {{t.src_offset, t.dst_offset, t.length}}, r.imm, per_target);
   }
+  std::vector<IpcPart::Target> ipc_targets;
+  ipc_runs([&](size_t i, size_t j) {
+    IpcPart::Target t;
+    t.dst = std::make_shared<const MemoryDescriptor>(*r.targets[i].dst);
+    for (size_t k = i; k < j; ++k) t.segments.push_back({r.targets[k].dst_offset, r.targets[k].src_offset, r.targets[k].length});
+    t.imm_count = per_target * (j - i);
+    ipc_targets.push_back(std::move(t));
+  });
+  if (!ipc_targets.empty()) job->parts.push_back(std::make_unique<IpcPart>(ctx_, job.get(), std::move(ipc_targets), r.imm));
   if (!op->wrs.empty()) {
-    op->state = new_state(what + " (RMA targets)");
+    op->state = new_state(OpName(what) << " (RMA targets)");
     op->deadline = job->deadline;
     job->parts.push_back(std::make_unique<FabricPart>(ctx_, job.get(), std::move(op)));
   }
@@ -673,9 +774,11 @@ std::shared_ptr<TransferState> Engine::write_imm(const ImmRequest& r) {
     JG_CHECK_ARG(p, name, ": a peer descriptor is missing");
     check_destination(*p, name);
   }
-  std::string what = r.peers.size() == 1 && r.kind == OpKind::kImm
-                         ? describe("imm write", *r.peers[0])
-                         : "barrier to " + std::to_string(r.peers.size()) + " peers";
+  OpName what;
+  if (r.peers.size() == 1 && r.kind == OpKind::kImm)
+    describe(what << "imm write", *r.peers[0]);
+  else
+    what << "barrier to " << uint64_t(r.peers.size()) << " peers";
   for (const MemoryDescriptor* p : r.peers)
     if (std::string down = ctx_.peers->unreachable(p->domains[0].endpoint); !down.empty()) {
       auto state = new_state(what);
@@ -685,7 +788,7 @@ std::shared_ptr<TransferState> Engine::write_imm(const ImmRequest& r) {
   auto op = std::make_unique<Op>();
   op->kind = r.kind;
   op->user = true;
-  op->state = new_state(std::move(what));
+  op->state = new_state(what);
   op->deadline = deadline_after(ctx_.options.timeout_s);
   op->wrs.resize(r.peers.size());
   op->targets.reserve(r.peers.size());

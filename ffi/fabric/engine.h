@@ -35,6 +35,8 @@
 
 namespace jax_garden::fabric {
 
+class IpcOp;
+
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
   static std::shared_ptr<Engine> create(const EngineOptions& options);
@@ -61,8 +63,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // A control message; `kind` other than kUser: an internal message (tests forge them).
   std::shared_ptr<TransferState> send(const NetAddress& to, const Bytes& payload, MsgKind kind = MsgKind::kUser);
   Message recv(double timeout_s);
-  // The path an op from `src` to `dst` takes with this override (kAuto: the engine's default).
+  // The path an op from `src` to `dst` takes with this override (kAuto: the engine's default), and
+  // in words why (not per op: for path_for(..., why=True) and errors).
   PathChoice path_for(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const;
+  std::string path_reason(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const;
 
   std::shared_ptr<ImmCounter> imm_counter(uint32_t imm);
   std::shared_ptr<Watcher> watcher(Watcher::Callback cb);
@@ -89,14 +93,15 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void check_open(OpKind op) const;
   void check_destination(const MemoryDescriptor& dst, const char* op) const;
   // A Transfer that already failed, when dst is known to be gone or unreachable (nothing posted).
-  std::shared_ptr<TransferState> known_failure(const MemoryDescriptor& dst, const std::string& what);
-  std::shared_ptr<TransferState> new_state(std::string what);
-  std::unique_ptr<Job> new_job(std::string what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src);
-  void add_path_part(Job& job, const PathChoice& choice, const MemoryDescriptor& dst,
-                     std::vector<StageSegment> segments, std::optional<uint32_t> imm, uint64_t imm_count,
-                     const PagedCopy* paged);
+  std::shared_ptr<TransferState> known_failure(const MemoryDescriptor& dst, const OpName& what);
+  std::shared_ptr<TransferState> new_state(const OpName& what);
+  std::unique_ptr<Job> new_job(const OpName& what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src);
+  void add_staged_part(Job& job, const PathChoice& choice, const MemoryDescriptor& dst,
+                       std::vector<StageSegment> segments, std::optional<uint32_t> imm, uint64_t imm_count);
+  std::shared_ptr<IpcOp> new_ipc_op(const OpName& what, uint32_t parts);
+  PathQuery path_query(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const;
   void check_ipc_range(const MemoryDescriptor& dst, uint64_t offset, uint64_t length, const char* op) const;
-  std::shared_ptr<TransferState> submit_rma(OpKind kind, std::string what, uint64_t bytes,
+  std::shared_ptr<TransferState> submit_rma(OpKind kind, const OpName& what, uint64_t bytes,
                                             const std::shared_ptr<MemoryRegion>& src, const MemoryDescriptor& dst,
                                             const std::vector<WritePiece>& pieces, std::optional<uint32_t> imm);
   static OpTarget target_of(const MemoryDescriptor& dst, uint32_t domain);

@@ -7,6 +7,7 @@
 #include "fabric/domain.h"
 #include "fabric/engine_parts.h"
 #include "fabric/imm_counter.h"
+#include "fabric/imm_mailbox.h"
 #include "fabric/options.h"
 #include "fabric/region.h"
 #include "fabric/worker.h"
@@ -27,6 +28,7 @@ struct EngineContext {
   std::unique_ptr<ImmTarget> imm_target;
   std::shared_ptr<RegionTable> regions;
   std::shared_ptr<ImmCounterTable> counters;
+  std::shared_ptr<ImmMailbox> mailbox;  // where same-host engines deliver imms (null: none)
   MessageQueue messages;
   std::unique_ptr<PeerKnowledge> peers;
   // Transports, run by the worker in its passes (worker tasks).

@@ -20,7 +20,7 @@ namespace jax_garden::fabric {
 namespace {
 
 constexpr uint32_t kRequestMagic = 0x4446474A;  // "JGFD"
-constexpr uint32_t kStatusOk = 0, kStatusUnknownKey = 1, kStatusBadRequest = 2;
+constexpr uint32_t kStatusOk = 0, kStatusUnknownKey = 1, kStatusBadRequest = 2, kStatusOtherUser = 3;
 constexpr int kServeTimeoutMs = 2000;  // one slow client cannot hold the broker longer
 
 struct Request {
@@ -106,9 +106,16 @@ void serve(int listener) {
       continue;
     }
     set_timeouts(c, kServeTimeoutMs / 1000.0);
+    // Only processes of this user get fds (an abstract socket is reachable by any process of the
+    // network namespace; the region key alone would then be the whole capability).
+    ucred peer{};
+    socklen_t peer_len = sizeof(peer);
+    bool same_user = ::getsockopt(c, SOL_SOCKET, SO_PEERCRED, &peer, &peer_len) == 0 && peer.uid == ::geteuid();
     Request req{};
     if (!read_exact(c, &req, sizeof(req)) || req.magic != kRequestMagic) {
       send_reply(c, kStatusBadRequest, -1);
+    } else if (!same_user) {  // answered after the request is read: the requester hears why
+      send_reply(c, kStatusOtherUser, -1);
     } else {
       // Sent under the lock: remove() cannot close the fd while it is being passed on.
       MutexLock lk(s.mu);
@@ -220,6 +227,8 @@ int FdBroker::fetch(uint64_t process_nonce, uint64_t region_key, double timeout_
     if (fd >= 0) ::close(fd);
     *why = status == kStatusUnknownKey
                ? str_cat(who, " has no region with key ", std::hex, region_key, " (deregistered, or a stale descriptor)")
+           : status == kStatusOtherUser
+               ? str_cat(who, " serves only processes of its own user (this one runs as uid ", std::dec, ::geteuid(), ")")
                : str_cat(who, " refused the request (status ", status, ")");
     return -1;
   }

@@ -5,7 +5,8 @@
 // process holding it can pass on. The broker keeps one exported fd per registered region and
 // answers requests on an abstract Unix socket named after the process nonce, sending the fd with
 // SCM_RIGHTS. A request names the region key (the random capability that descriptors carry);
-// an unknown key is refused. Every exchange is bounded by a timeout on both sides.
+// an unknown key is refused, and so is a requester running as another user (SO_PEERCRED). Every
+// exchange is bounded by a timeout on both sides.
 #pragma once
 
 #include <cstdint>

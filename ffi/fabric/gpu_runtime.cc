@@ -38,7 +38,7 @@ std::unique_ptr<CopyJob> host_copy(const std::vector<CopySegment>& segments) {
 }
 
 std::unique_ptr<CopyJob> host_paged_copy(const PagedCopy& c) {
-  for (size_t i = 0; i < c.src_pages.size(); ++i) {
+  for (size_t i = 0; i < c.pages; ++i) {
     std::memcpy(reinterpret_cast<void*>(c.dst + uint64_t(c.dst_pages[i]) * c.dst_stride),
                 reinterpret_cast<const void*>(c.src + uint64_t(c.src_pages[i]) * c.src_stride), c.page_bytes);
   }
@@ -86,7 +86,7 @@ class NoGpuRuntime final : public GpuRuntime {
   int device_count() override { return 0; }
   PointerInfo query(uint64_t) override { return {}; }
   std::array<uint8_t, 64> ipc_export(uint64_t) override { no_gpu("cudaIpcGetMemHandle"); }
-  uint64_t ipc_open(const std::array<uint8_t, 64>&, int) override { no_gpu("cudaIpcOpenMemHandle"); }
+  uint64_t ipc_open(const std::array<uint8_t, 64>&, int, bool*) override { no_gpu("cudaIpcOpenMemHandle"); }
   void ipc_close(uint64_t) override {}
   VmmRange vmm_range(uint64_t) override { return {}; }
   int vmm_export_fd(uint64_t) override { no_gpu("cuMemExportToShareableHandle"); }
@@ -103,6 +103,14 @@ class NoGpuRuntime final : public GpuRuntime {
   std::unique_ptr<CopyJob> paged_copy(int, const PagedCopy&) override {
     return failed_copy("GPU copy requested but this build has no CUDA support");
   }
+  void copy_then_store(int, const CopySegment*, size_t, const StreamStore*, size_t) override {
+    no_gpu("cudaMemcpyAsync");
+  }
+  size_t paged_copy_then_store(int, const PagedCopy&, const StreamStore*, size_t) override { no_gpu("paged copy"); }
+  void release_page_lists(size_t) override {}
+  bool stream_stores() override { return false; }
+  uint64_t register_host(void*, size_t, int) override { return 0; }
+  void unregister_host(void*) override {}
   void* host_alloc(size_t) override { return nullptr; }
   void host_free(void*) override {}
   uint64_t device_address(void* host) override { return reinterpret_cast<uint64_t>(host); }

@@ -4,9 +4,11 @@
 // so libcuda is never a link dependency and the module imports on hosts without a GPU).
 //
 // Copies are asynchronous on streams the runtime owns (one outbound and one inbound stream per
-// device, created on first use) and complete through CopyJob::poll(), which never blocks: the engine's
-// worker polls them between libfabric progress calls. Host-to-host copies (host_copy) complete at
-// once; they are how host memory stands in for GPU memory in the CPU tests of the same protocols.
+// device, created on first use). They report completion either through CopyJob::poll(), which never
+// blocks (the staged path's worker polls them between libfabric progress calls), or through 64-bit
+// stores the stream performs after them into host memory a peer polls (the ipc path's imm records,
+// copy_then_store). Host-to-host copies (host_copy) complete at once; they are how host memory
+// stands in for GPU memory in the CPU tests of the same protocols.
 #pragma once
 
 #include <array>
@@ -29,11 +31,19 @@ struct CopySegment {
 };
 
 // Page copy: page i moves page_bytes from src + src_pages[i]*src_stride to dst + dst_pages[i]*dst_stride
-// (offsets already folded into src / dst).
+// (offsets already folded into src / dst). The page lists are the caller's (a view, never copied
+// until they are packed for the device).
 struct PagedCopy {
   uint64_t dst = 0, src = 0;
   uint64_t page_bytes = 0, src_stride = 0, dst_stride = 0;
-  std::vector<uint32_t> src_pages, dst_pages;
+  const uint32_t* src_pages = nullptr;
+  const uint32_t* dst_pages = nullptr;
+  size_t pages = 0;
+};
+
+// A 64-bit store a stream performs in stream order (address: as the device sees it).
+struct StreamStore {
+  uint64_t address = 0, value = 0;
 };
 
 class CopyJob {
@@ -59,7 +69,10 @@ class GpuRuntime {
   // Pointer queries and CUDA IPC. All throw FabricError on driver errors.
   virtual PointerInfo query(uint64_t ptr) = 0;  // is_device = false for host memory
   virtual std::array<uint8_t, 64> ipc_export(uint64_t alloc_base) = 0;
-  virtual uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device) = 0;  // mapped allocation base
+  // The mapped allocation base. With `already_mapped`, a cudaErrorAlreadyMapped (this process still
+  // has a mapping of an earlier allocation the owner freed and whose address it reused) returns 0 and
+  // sets *already_mapped instead of throwing.
+  virtual uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device, bool* already_mapped = nullptr) = 0;
   virtual void ipc_close(uint64_t mapped_base) = 0;
   // Virtual-memory-management ranges (cuMemCreate; XLA's allocators make them): the range holding
   // `ptr` and whether it was created exportable as a POSIX fd (vmm = false for other memory).
@@ -86,6 +99,25 @@ class GpuRuntime {
   // Paged copy through a copy kernel on `device` (the page lists travel to the device with it).
   virtual std::unique_ptr<CopyJob> paged_copy(int device, const PagedCopy& copy) = 0;
 
+  // The ipc path: copies on the outbound stream of `device` (one batched driver call for several
+  // segments), then, in stream order after them, each of `stores` (cuStreamWriteValue64, which
+  // fences the copies' writes first): whoever polls the stored words learns that the bytes landed,
+  // with no event and no host thread in between. Throws FabricError (nothing was enqueued when the
+  // copies failed to enqueue).
+  virtual void copy_then_store(int device, const CopySegment* segments, size_t n, const StreamStore* stores,
+                               size_t m) = 0;
+  // The same with a paged copy (copy kernel). Returns the pinned page-list buffer it used, to hand
+  // back with release_page_lists() once the stores landed.
+  virtual size_t paged_copy_then_store(int device, const PagedCopy& copy, const StreamStore* stores, size_t m) = 0;
+  virtual void release_page_lists(size_t buffer) = 0;
+  // Streams can store into host memory (cuStreamWriteValue64 is available).
+  virtual bool stream_stores() = 0;
+  // Host memory GPUs may store into (cudaHostRegister, portable and mapped, made with `device`
+  // current so that no other GPU gets a context): its device address, 0 when that is not possible
+  // here (no GPU, or the registration failed).
+  virtual uint64_t register_host(void* p, size_t bytes, int device) = 0;
+  virtual void unregister_host(void* p) = 0;
+
   // Pinned host memory (cudaHostAlloc Portable|Mapped); nullptr when unavailable. With UVA the
   // device address of mapped memory equals the host address.
   virtual void* host_alloc(size_t bytes) = 0;
@@ -99,7 +131,8 @@ class GpuRuntime {
   virtual void stream_wait_geq_u64(void* stream, uint64_t address, uint64_t value) = 0;
   virtual void stream_copy(int device, void* stream, void* dst, const void* src, size_t bytes) = 0;
 
-  // Same-run baselines for the benchmark: GB/s (1e9 bytes/s) measured with CUDA events.
+  // Same-run baselines for the benchmark: GB/s (1e9 bytes/s) measured with CUDA events, `iters`
+  // copies back to back (src == dst: a same-device cudaMemcpyAsync, else cudaMemcpyPeerAsync).
   virtual double bench_peer_copy(int src_device, int dst_device, size_t bytes, int iters) = 0;
   virtual double bench_host_to_device(int device, size_t bytes, int iters) = 0;
 

@@ -6,6 +6,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -180,12 +181,18 @@ class CudaRuntime final : public GpuRuntime {
     return out;
   }
 
-  uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device) override {
+  uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device, bool* already_mapped) override {
     DeviceGuard g(device);
     cudaIpcMemHandle_t h{};
     std::memcpy(&h, handle.data(), 64);
     void* p = nullptr;
-    check(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+    if (e == cudaErrorAlreadyMapped && already_mapped) {
+      cudaGetLastError();
+      *already_mapped = true;
+      return 0;
+    }
+    check(e, "cudaIpcOpenMemHandle");
     return reinterpret_cast<uint64_t>(p);
   }
 
@@ -326,12 +333,7 @@ class CudaRuntime final : public GpuRuntime {
     try {
       DeviceGuard g(device);
       cudaStream_t s = stream(device, lane);
-      for (const auto& seg : segments) {
-        if (!seg.bytes) continue;
-        check(cudaMemcpyAsync(reinterpret_cast<void*>(seg.dst), reinterpret_cast<const void*>(seg.src), seg.bytes,
-                              cudaMemcpyDefault, s),
-              "cudaMemcpyAsync");
-      }
+      enqueue_copies(s, segments.data(), segments.size());
       return record(device, s, nullptr);
     } catch (const std::exception& e) {
       return failed_copy(e.what());
@@ -342,38 +344,57 @@ class CudaRuntime final : public GpuRuntime {
     try {
       DeviceGuard g(device);
       cudaStream_t s = stream(device, 0);
-      size_t n = c.src_pages.size();
-      if (n == 0) return record(device, s, nullptr);
-      // Page lists: packed into a pooled pinned buffer, copied to a stream-ordered device buffer
-      // (no host synchronisation anywhere), read by the kernel from device memory. The pinned
-      // buffer returns to the pool when the job (its event) is done.
-      size_t bytes = n * 2 * sizeof(uint32_t);
-      auto [buf, slot] = acquire_index_buffer(bytes);
-      auto* idx = static_cast<uint32_t*>(buf);
-      std::memcpy(idx, c.src_pages.data(), n * sizeof(uint32_t));
-      std::memcpy(idx + n, c.dst_pages.data(), n * sizeof(uint32_t));
-      void* dev_idx = nullptr;
-      cudaError_t e = cudaMallocAsync(&dev_idx, bytes, s);
-      if (e == cudaSuccess) e = cudaMemcpyAsync(dev_idx, idx, bytes, cudaMemcpyHostToDevice, s);
-      PagedCopyArgs a{};
-      a.dst = c.dst;
-      a.src = c.src;
-      a.page_bytes = c.page_bytes;
-      a.src_stride = c.src_stride;
-      a.dst_stride = c.dst_stride;
-      a.src_pages = static_cast<const uint32_t*>(dev_idx);
-      a.dst_pages = static_cast<const uint32_t*>(dev_idx) + n;
-      a.pages = static_cast<uint32_t>(n);
-      if (e == cudaSuccess) e = launch_paged_copy(a, sms_[device], s);
-      if (dev_idx) cudaFreeAsync(dev_idx, s);
-      if (e != cudaSuccess) {
-        release_index_buffer(slot);
-        check(e, "paged copy (page lists to the device, kernel launch)");
-      }
-      return record(device, s, [this, slot = slot]() { release_index_buffer(slot); });
+      if (c.pages == 0) return record(device, s, nullptr);
+      size_t slot = enqueue_paged(device, s, c);
+      return record(device, s, [this, slot]() { release_index_buffer(slot); });  // releases it on failure too
     } catch (const std::exception& e) {
       return failed_copy(e.what());
     }
+  }
+
+  void copy_then_store(int device, const CopySegment* segments, size_t n, const StreamStore* stores,
+                       size_t m) override {
+    DeviceGuard g(device);
+    cudaStream_t s = stream(device, 0);
+    enqueue_copies(s, segments, n);
+    enqueue_stores(s, stores, m);
+  }
+
+  size_t paged_copy_then_store(int device, const PagedCopy& c, const StreamStore* stores, size_t m) override {
+    DeviceGuard g(device);
+    cudaStream_t s = stream(device, 0);
+    size_t slot = c.pages == 0 ? kNoIndexBuffer : enqueue_paged(device, s, c);
+    // If the stores fail to enqueue, the kernel may still read the page lists: the buffer is then
+    // never handed out again.
+    enqueue_stores(s, stores, m);
+    return slot;
+  }
+
+  void release_page_lists(size_t buffer) override {
+    if (buffer != kNoIndexBuffer) release_index_buffer(buffer);
+  }
+
+  bool stream_stores() override { return available_ && write_value64_ != nullptr; }
+
+  uint64_t register_host(void* p, size_t bytes, int device) override {
+    if (!available_ || device < 0 || device >= count_) return 0;
+    DeviceGuard g(device);
+    if (cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    void* d = nullptr;
+    if (cudaHostGetDevicePointer(&d, p, 0) != cudaSuccess) {
+      cudaGetLastError();
+      cudaHostUnregister(p);
+      cudaGetLastError();
+      return 0;
+    }
+    return reinterpret_cast<uint64_t>(d);
+  }
+
+  void unregister_host(void* p) override {
+    if (p && cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();
   }
 
   void* host_alloc(size_t bytes) override {
@@ -435,6 +456,7 @@ class CudaRuntime final : public GpuRuntime {
     cudaError_t pe = cudaDeviceEnablePeerAccess(dst_device, 0);
     if (pe != cudaSuccess) cudaGetLastError();  // already enabled, or same device
     double gbs = time_copies(iters, bytes, [&](cudaStream_t s) {
+      if (src_device == dst_device) return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s);
       return cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, s);
     });
     cudaFree(src);
@@ -476,6 +498,75 @@ class CudaRuntime final : public GpuRuntime {
   }
 
  private:
+  static constexpr size_t kNoIndexBuffer = ~size_t{0};
+
+  // Copies in stream order: one cudaMemcpyAsync, or one batched call for several (falling back to
+  // a loop where the driver refuses the batch).
+  void enqueue_copies(cudaStream_t s, const CopySegment* segments, size_t n) {
+    thread_local std::vector<void*> dsts;
+    thread_local std::vector<const void*> srcs;
+    thread_local std::vector<size_t> sizes;
+    dsts.clear();
+    srcs.clear();
+    sizes.clear();
+    for (size_t i = 0; i < n; ++i) {
+      if (!segments[i].bytes) continue;
+      dsts.push_back(reinterpret_cast<void*>(segments[i].dst));
+      srcs.push_back(reinterpret_cast<const void*>(segments[i].src));
+      sizes.push_back(segments[i].bytes);
+    }
+    if (dsts.size() > 1 && batch_copies_.load(std::memory_order_relaxed)) {
+      cudaMemcpyAttributes attr{};
+      attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+      size_t attr_index = 0;
+      cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &attr_index, 1, s);
+      if (e == cudaSuccess) return;
+      cudaGetLastError();
+      batch_copies_.store(false, std::memory_order_relaxed);  // e.g. an older driver: one call per copy
+    }
+    for (size_t i = 0; i < dsts.size(); ++i)
+      check(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, s), "cudaMemcpyAsync");
+  }
+
+  void enqueue_stores(cudaStream_t s, const StreamStore* stores, size_t m) {
+    if (!m) return;
+    if (!write_value64_) throw FabricError("cuStreamWriteValue64 is not available from this CUDA driver");
+    for (size_t i = 0; i < m; ++i)
+      check_cu(write_value64_(static_cast<CUstream>(s), static_cast<CUdeviceptr>(stores[i].address), stores[i].value, 0),
+               "cuStreamWriteValue64 (imm record)");
+  }
+
+  // Page lists: packed into a pooled pinned buffer, copied to a stream-ordered device buffer (no
+  // host synchronisation anywhere), read by the kernel from device memory. Returns the pinned
+  // buffer, to release once the copy is known complete.
+  size_t enqueue_paged(int device, cudaStream_t s, const PagedCopy& c) {
+    size_t n = c.pages;
+    size_t bytes = n * 2 * sizeof(uint32_t);
+    auto [buf, slot] = acquire_index_buffer(bytes);
+    auto* idx = static_cast<uint32_t*>(buf);
+    std::memcpy(idx, c.src_pages, n * sizeof(uint32_t));
+    std::memcpy(idx + n, c.dst_pages, n * sizeof(uint32_t));
+    void* dev_idx = nullptr;
+    cudaError_t e = cudaMallocAsync(&dev_idx, bytes, s);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(dev_idx, idx, bytes, cudaMemcpyHostToDevice, s);
+    PagedCopyArgs a{};
+    a.dst = c.dst;
+    a.src = c.src;
+    a.page_bytes = c.page_bytes;
+    a.src_stride = c.src_stride;
+    a.dst_stride = c.dst_stride;
+    a.src_pages = static_cast<const uint32_t*>(dev_idx);
+    a.dst_pages = static_cast<const uint32_t*>(dev_idx) + n;
+    a.pages = static_cast<uint32_t>(n);
+    if (e == cudaSuccess) e = launch_paged_copy(a, sms_[device], s);
+    if (dev_idx) cudaFreeAsync(dev_idx, s);
+    if (e != cudaSuccess) {
+      release_index_buffer(slot);
+      check(e, "paged copy (page lists to the device, kernel launch)");
+    }
+    return slot;
+  }
+
   cudaStream_t stream(int device, int lane) {
     std::lock_guard lk(mu_);
     JG_CHECK_ARG(device >= 0 && device < count_, "GPU device ", device, " out of range (", count_, " devices)");
@@ -570,6 +661,7 @@ class CudaRuntime final : public GpuRuntime {
   std::map<std::string, int> bus_ids_;
   std::map<std::pair<int, int>, bool> peer_access_;
   std::map<int, std::vector<cudaEvent_t>> free_events_;
+  std::atomic<bool> batch_copies_{true};
   PFN_GetAddressRange get_address_range_ = nullptr;
   PFN_StreamValue64 write_value64_ = nullptr;
   PFN_StreamValue64 wait_value64_ = nullptr;

@@ -26,8 +26,8 @@ std::vector<WritePiece> plan_write(uint64_t length, uint64_t src_offset, uint64_
   return pieces;
 }
 
-std::vector<WritePiece> plan_paged(uint64_t page_bytes, const std::vector<uint32_t>& src_pages,
-                                   const std::vector<uint32_t>& dst_pages, uint64_t src_stride, uint64_t dst_stride,
+std::vector<WritePiece> plan_paged(uint64_t page_bytes, std::span<const uint32_t> src_pages,
+                                   std::span<const uint32_t> dst_pages, uint64_t src_stride, uint64_t dst_stride,
                                    uint64_t src_offset, uint64_t dst_offset, uint32_t domains, uint32_t first_domain) {
   JG_CHECK_ARG(src_pages.size() == dst_pages.size(), "write_paged: ", src_pages.size(), " source pages but ",
                dst_pages.size(), " destination pages");

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "fabric/requests.h"
@@ -35,8 +36,8 @@ std::vector<WritePiece> plan_write(uint64_t length, uint64_t src_offset, uint64_
 
 // Paged write: page i moves page_bytes from src_offset + src_pages[i]*src_stride to
 // dst_offset + dst_pages[i]*dst_stride. One write (one imm) per page, pages dealt round robin.
-std::vector<WritePiece> plan_paged(uint64_t page_bytes, const std::vector<uint32_t>& src_pages,
-                                   const std::vector<uint32_t>& dst_pages, uint64_t src_stride, uint64_t dst_stride,
+std::vector<WritePiece> plan_paged(uint64_t page_bytes, std::span<const uint32_t> src_pages,
+                                   std::span<const uint32_t> dst_pages, uint64_t src_stride, uint64_t dst_stride,
                                    uint64_t src_offset, uint64_t dst_offset, uint32_t domains, uint32_t first_domain);
 
 struct ScatterTarget {

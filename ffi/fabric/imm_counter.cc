@@ -1,6 +1,7 @@
 #include "fabric/imm_counter.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -148,6 +149,9 @@ void ImmCounter::add(int64_t n) {
 
 void ImmCounter::wait(int64_t count, double timeout_s) {
   JG_CHECK_ARG(count >= 0, "ImmCounter.wait: count must be >= 0, got ", count);
+  // Every wait is bounded: a negative value would mean "never" to deadline_after.
+  JG_CHECK_ARG(std::isfinite(timeout_s) && timeout_s >= 0,
+               "ImmCounter.wait: timeout must be a finite number of seconds >= 0, got ", timeout_s);
   if (std::string e = take_error(); !e.empty()) throw TransferFailed(str_cat("imm counter ", imm_, ": ", e));
   if (try_take(count)) return;
   auto driver = driver_.lock();
@@ -156,7 +160,7 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
   // cost more than the small-write round trip we are waiting for.
   {
     InlinePollScope scope(*driver);
-    auto spin_until = Clock::now() + std::chrono::microseconds(100);
+    auto spin_until = Clock::now() + std::chrono::microseconds(1000);
     while (Clock::now() < spin_until) {
       if (try_take(count)) return;
       driver->poll_once();

@@ -1,8 +1,6 @@
 #include "fabric/jobs.h"
 
 #include "common/error.h"
-#include "fabric/adversary.h"
-#include "fabric/transport_ipc.h"
 
 namespace jax_garden::fabric {
 
@@ -10,15 +8,6 @@ void Part::finish(bool ok, const std::string& error) {
   if (finished_) return;
   finished_ = true;
   job_->part_finished(ok, error);
-}
-
-bool Part::start_held_by_adversary() {
-  auto now = Clock::now();
-  if (!start_decided_) {
-    start_decided_ = true;
-    start_at_ = ctx_.worker->adversary()->copy_start(now);
-  }
-  return now < start_at_;
 }
 
 void Job::part_finished(bool ok, const std::string& error) {
@@ -63,9 +52,6 @@ bool FabricPart::advance() {
 }
 
 void JobRunner::submit(std::unique_ptr<Job> job) {
-  // Always handed to the worker: it starts the copies of every job submitted during one pass
-  // together (one batch and one completion event per device), while the caller goes back to
-  // submitting. Issuing each copy on the caller's thread measured slower for small IPC writes.
   job->state->set_driver(ctx_.worker);
   {
     MutexLock lk(inbox_mu_);
@@ -92,7 +78,6 @@ bool JobRunner::busy() const { return !jobs_.empty() || has_inbox_.load(std::mem
 
 bool JobRunner::advance_jobs() {
   bool progress = false;
-  ctx_.ipc->begin_pass();
   std::vector<uint64_t> done;
   for (auto& [id, job] : jobs_) {
     for (auto& p : job->parts)
@@ -100,7 +85,6 @@ bool JobRunner::advance_jobs() {
     if (job->removable()) done.push_back(id);
   }
   for (uint64_t id : done) jobs_.erase(id);
-  progress |= ctx_.ipc->end_pass();
   return progress || !done.empty();
 }
 

@@ -30,18 +30,10 @@ class Part {
 
  protected:
   void finish(bool ok, const std::string& error) JG_REQUIRES_PROGRESS;
-  // Adversarial mode: whether the start of this part's data movement is still held back (the delay
-  // is decided at the first call). One branch when the mode is off.
-  bool start_held() JG_REQUIRES_PROGRESS { return ctx_.worker->adversary() && start_held_by_adversary(); }
   EngineContext& ctx_;
   Job* job_;
   bool cancelled_ = false;
   bool finished_ = false;
-
- private:
-  bool start_held_by_adversary() JG_REQUIRES_PROGRESS;
-  bool start_decided_ = false;
-  Clock::time_point start_at_{};
 };
 
 struct Job {

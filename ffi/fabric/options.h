@@ -35,9 +35,10 @@ struct EngineOptions {
   TransferPath default_path = TransferPath::kAuto;  // per-op `path` overrides it
   uint32_t stage_chunk_bytes = 1u << 20;  // staging: bounce buffer / slot size
   uint32_t stage_slots = 8;               // staging: bounce buffers per side (send pool, receive slots)
-  // Same-host peers may map GPU regions in cuMemCreate memory (no legacy IPC handle; XLA's
-  // allocators) through an fd this process exports (fd_broker.h). Off until verified on GPUs.
-  bool vmm_ipc = false;
+  // Same-host peers may map GPU regions in cuMemCreate memory (no legacy IPC handle; XLA's default
+  // and platform allocators) through an fd this process exports (fd_broker.h): how jax arrays
+  // reach another process's GPU at device speed. JAX_GARDEN_VMM_IPC=0 turns it off.
+  bool vmm_ipc = true;
   // The adversarial delivery mode (adversary.h): "seed=7,hold=0.5,..."; "" or "off" = off;
   // nullopt = the JAX_GARDEN_ADVERSARY environment variable (read when the engine is created).
   std::optional<std::string> adversary;

@@ -31,9 +31,14 @@ namespace {
 std::string ipc_blocker(const PathQuery& q) {
   if (!q.same_host) return "the destination is on another host";
   if (q.src_cuda != q.dst_cuda) return "one region is GPU memory and the other host memory";
-  if (!q.src_cuda) return q.same_process ? "" : "host regions can be mapped only inside one process";
-  if (!q.same_process && !q.dst_has_ipc) return "the destination descriptor carries no CUDA IPC handle";
-  if (!q.gpu_can_map) return "this process cannot map the destination GPU (not visible, or no peer access)";
+  if (!q.src_cuda && !q.same_process) return "host regions can be mapped only inside one process";
+  if (q.src_cuda && !q.same_process && !q.dst_has_ipc)
+    return "the destination descriptor carries no CUDA IPC handle (its memory is not exportable, e.g. a cuda_async "
+           "pool, or its owner turned VMM IPC off with JAX_GARDEN_VMM_IPC=0; the owner's "
+           "MemoryRegion.registration_note says which)";
+  if (q.src_cuda && !q.gpu_can_map)
+    return "this process cannot map the destination GPU (not visible here, or no peer access)";
+  if (!q.dst_mailbox) return "the destination engine has no imm mailbox (no shared memory there)";
   return "";
 }
 
@@ -77,6 +82,25 @@ PathChoice choose_path(const PathQuery& q) {
     c.stage_dst = q.dst_staged;
   }
   return c;
+}
+
+std::string explain_path(const PathQuery& q, const PathChoice& c) {
+  if (q.requested != TransferPath::kAuto) return str_cat(path_name(c.path), ": requested");
+  switch (c.path) {
+    case TransferPath::kIpc:
+      return q.src_cuda ? "ipc: GPU memory on both sides, on one host, and this process maps the destination's GPU"
+                        : "ipc: host memory of one process";
+    case TransferPath::kFabric:
+      return q.src_cuda && q.dst_cuda ? str_cat("fabric: both regions registered with the provider; no ipc (",
+                                                ipc_blocker(q), ")")
+                                      : "fabric: both regions registered with the provider";
+    case TransferPath::kStaged:
+      break;
+    case TransferPath::kAuto:
+      return "?";
+  }
+  std::string ipc = q.src_cuda && q.dst_cuda ? ipc_blocker(q) : "one region is host memory";
+  return str_cat("staged: no ipc (", ipc, "); no fabric (", fabric_blocker(q), ")");
 }
 
 const char* registration_mode_name(RegistrationMode mode) {

@@ -30,6 +30,7 @@ struct PathQuery {
   bool dst_cuda = false;
   bool dst_staged = false;
   bool dst_has_ipc = false;
+  bool dst_mailbox = true;  // the owner engine has an imm mailbox (where same-host copies deliver imms)
   // relation between the two ends
   bool same_host = false;     // equal boot ids
   bool same_process = false;  // equal process nonces (then pointers are valid as they are)
@@ -49,6 +50,8 @@ struct PathChoice {
 // path="staged" stages both sides (so host memory exercises the whole protocol); path="ipc" also
 // works between host regions of one process (plain memcpy), which the CPU tests use.
 PathChoice choose_path(const PathQuery& q);
+// Why choose_path(q) gave c, in words (what made the faster paths impossible).
+std::string explain_path(const PathQuery& q, const PathChoice& c);
 
 // ---- registration -------------------------------------------------------------------------------
 

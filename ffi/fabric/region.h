@@ -27,8 +27,10 @@ class RegionOwner {
 };
 
 // A registered local region: per domain an MR handle (none for staged regions, which the provider
-// cannot reach: writes from and to them go through bounce buffers).
-class MemoryRegion {
+// cannot reach: writes from and to them go through bounce buffers). enable_shared_from_this: the
+// bindings hand the engine this C++ reference (not one owning the Python object, whose release
+// would need the GIL on whichever engine thread drops it last).
+class MemoryRegion : public std::enable_shared_from_this<MemoryRegion> {
  public:
   struct Init {
     uint64_t id = 0, base = 0, length = 0;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <unordered_map>
 #include <vector>
 
@@ -42,12 +43,12 @@ struct WriteRequest {
 };
 
 // Page i moves page_bytes from src_offset + src_pages[i]*src_stride to
-// dst_offset + dst_pages[i]*dst_stride.
+// dst_offset + dst_pages[i]*dst_stride. The page lists are the caller's (views for the call).
 struct PagedWriteRequest {
   std::shared_ptr<MemoryRegion> src;
   const MemoryDescriptor* dst = nullptr;
   uint64_t page_bytes = 0;
-  std::vector<uint32_t> src_pages, dst_pages;
+  std::span<const uint32_t> src_pages, dst_pages;
   uint64_t src_stride = 0, dst_stride = 0, src_offset = 0, dst_offset = 0;
   std::optional<uint32_t> imm;
   TransferPath path = TransferPath::kAuto;

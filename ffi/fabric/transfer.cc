@@ -26,7 +26,7 @@ void TransferState::wait(double timeout_s) {
   if (!finished()) {
     if (auto driver = driver_.lock()) {
       InlinePollScope scope(*driver);
-      auto spin_until = Clock::now() + std::chrono::microseconds(100);
+      auto spin_until = Clock::now() + std::chrono::microseconds(1000);
       while (!finished() && Clock::now() < spin_until) driver->poll_once();
     }
   }
@@ -34,11 +34,11 @@ void TransferState::wait(double timeout_s) {
   MutexLock lk(mu_);
   while (status_ == Status::kPending) {
     if (cv_.wait_until(mu_, deadline) == std::cv_status::timeout && status_ == Status::kPending) {
-      throw Timeout(str_cat(what_, ": not complete after ", timeout_s, " s (still pending; wait again or close)"));
+      throw Timeout(str_cat(what_.view(), ": not complete after ", timeout_s, " s (still pending; wait again or close)"));
     }
   }
-  if (status_ == Status::kFailed) throw TransferFailed(str_cat(what_, " failed: ", error_));
-  if (status_ == Status::kTimedOut) throw Timeout(str_cat(what_, " timed out: ", error_));
+  if (status_ == Status::kFailed) throw TransferFailed(str_cat(what_.view(), " failed: ", error_));
+  if (status_ == Status::kTimedOut) throw Timeout(str_cat(what_.view(), " timed out: ", error_));
 }
 
 TransferState::Status TransferState::status() const {

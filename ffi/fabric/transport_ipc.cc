@@ -1,8 +1,10 @@
 #include "fabric/transport_ipc.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
 #include <map>
-#include <mutex>
+#include <thread>
 
 #include <unistd.h>
 
@@ -12,9 +14,49 @@
 namespace jax_garden::fabric {
 namespace {
 
-// Process-wide CUDA IPC mappings: a handle may be opened only once per process.
+// Process-wide CUDA IPC mappings: a handle may be opened only once per process. Each remembers the
+// owner's regions it served, so that a mapping whose regions are all gone can be closed when the
+// owner reuses the allocation's address for a new one (the driver then refuses the new handle with
+// cudaErrorAlreadyMapped until the stale mapping is closed).
+struct LegacyMapping {
+  uint64_t base = 0;
+  struct Region {
+    uint32_t slot;
+    uint64_t key, base;
+  };
+  std::vector<Region> regions;
+};
 Mutex g_ipc_mu;
-std::map<std::pair<uint64_t, std::array<uint8_t, kIpcHandleBytes>>, uint64_t> g_ipc_maps JG_GUARDED_BY(g_ipc_mu);
+std::map<std::pair<uint64_t, std::array<uint8_t, kIpcHandleBytes>>, LegacyMapping> g_ipc_maps JG_GUARDED_BY(g_ipc_mu);
+
+// Closes the mappings of `owner`'s allocations none of whose regions is live any more. Called only
+// when the driver refused a new handle of that owner as already mapped: the owner freed an allocation
+// we still map and reused its address, after retiring its regions (which waited for admitted copies),
+// so nothing of ours still copies into it.
+void close_dead_mappings(uint64_t owner) JG_REQUIRES(g_ipc_mu) {
+  std::shared_ptr<SharedRegionTable> table;
+  try {
+    table = SharedRegionTable::of_process(owner);
+  } catch (const TransferFailed&) {
+    // the owner is gone: none of its regions is live
+  }
+  for (auto it = g_ipc_maps.begin(); it != g_ipc_maps.end();) {
+    bool live = false;
+    if (it->first.first == owner && table) {
+      for (const auto& r : it->second.regions) {
+        std::string why;
+        bool gone = false;
+        if (table->check(r.slot, r.key, r.base, 0, 0, &why, &gone)) live = true;
+      }
+    }
+    if (it->first.first == owner && !live) {
+      gpu_runtime().ipc_close(it->second.base);
+      it = g_ipc_maps.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
 // Imported VMM ranges, by (owner process nonce, region key): the mapped base and the local devices
 // given access. The mapping holds the owner's physical memory; the owner's region table still
 // admits every copy (liveness and bounds), as for legacy handles.
@@ -27,30 +69,46 @@ std::map<std::pair<uint64_t, uint64_t>, VmmMapping> g_vmm_maps JG_GUARDED_BY(g_i
 bool same_process(const MemoryDescriptor& d) { return d.host_id == host_id() && d.process_nonce == process_nonce(); }
 
 // The range of dst's region that a copy covers, [lo, hi).
-std::pair<uint64_t, uint64_t> extent(const std::vector<CopySegment>& segments) {
+std::pair<uint64_t, uint64_t> extent(const CopySegment* segments, size_t n) {
   uint64_t lo = UINT64_MAX, hi = 0;
-  for (const auto& s : segments) {
-    if (!s.bytes) continue;
-    lo = std::min(lo, s.dst);
-    hi = std::max(hi, s.dst + s.bytes);
+  for (size_t i = 0; i < n; ++i) {
+    if (!segments[i].bytes) continue;
+    lo = std::min(lo, segments[i].dst);
+    hi = std::max(hi, segments[i].dst + segments[i].bytes);
   }
   return lo > hi ? std::make_pair(uint64_t{0}, uint64_t{0}) : std::make_pair(lo, hi);
 }
 
 std::pair<uint64_t, uint64_t> extent(const PagedCopy& p) {
-  if (p.dst_pages.empty()) return {0, 0};
-  uint64_t lo = UINT64_MAX, hi = 0;
-  for (uint32_t page : p.dst_pages) {
-    lo = std::min(lo, p.dst + uint64_t(page) * p.dst_stride);
-    hi = std::max(hi, p.dst + uint64_t(page) * p.dst_stride + p.page_bytes);
-  }
-  return {lo, hi};
+  if (p.pages == 0) return {0, 0};
+  uint32_t top = *std::max_element(p.dst_pages, p.dst_pages + p.pages);
+  return {p.dst, p.dst + uint64_t(top) * p.dst_stride + p.page_bytes};
 }
+
+uint64_t target_key(uint64_t region_key, int device) { return region_key ^ (uint64_t(device + 1) * 0x9E3779B97F4A7C15ull); }
+
+// Sources whose copies are over, released only once no link lock is held: dropping the last
+// reference deregisters the region, which may wait for copies that this lock's holder completes.
+thread_local std::vector<std::shared_ptr<MemoryRegion>> t_released_sources;
+
+void drop_released_sources() { t_released_sources.clear(); }
 
 }  // namespace
 
+void IpcOp::part_done(bool ok, const std::string& error, Status failure) {
+  if (!ok) {
+    finish(failure, error);  // the first final status wins
+    remaining_.fetch_sub(1, std::memory_order_acq_rel);
+    return;
+  }
+  if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) finish(Status::kDone);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destinations: mappings, region tables, mailbox rings
+
 std::string IpcTransport::check_destination(const MemoryDescriptor& dst, uint64_t offset, uint64_t length,
-                                            bool* gone) const {
+                                            bool* gone) {
   std::string why;
   *gone = false;
   try {
@@ -64,12 +122,23 @@ std::string IpcTransport::check_destination(const MemoryDescriptor& dst, uint64_
   return why;
 }
 
-bool IpcTransport::gpu_can_map(const MemoryRegion& src, const MemoryDescriptor& dst) const {
-  if (!src.cuda() || dst.kind != MemoryKind::kCuda) return false;
+bool IpcTransport::gpu_can_map(const MemoryRegion& src, const MemoryDescriptor& dst, std::string* why) const {
+  auto no = [&](std::string w) {
+    if (why) *why = std::move(w);
+    return false;
+  };
+  if (!src.cuda() || dst.kind != MemoryKind::kCuda) return no("one region is not GPU memory");
   GpuRuntime& rt = gpu_runtime();
-  if (!rt.available()) return false;
+  if (!rt.available()) return no(str_cat("no GPU runtime here: ", rt.status()));
   int owner = same_process(dst) ? dst.device : rt.device_of_pci_bus_id(dst.pci_bus_id);
-  return owner >= 0 && rt.can_access(src.device(), owner);
+  if (owner < 0) {
+    return no(str_cat("the destination's GPU (PCI ", dst.pci_bus_id,
+                      ") is not visible to this process (CUDA_VISIBLE_DEVICES hides it? choose JAX's GPU with "
+                      "jax_cuda_visible_devices instead)"));
+  }
+  if (!rt.can_access(src.device(), owner))
+    return no(str_cat("GPU ", src.device(), " has no peer access to GPU ", owner));
+  return true;
 }
 
 uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
@@ -79,8 +148,21 @@ uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
   auto key = std::make_pair(dst.process_nonce, dst.ipc_handle);
   MutexLock lk(g_ipc_mu);
   auto it = g_ipc_maps.find(key);
-  if (it == g_ipc_maps.end()) it = g_ipc_maps.emplace(key, gpu_runtime().ipc_open(dst.ipc_handle, device)).first;
-  return it->second + dst.ipc_offset;
+  if (it == g_ipc_maps.end()) {
+    bool already_mapped = false;
+    uint64_t base = gpu_runtime().ipc_open(dst.ipc_handle, device, &already_mapped);
+    if (already_mapped) {
+      close_dead_mappings(dst.process_nonce);
+      base = gpu_runtime().ipc_open(dst.ipc_handle, device);
+    }
+    it = g_ipc_maps.emplace(key, LegacyMapping{base, {}}).first;
+  }
+  auto& regions = it->second.regions;
+  if (std::none_of(regions.begin(), regions.end(), [&](const LegacyMapping::Region& r) {
+        return r.slot == dst.region_slot && r.key == dst.region_key;
+      }))
+    regions.push_back({dst.region_slot, dst.region_key, dst.base});
+  return it->second.base + dst.ipc_offset;
 }
 
 uint64_t IpcTransport::map_vmm(const MemoryDescriptor& dst, int device) {
@@ -90,7 +172,7 @@ uint64_t IpcTransport::map_vmm(const MemoryDescriptor& dst, int device) {
   if (it == g_vmm_maps.end()) {
     std::string why;
     int fd = FdBroker::fetch(dst.process_nonce, dst.region_key, std::min(ctx_.options.timeout_s, 5.0), &why);
-    if (fd < 0) throw TransferFailed(str_cat("ipc: mapping the destination's VMM range: ", why));
+    if (fd < 0) throw TransferFailed(str_cat("mapping the destination's VMM range: ", why));
     VmmMapping m;
     try {
       m.base = gpu_runtime().vmm_map(fd, dst.ipc_range_bytes, device);
@@ -113,122 +195,387 @@ uint64_t IpcTransport::mappings() {
   return g_ipc_maps.size() + g_vmm_maps.size();
 }
 
-void IpcTransport::block(int device) {
-  if (device < 0) return;
-  if (size_t(device) >= copy_blocked_.size()) copy_blocked_.resize(device + 1, 0);
-  copy_blocked_[device] = 1;
+std::shared_ptr<IpcTransport::Link> IpcTransport::link(const MemoryDescriptor& dst) {
+  auto key = std::make_pair(dst.process_nonce, dst.mailbox);
+  auto it = links_.find(key);
+  if (it != links_.end()) return it->second;
+  auto l = std::make_shared<Link>();
+  l->ring = MailboxLink::open(dst.process_nonce, dst.mailbox);
+  l->nonce = dst.process_nonce;
+  l->serial = dst.mailbox;
+  l->owner = dst.domains[0].endpoint;
+  links_.emplace(key, l);
+  links_version_.fetch_add(1, std::memory_order_acq_rel);
+  return l;
 }
 
-void IpcTransport::add_to_batch(IpcPart* part, int device, std::vector<CopySegment> segments) {
-  batch_.push_back({part, device, std::move(segments)});
-}
-
-bool IpcTransport::end_pass() {
-  if (batch_.empty()) return false;
-  std::vector<BatchEntry> batch;
-  batch.swap(batch_);
-  std::map<int, std::vector<BatchEntry*>> by_device;
-  for (auto& e : batch) by_device[e.device].push_back(&e);
-  for (auto& [device, entries] : by_device) {
-    std::vector<CopySegment> all;
-    for (auto* e : entries) all.insert(all.end(), e->segments.begin(), e->segments.end());
-    std::shared_ptr<CopyJob> job = gpu_runtime().copy(device, 0, all);
-    for (auto* e : entries) e->part->set_copy(job);
+std::shared_ptr<IpcTransport::Target> IpcTransport::target(const MemoryDescriptor& dst, int device) {
+  uint64_t key = target_key(dst.region_key, device);
+  {
+    MutexLock lk(targets_mu_);
+    auto it = targets_.find(key);
+    if (it != targets_.end() && it->second->region_key == dst.region_key && it->second->device == device &&
+        it->second->link->nonce == dst.process_nonce)
+      return it->second;
   }
-  return true;
+  // First op toward this region from this device: map it (may ask the owner's fd broker), find its
+  // owner's region table and claim a ring in its owner's mailbox.
+  auto t = std::make_shared<Target>();
+  t->region_key = dst.region_key;
+  t->device = device;
+  t->dst_base = device >= 0 ? map(dst, device) : dst.base;
+  t->table = SharedRegionTable::of_process(dst.process_nonce);
+  MutexLock lk(targets_mu_);
+  t->link = link(dst);
+  if (targets_.size() >= 4096) targets_.clear();  // keys of old regions (mappings stay process-wide)
+  targets_[key] = t;
+  return t;
+}
+
+std::vector<std::shared_ptr<IpcTransport::Link>> IpcTransport::links_snapshot() {
+  std::vector<std::shared_ptr<Link>> out;
+  MutexLock lk(targets_mu_);
+  out.reserve(links_.size());
+  for (auto& [k, l] : links_) out.push_back(l);
+  return out;
+}
+
+IpcTransport::~IpcTransport() = default;
+
+// ---------------------------------------------------------------------------------------------
+// Starting an op
+
+void IpcTransport::start(const std::shared_ptr<IpcOp>& op, const std::shared_ptr<MemoryRegion>& src,
+                         const MemoryDescriptor& dst, const IpcCopySpec& spec, Clock::time_point deadline) {
+  const int device = src->cuda() ? src->device() : -1;
+  std::shared_ptr<Target> t;
+  try {
+    t = target(dst, device);
+  } catch (const std::exception& e) {
+    op->part_done(false, str_cat("ipc: ", e.what()));
+    return;
+  }
+  Pending p;
+  // Admission by the owner's table: the region is live and the copy stays inside it, and the
+  // owner's deregistration waits for this copy.
+  auto [lo, hi] = spec.pages ? extent(*spec.pages) : extent(spec.segments, spec.num_segments);
+  std::string why;
+  bool gone = false;
+  if (!t->table->acquire(dst.region_slot, dst.region_key, dst.base, lo, hi - lo, &why, &gone)) {
+    op->part_done(false, str_cat("ipc: ", why));
+    return;
+  }
+  p.op = op;
+  p.src = src;
+  p.table = t->table;
+  p.slot = dst.region_slot;
+  p.imm = spec.has_imm ? spec.imm : 0;
+  p.count = spec.has_imm ? spec.imm_count : 0;
+  p.deadline = deadline;
+  // Addresses in this process (no heap use: per-thread scratch).
+  thread_local std::vector<CopySegment> segs;
+  PagedCopy pages;
+  if (spec.pages) {
+    pages = *spec.pages;
+    pages.src += src->base();
+    pages.dst += t->dst_base;
+  } else {
+    segs.assign(spec.segments, spec.segments + spec.num_segments);
+    for (auto& s : segs) {
+      s.src += src->base();
+      s.dst += t->dst_base;
+    }
+  }
+  Link& l = *t->link;
+  struct Drop {
+    ~Drop() { drop_released_sources(); }  // after the link's lock (declared before it)
+  } drop;
+  MutexLock lk(l.mu);
+  if (l.ring->closed()) {
+    release(p);
+    op->part_done(false, "ipc: the destination engine was closed");
+    return;
+  }
+  outstanding_.fetch_add(1, std::memory_order_acq_rel);
+  const uint64_t records = imm_record::records_for(p.count);
+  if (l.queued.empty() && l.ring->reserve(records, &p.first)) {
+    p.last = p.first + records - 1;
+    issue(l, std::move(p), segs.data(), segs.size(), spec.pages ? &pages : nullptr, device);
+    ctx_.worker->wake();  // completions are reaped by the worker unless the caller waits inline
+    return;
+  }
+  // The ring is full (the owner has not taken a ring's worth of records yet): the worker starts
+  // this destination, in order, once there is room.
+  Queued q;
+  q.pending = std::move(p);
+  q.device = device;
+  if (spec.pages) {
+    q.paged = true;
+    q.src_pages.assign(pages.src_pages, pages.src_pages + pages.pages);
+    q.dst_pages.assign(pages.dst_pages, pages.dst_pages + pages.pages);
+    q.pages = pages;
+    q.pages.src_pages = q.src_pages.data();
+    q.pages.dst_pages = q.dst_pages.data();
+  } else {
+    q.segments = segs;
+  }
+  l.queued.push_back(std::move(q));
+  ctx_.worker->wake();
+}
+
+void IpcTransport::issue(Link& l, Pending p, const CopySegment* segments, size_t n, const PagedCopy* pages,
+                         int device) {
+  MailboxLink& ring = *l.ring;
+  // One record per kMaxCount arrivals (almost always one).
+  constexpr size_t kInline = 4;
+  StreamStore inline_stores[kInline];
+  std::vector<StreamStore> more;
+  const size_t m = p.last - p.first + 1;
+  StreamStore* stores = m <= kInline ? inline_stores : (more.resize(m), more.data());
+  uint64_t left = p.count;
+  for (size_t k = 0; k < m; ++k) {
+    uint64_t c = std::min<uint64_t>(left, imm_record::kMaxCount);
+    left -= c;
+    stores[k] = {0, imm_record::encode(p.first + k, p.imm, c)};
+  }
+  try {
+    if (device < 0) {
+      // Host memory (one process): copy now, then the records.
+      if (pages)
+        host_paged_copy(*pages);
+      else
+        for (size_t i = 0; i < n; ++i)
+          if (segments[i].bytes)
+            std::memmove(reinterpret_cast<void*>(segments[i].dst), reinterpret_cast<const void*>(segments[i].src),
+                         segments[i].bytes);
+      for (size_t k = 0; k < m; ++k) ring.store(p.first + k, p.imm, imm_record::count_in(stores[k].value));
+      by_host_.fetch_add(1, std::memory_order_relaxed);
+    } else if (GpuRuntime& rt = gpu_runtime(); rt.stream_stores() && ring.device_address(p.first, device) != 0) {
+      for (size_t k = 0; k < m; ++k) stores[k].address = ring.device_address(p.first + k, device);
+      if (pages)
+        p.page_lists = rt.paged_copy_then_store(device, *pages, stores, m);
+      else
+        rt.copy_then_store(device, segments, n, stores, m);
+      by_stream_.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      // No stream stores here: the worker polls the copy's event, then stores the records.
+      p.copy = pages ? rt.paged_copy(device, *pages) : rt.copy(device, 0, std::vector<CopySegment>(segments, segments + n));
+      by_event_.fetch_add(1, std::memory_order_relaxed);
+    }
+  } catch (const std::exception& e) {
+    // Nothing of it will land: empty records keep the ring moving; the op fails.
+    for (uint64_t pos = p.first; pos <= p.last; ++pos) ring.store(pos, 0, 0);
+    p.op->part_done(false, str_cat("ipc: ", e.what()));
+    p.op.reset();
+    release(p);
+    p.landed = true;
+  }
+  l.pending.push_back(std::move(p));
+}
+
+void IpcTransport::release(Pending& p) {
+  if (p.table) {
+    p.table->release(p.slot);  // the copy is over: the owner may deregister now
+    p.table.reset();
+  }
+  if (p.page_lists != ~size_t{0}) {
+    gpu_runtime().release_page_lists(p.page_lists);
+    p.page_lists = ~size_t{0};
+  }
+  if (p.src) t_released_sources.push_back(std::move(p.src));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completion
+
+bool IpcTransport::poll() {
+  bool progress = false;
+  if (ctx_.mailbox) {
+    // Imms that same-host engines delivered to us (records their copies stored).
+    auto sink = [](void* c, uint32_t imm, uint64_t count) {
+      static_cast<ImmCounterTable*>(c)->on_imm(imm, static_cast<int64_t>(count));
+    };
+    progress = ctx_.mailbox->poll(sink, ctx_.counters.get()) > 0;
+  }
+  if (!busy()) return progress;
+  uint64_t v = links_version_.load(std::memory_order_acquire);
+  if (v != polled_version_) {
+    polled_ = links_snapshot();
+    polled_version_ = v;
+  }
+  for (auto& l : polled_) progress |= poll_link(*l, Clock::time_point{}, false);
+  drop_released_sources();
+  return progress;
+}
+
+bool IpcTransport::advance(Clock::time_point now) {
+  // The worker polled just before (poll()); here, once a millisecond, the full scan: deadlines, and
+  // records landed out of order (copies of several GPUs).
+  if (now - last_deadline_check_ < std::chrono::milliseconds(1)) return false;
+  last_deadline_check_ = now;
+  bool progress = false;
+  for (auto& l : polled_) progress |= poll_link(*l, now, true);
+  drop_released_sources();
+  return progress;
+}
+
+bool IpcTransport::poll_link(Link& l, Clock::time_point now, bool full) {
+  MutexLock lk(l.mu);
+  if (l.pending.empty() && l.queued.empty()) return false;
+  MailboxLink& ring = *l.ring;
+  const bool transmit = ctx_.options.completion == CompletionMode::kTransmit;
+  const uint64_t taken = ring.taken();
+  const bool closed = ring.closed();
+  bool progress = false;
+  for (auto& p : l.pending) {
+    if (!p.landed) {
+      if (p.copy) {
+        std::string err;
+        int r = p.copy->poll(&err);
+        if (r != 0) {
+          p.copy.reset();
+          uint64_t left = r > 0 ? p.count : 0;  // a failed copy: empty records keep the ring moving
+          for (uint64_t pos = p.first; pos <= p.last; ++pos) {
+            uint64_t c = std::min<uint64_t>(left, imm_record::kMaxCount);
+            left -= c;
+            ring.store(pos, p.imm, c);
+          }
+          if (r < 0 && p.op) {
+            p.op->part_done(false, str_cat("ipc: ", err));
+            p.op.reset();
+          }
+          progress = true;
+        }
+      }
+      if (!p.copy && ring.landed(p.last)) {
+        p.landed = true;
+        release(p);
+        progress = true;
+      } else if (!full) {
+        break;  // one stream lands its records in order: the ones behind are not there yet
+      }
+    }
+    if (!p.op) continue;
+    if (p.landed && !transmit && taken <= p.last && !full && !closed) break;  // nor the ones behind it
+    if (p.landed && (transmit || taken > p.last)) {
+      p.op->part_done(true);
+      p.op.reset();
+      progress = true;
+    } else if (closed) {
+      p.op->part_done(false, "ipc: the destination engine was closed before it took this op's imms");
+      p.op.reset();
+      progress = true;
+    } else if (full && now >= p.deadline) {
+      std::string msg = str_cat("no completion within the engine timeout (", ctx_.options.timeout_s,
+                                " s + size allowance): ",
+                                p.landed ? "the copy landed but the destination engine did not take its imms (its "
+                                           "process may be dead or stalled)"
+                                         : "the copy did not complete on this GPU");
+      if (p.landed) ctx_.peers->mark_unreachable(l.owner, msg);
+      p.op->part_done(false, msg, TransferState::Status::kTimedOut);
+      p.op.reset();
+      progress = true;
+    }
+  }
+  while (!l.pending.empty() && l.pending.front().landed && !l.pending.front().op) {
+    l.pending.pop_front();
+    outstanding_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+  // Destinations that waited for ring space, in order.
+  while (!l.queued.empty()) {
+    Queued& q = l.queued.front();
+    if (closed || (full && now >= q.pending.deadline)) {
+      q.pending.op->part_done(false, closed ? "ipc: the destination engine was closed"
+                                            : "ipc: no room in the destination's imm ring within the engine timeout "
+                                              "(the destination engine is not taking imms)",
+                              closed ? TransferState::Status::kFailed : TransferState::Status::kTimedOut);
+      release(q.pending);
+      l.queued.pop_front();
+      outstanding_.fetch_sub(1, std::memory_order_acq_rel);
+      progress = true;
+      continue;
+    }
+    const uint64_t records = imm_record::records_for(q.pending.count);
+    if (!ring.reserve(records, &q.pending.first)) break;
+    q.pending.last = q.pending.first + records - 1;
+    issue(l, std::move(q.pending), q.segments.data(), q.segments.size(), q.paged ? &q.pages : nullptr, q.device);
+    l.queued.pop_front();
+    progress = true;
+  }
+  return progress;
+}
+
+void IpcTransport::close() {
+  auto links = links_snapshot();
+  auto deadline = deadline_after(ctx_.options.timeout_s);
+  for (auto& lp : links) {
+    Link& l = *lp;
+    MutexLock lk(l.mu);
+    for (auto& q : l.queued) {
+      q.pending.op->part_done(false, "the engine was closed");
+      release(q.pending);
+      outstanding_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+    l.queued.clear();
+    for (auto& p : l.pending) {
+      if (p.op) p.op->part_done(false, "the engine was closed");
+      p.op.reset();
+      // A copy still running keeps its admission until it is over (bounded by the timeout).
+      while (!p.landed) {
+        if (p.copy) {
+          std::string err;
+          if (p.copy->poll(&err) != 0) {
+            p.copy.reset();
+            for (uint64_t pos = p.first; pos <= p.last; ++pos) l.ring->store(pos, 0, 0);  // the ring moves on
+            p.landed = true;
+          }
+        } else if (l.ring->landed(p.last)) {
+          p.landed = true;
+        }
+        if (p.landed) break;
+        if (Clock::now() >= deadline) {
+          std::fprintf(stderr, "jax_garden.fabric: an IPC copy did not complete before its engine closed\n");
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+      release(p);
+    }
+    outstanding_.fetch_sub(static_cast<int64_t>(l.pending.size()), std::memory_order_acq_rel);
+    l.pending.clear();
+  }
+  drop_released_sources();
+  MutexLock lk(targets_mu_);
+  targets_.clear();
+  links_.clear();
+  links_version_.fetch_add(1, std::memory_order_acq_rel);
 }
 
 // ---------------------------------------------------------------------------------------------
 // IpcPart
 
-IpcPart::~IpcPart() { release_admission(); }
-
-void IpcPart::release_admission() {
-  if (!table_) return;
-  table_->release(spec_.dst->region_slot);
-  table_.reset();
-}
-
 bool IpcPart::advance() {
   if (finished_) return false;
-  IpcTransport& ipc = *ctx_.ipc;
-  if (copy_) {
-    int dev = job_->src->cuda() ? job_->src->device() : -1;
-    if (ipc.blocked(dev)) return false;
-    std::string err;
-    int r = copy_->poll(&err);
-    if (r == 0) {
-      ipc.block(dev);
-      return false;
-    }
-    copy_.reset();
-    release_admission();  // the copy is over: the owner may deregister now
-    if (r < 0) {
-      job_->fail(TransferState::Status::kFailed, err);
-    } else if (!cancelled_) {
-      if (!spec_.has_imm || spec_.imm_count == 0) {
-        finish(true, {});
-      } else {
-        // The copy completed (its event fired): only now may the receiver count the imms.
-        imm_in_flight_ = true;
-        ctx_.control->queue_imms(spec_.dst, spec_.imm, spec_.imm_count, [this](bool ok, const std::string& error) {
-          progress_role.assert_held();  // run by the worker under its lock
-          imm_in_flight_ = false;
-          if (ok)
-            finish(true, {});
-          else
-            job_->fail(TransferState::Status::kFailed,
-                       str_cat("delivering the imms after the IPC copy failed: ", error));
-        });
-      }
-    }
-    return true;
-  }
-  if (cancelled_) {
-    if (!idle()) return false;
-    finish(false, "cancelled");
-    return true;
-  }
-  if (started_) return false;
-  if (start_held()) return false;  // adversarial mode: this copy starts late
-  started_ = true;
-  const MemoryRegion& src = *job_->src;
-  const MemoryDescriptor& dst = *spec_.dst;
-  try {
-    // Admission by the owner's table: the region is live and the copy stays inside it, and the
-    // owner's deregistration waits for this copy.
-    auto [lo, hi] = spec_.paged ? extent(spec_.pages) : extent(spec_.segments);
-    auto table = SharedRegionTable::of_process(dst.process_nonce);
-    std::string why;
-    bool gone = false;
-    if (!table->acquire(dst.region_slot, dst.region_key, dst.base, lo, hi - lo, &why, &gone)) {
-      job_->fail(TransferState::Status::kFailed, str_cat("ipc: ", why));
+  if (!op_) {
+    if (cancelled_) {
+      finish(false, "cancelled");
       return true;
     }
-    table_ = std::move(table);
-    uint64_t dst_base = ipc.map(dst, src.device());
-    if (spec_.paged) {
-      PagedCopy pc = spec_.pages;
-      pc.src += src.base();
-      pc.dst += dst_base;
-      copy_ = src.cuda() ? gpu_runtime().paged_copy(src.device(), pc) : host_paged_copy(pc);
-    } else {
-      std::vector<CopySegment> segs = spec_.segments;
-      for (auto& s : segs) {
-        s.src += src.base();
-        s.dst += dst_base;
-      }
-      if (src.cuda()) {
-        batched_ = true;  // started at the end of this pass with the others
-        ipc.add_to_batch(this, src.device(), std::move(segs));
-      } else {
-        copy_ = host_copy(segs);
-      }
+    op_ = std::make_shared<IpcOp>(0, OpName("ipc part"), static_cast<uint32_t>(targets_.size()));
+    for (auto& t : targets_) {
+      IpcCopySpec spec;
+      spec.segments = t.segments.data();
+      spec.num_segments = t.segments.size();
+      spec.has_imm = imm_.has_value();
+      spec.imm = imm_.value_or(0);
+      spec.imm_count = t.imm_count;
+      ctx_.ipc->start(op_, job_->src, *t.dst, spec, job_->deadline);
     }
-  } catch (const std::exception& e) {
-    release_admission();
-    job_->fail(TransferState::Status::kFailed, str_cat("ipc: ", e.what()));
+    return true;
   }
+  if (!op_->finished()) return false;
+  auto status = op_->status();
+  finish(status == TransferState::Status::kDone, op_->error());
   return true;
 }
 

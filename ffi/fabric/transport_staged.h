@@ -95,6 +95,9 @@ struct StagingStats {
   uint32_t inbound = 0, outbound = 0;                // staged transfers in progress
   uint64_t chunk_bytes = 0;
   uint64_t ipc_mappings = 0;
+  // ipc destinations started by this engine, by how their imm records are stored: by the copy's GPU
+  // stream (the fast path), by the worker after the copy's event, or by the host (host memory).
+  uint64_t ipc_stream_records = 0, ipc_event_records = 0, ipc_host_records = 0;
 };
 
 class StagingTransport final : public WorkerTask {

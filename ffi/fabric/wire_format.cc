@@ -78,6 +78,7 @@ Bytes MemoryDescriptor::to_bytes() const {
   w.put<uint64_t>(process_nonce);
   w.put<uint64_t>(region_key);
   w.put<uint32_t>(region_slot);
+  w.put<uint32_t>(mailbox);
   if (has_ipc) {
     if (vmm)
       w.put<uint64_t>(ipc_range_bytes);
@@ -134,6 +135,7 @@ MemoryDescriptor MemoryDescriptor::from_bytes(const uint8_t* data, size_t size) 
   d.region_key = r.get<uint64_t>("region key");
   JG_CHECK_ARG(d.region_key != 0, "MemoryDescriptor has no region key");
   d.region_slot = r.get<uint32_t>("region slot");
+  d.mailbox = r.get<uint32_t>("imm mailbox");
   if (d.has_ipc) {
     if (d.ipc_kind == IpcKind::kVmm)
       d.ipc_range_bytes = r.get<uint64_t>("vmm range size");

@@ -13,7 +13,7 @@ namespace jax_garden::fabric {
 
 using Bytes = std::vector<uint8_t>;
 
-inline constexpr uint16_t kWireFormatVersion = 4;
+inline constexpr uint16_t kWireFormatVersion = 5;
 inline constexpr size_t kMaxDomains = 8;          // NICs per group we accept on the wire
 inline constexpr size_t kMaxEndpointNameBytes = 256;
 inline constexpr size_t kIpcHandleBytes = 64;      // cudaIpcMemHandle_t
@@ -55,7 +55,9 @@ enum class IpcKind : uint8_t { kLegacy = 0, kVmm = 1 };
 //   * region_key: a random 64-bit secret of this registration, never reused: the capability that the
 //     paths the provider does not check (staging, same-host copies) ask for, and what a failure query
 //     names; region_slot: the region's slot in the owner process's shared region table
-//     (shared_regions.h), which same-host copies check for liveness and bounds.
+//     (shared_regions.h), which same-host copies check for liveness and bounds;
+//   * mailbox: the serial of the owner engine's imm mailbox (imm_mailbox.h), where same-host copies
+//     deliver their imms (0: none, and then no ipc path to this region).
 struct MemoryDescriptor {
   struct DomainKey {
     Bytes endpoint;
@@ -77,6 +79,7 @@ struct MemoryDescriptor {
   uint64_t process_nonce = 0;
   uint64_t region_key = 0;
   uint32_t region_slot = 0xFFFFFFFFu;
+  uint32_t mailbox = 0;
   bool has_ipc = false;
   IpcKind ipc_kind = IpcKind::kLegacy;
   std::array<uint8_t, kIpcHandleBytes> ipc_handle{};  // kLegacy

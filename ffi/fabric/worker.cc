@@ -145,7 +145,7 @@ void Worker::release(std::shared_ptr<void> keepalive) {
 
 void Worker::post_internal(std::unique_ptr<Op> op) {
   for (auto& wr : op->wrs) wr.flags |= options_.delivery_complete ? FI_DELIVERY_COMPLETE : 0;
-  if (!op->state) op->state = std::make_shared<TransferState>(next_internal_id_++, "internal");
+  if (!op->state) op->state = std::make_shared<TransferState>(next_internal_id_++, OpName("internal"));
   if (op->deadline == Clock::time_point{}) op->deadline = deadline_after(options_.timeout_s);
   install(std::move(op));
 }
@@ -283,6 +283,7 @@ bool Worker::poll_once() {
     progress |= post_pending(d);
     progress |= poll_cq(d);
   }
+  for (WorkerTask* t : tasks_) progress |= t->poll();
   if (progress) last_activity_ = Clock::now();
   if (!deferred_.empty()) worker_work_.store(true, std::memory_order_release);
   return progress;
@@ -513,6 +514,7 @@ bool Worker::pass() {
     progress |= post_pending(d);
     progress |= poll_cq(d);
   }
+  for (WorkerTask* t : tasks_) progress |= t->poll();
   progress |= run_deferred();
   auto now = Clock::now();
   bool busy = false;

@@ -86,6 +86,9 @@ class WorkerTask {
   virtual ~WorkerTask() = default;
   virtual bool advance(Clock::time_point now) = 0;  // called under progress_mu_; true on progress
   virtual bool busy() const = 0;                    // the worker must keep passing (not nap) for it
+  // Cheap polling of shared memory (imm mailboxes, ipc completions), run in every pass and by inline
+  // pollers (Transfer.wait, ImmCounter.wait) like the completion queues. Under progress_mu_.
+  virtual bool poll() { return false; }
 };
 
 struct WorkerOptions {

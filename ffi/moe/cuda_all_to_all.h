@@ -37,13 +37,35 @@ class CudaAllToAll {
                            const int32_t* rank, uint32_t* send_done) = 0;
   virtual int combine_recv(int ordinal, void* stream, const uint32_t* send_done, const int32_t* indices,
                            const float* weights, const int32_t* bound_m, const int32_t* rank, void* y) = 0;
+  // dispatch() and combine() in one call each (the FFI targets jg_moe_dispatch / jg_moe_combine):
+  // by default the two halves back to back, send_done being the token between them; a context may
+  // launch one kernel instead.
+  virtual int dispatch(int ordinal, void* stream, const void* x, const float* x_scale, const int32_t* indices,
+                       const int32_t* bound_m, const int32_t* rank, void* expert_x, float* expert_scale,
+                       int32_t* expert_counts, uint32_t* send_done) {
+    if (int err = dispatch_send(ordinal, stream, x, x_scale, indices, bound_m, rank, send_done); err != 0) return err;
+    return dispatch_recv(ordinal, stream, send_done, rank, expert_x, expert_scale, expert_counts);
+  }
+  virtual int combine(int ordinal, void* stream, const void* expert_y, const int32_t* expert_counts,
+                      const int32_t* indices, const float* weights, const int32_t* bound_m, const int32_t* rank,
+                      void* y, uint32_t* send_done) {
+    if (int err = combine_send(ordinal, stream, expert_y, expert_counts, rank, send_done); err != 0) return err;
+    return combine_recv(ordinal, stream, send_done, indices, weights, bound_m, rank, y);
+  }
 
+  // The CUDA device (our runtime's numbering) of an FFI call on XLA device `xla_ordinal`, or -1
+  // when no rank of this context is there. The device XLA made current on the calling thread is
+  // authoritative (XLA's ordinal may count only visible devices), then the XLA ordinal itself;
+  // found once per XLA ordinal, then read from a table (no runtime call per call).
+  int runtime_ordinal(int xla_ordinal);
   // FFI handler invocations so far (a CUDA-graph replay launches the kernels without one).
   uint64_t handler_calls() const { return handler_calls_.load(std::memory_order_relaxed); }
   void count_handler_call() { handler_calls_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
+  static constexpr int kOrdinalTable = 64;  // XLA ordinals remembered (larger ones are looked up each call)
   std::atomic<uint64_t> handler_calls_{0};
+  std::atomic<int> runtime_ordinal_[kOrdinalTable] = {};  // runtime ordinal + 1; 0: not looked up yet
 };
 
 // Process-wide registry: the XLA handlers find a finalized context by the id baked into the HLO.

@@ -2,7 +2,7 @@
 // the one definition used by the CPU reference (cpu_all_to_all.cc), the CUDA kernels
 // (nvlink_kernels.cu, through JG_MOE_HD) and Python (the `_jax_garden.moe` bindings).
 //
-// Layout of a rank's receive buffer `expert_x[M, H]` (DESIGN.md §3, docs/moe-ffi.md):
+// Layout of a rank's receive buffer `expert_x[M, H]` (jax_garden/moe.py's docstring, docs/moe-ffi.md):
 //   - one segment per local expert e in 0..L-1, in expert order;
 //   - segment e starts at start[e] = min(Σ_{e' < e} round_up(count[e'], expert_padding), M);
 //   - inside a segment, rows are ordered by (source rank, token index, k): a token that picks the

@@ -27,10 +27,16 @@ struct NvlinkOptions {
   double timeout_s = 30.0;                // bound of every in-kernel wait
   int32_t chunk_bytes = kDefaultChunkBytes;  // bytes of a row one warp sends: 512, 1024 or 2048
   int32_t blocks_per_sm = 2;              // blocks per multiprocessor of every kernel: 1 or 2
-  // The kernels' synchronisation as first measured (every thread fences at system scope before the
-  // last-block count; every kernel launches blocks_per_sm x SMs blocks), kept selectable so that a
-  // benchmark compares it with the default in one run (bench moe --profile).
-  bool legacy_sync = false;
+  // How the kernels synchronise (nvlink_protocol.h); the earlier modes stay selectable so that a
+  // benchmark compares them with the default in one run (bench moe --profile). Every rank of a
+  // context must use the same mode.
+  SyncMode sync = SyncMode::kArrive;
+  // dispatch() / combine() as one kernel each (needs kArrive and a grid that fits on the device at
+  // once; otherwise, or when false, the two split kernels back to back).
+  bool fused = true;
+  // Launch the fused kernels cooperatively (all blocks resident: their in-kernel wait for the
+  // other blocks cannot starve). false: a plain launch of a grid sized to fit (benchmarks).
+  bool cooperative = true;
 };
 
 // One rank held by this process.
@@ -80,6 +86,12 @@ class NvlinkAllToAll final : public CudaAllToAll {
   bool holds(int ordinal) const override { return find_rank(ordinal) != nullptr; }
   std::vector<int> ordinals() const override;
   int32_t error_code(std::string* message) const override;
+  int dispatch(int ordinal, void* stream, const void* x, const float* x_scale, const int32_t* indices,
+               const int32_t* bound_m, const int32_t* rank, void* expert_x, float* expert_scale,
+               int32_t* expert_counts, uint32_t* send_done) override;
+  int combine(int ordinal, void* stream, const void* expert_y, const int32_t* expert_counts, const int32_t* indices,
+              const float* weights, const int32_t* bound_m, const int32_t* rank, void* y,
+              uint32_t* send_done) override;
   int dispatch_send(int ordinal, void* stream, const void* x, const float* x_scale, const int32_t* indices,
                     const int32_t* bound_m, const int32_t* rank, uint32_t* send_done) override;
   int dispatch_recv(int ordinal, void* stream, const uint32_t* send_done, const int32_t* rank, void* expert_x,
@@ -89,8 +101,11 @@ class NvlinkAllToAll final : public CudaAllToAll {
   int combine_recv(int ordinal, void* stream, const uint32_t* send_done, const int32_t* indices,
                    const float* weights, const int32_t* bound_m, const int32_t* rank, void* y) override;
 
-  // Timestamps of the last `n` calls of each kernel on `ordinal`: [n][4][2] (ns).
+  // Timestamps of the last `n` calls of each kernel on `ordinal`: [n][4][2] (start, end; ns).
   std::vector<uint64_t> timings(int ordinal, int n) const;
+  // Every stamp of the last `n` calls of each kernel on `ordinal`: [n][4][kStamps] (Stamp; ns).
+  std::vector<uint64_t> stamps(int ordinal, int n) const;
+  const NvlinkOptions& options() const { return options_; }
   // Generations (calls completed) of the four kernels on `ordinal`.
   std::vector<uint32_t> generations(int ordinal) const;
   // Rows dropped for lack of max_recv_tokens space by the rank on `ordinal`, since creation.

@@ -37,7 +37,7 @@ class DeviceGuard {
   int prev_ = -1;
 };
 
-constexpr int64_t kTimingBytes = 4 * int64_t{kTimingRing} * 2 * sizeof(uint64_t);
+constexpr int64_t kTimingBytes = 4 * int64_t{kTimingRing} * kStamps * sizeof(uint64_t);
 
 }  // namespace
 
@@ -58,6 +58,9 @@ NvlinkAllToAll::NvlinkAllToAll(const MoeShape& shape, DType dispatch_dtype, cons
                "moe (CUDA): chunk_bytes must be 512, 1024 or 2048, got ", options_.chunk_bytes);
   JG_CHECK_ARG(options_.blocks_per_sm >= 1 && options_.blocks_per_sm <= 2,
                "moe (CUDA): blocks_per_sm must be 1 or 2, got ", options_.blocks_per_sm);
+  JG_CHECK_ARG(options_.sync == SyncMode::kLegacy || options_.sync == SyncMode::kFlags ||
+                   options_.sync == SyncMode::kArrive,
+               "moe (CUDA): unknown sync mode ", static_cast<int>(options_.sync));
 
   // The kernels' view of the shape (int32 index arithmetic; validate_shape bounds M and R*T*K).
   DeviceView& v = base_;
@@ -83,8 +86,10 @@ NvlinkAllToAll::NvlinkAllToAll(const MoeShape& shape, DType dispatch_dtype, cons
   sym_bytes_ = v.off_cgen + round_up(T * K * 4, 256);
   v.timeout_ns = static_cast<uint64_t>(options_.timeout_s * 1e9);
   v.chunk_bytes = options_.chunk_bytes;
-  // local: row_map [M] | kept [L] | routed_idx [T*K] | state | err_dev | timing
-  local_bytes_ = round_up(M * 4, 256) + round_up(v.L * 4, 256) + round_up(T * K * 4, 256) + 256 + 256 + kTimingBytes;
+  v.sync = static_cast<int32_t>(options_.sync);
+  // local: row_map [M] | kept [L] | routed_idx [T*K] | local_row [T*K] | state | err_dev | timing
+  local_bytes_ = round_up(M * 4, 256) + round_up(v.L * 4, 256) + round_up(T * K * 4, 256) + round_up(T * K * 8, 256) +
+                 256 + 256 + kTimingBytes;
 }
 
 NvlinkAllToAll::~NvlinkAllToAll() {
@@ -150,8 +155,7 @@ void NvlinkAllToAll::add_rank(int ordinal, int rank) {
   const int min_grid = (v.E + warps - 1) / warps;  // one routing warp per expert
   const int cap = options_.blocks_per_sm * sms;
   v.grid = std::max(cap, min_grid);
-  v.fence_all = options_.legacy_sync ? 1 : 0;
-  if (options_.legacy_sync) {
+  if (options_.sync == SyncMode::kLegacy) {
     v.grid_dsend = v.grid_drecv = v.grid_csend = v.grid_crecv = v.grid;
   } else {
     // Each kernel gets the blocks its static work can use (one warp per unit), at most `cap`: a
@@ -169,6 +173,20 @@ void NvlinkAllToAll::add_rank(int ordinal, int rank) {
     v.grid_csend = blocks_for(rows * cchunks);
     v.grid_crecv = blocks_for(int64_t{v.T} * ((v.H + kCombineChunk - 1) / kCombineChunk));
   }
+  // Fused kernels: the larger grid of their two halves, every block resident at once (the
+  // routing warps of dispatch need min_grid blocks; a device that cannot hold them runs the split
+  // kernels, which the protocol does not tell apart).
+  v.grid_dfused = v.grid_cfused = 0;
+  if (options_.fused && options_.sync == SyncMode::kArrive) {
+    int per_sm = 0;
+    check_cuda(static_cast<cudaError_t>(fused_resident_blocks(v, true, &per_sm)), "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    const int dgrid = std::max(v.grid_dsend, v.grid_drecv);
+    if (dgrid <= per_sm * sms) v.grid_dfused = dgrid;
+    check_cuda(static_cast<cudaError_t>(fused_resident_blocks(v, false, &per_sm)), "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    // One rank reads all its rows in place: the fused combine's send half has nothing to do.
+    const int32_t csend = v.R == 1 ? 0 : v.grid_csend;
+    v.grid_cfused = std::min(std::max(csend, v.grid_crecv), per_sm * sms);
+  }
   char* local = static_cast<char*>(r->local);
   v.row_map = reinterpret_cast<int32_t*>(local);
   local += round_up(int64_t{v.M} * 4, 256);
@@ -176,6 +194,8 @@ void NvlinkAllToAll::add_rank(int ordinal, int rank) {
   local += round_up(int64_t{v.L} * 4, 256);
   v.routed_idx = reinterpret_cast<int32_t*>(local);
   local += round_up(int64_t{v.T} * v.K * 4, 256);
+  v.local_row = reinterpret_cast<uint64_t*>(local);
+  local += round_up(int64_t{v.T} * v.K * 8, 256);
   v.state = reinterpret_cast<uint32_t*>(local);
   v.err_dev = reinterpret_cast<int32_t*>(local + 256);
   v.timing = reinterpret_cast<uint64_t*>(local + 512);
@@ -207,6 +227,13 @@ void NvlinkAllToAll::connect_local(int ordinal, int peer_rank, int peer_ordinal)
     check_cuda(cudaDeviceCanAccessPeer(&can, ordinal, peer_ordinal), "cudaDeviceCanAccessPeer");
     JG_CHECK_ARG(can, "moe (CUDA): device ", ordinal, " cannot access device ", peer_ordinal,
                  " (no NVLink/P2P path); the CUDA MoE kernels need peer access inside the node");
+    if (options_.sync == SyncMode::kArrive) {  // arrivals are atomic adds into the peer's memory
+      int atomics = 0;
+      check_cuda(cudaDeviceGetP2PAttribute(&atomics, cudaDevP2PAttrNativeAtomicSupported, ordinal, peer_ordinal),
+                 "cudaDeviceGetP2PAttribute");
+      JG_CHECK_ARG(atomics, "moe (CUDA): device ", ordinal, " has no native atomics on device ", peer_ordinal,
+                   "'s memory (no NVLink?); the default synchronisation needs them: set JAX_GARDEN_MOE_SYNC=flags");
+    }
     const cudaError_t err = cudaDeviceEnablePeerAccess(peer_ordinal, 0);
     if (err == cudaErrorPeerAccessAlreadyEnabled) {
       (void)cudaGetLastError();  // XLA may have enabled it already
@@ -303,25 +330,34 @@ int32_t NvlinkAllToAll::error_code(std::string* message) const {
   return kErrNone;
 }
 
-std::vector<uint64_t> NvlinkAllToAll::timings(int ordinal, int n) const {
+std::vector<uint64_t> NvlinkAllToAll::stamps(int ordinal, int n) const {
   const NvlinkRank* r = find_rank(ordinal);
   JG_CHECK_ARG(r != nullptr, "moe (CUDA): no rank on device ordinal ", ordinal);
   JG_CHECK_ARG(n >= 0 && n <= kTimingRing, "moe (CUDA): timings: n must be in [0, ", kTimingRing, "], got ", n);
   DeviceGuard guard(ordinal);
-  std::vector<uint64_t> ring(4 * static_cast<size_t>(kTimingRing) * 2);
+  std::vector<uint64_t> ring(4 * static_cast<size_t>(kTimingRing) * kStamps);
   uint32_t state[kStateWords];
   check_cuda(cudaMemcpy(ring.data(), r->view.timing, kTimingBytes, cudaMemcpyDeviceToHost), "cudaMemcpy (timings)");
   check_cuda(cudaMemcpy(state, r->view.state, sizeof(state), cudaMemcpyDeviceToHost), "cudaMemcpy (state)");
-  std::vector<uint64_t> out(static_cast<size_t>(n) * 8, 0);
+  std::vector<uint64_t> out(static_cast<size_t>(n) * 4 * kStamps, 0);
   for (int k = 0; k < 4; ++k) {
     const uint32_t gen = state[kGenDSend + k];
     for (int i = 0; i < n; ++i) {
       const int64_t g = static_cast<int64_t>(gen) - n + i;
       if (g < 0) continue;
-      const size_t slot = (static_cast<size_t>(k) * kTimingRing + static_cast<size_t>(g % kTimingRing)) * 2;
-      out[(static_cast<size_t>(i) * 4 + k) * 2 + 0] = ring[slot];
-      out[(static_cast<size_t>(i) * 4 + k) * 2 + 1] = ring[slot + 1];
+      const size_t slot = (static_cast<size_t>(k) * kTimingRing + static_cast<size_t>(g % kTimingRing)) * kStamps;
+      for (int j = 0; j < kStamps; ++j) out[(static_cast<size_t>(i) * 4 + k) * kStamps + j] = ring[slot + j];
     }
+  }
+  return out;
+}
+
+std::vector<uint64_t> NvlinkAllToAll::timings(int ordinal, int n) const {
+  const std::vector<uint64_t> all = stamps(ordinal, n);
+  std::vector<uint64_t> out(static_cast<size_t>(n) * 8, 0);
+  for (size_t i = 0; i < static_cast<size_t>(n) * 4; ++i) {
+    out[i * 2 + 0] = all[i * kStamps + kStampStart];
+    out[i * 2 + 1] = all[i * kStamps + kStampEnd];
   }
   return out;
 }
@@ -343,6 +379,32 @@ uint64_t NvlinkAllToAll::dropped_rows(int ordinal) const {
   check_cuda(cudaMemcpy(&dropped, r->view.state + kDropped, sizeof(dropped), cudaMemcpyDeviceToHost),
              "cudaMemcpy (state)");
   return dropped;
+}
+
+int NvlinkAllToAll::dispatch(int ordinal, void* stream, const void* x, const float* x_scale, const int32_t* indices,
+                             const int32_t* bound_m, const int32_t* rank, void* expert_x, float* expert_scale,
+                             int32_t* expert_counts, uint32_t* send_done) {
+  const NvlinkRank* r = find_rank(ordinal);
+  if (r == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  if (r->view.grid_dfused > 0) {
+    return launch_dispatch_fused(r->view, stream, options_.cooperative, x, x_scale, indices, bound_m, rank, expert_x,
+                                 expert_scale, expert_counts, send_done);
+  }
+  return CudaAllToAll::dispatch(ordinal, stream, x, x_scale, indices, bound_m, rank, expert_x, expert_scale,
+                                expert_counts, send_done);
+}
+
+int NvlinkAllToAll::combine(int ordinal, void* stream, const void* expert_y, const int32_t* expert_counts,
+                            const int32_t* indices, const float* weights, const int32_t* bound_m, const int32_t* rank,
+                            void* y, uint32_t* send_done) {
+  const NvlinkRank* r = find_rank(ordinal);
+  if (r == nullptr) return static_cast<int>(cudaErrorInvalidDevice);
+  if (r->view.grid_cfused > 0) {
+    return launch_combine_fused(r->view, stream, options_.cooperative, expert_y, expert_counts, indices, weights,
+                                bound_m, rank, y, send_done);
+  }
+  return CudaAllToAll::combine(ordinal, stream, expert_y, expert_counts, indices, weights, bound_m, rank, y,
+                               send_done);
 }
 
 int NvlinkAllToAll::dispatch_send(int ordinal, void* stream, const void* x, const float* x_scale,

@@ -1,12 +1,15 @@
 // CUDA kernels of the NVLink MoE dispatch/combine (protocol: nvlink_protocol.h; routing and
 // layout math: layout.h, the same functions the CPU reference runs).
 //
-// Every kernel: a prologue (read the generation, wait with a deadline for the peers' flags),
-// a grid-stride body where one warp moves one chunk of one row with 16-byte accesses, and a
-// last-block epilogue that publishes a release flag in the peers (one fence.sys per block after a
-// barrier, then a block counter; the last block writes the flags and advances the generation).
-// Each kernel launches the blocks its static work can use (DeviceView::grid_*), so the fixed cost
-// of a small step (launch, scheduling, the last-block count) stays small.
+// Every kernel runs its work in the frame of nvlink_frame.cuh: a prologue (read the generation),
+// bounded waits for the peers' words, the work (a grid-stride body where one warp moves one chunk
+// of one row with 16-byte accesses), and an epilogue that tells the peers (SyncMode) and advances
+// the generation. Four split kernels (dispatch_send, dispatch_recv, combine_send, combine_recv:
+// the split phases, for overlap) and, with SyncMode::kArrive, one fused kernel per phase for
+// dispatch() and combine(): the send work, this block's arrivals, a wait for every source's
+// arrivals, the receive work, in one launch whose blocks are all resident (cooperative launch),
+// so a decode step pays two kernels per round trip instead of four. Each kernel launches the blocks
+// its static work can use (DeviceView::grid_*).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -14,174 +17,31 @@
 #include <string>
 
 #include "moe/layout.h"
+#include "moe/nvlink_frame.cuh"
 #include "moe/nvlink_kernels.h"
 
 namespace jax_garden::moe {
 namespace {
 
-constexpr int kWarps = kThreads / 32;
+using namespace nvlink;  // NOLINT: the frame of these kernels
+
 constexpr int kRouteTile = 2048;  // routing entries staged in shared memory at a time
 constexpr int kRowBatch = 16;     // 16-byte vectors per lane in flight when a warp copies a row
-constexpr unsigned kFull = 0xffffffffu;
 
-enum Kernel : int { kKDSend = 0, kKDRecv = 1, kKCSend = 2, kKCRecv = 3 };
-
-__device__ __forceinline__ uint64_t globaltimer() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t vload(const uint32_t* p) { return *reinterpret_cast<const volatile uint32_t*>(p); }
-__device__ __forceinline__ unsigned lanemask_lt() {
-  unsigned m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
-}
-__device__ __forceinline__ uint32_t* flag_ptr(char* sym, int which, int idx) {
-  return reinterpret_cast<uint32_t*>(sym + which * 128) + idx;
-}
 __device__ __forceinline__ int64_t round16(int64_t n) { return (n + 15) & ~int64_t{15}; }
-
-__device__ void record_error(const DeviceView& v, int32_t code, int32_t a, int32_t b, bool fatal, int32_t c = 0) {
-  if (atomicCAS(v.err_dev, 0, code) == 0) {
-    volatile int32_t* h = v.err_host;
-    h[1] = a;
-    h[2] = b;
-    h[3] = v.rank;
-    h[4] = c;
-    __threadfence_system();
-    h[0] = code;  // written last: the host reads the code first
-  }
-  if (fatal) atomicExch(v.state + kDead, 1u);
-}
-
-// 0: (int32)(flag - target) >= 0 reached; 1: deadline passed; 2: the context died meanwhile.
-__device__ int wait_flag(const DeviceView& v, const uint32_t* flag, uint32_t target) {
-  const uint64_t deadline = globaltimer() + v.timeout_ns;
-  uint32_t spins = 0, pause = 32;
-  while (static_cast<int32_t>(ld_acquire_sys(flag) - target) < 0) {
-    if ((++spins & 127u) == 0) {
-      if (globaltimer() > deadline) return 1;
-      if (vload(v.state + kDead) != 0) return 2;
-      // A peer that is not there yet (a slower GPU, or another process's time slice on a shared
-      // GPU): back off instead of hammering its memory.
-      if (spins >= 4096) {
-        __nanosleep(pause);
-        if (pause < 1024) pause <<= 1;
-      }
-    }
-  }
-  return 0;
-}
-
-__device__ __forceinline__ void stamp(const DeviceView& v, int kernel, uint32_t gen, int which) {
-  v.timing[(static_cast<int64_t>(kernel) * kTimingRing + gen % kTimingRing) * 2 + which] = globaltimer();
-}
-
-// Common prologue. Returns in shared memory: generation, ok (no peer failure), peers' bases.
-struct Shared {
-  uint32_t gen;
-  int ok;
-  int bm;
-  int last;
-  char* sym[kMaxRanks];
-};
-
-__device__ void prologue(const DeviceView& v, Shared& s, int kernel, int gen_word, const int32_t* rank_p,
-                         const int32_t* bound_m_p) {
-  if (threadIdx.x == 0) {
-    s.gen = vload(v.state + gen_word);
-    // Closed: the symmetric buffers are gone (a CUDA graph may still replay this launch).
-    s.ok = vload(v.state + kDead) == 0 && vload(v.state + kClosed) == 0;
-    int bm = v.T;
-    if (bound_m_p != nullptr) bm = clamp_bound(*bound_m_p, v.T);
-    s.bm = bm;
-    if (blockIdx.x == 0) {
-      stamp(v, kernel, s.gen, 0);
-      const int r = *rank_p;
-      if (r != v.rank) record_error(v, kErrRankMismatch, r, v.rank, false);
-    }
-  }
-  if (threadIdx.x < kMaxRanks) s.sym[threadIdx.x] = v.sym[threadIdx.x];  // dynamic index: keep it off the param space
-  __syncthreads();
-}
-
-// Thread i < R waits for flag `which`[i] in our own buffer to reach `target`.
-__device__ void wait_peers(const DeviceView& v, Shared& s, int which, uint32_t target, int32_t err_code) {
-  if (s.ok && threadIdx.x < v.R) {
-    const int w = wait_flag(v, flag_ptr(s.sym[v.rank], which, threadIdx.x), target);
-    if (w != 0) {
-      if (w == 1) record_error(v, err_code, threadIdx.x, static_cast<int32_t>(target), true);
-      s.ok = 0;  // several threads may store 0: benign
-    }
-  }
-  __syncthreads();
-}
-
-// Last-block epilogue: true in the one block that finishes last (all blocks' global and peer
-// accesses are ordered before what that block does next, at system scope).
-__device__ bool finish_block(const DeviceView& v, Shared& s, int ctr_word) {
-  // One system-scope fence per block, by the thread that counts the block in, after a barrier that
-  // makes the block's writes observed by it (fences are cumulative); the legacy mode fences in
-  // every thread (tens of thousands of fence.sc.sys per kernel).
-  if (v.fence_all) __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (!v.fence_all) __threadfence_system();
-    const uint32_t prev = atomicAdd(v.state + ctr_word, 1u);
-    s.last = prev == static_cast<uint32_t>(gridDim.x - 1);
-    if (s.last) {
-      v.state[ctr_word] = 0;
-      __threadfence_system();
-    }
-  }
-  __syncthreads();
-  return s.last != 0;
-}
-
-__device__ void publish(const DeviceView& v, Shared& s, int kernel, int gen_word, int flag, uint32_t* send_done) {
-  const uint32_t next = s.gen + 1;
-  if (s.ok && threadIdx.x < v.R) st_release_sys(flag_ptr(s.sym[threadIdx.x], flag, v.rank), next);
-  if (threadIdx.x == 0) {
-    if (send_done != nullptr) send_done[0] = next;
-    v.state[gen_word] = next;
-    stamp(v, kernel, s.gen, 1);
-  }
-}
-
 __device__ __forceinline__ int4 ldcg4(const char* p) { return __ldcg(reinterpret_cast<const int4*>(p)); }
 __device__ __forceinline__ int4 ldg4(const char* p) { return __ldg(reinterpret_cast<const int4*>(p)); }
 __device__ __forceinline__ void st4(char* p, int4 v) { *reinterpret_cast<int4*>(p) = v; }
 
 // ---------------------------------------------------------------------------------------------
-// dispatch_send: route lists (warp e < E: stable list of the (t*K+k) routed to expert e, built
-// with ballots over the token-major order, so the receiver's row order is deterministic) and
-// token data (each token once per destination rank, 16-byte NVLink stores).
-__global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DeviceView v, const char* __restrict__ x,
-                                                                 const float* __restrict__ xs,
-                                                                 const int32_t* __restrict__ idx,
-                                                                 const int32_t* bound_m_p, const int32_t* rank_p,
-                                                                 uint32_t* send_done) {
-  __shared__ Shared s;
-  __shared__ int32_t s_idx[kRouteTile];
+// dispatch_send's work: route lists (warp e < E: stable list of the (t*K+k) routed to expert e,
+// built with ballots over the token-major order, so the receiver's row order is deterministic) and
+// token data (each token once per destination rank, 16-byte NVLink stores). The grid has at least
+// (E + kWarps - 1) / kWarps blocks.
+__device__ __forceinline__ void dispatch_send_work(const DeviceView& v, Shared& s, int32_t* s_idx,
+                                                   const char* __restrict__ x, const float* __restrict__ xs,
+                                                   const int32_t* __restrict__ idx) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  prologue(v, s, kKDSend, kGenDSend, rank_p, bound_m_p);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    const uint32_t recvd = vload(v.state + kGenDRecv);
-    if (recvd != s.gen) record_error(v, kErrPhaseOrder, kCallDispatchSend, s.gen, recvd, false);
-    v.state[kRoutedBm] = static_cast<uint32_t>(s.bm);  // combine_recv checks its bound_m
-  }
-  // Every destination must have consumed our previous dispatch before we overwrite its slots.
-  wait_peers(v, s, kFlagDFree, s.gen, kErrTimeoutDispatchFree);
-
   if (s.ok) {
     const int bm = s.bm;
     const int N = bm * v.K;
@@ -268,31 +128,20 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DeviceView v
       }
     }
   }
-  if (finish_block(v, s, kCtrDSend)) publish(v, s, kKDSend, kGenDSend, kFlagDData, send_done);
 }
 
 // ---------------------------------------------------------------------------------------------
-// dispatch_recv: per-expert segments (padded), rows by source rank then (t, k); gathers the
-// deduplicated slots into expert_x, zeroes padding and unused rows, records row -> (src, t, k).
-__global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DeviceView v, const uint32_t* send_done,
-                                                                    const int32_t* rank_p, char* expert_x,
-                                                                    float* expert_scale, int32_t* expert_counts) {
-  __shared__ Shared s;
-  __shared__ int32_t s_scan[kWarps];
-  extern __shared__ int32_t smem[];
+// dispatch_recv's work (every source's data has arrived): per-expert segments (padded), rows by
+// source rank then (t, k); gathers the deduplicated slots into expert_x, zeroes padding and unused
+// rows, records row -> (src, t, k) and, for this rank's own rows, (t, k) -> row.
+__device__ __forceinline__ void dispatch_recv_work(const DeviceView& v, Shared& s, int32_t* s_scan, int32_t* smem,
+                                                   char* expert_x, float* expert_scale, int32_t* expert_counts) {
   const int R = v.R, L = v.L;
   int32_t* s_cnt_src = smem;           // [R][L] rows from each source per local expert
   int32_t* s_cnt = s_cnt_src + R * L;  // [L] rows per local expert: received, then kept
   int32_t* s_srcoff = s_cnt + L;       // [L][R] first row of each source inside the segment
   int32_t* s_seg = s_srcoff + L * R;   // [L+1] segment starts, s_seg[L] = rows used
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  prologue(v, s, kKDRecv, kGenDRecv, rank_p, nullptr);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    const uint32_t sent = vload(v.state + kGenDSend);
-    if (sent != s.gen + 1 || *send_done != s.gen + 1) record_error(v, kErrPhaseOrder, kCallDispatchRecv, s.gen, sent, false);
-  }
-  wait_peers(v, s, kFlagDData, s.gen + 1, kErrTimeoutDispatchData);
-
   char* me = s.sym[v.rank];
   const int64_t TK = static_cast<int64_t>(v.T) * v.K;
   if (s.ok) {
@@ -385,7 +234,13 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DeviceView v
         src = me + v.off_data + (static_cast<int64_t>(sr) * v.T + n / v.K) * v.rec_stride;
         packed = static_cast<int32_t>(sr * TK + n);
       }
-      if (lane == 0) v.row_map[r] = packed;
+      if (lane == 0) {
+        v.row_map[r] = packed;
+        // Rows this rank keeps for itself: the fused combine reads them from expert_y in place.
+        if (packed >= 0 && static_cast<int>(packed / TK) == v.rank) {
+          v.local_row[packed % TK] = (static_cast<uint64_t>(s.gen + 1) << 32) | static_cast<uint32_t>(r);
+        }
+      }
     }
     if (vec) {
       for (int o0 = 0; o0 < v.xbytes; o0 += kRowBatch * 512) {
@@ -411,46 +266,27 @@ __global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DeviceView v
       }
     }
   }
-  // Our reads of every source's slots are complete: the sources may overwrite them.
-  if (finish_block(v, s, kCtrDRecv)) publish(v, s, kKDRecv, kGenDRecv, kFlagDFree, nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------
-// combine_send: expert_y[row] -> slot [t*K+k] of the source rank of that row.
-__global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(DeviceView v, const char* __restrict__ expert_y,
-                                                                const int32_t* counts_in, const int32_t* rank_p,
-                                                                uint32_t* send_done) {
-  __shared__ Shared s;
-  __shared__ int s_total;
+// combine_send's work: expert_y[row] -> slot [t*K+k] of the source rank of that row, stamped with
+// the combine generation. skip_own: rows of this rank stay where they are (fused combine).
+__device__ __forceinline__ void combine_send_work(const DeviceView& v, Shared& s, const char* __restrict__ expert_y,
+                                                  bool skip_own) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  prologue(v, s, kKCSend, kGenCSend, rank_p, nullptr);
-  if (threadIdx.x == 0) s_total = static_cast<int>(vload(v.state + kTotalRows));
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    const uint32_t recvd = vload(v.state + kGenCRecv), dispatched = vload(v.state + kGenDRecv);
-    if (dispatched == 0) record_error(v, kErrPhaseOrder, kCallCombineBeforeDispatch, s.gen, 0, false);
-    if (recvd != s.gen) record_error(v, kErrPhaseOrder, kCallCombineSend, s.gen, recvd, false);
-  }
-  // expert_counts must be those of the last dispatch (-1: not given).
-  if (blockIdx.x == 0) {
-    for (int el = threadIdx.x; el < v.L; el += kThreads) {
-      const int32_t given = counts_in[el];
-      if (given != -1 && given != v.kept[el]) record_error(v, kErrCountsMismatch, el, given, false, v.kept[el]);
-    }
-  }
-  // Every source must have summed our previous combine before we overwrite its slots.
-  wait_peers(v, s, kFlagCFree, s.gen, kErrTimeoutCombineFree);
-  if (s.ok) {
+  if (s.ok && !(skip_own && v.R == 1)) {  // one rank skipping its own rows has nothing to send
     const int64_t TK = static_cast<int64_t>(v.T) * v.K;
     const bool vec = (v.cbytes & 15) == 0;
     const int chunk = v.chunk_bytes;
     const int nchunk = (v.cbytes + chunk - 1) / chunk;
-    const int64_t units = static_cast<int64_t>(s_total) * nchunk;
+    const int64_t units = static_cast<int64_t>(s.total) * nchunk;
     const int nw = gridDim.x * kWarps;
     for (int64_t u = blockIdx.x * kWarps + warp; u < units; u += nw) {
       const int r = static_cast<int>(u / nchunk), c = static_cast<int>(u % nchunk);
       const int32_t p = __ldcg(v.row_map + r);
       if (p < 0) continue;
       const int sr = static_cast<int>(p / TK);
+      if (skip_own && sr == v.rank) continue;  // the fused combine reads our own rows in place
       const int64_t n = p % TK;
       char* dst = s.sym[sr] + v.off_cdata + n * v.crec_stride;
       const char* src = expert_y + static_cast<int64_t>(r) * v.cbytes;
@@ -474,30 +310,22 @@ __global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(DeviceView v,
       }
     }
   }
-  if (finish_block(v, s, kCtrCSend)) publish(v, s, kKCSend, kGenCSend, kFlagCData, send_done);
 }
 
 // ---------------------------------------------------------------------------------------------
-// combine_recv: y[t] = sum_k w[t,k] * slot[t*K+k], f32, k ascending, product then sum rounded
-// separately (no FMA contraction), so the result is the reference's bit for bit.
+// combine_recv's work (every expert rank's rows have arrived): y[t] = sum_k w[t,k] * row(t, k),
+// f32, k ascending, product and sum rounded separately (no FMA contraction), so the result is the
+// reference's bit for bit. row(t, k) is its combine slot when this combine stamped it (entries
+// ignored or dropped at dispatch were not); own_rows (the fused combine): an entry this rank kept
+// for itself is read from expert_y in place instead (local_row, tagged by the last dispatch).
 __device__ __forceinline__ float bf16_bits_to_f32(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
-__global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(DeviceView v, const uint32_t* send_done,
-                                                                   const int32_t* __restrict__ idx,
-                                                                const float* __restrict__ w,
-                                                                const int32_t* bound_m_p, const int32_t* rank_p,
-                                                                __nv_bfloat16* y) {
-  __shared__ Shared s;
+__device__ __forceinline__ void combine_recv_work(const DeviceView& v, Shared& s, const int32_t* __restrict__ idx,
+                                                  const float* __restrict__ w, __nv_bfloat16* y,
+                                                  const char* __restrict__ own_rows) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  prologue(v, s, kKCRecv, kGenCRecv, rank_p, bound_m_p);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    const uint32_t sent = vload(v.state + kGenCSend);
-    if (sent != s.gen + 1 || *send_done != s.gen + 1) record_error(v, kErrPhaseOrder, kCallCombineRecv, s.gen, sent, false);
-    const int32_t routed_bm = static_cast<int32_t>(vload(v.state + kRoutedBm));
-    if (s.bm != routed_bm) record_error(v, kErrRoutingMismatch, -1, s.bm, false, routed_bm);
-  }
-  wait_peers(v, s, kFlagCData, s.gen + 1, kErrTimeoutCombineData);
   const char* slots = s.sym[v.rank] + v.off_cdata;
+  const uint32_t* slot_gen = reinterpret_cast<const uint32_t*>(s.sym[v.rank] + v.off_cgen);
   const int H = v.H, K = v.K;
   const bool vec = (H & 7) == 0;
   const int nchunk = (H + kCombineChunk - 1) / kCombineChunk;
@@ -519,23 +347,33 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(DeviceView v,
       }
       continue;
     }
-    // Entry k adds to y[t] iff its expert id is valid and its slot was written by this combine
-    // (entries ignored or dropped at dispatch were not).
+    // Lane k: entry (t, k), whether it adds to y[t] and where its row is.
     float wk = 0.0f;
     bool valid = false;
+    const char* row = nullptr;
     if (lane < K) {
       const int64_t n = static_cast<int64_t>(t) * K + lane;
       const int32_t e = __ldg(idx + n);
       wk = __ldg(w + n);
-      valid = valid_expert(e, v.E) &&
-              __ldcg(reinterpret_cast<const uint32_t*>(s.sym[v.rank] + v.off_cgen) + n) == s.gen + 1;
+      if (valid_expert(e, v.E)) {
+        if (own_rows != nullptr && owner_rank(e, v.L) == v.rank) {
+          const uint64_t lr = v.local_row[n];
+          valid = static_cast<uint32_t>(lr >> 32) == s.dgen;
+          row = own_rows + static_cast<int64_t>(static_cast<uint32_t>(lr)) * v.cbytes;
+        } else {
+          valid = __ldcg(slot_gen + n) == s.gen + 1;
+          row = slots + n * v.crec_stride;
+        }
+      }
       if (c == 0) {  // combine undoes the last dispatch: its routing must be the one given here
         const int32_t routed = v.routed_idx[n];
         if (routed != e) record_error(v, kErrRoutingMismatch, static_cast<int32_t>(n), e, false, routed);
       }
     }
     const unsigned vmask = __ballot_sync(kFull, valid);
-    const char* base = slots + static_cast<int64_t>(t) * K * v.crec_stride;
+    const auto row_of = [&](int k) {
+      return reinterpret_cast<const char*>(__shfl_sync(kFull, reinterpret_cast<unsigned long long>(row), k & 31));
+    };
     if (vec) {
       const int ch = c * kCombineChunk + lane * 8;
       const bool active = ch < H;
@@ -544,13 +382,17 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(DeviceView v,
       for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
       for (int kb = 0; kb < K; kb += 8) {
         float wv[8];
+        const char* rows[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) wv[i] = __shfl_sync(kFull, wk, (kb + i) & 31);
+        for (int i = 0; i < 8; ++i) {
+          wv[i] = __shfl_sync(kFull, wk, (kb + i) & 31);
+          rows[i] = row_of(kb + i);
+        }
         int4 q[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int k = kb + i;
-          if (active && k < K && ((vmask >> k) & 1u)) q[i] = ldcg4(base + k * v.crec_stride + ch * 2);
+          if (active && k < K && ((vmask >> k) & 1u)) q[i] = ldcg4(rows[i] + ch * 2);
         }
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -582,8 +424,9 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(DeviceView v,
         float acc = 0.0f;
         for (int k = 0; k < K; ++k) {
           const float wkk = __shfl_sync(kFull, wk, k & 31);
+          const char* rk = row_of(k);
           if (ch < H && ((vmask >> k) & 1u)) {
-            const uint16_t bits = __ldcg(reinterpret_cast<const unsigned short*>(base + k * v.crec_stride) + ch);
+            const uint16_t bits = __ldcg(reinterpret_cast<const unsigned short*>(rk) + ch);
             acc = __fadd_rn(acc, __fmul_rn(wkk, bf16_bits_to_f32(bits)));
           }
         }
@@ -591,14 +434,200 @@ __global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(DeviceView v,
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase checks (block 0, thread 0): the calls of each rank come in the order of the contract.
+__device__ void check_dispatch_send(const DeviceView& v, const Shared& s) {
+  const uint32_t recvd = vload(v.state + kGenDRecv);
+  if (recvd != s.gen) record_error(v, kErrPhaseOrder, kCallDispatchSend, s.gen, recvd, false);
+  v.state[kRoutedBm] = static_cast<uint32_t>(s.bm);  // combine_recv checks its bound_m
+}
+__device__ void check_combine_send(const DeviceView& v, const Shared& s) {
+  const uint32_t recvd = vload(v.state + kGenCRecv), dispatched = vload(v.state + kGenDRecv);
+  if (dispatched == 0) record_error(v, kErrPhaseOrder, kCallCombineBeforeDispatch, s.gen, 0, false);
+  if (recvd != s.gen) record_error(v, kErrPhaseOrder, kCallCombineSend, s.gen, recvd, false);
+}
+__device__ void check_combine_bound(const DeviceView& v, const Shared& s) {
+  const int32_t routed_bm = static_cast<int32_t>(vload(v.state + kRoutedBm));
+  if (s.bm != routed_bm) record_error(v, kErrRoutingMismatch, -1, s.bm, false, routed_bm);
+}
+// expert_counts must be those of the last dispatch (-1: not given); block 0, all threads.
+__device__ void check_counts(const DeviceView& v, const int32_t* counts_in) {
+  for (int el = threadIdx.x; el < v.L; el += kThreads) {
+    const int32_t given = counts_in[el];
+    if (given != -1 && given != v.kept[el]) record_error(v, kErrCountsMismatch, el, given, false, v.kept[el]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The split kernels.
+__global__ void __launch_bounds__(kThreads, 2) dispatch_send_kernel(DeviceView v, const char* __restrict__ x,
+                                                                 const float* __restrict__ xs,
+                                                                 const int32_t* __restrict__ idx,
+                                                                 const int32_t* bound_m_p, const int32_t* rank_p,
+                                                                 uint32_t* send_done) {
+  __shared__ Shared s;
+  __shared__ int32_t s_idx[kRouteTile];
+  prologue(v, s, kKDSend, kGenDSend, rank_p, bound_m_p);
+  if (blockIdx.x == 0 && threadIdx.x == 0) check_dispatch_send(v, s);
+  // Every destination must have consumed our previous dispatch before we overwrite its slots.
+  wait_peers(v, s, kFlagDFree, s.gen, kErrTimeoutDispatchFree);
+  stamp0(v, kKDSend, s.gen, kStampWaited);
+  dispatch_send_work(v, s, s_idx, x, xs, idx);
+  if (finish_block(v, s, kKDSend, kCtrDSend, kFlagDData)) publish(v, s, kKDSend, kGenDSend, kFlagDData, send_done);
+}
+
+__global__ void __launch_bounds__(kThreads, 2) dispatch_recv_kernel(DeviceView v, const uint32_t* send_done,
+                                                                    const int32_t* rank_p, char* expert_x,
+                                                                    float* expert_scale, int32_t* expert_counts) {
+  __shared__ Shared s;
+  __shared__ int32_t s_scan[kWarps];
+  extern __shared__ int32_t smem[];
+  prologue(v, s, kKDRecv, kGenDRecv, rank_p, nullptr);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const uint32_t sent = vload(v.state + kGenDSend);
+    if (sent != s.gen + 1 || *send_done != s.gen + 1) record_error(v, kErrPhaseOrder, kCallDispatchRecv, s.gen, sent, false);
+  }
+  wait_peers(v, s, kFlagDData, s.gen + 1, kErrTimeoutDispatchData);
+  stamp0(v, kKDRecv, s.gen, kStampWaited);
+  dispatch_recv_work(v, s, s_scan, smem, expert_x, expert_scale, expert_counts);
+  // Our reads of every source's slots are complete: the sources may overwrite them.
+  if (finish_block(v, s, kKDRecv, kCtrDRecv, kFlagDFree)) publish(v, s, kKDRecv, kGenDRecv, kFlagDFree, nullptr);
+}
+
+__global__ void __launch_bounds__(kThreads, 2) combine_send_kernel(DeviceView v, const char* __restrict__ expert_y,
+                                                                const int32_t* counts_in, const int32_t* rank_p,
+                                                                uint32_t* send_done) {
+  __shared__ Shared s;
+  prologue(v, s, kKCSend, kGenCSend, rank_p, nullptr);
+  if (threadIdx.x == 0) s.total = static_cast<int>(vload(v.state + kTotalRows));
+  if (blockIdx.x == 0 && threadIdx.x == 0) check_combine_send(v, s);
+  if (blockIdx.x == 0) check_counts(v, counts_in);
+  // Every source must have summed our previous combine before we overwrite its slots.
+  wait_peers(v, s, kFlagCFree, s.gen, kErrTimeoutCombineFree);
+  stamp0(v, kKCSend, s.gen, kStampWaited);
+  combine_send_work(v, s, expert_y, false);
+  if (finish_block(v, s, kKCSend, kCtrCSend, kFlagCData)) publish(v, s, kKCSend, kGenCSend, kFlagCData, send_done);
+}
+
+__global__ void __launch_bounds__(kThreads, 2) combine_recv_kernel(DeviceView v, const uint32_t* send_done,
+                                                                   const int32_t* __restrict__ idx,
+                                                                   const float* __restrict__ w,
+                                                                   const int32_t* bound_m_p, const int32_t* rank_p,
+                                                                   __nv_bfloat16* y) {
+  __shared__ Shared s;
+  prologue(v, s, kKCRecv, kGenCRecv, rank_p, bound_m_p);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const uint32_t sent = vload(v.state + kGenCSend);
+    if (sent != s.gen + 1 || *send_done != s.gen + 1) record_error(v, kErrPhaseOrder, kCallCombineRecv, s.gen, sent, false);
+    check_combine_bound(v, s);
+  }
+  wait_peers(v, s, kFlagCData, s.gen + 1, kErrTimeoutCombineData);
+  stamp0(v, kKCRecv, s.gen, kStampWaited);
+  combine_recv_work(v, s, idx, w, y, nullptr);
   // Our reads of the combine slots are complete: every rank may overwrite them.
-  if (finish_block(v, s, kCtrCRecv)) publish(v, s, kKCRecv, kGenCRecv, kFlagCFree, nullptr);
+  if (finish_block(v, s, kKCRecv, kCtrCRecv, kFlagCFree)) publish(v, s, kKCRecv, kGenCRecv, kFlagCFree, nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused kernels (SyncMode::kArrive, every block resident): the send work and this block's
+// arrivals in the destinations, then the wait for every source's arrivals and the receive work.
+// Stamps: the send slot from the kernel's entry to block 0's arrivals, the receive slot from there
+// to the end. Both generations advance in the last block.
+__global__ void __launch_bounds__(kThreads, 2) dispatch_fused_kernel(DeviceView v, const char* __restrict__ x,
+                                                                  const float* __restrict__ xs,
+                                                                  const int32_t* __restrict__ idx,
+                                                                  const int32_t* bound_m_p, const int32_t* rank_p,
+                                                                  char* expert_x, float* expert_scale,
+                                                                  int32_t* expert_counts, uint32_t* send_done) {
+  __shared__ Shared s;
+  __shared__ int32_t s_idx[kRouteTile];
+  __shared__ int32_t s_scan[kWarps];
+  extern __shared__ int32_t smem[];
+  prologue(v, s, kKDSend, kGenDSend, rank_p, bound_m_p);
+  if (blockIdx.x == 0 && threadIdx.x == 0) check_dispatch_send(v, s);
+  wait_peers(v, s, kFlagDFree, s.gen, kErrTimeoutDispatchFree);
+  stamp0(v, kKDSend, s.gen, kStampWaited);
+  dispatch_send_work(v, s, s_idx, x, xs, idx);
+  __syncthreads();
+  stamp0(v, kKDSend, s.gen, kStampBody);
+  arrive_peers(v, s, kFlagDData);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const uint64_t t = globaltimer();
+    stamp_at(v, kKDSend, s.gen, kStampEnd, t);
+    stamp_at(v, kKDRecv, s.gen, kStampEntry, t);
+    stamp_at(v, kKDRecv, s.gen, kStampStart, t);
+  }
+  wait_peers(v, s, kFlagDData, s.gen + 1, kErrTimeoutDispatchData);
+  stamp0(v, kKDRecv, s.gen, kStampWaited);
+  dispatch_recv_work(v, s, s_scan, smem, expert_x, expert_scale, expert_counts);
+  if (finish_block(v, s, kKDRecv, kCtrDRecv, kFlagDFree)) {
+    if (threadIdx.x == 0) v.state[kGenDSend] = s.gen + 1;
+    publish(v, s, kKDRecv, kGenDRecv, kFlagDFree, send_done);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 2) combine_fused_kernel(DeviceView v, const char* __restrict__ expert_y,
+                                                                 const int32_t* counts_in,
+                                                                 const int32_t* __restrict__ idx,
+                                                                 const float* __restrict__ w,
+                                                                 const int32_t* bound_m_p, const int32_t* rank_p,
+                                                                 __nv_bfloat16* y, uint32_t* send_done) {
+  __shared__ Shared s;
+  prologue(v, s, kKCSend, kGenCSend, rank_p, bound_m_p);
+  if (threadIdx.x == 0) {
+    s.total = static_cast<int>(vload(v.state + kTotalRows));
+    s.dgen = vload(v.state + kGenDRecv);
+    if (blockIdx.x == 0) {
+      check_combine_send(v, s);
+      check_combine_bound(v, s);
+    }
+  }
+  if (blockIdx.x == 0) check_counts(v, counts_in);
+  wait_peers(v, s, kFlagCFree, s.gen, kErrTimeoutCombineFree);
+  stamp0(v, kKCSend, s.gen, kStampWaited);
+  combine_send_work(v, s, expert_y, true);
+  __syncthreads();
+  stamp0(v, kKCSend, s.gen, kStampBody);
+  arrive_peers(v, s, kFlagCData);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const uint64_t t = globaltimer();
+    stamp_at(v, kKCSend, s.gen, kStampEnd, t);
+    stamp_at(v, kKCRecv, s.gen, kStampEntry, t);
+    stamp_at(v, kKCRecv, s.gen, kStampStart, t);
+  }
+  // Our own rows are read from expert_y: only the other ranks' arrivals are waited for.
+  wait_peers(v, s, kFlagCData, s.gen + 1, kErrTimeoutCombineData, /*skip_self=*/true);
+  stamp0(v, kKCRecv, s.gen, kStampWaited);
+  combine_recv_work(v, s, idx, w, y, expert_y);
+  if (finish_block(v, s, kKCRecv, kCtrCRecv, kFlagCFree)) {
+    if (threadIdx.x == 0) v.state[kGenCSend] = s.gen + 1;
+    publish(v, s, kKCRecv, kGenCRecv, kFlagCFree, send_done);
+  }
 }
 
 __global__ void timestamp_kernel(uint64_t* out) { out[0] = globaltimer(); }
 __global__ void write_ints_kernel(int32_t* out, int32_t a, int32_t b) {
   out[0] = a;
   out[1] = b;
+}
+
+// A launch with every block resident at once when `cooperative` (the fused kernels wait, inside
+// the kernel, for what other blocks of the same grid send).
+template <typename... Params, typename... Args>
+int launch(void (*kernel)(Params...), int grid, size_t smem, void* stream, bool cooperative, Args... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  config.attrs = attr;
+  config.numAttrs = cooperative ? 1 : 0;
+  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...));
 }
 
 }  // namespace
@@ -638,6 +667,29 @@ int launch_combine_recv(const DeviceView& v, void* stream, const uint32_t* send_
   return static_cast<int>(cudaGetLastError());
 }
 
+int launch_dispatch_fused(const DeviceView& v, void* stream, bool cooperative, const void* x, const float* x_scale,
+                          const int32_t* indices, const int32_t* bound_m, const int32_t* rank, void* expert_x,
+                          float* expert_scale, int32_t* expert_counts, uint32_t* send_done) {
+  return launch(dispatch_fused_kernel, v.grid_dfused, recv_shared_bytes(v), stream, cooperative, v,
+                static_cast<const char*>(x), x_scale, indices, bound_m, rank, static_cast<char*>(expert_x),
+                expert_scale, expert_counts, send_done);
+}
+
+int launch_combine_fused(const DeviceView& v, void* stream, bool cooperative, const void* expert_y,
+                         const int32_t* expert_counts, const int32_t* indices, const float* weights,
+                         const int32_t* bound_m, const int32_t* rank, void* y, uint32_t* send_done) {
+  return launch(combine_fused_kernel, v.grid_cfused, 0, stream, cooperative, v, static_cast<const char*>(expert_y),
+                expert_counts, indices, weights, bound_m, rank, static_cast<__nv_bfloat16*>(y), send_done);
+}
+
+int fused_resident_blocks(const DeviceView& v, bool dispatch, int* blocks_per_sm) {
+  *blocks_per_sm = 0;
+  return dispatch ? static_cast<int>(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                        blocks_per_sm, dispatch_fused_kernel, kThreads, recv_shared_bytes(v)))
+                  : static_cast<int>(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                        blocks_per_sm, combine_fused_kernel, kThreads, 0));
+}
+
 int launch_timestamp(void* stream, uint64_t* out) {
   timestamp_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(out);
   return static_cast<int>(cudaGetLastError());
@@ -658,6 +710,8 @@ int preload_kernels(std::string* report) {
       {"dispatch_recv", reinterpret_cast<const void*>(&dispatch_recv_kernel)},
       {"combine_send", reinterpret_cast<const void*>(&combine_send_kernel)},
       {"combine_recv", reinterpret_cast<const void*>(&combine_recv_kernel)},
+      {"dispatch_fused", reinterpret_cast<const void*>(&dispatch_fused_kernel)},
+      {"combine_fused", reinterpret_cast<const void*>(&combine_fused_kernel)},
       {"timestamp", reinterpret_cast<const void*>(&timestamp_kernel)},
   };
   for (const Entry& e : entries) {

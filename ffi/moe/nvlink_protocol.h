@@ -7,11 +7,14 @@
 // Protocol (one rank = one GPU of the expert-parallel group, R <= 8, all on one NVLink node):
 //  * every rank owns one "symmetric" buffer with the same layout everywhere, mapped into every
 //    peer (peer access in one process, CUDA IPC across processes):
-//      flags | route counts [src][L] | route lists [src][L][T*K] | dispatch slots [src][T] |
-//      combine slots [T*K] | combine slot generations [T*K]
+//      flags and arrival counters | route counts [src][L] | route lists [src][L][T*K] |
+//      dispatch slots [src][T] | combine slots [T*K] | combine slot generations [T*K]
 //  * dispatch_send writes each token once per destination rank (deduplicated) into slot
 //    [me][t] of that rank, plus, per destination expert, the stable-sorted list of (t*K+k)
-//    routed to it and its count; then a release flag DDATA[me] = generation.
+//    routed to it and its count; then a release flag DDATA[me] = generation (SyncMode kFlags,
+//    kLegacy: the kernel's last block), or, kArrive, each block adds its share of kArrivalUnit to
+//    the arrival counter DDATA[me] with a release reduction. Below, "DDATA" etc. is whichever word
+//    the mode uses.
 //  * dispatch_recv waits for DDATA from every source, computes segment offsets (layout.h; the
 //    tail of a segment that does not fit in M is dropped and counted), gathers slots into
 //    expert_x rows (source rank, then token, then k), remembers row -> (src, t, k), and acks
@@ -20,6 +23,11 @@
 //    slot with the combine generation, then CDATA[me].
 //  * combine_recv waits for CDATA from every rank, sums the slots [t*K+0..K) stamped by this
 //    combine (ignored or dropped entries are not) in f32 in k order, and acks CFREE[me].
+//  * kArrive only: dispatch() and combine() may run as one kernel each (send work, arrivals,
+//    wait, receive work; every block resident). The fused combine sends no row to itself: it
+//    reads the rows it kept for itself from expert_y in place (local_row, written by every
+//    dispatch_recv) and waits for the other ranks only; it still adds its arrivals to its own
+//    counters, so fused and split calls mix freely on one context.
 //  Generations live in device memory (advanced by the kernels), so the launches are identical
 //  every call and capturable in CUDA graphs. Every wait is bounded by a globaltimer deadline
 //  and sets a sticky error (read by the host later) instead of hanging.
@@ -35,10 +43,38 @@ inline constexpr int kThreads = 256;         // threads per block of every kerne
 inline constexpr int kDefaultChunkBytes = 2048;  // bytes of a row one warp sends (32 lanes x 4 x 16 B)
 inline constexpr int kCombineChunk = 256;    // channels of one token handled by one warp in combine_recv
 inline constexpr int kTimingRing = 4096;     // per-kernel device timestamps kept (benchmarks)
+// Device timestamps (globaltimer ns) per kernel and call, by block 0 unless said otherwise.
+enum Stamp : int {
+  kStampStart = 0,   // after the prologue's loads
+  kStampEnd = 1,     // the last block, after its block count
+  kStampEntry = 2,   // the kernel's first instruction (launch-to-launch = entry - previous entry)
+  kStampWaited = 3,  // the peers' data/free words reached (block 0)
+  kStampBody = 4,    // block 0's share of the work done, before its epilogue
+  kStampLast = 5,    // the last block, just counted in
+  kStamps = 8,
+};
 
 // Flag arrays at the start of the symmetric buffer, one 128-byte line each, indexed by rank.
 enum Flag : int { kFlagDData = 0, kFlagDFree = 1, kFlagCData = 2, kFlagCFree = 3 };
+// Arrival counters (SyncMode::kArrive), the lines after the flags: line kArrivalLine + Flag, indexed
+// by the source rank. Every call of a kernel adds kArrivalUnit in total to each peer's counter (one
+// release reduction per block, the first block adding the remainder), so a receiver waits for
+// generation g with `counter >= g * kArrivalUnit` whatever grid, or fused or split kernel, the
+// sender used.
+inline constexpr int kArrivalLine = 4;
+inline constexpr uint32_t kArrivalUnit = 1u << 16;
 inline constexpr int64_t kFlagsBytes = 4096;
+
+// How the kernels of one call synchronise with each other and with the peers (one per context,
+// the same on every rank):
+//  * kLegacy: the first version (every thread fences at system scope before a last-block count,
+//    every kernel launches blocks_per_sm x SMs blocks; the last block publishes a flag);
+//  * kFlags: one system fence per block before the last-block count, grids sized to the static
+//    work, the last block publishes the flag (fence, count, fence, release store in a row);
+//  * kArrive: every block releases its own arrival into each peer's counter (one release
+//    reduction, no count on the peers' critical path); the last-block count only advances the
+//    local generation. Needed by the fused kernels (one kernel per dispatch / combine).
+enum class SyncMode : int32_t { kLegacy = 0, kFlags = 1, kArrive = 2 };
 
 // Words of the per-rank local state (device memory).
 enum StateWord : int {
@@ -101,8 +137,8 @@ struct DeviceView {
   int32_t cbytes;       // bytes of one combine row (H * 2)
   int32_t grid;         // blocks of every kernel (legacy sync) or the most any kernel uses
   int32_t grid_dsend, grid_drecv, grid_csend, grid_crecv;  // blocks of each kernel (sized to its static work)
-  int32_t fence_all;    // 1: every thread fences at system scope before the last-block count (legacy
-                        // sync, the kernels as first measured); 0: one fence per block after a barrier
+  int32_t grid_dfused, grid_cfused;  // blocks of the fused kernels (all resident at once); 0: not fused
+  int32_t sync;         // SyncMode
   int32_t chunk_bytes;  // bytes of a row one warp sends at a time: 512, 1024 or 2048
   int64_t rec_stride;   // dispatch slot: round16(xbytes) + round16(sbytes)
   int64_t crec_stride;  // combine slot: round16(cbytes)
@@ -112,10 +148,12 @@ struct DeviceView {
   int32_t* row_map;      // [M]: src * T*K + t*K + k of each gathered row, -1 for padding
   int32_t* kept;         // [L]: rows of each local expert in the last dispatch
   int32_t* routed_idx;   // [T*K]: indices of the last dispatch (combine_recv checks its own)
+  uint64_t* local_row;   // [T*K]: (dispatch generation << 32) | expert_x row of each entry this rank
+                         // kept for itself: the fused combine reads those rows from expert_y in place
   uint32_t* state;       // [kStateWords]
   int32_t* err_dev;      // [1] device copy of the sticky error code
   int32_t* err_host;     // [8] mapped pinned host memory: code, a, b, rank, c
-  uint64_t* timing;      // [4][kTimingRing][2] kernel start/end (globaltimer ns)
+  uint64_t* timing;      // [4][kTimingRing][kStamps] (Stamp, globaltimer ns)
 };
 
 }  // namespace jax_garden::moe

@@ -1,5 +1,7 @@
 // Bindings for jax_garden.fabric (submodule _jax_garden.fabric). No logic: argument conversion,
 // GIL handling and exception mapping only.
+#include <cmath>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -10,10 +12,14 @@
 #include <nanobind/stl/vector.h>
 #include <nanobind/stl/map.h>
 
+#include <thread>
+
+
 #include "common/error.h"
 #include "common/registry.h"
 #include "fabric/engine.h"
 #include "fabric/fd_broker.h"
+#include "fabric/imm_mailbox.h"
 #include "fabric/latency_probe.h"
 #include "fabric/shared_regions.h"
 #include "fabric/gpu_runtime.h"
@@ -149,6 +155,10 @@ void BindFabric(nb::module_& m) {
       .def_prop_ro("is_staged", [](const MemoryDescriptor& d) { return d.staged; })
       .def_prop_ro("device", [](const MemoryDescriptor& d) { return d.device; })
       .def_prop_ro("has_ipc_handle", [](const MemoryDescriptor& d) { return d.has_ipc; })
+      .def_prop_ro("ipc_kind", [](const MemoryDescriptor& d) {
+        return std::string(!d.has_ipc ? "none" : d.ipc_kind == IpcKind::kVmm ? "vmm" : "legacy");
+      })
+      .def_prop_ro("mailbox", [](const MemoryDescriptor& d) { return d.mailbox; })
       .def_prop_ro("pci_bus_id", [](const MemoryDescriptor& d) { return d.pci_bus_id; })
       .def_prop_ro("host_id", [](const MemoryDescriptor& d) { return d.host_id; })
       .def_prop_ro("pid", [](const MemoryDescriptor& d) { return d.pid; })
@@ -184,7 +194,12 @@ void BindFabric(nb::module_& m) {
   nb::class_<TransferState>(m, "Transfer",
                             "Completion of one operation (TransferEngine.write, ...). It completes within the "
                             "engine timeout plus a size allowance, with success or an error.")
-      .def("wait", [](TransferState& t, std::optional<double> timeout) { t.wait(timeout.value_or(-1.0)); },
+      .def("wait", [](TransferState& t, std::optional<double> timeout) {
+        // None: until the op's own deadline (-1 below); a number bounds the wait, so it must be one.
+        JG_CHECK_ARG(!timeout || (std::isfinite(*timeout) && *timeout >= 0),
+                     "Transfer.wait: timeout must be None or a finite number of seconds >= 0, got ", *timeout);
+        t.wait(timeout.value_or(-1.0));
+      },
            "timeout"_a = nb::none(), nb::call_guard<nb::gil_scoped_release>(),
            "Block until the operation completed (at most `timeout` seconds; None: until its own deadline, which "
            "every op has). Raises TransferError on failure, TimeoutError on a timeout.")
@@ -215,7 +230,7 @@ void BindFabric(nb::module_& m) {
       .def("wait", &ImmCounter::wait, "count"_a, "timeout"_a = 10.0, nb::call_guard<nb::gil_scoped_release>(),
            "Block until `count` arrivals are there (at most `timeout` seconds), then take them. Raises "
            "TimeoutError (nothing taken) or TransferError (engine closed, GPU wait stalled).")
-      .def("on_count", [](ImmCounter& c, int64_t count, nb::object fn) {
+      .def("on_count", [](ImmCounter& c, int64_t count, nb::callable fn) {
         auto shared = share_object(std::move(fn));
         c.on_count(count, [shared]() { call_python(shared); });
       }, "count"_a, "callback"_a)
@@ -259,7 +274,7 @@ void BindFabric(nb::module_& m) {
         nb::gil_scoped_release release;
         return Engine::create(o);
       }, "provider"_a, "node"_a, "domains"_a, "timeout"_a, "max_message_bytes"_a, "split_threshold"_a, "path"_a,
-         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a, "vmm_ipc"_a = false,
+         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a, "vmm_ipc"_a = true,
          "adversary"_a = nb::none())
       .def_prop_ro("adversary", [](const Engine& e) -> std::optional<std::string> {
         if (!e.adversary()) return std::nullopt;
@@ -321,9 +336,9 @@ void BindFabric(nb::module_& m) {
         q.src = std::move(r);
         q.dst = &d;
         q.page_bytes = page_bytes;
-        // Page lists arrive as uint32 numpy arrays (no per-element conversion).
-        q.src_pages.assign(src_pages.data(), src_pages.data() + src_pages.shape(0));
-        q.dst_pages.assign(dst_pages.data(), dst_pages.data() + dst_pages.shape(0));
+        // Page lists arrive as uint32 numpy arrays, viewed for the call (never converted or copied).
+        q.src_pages = {src_pages.data(), src_pages.shape(0)};
+        q.dst_pages = {dst_pages.data(), dst_pages.shape(0)};
         q.src_stride = src_stride;
         q.dst_stride = dst_stride;
         q.src_offset = src_offset;
@@ -358,6 +373,9 @@ void BindFabric(nb::module_& m) {
         auto c = e.path_for(r, d, parse_path(path));
         return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst);
       }, "region"_a, "dst"_a, "path"_a)
+      .def("path_reason", [](const Engine& e, const MemoryRegion& r, const MemoryDescriptor& d, const std::string& path) {
+        return e.path_reason(r, d, parse_path(path));
+      }, "region"_a, "dst"_a, "path"_a)
       .def("check", &Engine::check)
       .def("staging_stats", [](Engine& e) {
         StagingStats s;
@@ -374,6 +392,9 @@ void BindFabric(nb::module_& m) {
         d["outbound"] = s.outbound;
         d["chunk_bytes"] = s.chunk_bytes;
         d["ipc_mappings"] = s.ipc_mappings;
+        d["ipc_stream_records"] = s.ipc_stream_records;
+        d["ipc_event_records"] = s.ipc_event_records;
+        d["ipc_host_records"] = s.ipc_host_records;
         return d;
       })
       .def("write_imm", [](Engine& e, const MemoryDescriptor& d, uint32_t imm) {
@@ -418,8 +439,10 @@ void BindFabric(nb::module_& m) {
 
   // Pure policy functions, exposed for unit tests.
   m.def("choose_path", [](const std::string& requested, bool src_cuda, bool src_staged, bool dst_cuda,
-                          bool dst_staged, bool dst_has_ipc, bool same_host, bool same_process, bool gpu_can_map) {
+                          bool dst_staged, bool dst_has_ipc, bool same_host, bool same_process, bool gpu_can_map,
+                          bool dst_mailbox) {
     PathQuery q;
+    q.dst_mailbox = dst_mailbox;
     q.requested = parse_path(requested);
     q.src_cuda = src_cuda;
     q.src_staged = src_staged;
@@ -430,9 +453,9 @@ void BindFabric(nb::module_& m) {
     q.same_process = same_process;
     q.gpu_can_map = gpu_can_map;
     auto c = choose_path(q);
-    return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst);
+    return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst, explain_path(q, c));
   }, "requested"_a, "src_cuda"_a, "src_staged"_a, "dst_cuda"_a, "dst_staged"_a, "dst_has_ipc"_a, "same_host"_a,
-     "same_process"_a, "gpu_can_map"_a);
+     "same_process"_a, "gpu_can_map"_a, "dst_mailbox"_a = true);
   m.def("plan_registration", [](bool cuda, int device, bool staged, bool provider_hmem, bool headers_dmabuf,
                                 bool runtime_dmabuf, bool kernel_dmabuf, bool device_dmabuf) {
     RegistrationCaps c{provider_hmem, headers_dmabuf, runtime_dmabuf, kernel_dmabuf, device_dmabuf};
@@ -477,6 +500,27 @@ void BindFabric(nb::module_& m) {
     if (fd < 0) throw TransferFailed(why);
     return fd;
   }, "process_nonce"_a, "region_key"_a, "timeout"_a);
+
+  // The imm mailbox (imm_mailbox.h), for tests: post one record into an engine's mailbox from this
+  // process, then (keep=False) wait up to `timeout` for its owner to take it and release the ring as
+  // a closing sender does, or (keep=True) leave the ring claimed, as a sender that dies does.
+  // Returns whether the record was taken. And how many rings of a mailbox have a sender.
+  m.def("_mailbox_post", [](uint64_t process_nonce, uint32_t serial, uint32_t imm, uint64_t count, bool keep,
+                            double timeout) {
+    nb::gil_scoped_release release;
+    auto link = MailboxLink::open(process_nonce, serial);
+    uint64_t first = 0;
+    if (!link->reserve(1, &first)) throw TransferFailed("the ring is full");
+    link->store(first, imm, count);
+    if (keep) {
+      new std::shared_ptr<MailboxLink>(link);  // never released: the ring stays claimed
+      return false;
+    }
+    auto deadline = deadline_after(timeout);
+    while (link->taken() <= first && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return link->taken() > first;
+  }, "process_nonce"_a, "serial"_a, "imm"_a, "count"_a, "keep"_a, "timeout"_a);
+  m.def("_mailbox_senders", &ImmMailbox::senders, "process_nonce"_a, "serial"_a);
 
   // GPU runtime (CUDA builds; the CPU build reports it unavailable). Helpers for tests and the
   // benchmark: plain device buffers and same-run copy baselines.

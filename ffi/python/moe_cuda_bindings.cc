@@ -66,27 +66,50 @@ fabric::TransferPath transfer_path(const std::string& name) {
 }
 
 nb::bytes py_bytes(const std::string& b) { return nb::bytes(b.data(), b.size()); }
+
+SyncMode sync_mode(const std::string& name) {
+  if (name == "arrive") return SyncMode::kArrive;
+  if (name == "flags") return SyncMode::kFlags;
+  if (name == "legacy") return SyncMode::kLegacy;
+  throw InvalidArgument(str_cat("moe (CUDA): sync must be 'arrive', 'flags' or 'legacy', got '", name, "'"));
+}
+const char* sync_mode_name(SyncMode mode) {
+  switch (mode) {
+    case SyncMode::kArrive: return "arrive";
+    case SyncMode::kFlags: return "flags";
+    case SyncMode::kLegacy: return "legacy";
+  }
+  return "?";
+}
 #endif
 
 void bind_moe_cuda(nb::module_& m) {
   m.attr("max_ranks") = kMaxRanks;
+  // nvlink_protocol.h, Stamp: what each of a kernel's timestamps marks (NvlinkAllToAll.stamps).
+  m.attr("stamp_names") =
+      std::vector<std::string>{"start", "end", "entry", "waited", "body", "last", "unused6", "unused7"};
 #ifdef JAX_GARDEN_WITH_CUDA
   m.attr("available") = true;
   nb::class_<NvlinkContextHandle>(m, "NvlinkAllToAll")
       .def(
           "__init__",
           [](NvlinkContextHandle* self, const MoeShape& shape, const std::string& dispatch_dtype, double timeout_s,
-             int32_t chunk_bytes, int32_t blocks_per_sm, bool legacy_sync) {
+             int32_t chunk_bytes, int32_t blocks_per_sm, const std::string& sync, bool fused, bool cooperative) {
             NvlinkOptions options;
             options.timeout_s = timeout_s;
             options.chunk_bytes = chunk_bytes;
             options.blocks_per_sm = blocks_per_sm;
-            options.legacy_sync = legacy_sync;
+            options.sync = sync_mode(sync);
+            options.fused = fused;
+            options.cooperative = cooperative;
             new (self) NvlinkContextHandle{
                 std::make_shared<NvlinkAllToAll>(shape, parse_dtype(dispatch_dtype), options), 0};
           },
           nb::arg("shape"), nb::arg("dispatch_dtype"), nb::arg("timeout_s"),
-          nb::arg("chunk_bytes") = kDefaultChunkBytes, nb::arg("blocks_per_sm") = 2, nb::arg("legacy_sync") = false)
+          nb::arg("chunk_bytes") = kDefaultChunkBytes, nb::arg("blocks_per_sm") = 2, nb::arg("sync") = "arrive",
+          nb::arg("fused") = true, nb::arg("cooperative") = true,
+          "sync: 'arrive' (default), 'flags' or 'legacy' (nvlink_protocol.h, SyncMode); fused: dispatch()/combine() "
+          "as one kernel each; cooperative: launch those with every block resident.")
       .def("add_rank", [](NvlinkContextHandle& h, int ordinal, int rank) { h.context->add_rank(ordinal, rank); },
            nb::arg("ordinal"), nb::arg("rank"))
       .def(
@@ -121,9 +144,16 @@ void bind_moe_cuda(nb::module_& m) {
              const NvlinkRank* r = h.context->find_rank(ordinal);
              JG_CHECK_ARG(r != nullptr, "moe (CUDA): no rank on device ordinal ", ordinal);
              const DeviceView& v = r->view;
-             return std::vector<int32_t>{v.grid_dsend, v.grid_drecv, v.grid_csend, v.grid_crecv};
+             return std::vector<int32_t>{v.grid_dsend, v.grid_drecv, v.grid_csend, v.grid_crecv, v.grid_dfused,
+                                         v.grid_cfused};
            },
-           nb::arg("ordinal"), "Blocks each kernel launches (dispatch_send, dispatch_recv, combine_send, combine_recv).")
+           nb::arg("ordinal"),
+           "Blocks each kernel launches (dispatch_send, dispatch_recv, combine_send, combine_recv, dispatch_fused, "
+           "combine_fused; 0: dispatch()/combine() run the two split kernels).")
+      .def_prop_ro("sync",
+                   [](const NvlinkContextHandle& h) { return std::string(sync_mode_name(h.context->options().sync)); })
+      .def("stamps", [](const NvlinkContextHandle& h, int ordinal, int n) { return h.context->stamps(ordinal, n); },
+           nb::arg("ordinal"), nb::arg("n"), "[n][4][len(stamp_names)] device timestamps (ns) of the last n calls.")
       .def("synchronize", [](NvlinkContextHandle& h) { h.context->synchronize(); })
       .def("close", &NvlinkContextHandle::close)
       .def("error",

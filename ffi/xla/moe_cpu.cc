@@ -95,6 +95,39 @@ ffi::Error combine_recv(ffi::AnyBuffer send_done, ffi::AnyBuffer indices, ffi::A
   });
 }
 
+// dispatch() in one call (jg_moe_dispatch): the two halves back to back; send_done gets the token
+// between them.
+ffi::Error dispatch(ffi::AnyBuffer x, ffi::AnyBuffer x_scale, ffi::AnyBuffer indices, ffi::AnyBuffer weights,
+                    ffi::AnyBuffer bound_m, ffi::AnyBuffer rank, ffi::Result<ffi::AnyBuffer> expert_x,
+                    ffi::Result<ffi::AnyBuffer> expert_scale, ffi::Result<ffi::AnyBuffer> expert_counts,
+                    ffi::Result<ffi::AnyBuffer> send_done, uint64_t context_id) {
+  return guarded([&] {
+    constexpr const char* kName = "jg_moe_dispatch";
+    auto ctx = find_cpu_context(context_id);
+    check_token_result(kName, *send_done);
+    const int32_t r = s32_scalar(kName, "rank", rank);
+    const uint32_t gen = ctx->dispatch_send(r, ref(x), ref(x_scale), ref(indices), ref(weights),
+                                            s32_scalar(kName, "bound_m", bound_m));
+    *static_cast<uint32_t*>(send_done->untyped_data()) = gen;
+    ctx->dispatch_recv(r, gen, ref(*expert_x), ref(*expert_scale), ref(*expert_counts));
+  });
+}
+
+// combine() in one call (jg_moe_combine).
+ffi::Error combine(ffi::AnyBuffer expert_y, ffi::AnyBuffer expert_counts, ffi::AnyBuffer indices,
+                   ffi::AnyBuffer weights, ffi::AnyBuffer bound_m, ffi::AnyBuffer rank, ffi::Result<ffi::AnyBuffer> y,
+                   ffi::Result<ffi::AnyBuffer> send_done, uint64_t context_id) {
+  return guarded([&] {
+    constexpr const char* kName = "jg_moe_combine";
+    auto ctx = find_cpu_context(context_id);
+    check_token_result(kName, *send_done);
+    const int32_t r = s32_scalar(kName, "rank", rank);
+    const uint32_t gen = ctx->combine_send(r, ref(expert_y), ref(expert_counts));
+    *static_cast<uint32_t*>(send_done->untyped_data()) = gen;
+    ctx->combine_recv(r, gen, ref(indices), ref(weights), s32_scalar(kName, "bound_m", bound_m), ref(*y));
+  });
+}
+
 }  // namespace
 }  // namespace jax_garden::moe
 
@@ -138,6 +171,34 @@ XLA_FFI_DEFINE_HANDLER(kMoeCombineRecvCpu, jgm::combine_recv,
                            .Ret<ffi::AnyBuffer>()   // y[T,H]
                            .Attr<uint64_t>("context_id"));
 
+XLA_FFI_DEFINE_HANDLER(kMoeDispatchCpu, jgm::dispatch,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::AnyBuffer>()   // x[T,H]
+                           .Arg<ffi::AnyBuffer>()   // x_scale[T,S] f32
+                           .Arg<ffi::AnyBuffer>()   // indices[T,K] i32
+                           .Arg<ffi::AnyBuffer>()   // weights[T,K] f32
+                           .Arg<ffi::AnyBuffer>()   // bound_m[] i32
+                           .Arg<ffi::AnyBuffer>()   // rank[] i32
+                           .Ret<ffi::AnyBuffer>()   // expert_x[M,H]
+                           .Ret<ffi::AnyBuffer>()   // expert_scale[M,S] f32
+                           .Ret<ffi::AnyBuffer>()   // expert_counts[L] i32
+                           .Ret<ffi::AnyBuffer>()   // send_done[1] u32
+                           .Attr<uint64_t>("context_id"));
+
+XLA_FFI_DEFINE_HANDLER(kMoeCombineCpu, jgm::combine,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::AnyBuffer>()   // expert_y[M,H]
+                           .Arg<ffi::AnyBuffer>()   // expert_counts[L] i32
+                           .Arg<ffi::AnyBuffer>()   // indices[T,K] i32
+                           .Arg<ffi::AnyBuffer>()   // weights[T,K] f32
+                           .Arg<ffi::AnyBuffer>()   // bound_m[] i32
+                           .Arg<ffi::AnyBuffer>()   // rank[] i32
+                           .Ret<ffi::AnyBuffer>()   // y[T,H]
+                           .Ret<ffi::AnyBuffer>()   // send_done[1] u32
+                           .Attr<uint64_t>("context_id"));
+
+JG_REGISTER_FFI_TARGET("jg_moe_dispatch", "cpu", kMoeDispatchCpu);
+JG_REGISTER_FFI_TARGET("jg_moe_combine", "cpu", kMoeCombineCpu);
 JG_REGISTER_FFI_TARGET("jg_moe_dispatch_send", "cpu", kMoeDispatchSendCpu);
 JG_REGISTER_FFI_TARGET("jg_moe_dispatch_recv", "cpu", kMoeDispatchRecvCpu);
 JG_REGISTER_FFI_TARGET("jg_moe_combine_send", "cpu", kMoeCombineSendCpu);

@@ -31,14 +31,12 @@ ffi::Error resolve(const char* target, uint64_t id, int32_t ordinal, Resolved* o
     return ffi::Error::InvalidArgument(
         str_cat(target, ": unknown context_id ", id, " (closed, or created in another process)"));
   }
-  // The device XLA made current on this thread, in our runtime's numbering (the one the context
-  // allocated with), is authoritative; XLA's DeviceOrdinal may count only visible devices.
-  int current = -1;
-  if (cudaGetDevice(&current) == cudaSuccess && out->ctx->holds(current)) {
-    out->ordinal = current;
-  } else if (out->ctx->holds(ordinal)) {
-    out->ordinal = ordinal;
-  } else {
+  // Our runtime's number of this call's device, found once per XLA ordinal (cudaGetDevice on the
+  // first call only: no runtime call in the steady state).
+  out->ordinal = out->ctx->runtime_ordinal(ordinal);
+  if (out->ordinal < 0) {
+    int current = -1;
+    (void)cudaGetDevice(&current);
     std::string have;
     for (int o : out->ctx->ordinals()) have += (have.empty() ? "" : ", ") + std::to_string(o);
     return ffi::Error::InvalidArgument(str_cat(target, ": device ordinal ", ordinal, " (current CUDA device ",
@@ -146,6 +144,66 @@ ffi::Error combine_recv(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer sen
                                                static_cast<const int32_t*>(rank.untyped_data()), y->untyped_data()));
 }
 
+// dispatch() in one call: dispatch_send's operands, dispatch_recv's results, and the send token
+// (written as dispatch_send would; the context may run both halves as one kernel).
+ffi::Error dispatch(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x, ffi::AnyBuffer x_scale,
+                    ffi::AnyBuffer indices, ffi::AnyBuffer weights, ffi::AnyBuffer bound_m, ffi::AnyBuffer rank,
+                    ffi::Result<ffi::AnyBuffer> expert_x, ffi::Result<ffi::AnyBuffer> expert_scale,
+                    ffi::Result<ffi::AnyBuffer> expert_counts, ffi::Result<ffi::AnyBuffer> send_done,
+                    uint64_t context_id) {
+  constexpr const char* kT = "jg_moe_dispatch";
+  Resolved r;
+  if (ffi::Error e = resolve(kT, context_id, ordinal, &r); e.failure()) return e;
+  const MoeShape& s = r.ctx->shape();
+  const int64_t T = s.max_tokens, H = s.hidden, K = s.experts_per_token, S = s.scale_cols, M = s.max_recv_tokens,
+                L = s.local_experts();
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "x", x, dispatch_ffi_dtype(*r.ctx), {T, H}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "x_scale", x_scale, ffi::DataType::F32, {T, S}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "indices", indices, ffi::DataType::S32, {T, K}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "weights", weights, ffi::DataType::F32, {T, K}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "bound_m", bound_m, ffi::DataType::S32, {}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "rank", rank, ffi::DataType::S32, {}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_x", *expert_x, dispatch_ffi_dtype(*r.ctx), {M, H}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_scale", *expert_scale, ffi::DataType::F32, {M, S}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_counts", *expert_counts, ffi::DataType::S32, {L}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "send_done", *send_done, ffi::DataType::U32, {1}));
+  return launch_result(kT, r.ctx->dispatch(r.ordinal, stream, x.untyped_data(),
+                                           static_cast<const float*>(x_scale.untyped_data()),
+                                           static_cast<const int32_t*>(indices.untyped_data()),
+                                           static_cast<const int32_t*>(bound_m.untyped_data()),
+                                           static_cast<const int32_t*>(rank.untyped_data()), expert_x->untyped_data(),
+                                           static_cast<float*>(expert_scale->untyped_data()),
+                                           static_cast<int32_t*>(expert_counts->untyped_data()),
+                                           static_cast<uint32_t*>(send_done->untyped_data())));
+}
+
+// combine() in one call: combine_send's and combine_recv's operands, y and the send token.
+ffi::Error combine(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer expert_y, ffi::AnyBuffer expert_counts,
+                   ffi::AnyBuffer indices, ffi::AnyBuffer weights, ffi::AnyBuffer bound_m, ffi::AnyBuffer rank,
+                   ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> send_done, uint64_t context_id) {
+  constexpr const char* kT = "jg_moe_combine";
+  Resolved r;
+  if (ffi::Error e = resolve(kT, context_id, ordinal, &r); e.failure()) return e;
+  const MoeShape& s = r.ctx->shape();
+  const int64_t T = s.max_tokens, H = s.hidden, K = s.experts_per_token, M = s.max_recv_tokens,
+                L = s.local_experts();
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_y", expert_y, ffi::DataType::BF16, {M, H}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "expert_counts", expert_counts, ffi::DataType::S32, {L}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "indices", indices, ffi::DataType::S32, {T, K}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "weights", weights, ffi::DataType::F32, {T, K}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "bound_m", bound_m, ffi::DataType::S32, {}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "rank", rank, ffi::DataType::S32, {}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "y", *y, ffi::DataType::BF16, {T, H}));
+  JG_FFI_RETURN_IF_BAD(check_buffer(kT, "send_done", *send_done, ffi::DataType::U32, {1}));
+  return launch_result(kT, r.ctx->combine(r.ordinal, stream, expert_y.untyped_data(),
+                                          static_cast<const int32_t*>(expert_counts.untyped_data()),
+                                          static_cast<const int32_t*>(indices.untyped_data()),
+                                          static_cast<const float*>(weights.untyped_data()),
+                                          static_cast<const int32_t*>(bound_m.untyped_data()),
+                                          static_cast<const int32_t*>(rank.untyped_data()), y->untyped_data(),
+                                          static_cast<uint32_t*>(send_done->untyped_data())));
+}
+
 // Benchmark helper: writes the device's globaltimer (ns, as two uint32 words: low, high; jax
 // without x64 has no uint64) when the stream reaches it. The operand only orders it after the
 // values it depends on.
@@ -221,6 +279,35 @@ XLA_FFI_DEFINE_HANDLER(kMoeDeviceInfoCuda, jgm::device_info,
       .Ret<ffi::AnyBuffer>() /* y */                                  \
       .Attr<uint64_t>("context_id")
 
+#define JG_MOE_BINDING_DISPATCH                                       \
+  ffi::Ffi::Bind()                                                    \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()                       \
+      .Ctx<ffi::DeviceOrdinal>()                                      \
+      .Arg<ffi::AnyBuffer>() /* x */                                  \
+      .Arg<ffi::AnyBuffer>() /* x_scale */                            \
+      .Arg<ffi::AnyBuffer>() /* indices */                            \
+      .Arg<ffi::AnyBuffer>() /* weights */                            \
+      .Arg<ffi::AnyBuffer>() /* bound_m */                            \
+      .Arg<ffi::AnyBuffer>() /* rank */                               \
+      .Ret<ffi::AnyBuffer>() /* expert_x */                           \
+      .Ret<ffi::AnyBuffer>() /* expert_scale */                       \
+      .Ret<ffi::AnyBuffer>() /* expert_counts */                      \
+      .Ret<ffi::AnyBuffer>() /* send_done */                          \
+      .Attr<uint64_t>("context_id")
+#define JG_MOE_BINDING_COMBINE                                        \
+  ffi::Ffi::Bind()                                                    \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()                       \
+      .Ctx<ffi::DeviceOrdinal>()                                      \
+      .Arg<ffi::AnyBuffer>() /* expert_y */                           \
+      .Arg<ffi::AnyBuffer>() /* expert_counts */                      \
+      .Arg<ffi::AnyBuffer>() /* indices */                            \
+      .Arg<ffi::AnyBuffer>() /* weights */                            \
+      .Arg<ffi::AnyBuffer>() /* bound_m */                            \
+      .Arg<ffi::AnyBuffer>() /* rank */                               \
+      .Ret<ffi::AnyBuffer>() /* y */                                  \
+      .Ret<ffi::AnyBuffer>() /* send_done */                          \
+      .Attr<uint64_t>("context_id")
+
 // Each handler under two names: with kCmdBufferCompatible (XLA may capture the launches in CUDA
 // graphs) and, suffixed "_no_cuda_graph", without. moe.py picks per call from the setting
 // moe_cuda_graphs (JAX_GARDEN_MOE_CUDA_GRAPHS=0: an escape hatch should an XLA version mishandle
@@ -233,6 +320,10 @@ XLA_FFI_DEFINE_HANDLER(kMoeCombineSendCuda, jgm::combine_send, JG_MOE_BINDING_CO
                        {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER(kMoeCombineRecvCuda, jgm::combine_recv, JG_MOE_BINDING_COMBINE_RECV,
                        {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER(kMoeDispatchCuda, jgm::dispatch, JG_MOE_BINDING_DISPATCH, {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER(kMoeCombineCuda, jgm::combine, JG_MOE_BINDING_COMBINE, {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER(kMoeDispatchCudaNoGraph, jgm::dispatch, JG_MOE_BINDING_DISPATCH);
+XLA_FFI_DEFINE_HANDLER(kMoeCombineCudaNoGraph, jgm::combine, JG_MOE_BINDING_COMBINE);
 XLA_FFI_DEFINE_HANDLER(kMoeDispatchSendCudaNoGraph, jgm::dispatch_send, JG_MOE_BINDING_DISPATCH_SEND);
 XLA_FFI_DEFINE_HANDLER(kMoeDispatchRecvCudaNoGraph, jgm::dispatch_recv, JG_MOE_BINDING_DISPATCH_RECV);
 XLA_FFI_DEFINE_HANDLER(kMoeCombineSendCudaNoGraph, jgm::combine_send, JG_MOE_BINDING_COMBINE_SEND);
@@ -249,6 +340,10 @@ JG_REGISTER_FFI_TARGET("jg_moe_dispatch_send", "CUDA", kMoeDispatchSendCuda);
 JG_REGISTER_FFI_TARGET("jg_moe_dispatch_recv", "CUDA", kMoeDispatchRecvCuda);
 JG_REGISTER_FFI_TARGET("jg_moe_combine_send", "CUDA", kMoeCombineSendCuda);
 JG_REGISTER_FFI_TARGET("jg_moe_combine_recv", "CUDA", kMoeCombineRecvCuda);
+JG_REGISTER_FFI_TARGET("jg_moe_dispatch", "CUDA", kMoeDispatchCuda);
+JG_REGISTER_FFI_TARGET("jg_moe_combine", "CUDA", kMoeCombineCuda);
+JG_REGISTER_FFI_TARGET("jg_moe_dispatch_no_cuda_graph", "CUDA", kMoeDispatchCudaNoGraph);
+JG_REGISTER_FFI_TARGET("jg_moe_combine_no_cuda_graph", "CUDA", kMoeCombineCudaNoGraph);
 JG_REGISTER_FFI_TARGET("jg_moe_dispatch_send_no_cuda_graph", "CUDA", kMoeDispatchSendCudaNoGraph);
 JG_REGISTER_FFI_TARGET("jg_moe_dispatch_recv_no_cuda_graph", "CUDA", kMoeDispatchRecvCudaNoGraph);
 JG_REGISTER_FFI_TARGET("jg_moe_combine_send_no_cuda_graph", "CUDA", kMoeCombineSendCudaNoGraph);

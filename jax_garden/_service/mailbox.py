@@ -169,13 +169,19 @@ class Mailbox:
         self._stop = False
         self._routes: dict[int, Callable[[Envelope], None]] = {}
         self._services: dict[Any, Any] = {}
-        self._ticks: list[Callable[[float], None]] = []
+        self._ticks: list[tuple[Callable[[float], None], float]] = []
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_ids = itertools.count()
         self._intercept: Callable[[Envelope], bool] | None = None
         self.user_queue: "queue.Queue[tuple[Contact | None, bytes]]" = queue.Queue()
         self._sent: list[Outgoing] = []
         self._dead: dict[bytes, str] = {}
+        self._heard: dict[bytes, float] = {}  # sender -> when a message from it last arrived
+        # A probe of this very engine, renewed every tick: a peer counts as silent only while this
+        # engine answers itself (a stall of this process must not make every peer look dead).
+        self._self_ping: Any = None
+        self._self_sent = 0.0
+        self._self_answered = 0.0  # send time of the last answered self-probe
         self._seen: "OrderedDict[int, OrderedDict[int, None]]" = OrderedDict()  # sender -> recent seqs
         self._bell_counter = engine.imm_counter(IMM_DOORBELL)
         self._bell_fired = threading.Event()
@@ -263,15 +269,18 @@ class Mailbox:
         with self._cv:
             self._routes.pop(int(protocol), None)
 
-    def on_tick(self, fn: Callable[[float], None]) -> None:
-        """Call ``fn(now)`` on the ticker every ``tick_s``."""
+    def on_tick(self, fn: Callable[[float], None], period: float = TICK_S) -> None:
+        """Call ``fn(now)`` on the ticker at least every ``period`` seconds (the ticker runs at the
+        shortest period any service asked for; every tick callback runs on every tick)."""
         with self._cv:
-            self._ticks.append(fn)
+            self._ticks.append((fn, float(period)))
+            self.tick_s = min(p for _, p in self._ticks)
+        self._tick_event.set()
 
     def off_tick(self, fn: Callable[[float], None]) -> None:
         with self._cv:
-            if fn in self._ticks:
-                self._ticks.remove(fn)
+            self._ticks = [(f, p) for f, p in self._ticks if f != fn]
+            self.tick_s = min((p for _, p in self._ticks), default=TICK_S)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Run ``fn()`` on the ticker ``delay`` seconds from now (a timer of a service)."""
@@ -340,6 +349,27 @@ class Mailbox:
 
     def is_dead(self, to: Contact) -> str | None:
         return self._dead.get(to.key)
+
+    def answered_itself_since(self, t: float) -> bool:
+        """Whether this engine answered a probe of itself sent at or after ``t``."""
+        return self._self_answered >= t
+
+    def _probe_self(self, now: float) -> None:
+        p = self._self_ping
+        if p is not None:
+            if not p.done:
+                return
+            if not p.failed:
+                self._self_answered = self._self_sent
+        try:
+            self._self_ping = self.engine.write_imm(self._ctrl_region.descriptor, IMM_PING)
+            self._self_sent = now
+        except Exception:  # noqa: BLE001 - the engine is closing
+            self._self_ping = None
+
+    def heard_at(self, peer: Contact) -> float:
+        """When a message from ``peer`` last arrived (0.0: never)."""
+        return self._heard.get(peer.key, 0.0)
 
     # -- the reader ----------------------------------------------------------------------------------
     def _ring(self) -> None:
@@ -413,6 +443,9 @@ class Mailbox:
         r = Reader(raw[_HEADER.size:], "mailbox message")
         sender = Contact.from_bytes(r.blob())
         body = bytes(raw[_HEADER.size + r.pos:])
+        self._heard[sender.key] = time.monotonic()
+        if len(self._heard) > 4096:
+            self._heard.pop(next(iter(self._heard)))
         if not self._first_time(mailbox_id, seq):
             return
         try:
@@ -439,9 +472,11 @@ class Mailbox:
 
     # -- the ticker ----------------------------------------------------------------------------------
     def _tick_loop(self) -> None:
-        next_tick = time.monotonic() + self.tick_s
+        self._last_tick = time.monotonic()
+        next_tick = self._last_tick + self.tick_s
         while not self._stop:
             with self._cv:
+                next_tick = min(next_tick, self._last_tick + self.tick_s)  # a shorter period was asked for
                 wake = min(next_tick, self._timers[0][0]) if self._timers else next_tick
             self._tick_event.wait(max(0.0, wake - time.monotonic()))
             self._tick_event.clear()
@@ -465,9 +500,11 @@ class Mailbox:
             if now < next_tick:
                 continue
             next_tick = now + self.tick_s
+            self._last_tick = now
+            self._probe_self(now)
             self._resend()
             with self._cv:
-                ticks = list(self._ticks)
+                ticks = [f for f, _ in self._ticks]
             for fn in ticks:
                 try:
                     fn(now)
@@ -505,18 +542,29 @@ class Mailbox:
 class PeerProbe:
     """Liveness of one remote mailbox, probed with imm-only writes while something depends on it.
 
-    :meth:`check` (called from a tick) sends a new probe when the previous one completed. The peer is
-    dead once a probe failed (the mailbox then remembers it: nothing more is sent to it) or, with
-    ``liveness_s`` set, once a probe stayed unanswered that long (a live engine answers an imm-only
-    write within milliseconds; the engine's own timeout is much longer). A silent peer fails what
-    depends on it but is not remembered: it may answer again later."""
+    :meth:`check` (called from a tick, at least every ``liveness_s / 4``) sends a new probe as soon as
+    the previous one was answered. The peer is dead once a probe failed (the mailbox then remembers
+    it: nothing more is sent to it) or, with ``liveness_s`` set, once a probe stayed unanswered for
+    ``liveness_s`` seconds while nothing else was heard from the peer and this engine kept answering
+    a probe of itself (a live engine answers an imm-only write within milliseconds, whatever its
+    process computes: its progress thread is not Python's; but a probe queued behind a backlog of
+    data may wait, so data arriving from the peer (:meth:`heard`), writes to it completing, or a
+    message from it count as signs of life too; and a stall of this process must not make its peers
+    look dead). The engine's own timeout is much longer. A silent peer fails what depends on it but
+    is not remembered: it may answer again."""
 
     def __init__(self, contact: Contact, liveness_s: float | None = None):
         self.contact = contact
         self.liveness_s = liveness_s
         self._ping: Any = None
         self._sent_at = 0.0
+        self._heard_at = 0.0
         self.dead: str | None = None
+
+    def heard(self, when: float | None = None) -> None:
+        """A sign of life from the peer other than a probe's answer (data from it arrived, a write to
+        it completed)."""
+        self._heard_at = max(self._heard_at, time.monotonic() if when is None else when)
 
     def check(self, mailbox: Mailbox, now: float | None = None) -> str | None:
         """Why the peer is dead (once found), else None."""
@@ -533,9 +581,13 @@ class PeerProbe:
                 if p.failed:
                     failed = f"liveness probe failed: {p.error or 'unknown error'}"
                 p = self._ping = None
-            elif self.liveness_s is not None and now - self._sent_at > self.liveness_s:
-                self.dead = f"no answer to a liveness probe within {self.liveness_s:g} s"
-                return self.dead
+            elif self.liveness_s is not None:
+                quiet_since = max(self._sent_at, self._heard_at, mailbox.heard_at(self.contact))
+                # Silent: nothing from the peer for liveness_s while this engine kept answering itself.
+                if now - quiet_since > self.liveness_s and mailbox.answered_itself_since(quiet_since):
+                    self.dead = (f"no answer to a liveness probe for {now - self._sent_at:.2f} s and nothing else "
+                                 f"heard from it for {now - quiet_since:.2f} s (liveness_s={self.liveness_s:g})")
+                    return self.dead
         if p is None and failed is None:
             try:
                 self._ping = mailbox.ping(self.contact)

@@ -1,7 +1,9 @@
-"""python -m jax_garden.bench <fabric|fabric-gpu|moe|weights|kv> [options]
+"""python -m jax_garden.bench BENCHMARK [options]     (python -m jax_garden.bench BENCHMARK --help: its options)
 
-``fabric`` runs the host rows (engine vs raw libfabric vs TCP on 127.0.0.1) and, when this machine
-has a GPU and the build has CUDA, the GPU rows of ``fabric-gpu`` after them (``--no-gpu`` skips).
+Every benchmark runs its baseline in the same run, prints a table and writes JSON (default under
+bench_results/) whose "headline" holds the same-run ratios. --quick makes any of them short; fabric, kv
+and moe --ladder draw a figure with --plot PATH (needs matplotlib). fabric runs the host rows and, when this machine
+has a GPU and the build has CUDA, the rows of fabric-gpu after them (--no-gpu skips those).
 """
 
 from __future__ import annotations
@@ -17,6 +19,23 @@ BENCHMARKS = {
     "kv": "jax_garden.bench.kv",
 }
 
+# One line each for the list that --help prints (the modules' docstrings say the rest).
+SUMMARIES = {
+    "fabric": "TransferEngine latency and bandwidth on 127.0.0.1 vs raw libfabric vs TCP sockets",
+    "fabric-gpu": "GPU memory through the engine (ipc and staged paths) vs cudaMemcpyPeerAsync (needs a GPU)",
+    "moe": "MoE dispatch/combine vs moe.RaggedAllToAll on GPUs (--ladder: token ladder); --nodes N: across processes",
+    "weights": "weight push trainer -> inference vs raw libfabric and jax.experimental.transfer; --simulate k2",
+    "kv": "KV-cache streaming: TTFT layer-wise vs bulk vs jax.experimental.transfer, with the raw floor",
+}
+
+
+def usage() -> str:
+    width = max(map(len, BENCHMARKS))
+    lines = [__doc__.split("\n")[0], "", "benchmarks:"]
+    lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in BENCHMARKS]
+    lines += ["", *__doc__.split("\n", 2)[2].strip().splitlines()]
+    return "\n".join(lines)
+
 
 def _gpu_rows_available() -> bool:
     try:
@@ -29,12 +48,15 @@ def _gpu_rows_available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
     if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: python -m jax_garden.bench {{{'|'.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        problem = f"unknown benchmark {argv[0]!r}" if argv else "no benchmark named"
+        print(f"{usage()}\n\nerror: {problem}", file=sys.stderr)
         return 2
     name, rest = argv[0], argv[1:]
-    with_gpu = name == "fabric" and "--no-gpu" not in rest
-    rest = [a for a in rest if a != "--no-gpu"] if name == "fabric" else rest
+    with_gpu = name == "fabric" and "--no-gpu" not in rest and not {"-h", "--help"} & set(rest)
     rc = int(importlib.import_module(BENCHMARKS[name]).main(rest) or 0)
     if with_gpu and _gpu_rows_available():
         import os

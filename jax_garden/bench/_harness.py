@@ -67,6 +67,12 @@ class Progress:
         self.line(f"[{self.elapsed():6.1f}s] {message}")
 
 
+def description(doc: str | None) -> str:
+    """The first paragraph of a module docstring as one line: an ``argparse`` description that is
+    never cut mid-sentence."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def format_table(columns: Sequence[tuple[str, int, str]], rows: Iterable[Sequence[Any]]) -> list[str]:
     """Lines of an aligned table: a header, a rule, one line per row. ``columns`` are
     ``(title, width, align)`` with align ``<`` or ``>``; cells are strings (formatted by the caller)

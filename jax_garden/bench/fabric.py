@@ -10,7 +10,14 @@ Two processes on 127.0.0.1 per system: a client (the writer) and a server (the t
 * ``raw``     ``jax_garden/bin/raw_fabric_bench``: one endpoint, fi_writemsg + FI_REMOTE_CQ_DATA,
               busy-polled CQ (ffi/baselines/raw_fabric_bench.cc), with the same completion mode
               (``raw dc``: FI_DELIVERY_COMPLETE on every write; ``raw``: the provider's default);
-* ``tcp``     a Python socket stream (sendall / recv_into into a preallocated buffer).
+* ``tcp``     a Python socket stream (sendall / recv_into into a preallocated buffer);
+* ``ipc``     the engine's ipc path on host memory: two engines in ONE process (the ipc path takes
+              host memory only within a process; across processes it is GPU memory), writes with
+              ``path="ipc"``: memcpy on the caller's thread, imm delivered through the destination
+              engine's shared-memory mailbox, no network. Same protocol with the answer written back
+              the same way; one thread drives both ends, so a latency sample is the whole per-op host
+              cost of the path (both directions' submit, delivery and take), halved. This is the CPU
+              row of the ipc path's per-op cost: a regression there shows on any machine.
 
 Every system runs the same plan with the same protocol:
 
@@ -55,8 +62,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jax_garden.bench._harness import (BenchError, Child, Progress, child_env, median, percentile, print_table,
-                                       ratio, write_json)
+from jax_garden._interpreter import python_command
+from jax_garden.bench import _plot, figures
+from jax_garden.bench._harness import (BenchError, Child, Progress, child_env, description, median, percentile,
+                                       print_table, ratio, write_json)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -469,6 +478,11 @@ def _emit(obj: dict) -> None:
 
 def _worker_main(args: argparse.Namespace) -> int:
     plan = json.loads(args.worker_plan)
+    if args.worker_system == "ipc":  # one process, both ends
+        from jax_garden.bench.fabric_ipc import ipc_worker
+
+        ipc_worker(plan, args.timeout, args.seed, _emit)
+        return 0
     if args.worker == "server":
         sock = _listen_and_announce(args.timeout)
     else:
@@ -541,6 +555,19 @@ def run_pair(server_cmd: list[str], client_cmd: Callable[[int], list[str]], name
                 c.kill()
 
 
+def run_single(cmd: list[str], name: str, timeout: float, env: dict[str, str] | None = None,
+               pin: tuple[str, str] | None = None) -> list[dict]:
+    """One child that is both ends (the ipc system); its result records."""
+    if pin:
+        cmd = ["taskset", "-c", pin[1], *cmd]
+    child = Child(cmd, name, env)
+    try:
+        lines = child.finish(time.monotonic() + timeout)
+        return [json.loads(l) for l in lines if l.strip().startswith("{")]
+    finally:
+        child.kill()
+
+
 def raw_binary() -> Path:
     import jax_garden
 
@@ -548,7 +575,7 @@ def raw_binary() -> Path:
 
 
 def _python_cmd() -> list[str]:
-    return [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "jax_garden.bench", "fabric"]
+    return python_command("-m", "jax_garden.bench", "fabric")
 
 
 def run_system(system: str, plan: list[dict], args: argparse.Namespace, domains: int = 1,
@@ -565,6 +592,9 @@ def run_system(system: str, plan: list[dict], args: argparse.Namespace, domains:
     common = ["--worker-system", system, "--worker-plan", json.dumps(plan), "--worker-domains", str(domains),
               "--worker-completion", completion, "--seed", str(args.seed), "--timeout", str(args.timeout)]
     env = child_env()
+    if system == "ipc":
+        return run_single([*_python_cmd(), "--worker", "single", *common], "ipc worker", args.timeout, env,
+                          pin=args.pin_cpus)
     return run_pair([*_python_cmd(), "--worker", "server", *common],
                     lambda port: [*_python_cmd(), "--worker", "client", "--worker-port", str(port), *common],
                     f"{system} worker", args.timeout, env, pin=args.pin_cpus)
@@ -610,7 +640,7 @@ def row_label(key: tuple) -> str:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jax_garden.bench fabric", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jax_garden.bench fabric", description=description(__doc__))
     p.add_argument("--sizes", default=None, help=f"single-write sizes (default {DEFAULT_SIZES})")
     p.add_argument("--paged", default=None, help=f"paged tests PAGE:COUNT,... (default {DEFAULT_PAGED})")
     p.add_argument("--iters", type=int, default=None, help="latency iterations per size (default 1000, fewer for big sizes)")
@@ -619,21 +649,27 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=64, help="writes in flight in bandwidth and paged tests (default 64)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds, median reported (default 5)")
     p.add_argument("--domains", default="1,2", help="engine domain counts, one engine row each (default 1,2)")
-    p.add_argument("--systems", default="engine,engine-cxx,raw,tcp",
-                   help="subset of engine,engine-cxx,raw,tcp (default all; engine-cxx: latency rows from the "
+    p.add_argument("--systems", default="engine,engine-cxx,raw,tcp,ipc",
+                   help="subset of engine,engine-cxx,raw,tcp,ipc (default all; ipc: the engine's ipc path on host "
+                        "memory, two engines in one process; engine-cxx: latency rows from the "
                         "engine's C++ ping-pong loop, d=1)")
     p.add_argument("--quick", action="store_true", help="small plan for CI smoke tests")
+    p.add_argument("--no-gpu", action="store_true",
+                   help="on a GPU machine, skip the fabric-gpu rows that otherwise run after these")
     p.add_argument("--completion", default="delivery,transmit",
                    help="engine completion modes to run, each against the raw loop with the same semantics "
                         "(default delivery,transmit)")
     p.add_argument("--out", "--json", dest="out", default="bench_results/fabric.json", help="JSON output path")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="also draw p50 latency and bandwidth against write size, one line per system, into PATH "
+                        "(PNG; needs matplotlib)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per system run (default 300)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--pin", default=None,
                    help="pin server and client to CPU lists SERVER:CLIENT (e.g. 1:0); default: no pinning")
     # Internal: the worker processes this harness starts.
-    p.add_argument("--worker", choices=("server", "client"), help=argparse.SUPPRESS)
-    p.add_argument("--worker-system", choices=("engine", "engine-cxx", "tcp"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("server", "client", "single"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-system", choices=("engine", "engine-cxx", "tcp", "ipc"), help=argparse.SUPPRESS)
     p.add_argument("--worker-completion", choices=("delivery", "transmit"), default="delivery", help=argparse.SUPPRESS)
     p.add_argument("--worker-plan", help=argparse.SUPPRESS)
     p.add_argument("--worker-port", type=int, default=0, help=argparse.SUPPRESS)
@@ -642,9 +678,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
     if args.worker:
         return _worker_main(args)
+    try:
+        _plot.check(args.plot)  # before minutes of measuring
+    except _plot.PlotUnavailable as e:
+        raise SystemExit(f"fabric benchmark: {e}") from None
 
     quick = args.quick
     try:
@@ -669,8 +710,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name} must be > 0, got {value}")
     if not domain_counts or min(domain_counts) <= 0:
         raise SystemExit(f"--domains must list positive counts, got {args.domains!r}")
-    if unknown := set(systems) - {"engine", "engine-cxx", "raw", "tcp"}:
-        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from engine, engine-cxx, raw, tcp")
+    if unknown := set(systems) - {"engine", "engine-cxx", "raw", "tcp", "ipc"}:
+        raise SystemExit(f"--systems: unknown {sorted(unknown)}; choose from engine, engine-cxx, raw, tcp, ipc")
     plan = build_plan(sizes, paged, iters, bw_bytes, paged_iters, args.window)
     notes: list[str] = []
     cpus = os.cpu_count() or 1
@@ -695,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         units += [(RAW_LABEL[c], "raw", 1, c) for c in completions]
     if "tcp" in systems:
         units.append(("tcp", "tcp", 1, "transmit"))
+    if "ipc" in systems and importlib.util.find_spec("jax_garden.fabric") is not None:
+        units.append(("ipc 1 proc", "ipc", 1, "delivery"))
 
     per_round: dict[str, list[dict[tuple, dict]]] = {label: [] for label, _, _, _ in units}
     errors: list[str] = []
@@ -745,6 +788,10 @@ def main(argv: list[str] | None = None) -> int:
     print_report(result)
     out = write_json(args.out, result, headline(result))
     print(f"wrote {out}", file=sys.stderr)
+    if args.plot:
+        note = figures.note("fabric", argv, f"{platform.node()}, {os.cpu_count()} CPUs, 1-min load "
+                            f"{result['loadavg_1min']['start']:.1f} at start")
+        print(f"wrote {figures.fabric(result, args.plot, note)}", file=sys.stderr)
     return 1 if errors else 0
 
 
@@ -770,7 +817,7 @@ def summarize(plan: list[dict], units: list[tuple[str, str, int, str]], per_roun
                          "rounds": rounds})
     targets = []
     for row in rows:
-        if not row["system"].startswith("engine"):
+        if not (row["system"].startswith("engine") or row["system"] == "ipc"):
             continue
         key = (row["test"], row["size"], row["pages"]) if row["test"] == "paged" else (row["test"], row["size"])
         for base in ("raw", "tcp"):
@@ -781,12 +828,18 @@ def summarize(plan: list[dict], units: list[tuple[str, str, int, str]], per_roun
             row[f"lat_vs_{base}"] = ratio(row["p50_us"], b["p50_us"]) if row["test"] != "paged" else None
             row[f"bw_vs_{base}"] = ratio(row["gbps"], b["gbps"])
             row[f"bw_best_vs_{base}"] = ratio(row["gbps_best"], b["gbps_best"])
+        if row["system"] == "ipc":
+            continue  # the same-host path: reported against raw loopback, no target of its own here
         if row["test"] == "write" and row["size"] >= MiB and row.get("bw_vs_raw") is not None:
             targets.append({"name": row["name"], "row": row["label"], "metric": "bandwidth / raw",
                             "value": row["bw_vs_raw"], "target": ">= 0.9", "met": row["bw_vs_raw"] >= 0.9})
         if row["test"] == "write" and row["size"] == 4 * KiB and row.get("lat_vs_raw") is not None:
             targets.append({"name": row["name"], "row": row["label"], "metric": "p50 latency / raw",
-                            "value": row["lat_vs_raw"], "target": "<= 1.3", "met": row["lat_vs_raw"] <= 1.3})
+                            "value": row["lat_vs_raw"], "target": "<= 1.2", "met": row["lat_vs_raw"] <= 1.2})
+            if row["system"] == "engine" and row.get("p99_us") and row.get("p50_us"):
+                tail = row["p99_us"] / row["p50_us"]
+                targets.append({"name": row["name"], "row": row["label"], "metric": "p99 / p50 latency",
+                                "value": tail, "target": "<= 2", "met": tail <= 2})
     return {"rows": rows, "targets": targets}
 
 
@@ -799,9 +852,14 @@ def _x(v: float | None) -> str:
 
 
 def headline(result: dict) -> dict[str, float]:
-    """The key same-run ratios: every engine row's value for the issue's targets (bandwidth / raw
+    """The key same-run ratios: every engine row's value for the targets (bandwidth / raw
     for writes >= 1 MiB, p50 latency / raw at 4 KiB) and the paged bandwidth / raw."""
     out = {f"{t['name']} {t['row']} {t['metric']}": t["value"] for t in result["targets"]}
+    for row in result["rows"]:  # the ipc path's per-op host cost (one process, host memory)
+        if row["system"] == "ipc" and row["test"] == "write" and row["size"] == 4 * KiB and row.get("p50_us"):
+            out[f"{row['name']} {row['label']} p50 latency us"] = row["p50_us"]
+            if row.get("lat_vs_raw") is not None:
+                out[f"{row['name']} {row['label']} p50 latency / raw"] = row["lat_vs_raw"]
     for row in result["rows"]:
         if row["system"].startswith("engine") and row["test"] == "paged" and row.get("bw_vs_raw") is not None:
             out[f"{row['name']} {row['label']} bandwidth / raw"] = row["bw_vs_raw"]

@@ -5,8 +5,10 @@
 
 Shapes: Llama-3-8B KV (32 layers, 8 KV heads, head dim 128, bf16, 16-token pages: 128 KiB per
 token, 2 MiB per 16-token page over all layers) for 2k- and 8k-token prompts. Two processes on
-this host: a prefill process (source cache) and a decode process (destination cache); on GPUs one
-GPU each (CUDA_VISIBLE_DEVICES), the engine then takes the CUDA IPC path.
+this host: a prefill process (source cache) and a decode process (destination cache). On GPUs both
+processes see every GPU and each chooses the one its JAX uses (``jax_cuda_visible_devices``): the
+prefill GPU 0, the decode GPU 1, or GPU 0 too on a one-GPU machine (the two processes share it);
+the engine takes the CUDA IPC path either way (the setup record says which path and why).
 
 The prefill is emulated: one jitted program per request that, per layer, spends ``layer_ms`` of
 "compute" (CPU: a host callback that sleeps, so the host is free as it would be under a GPU prefill,
@@ -14,7 +16,7 @@ and XLA runs on one thread; GPU: a calibrated chain of matmuls on the device), t
 layer's K/V pages into the source cache and marks the layer (``kv.mark_layer``). The KV write comes at the end of each layer, so the
 last layer's KV exists only when the prefill ends (the conservative case for the tail). By default
 ``layer_ms`` = one layer's K+V bytes at the raw floor's rate (compute ~ wire time per layer: a real
-overlap test, as in the issue's K3').
+overlap test).
 
 Systems, per prompt length:
 * ``colocated``       the same prefill program with no transfer: TTFT reference (prefill time);
@@ -23,7 +25,9 @@ Systems, per prompt length:
                       other page, one paged write per layer and K/V, one imm per page);
 * ``bulk``            the same engine and stream, everything posted at ``finish`` (after the prefill);
 * ``raw floor``       CPU: the raw libfabric fi_writemsg loop of ``bench fabric`` (same host, same
-                      bytes: 2 x layers coalesced writes); GPU: cudaMemcpyPeerAsync GPU0 -> GPU1;
+                      bytes: 2 x layers coalesced writes); GPU: a copy of one layer's K or V by the
+                      driver, cudaMemcpyPeerAsync GPU0 -> GPU1 (2+ GPUs) or a same-device
+                      cudaMemcpyAsync (one GPU: what the ipc path does there);
 * ``jax.experimental.transfer``  tpu-inference style: after the prefill, gather the request's pages
                       into arrays, ``await_pull``; the decode side pulls them and scatters them into its
                       cache (donated jit).
@@ -31,9 +35,10 @@ Systems, per prompt length:
 Measured: TTFT = ticket sent -> decode side READY (p50 over iterations) and its overhead over the
 colocated prefill; transfer tail = READY - the prefill's last layer (both processes read this host's
 CLOCK_MONOTONIC; the last layer is done at min(its mark as seen by the watcher, the program's end)); GB/s
-= request KV bytes / (prefill end -> READY) in bulk mode; pages/s posted = KV pages / posting time in
-bulk mode; cancel -> fence = ``Request.cancel()`` duration with writes in flight (p50 / p99).
-Goals (issue 11), reported never enforced: tcp: tail <= 1.2 x one layer's wire time (layer bytes /
+= request KV bytes / (prefill end -> READY) in bulk mode; posted/s = page writes (every layer's K
+and V pages) handed to the engine per second by bulk mode's ``finish`` (the host's posting rate, not a
+transfer rate); cancel -> fence = ``Request.cancel()`` duration with writes in flight (p50 / p99).
+Goals, reported never enforced: tcp: tail <= 1.2 x one layer's wire time (layer bytes /
 raw GB/s); NVLink: tail <= one layer's peer-copy time + 100 us, TTFT overhead <= 5% at 8k, coalesced
 writes >= 85% of peer copy, cancel -> fence <= 1 ms.
 """
@@ -51,7 +56,9 @@ from typing import Any
 
 import numpy as np
 
-from jax_garden.bench._harness import BenchError, child_env, percentile, write_json
+from jax_garden._interpreter import python_command
+from jax_garden.bench import _plot, figures
+from jax_garden.bench._harness import BenchError, child_env, description, percentile, write_json
 from jax_garden.bench.fabric import (Control, _listen_and_announce, fmt_size, metrics_from_records, parse_pin,
                                      raw_binary, raw_plan_string, run_pair)
 
@@ -180,6 +187,7 @@ def _decode_worker(ctl: Control, plan: dict, timeout: float) -> None:
     dec = kv.DecodeSide(cache, timeout=timeout, max_requests=64)
     ctl.send(bytes(dec.contact))
     prefill = kv.Contact.from_bytes(ctl.recv())
+    ctl.send(cache.descriptors()[0])
     conn = None
     scatter = jax.jit(lambda ks, vs, p, gk, gv: ([k.at[p].set(g) for k, g in zip(ks, gk)],
                                                   [v.at[p].set(g) for v, g in zip(vs, gv)]), donate_argnums=(0, 1))
@@ -258,9 +266,11 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
     decode = ctl.recv()
     ctl.send(bytes(pf.contact))
     del decode
+    dst_desc = ctl.recv()  # one of the decode cache's regions: which path the KV writes take
+    path, why = eng.path_for(cache.region(0, 0, 0), dst_desc, why=True)
     L = cache.layout.num_layers
     _emit({"event": "setup", "platform": platform, "devices": [str(d) for d in jax.devices()],
-           "provider": eng.provider})
+           "provider": eng.provider, "path": path, "path_reason": why})
     xfer_server = None
     gather = jax.jit(lambda ks, vs, p: ([k[p] for k in ks], [v[p] for v in vs]))
     seed = 0
@@ -314,6 +324,7 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
                                "tail_end_s": d["t_ready"] - t_end, "after_finish_s": d["t_ready"] - t_fin,
                                "open_s": d["t_opened"] - d["t_sent"], "prefill_s": t_end - t_start,
                                "post_span_s": max(posted.values()) - min(posted.values()),
+                               "finish_s": t_fin - t_end,
                                "pages": stats["pages"], "bytes": stats["bytes"], "writes": stats["writes"],
                                "on_mark": stats["layers_posted_on_mark"], "t_recv_lag_s": t_recv - d["t_sent"],
                                "t_open_s": t_open - t_recv,
@@ -368,6 +379,12 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
 
 def _worker_main(args: argparse.Namespace) -> int:
     plan = json.loads(args.worker_plan)
+    if plan["platform"] == "gpu":
+        # Every GPU stays visible to CUDA (the engine maps the peer's memory); JAX uses one.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the GPU may be shared
+        import jax
+
+        jax.config.update("jax_cuda_visible_devices", str(plan["gpus"][args.worker]))
     if plan["platform"] == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         # The CPU rows emulate a device prefill, which leaves the host to the transfer: XLA runs the
@@ -391,7 +408,7 @@ def _worker_main(args: argparse.Namespace) -> int:
 
 
 def _python_cmd() -> list[str]:
-    return [sys.executable, *(["-P"] if sys.flags.safe_path else []), "-m", "jax_garden.bench", "kv"]
+    return python_command("-m", "jax_garden.bench", "kv")
 
 
 def _raw_floor_cpu(plan_layout: dict, prompts: list[int], iters: int, timeout: float,
@@ -420,43 +437,47 @@ def _raw_floor_cpu(plan_layout: dict, prompts: list[int], iters: int, timeout: f
     return out
 
 
+def _gpu_roles() -> dict[str, int]:
+    """The GPU of each worker: the prefill on GPU 0, the decode on GPU 1 (GPU 0 when it is alone)."""
+    from jax_garden._jax_garden import fabric as native
+
+    return {"prefill": 0, "decode": 1 if native.gpu_device_count() > 1 else 0}
+
+
 def _raw_floor_gpu(plan_layout: dict, prompts: list[int], timeout: float) -> dict:
+    dst = _gpu_roles()["decode"]
     code = ("import json,sys; from jax_garden._jax_garden import fabric as n; a=json.loads(sys.argv[1]); "
-            "print(json.dumps({str(k): n.bench_peer_copy(0, 1, v, 20) for k, v in a.items()}))")
+            f"print(json.dumps({{str(k): n.bench_peer_copy(0, {dst}, v, 20) for k, v in a.items()}}))")
     sizes = {}
     for tokens in prompts:
         per_layer = _request_bytes(plan_layout, tokens) // plan_layout["num_layers"]
         sizes[f"{tokens}:layer_kind"] = per_layer // 2
         sizes[f"{tokens}:total"] = per_layer * plan_layout["num_layers"]
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(sizes)], capture_output=True, text=True,
+    r = subprocess.run(python_command("-c", code, json.dumps(sizes)), capture_output=True, text=True,
                        timeout=timeout, env=child_env())
     if r.returncode != 0:
         raise BenchError(f"peer-copy baseline failed: {r.stderr.strip()[-300:]}")
     got = json.loads(r.stdout.strip().splitlines()[-1])
+    what = ("cudaMemcpyPeerAsync GPU0 -> GPU1" if dst else "cudaMemcpyAsync on GPU 0 (one GPU, shared by both processes)")
     return {t: {"gbps": got[f"{t}:layer_kind"], "total_gbps": got[f"{t}:total"],
-                "what": "cudaMemcpyPeerAsync GPU0 -> GPU1 (one layer's K or V per copy)"} for t in prompts}
+                "what": f"{what} (one layer's K or V per copy)"} for t in prompts}
 
 
 def _run_engine_pair(plan: dict, args: argparse.Namespace) -> list[dict]:
     common = ["--worker-plan", json.dumps(plan), "--timeout", str(args.timeout)]
 
-    def pinned(gpu: int) -> list[str]:  # each worker sees one GPU from its first instruction on
-        if plan["platform"] != "gpu":
-            return []
-        return ["env", f"CUDA_VISIBLE_DEVICES={gpu}", "XLA_PYTHON_CLIENT_PREALLOCATE=false"]
-
     env = child_env()
-    return run_pair([*pinned(1), *_python_cmd(), "--worker", "decode", *common],
-                    lambda port: [*pinned(0), *_python_cmd(), "--worker", "prefill", "--worker-port", str(port), *common],
+    return run_pair([*_python_cmd(), "--worker", "decode", *common],
+                    lambda port: [*_python_cmd(), "--worker", "prefill", "--worker-port", str(port), *common],
                     f"kv {plan['platform']} workers", args.timeout * 10, env,
                     pin=args.pin_cpus if plan["platform"] == "cpu" else None)
 
 
-def _gpu_pair_available() -> bool:
+def _gpu_available() -> bool:
     try:
         from jax_garden._jax_garden import fabric as native
 
-        return bool(native.gpu_available()) and native.gpu_device_count() >= 2
+        return bool(native.gpu_available()) and native.gpu_device_count() >= 1
     except Exception:  # noqa: BLE001
         return False
 
@@ -517,11 +538,12 @@ def summarize(platform: str, records: list[dict], floor: dict, layout: dict, pro
                 floor_gbps = fl.get("gbps")
                 layer_wire_s = layer_bytes / (floor_gbps * 1e9) if floor_gbps else None
             after = _med([r["after_finish_s"] for r in sel])
-            span = _med([r["post_span_s"] for r in sel])
+            fin = _med([r["finish_s"] for r in sel if "finish_s" in r])
             gbps = total / after / 1e9 if after and case == "bulk" else None
             extra = {"gbps": gbps, "gbps_vs_floor": gbps / floor_gbps if gbps and floor_gbps else None,
                      "prefill_ms": _med([r["prefill_s"] * 1e3 for r in sel]),
-                     "pages_per_s": sel[0]["pages"] / span if span and case == "bulk" else None,
+                     # bulk: finish() posts every layer's page writes (and the payload) in one go
+                     "posted_per_s": (sel[0]["pages"] / fin if fin and case == "bulk" else None),
                      "writes": sel[0]["writes"], "layers_on_mark": _med([r["on_mark"] for r in sel]),
                      "open_ms": _med([r["open_s"] * 1e3 for r in sel])}
             rows.append(row(label, sel, layer_wire_s=layer_wire_s, **extra))
@@ -574,15 +596,22 @@ def _f(v: Any, w: int, p: int) -> str:
 
 def print_table(result: dict) -> None:
     head = (f"{'platform':<8} {'prompt':>6} {'system':<26} {'TTFT ms':>9} {'ovh %':>7} {'prefill':>8} {'tail ms':>8} "
-            f"{'tail/layer':>10} {'GB/s':>6} {'/floor':>6} {'pages/s':>9}")
+            f"{'tail/layer':>10} {'GB/s':>6} {'/floor':>6} {'posted/s':>9}")
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
         print(f"{r['platform']:<8} {r['tokens']:>6} {r['system']:<26} {_f(r.get('ttft_ms'), 9, 1)} "
               f"{_f(r.get('ttft_overhead_pct'), 7, 1)} {_f(r.get('prefill_ms'), 8, 1)} {_f(r.get('tail_ms'), 8, 2)} "
               f"{_f(r.get('tail_vs_layer_wire'), 10, 2)} {_f(r.get('gbps'), 6, 2)} {_f(r.get('gbps_vs_floor'), 6, 2)} "
-              f"{_f(r.get('pages_per_s'), 9, 0)}" + (f"  ERROR {r['error'][:60]}" if r.get("error") else "")
+              f"{_f(r.get('posted_per_s'), 9, 0)}" + (f"  ERROR {r['error'][:60]}" if r.get("error") else "")
               + (f"  (layer wire {r['layer_wire_ms']:.2f} ms)" if r.get("layer_wire_ms") else ""))
+    print("ovh %: TTFT over the colocated prefill; tail: READY - the prefill's last layer; GB/s: KV bytes / "
+          "(prefill end -> READY), bulk only; posted/s: page writes handed to the engine per second by bulk's "
+          "finish() (host posting rate, not a transfer rate)")
+    for plat, setup in result.get("setup", {}).items():
+        if setup.get("path"):
+            print(f"path {plat}: the KV writes take '{setup['path']}' ({setup.get('path_reason', '')}); "
+                  f"prefill devices {setup.get('devices')}")
     for plat, c in result.get("cancel", {}).items():
         for tokens, v in c.items():
             print(f"cancel -> fence {plat} {tokens} tokens: p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms "
@@ -598,7 +627,7 @@ def print_table(result: dict) -> None:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jax_garden.bench kv", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jax_garden.bench kv", description=description(__doc__))
     p.add_argument("--prompts", default=None, help="prompt lengths (default 2048,8192; --quick 2048)")
     p.add_argument("--iters", type=int, default=None, help="requests per system and prompt (default 5, --quick 2)")
     p.add_argument("--cancel-iters", type=int, default=None, help="cancel measurements (default 20, --quick 5)")
@@ -612,6 +641,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-gpu", action="store_true", help="CPU rows only")
     p.add_argument("--no-cpu", action="store_true", help="GPU rows only")
     p.add_argument("--json", default="bench_results/kv.json", help="JSON output path")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="also draw the TTFT of each system, split into its parts, into PATH (PNG; needs matplotlib)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for any one wait")
     p.add_argument("--pin", default=None, help="CPU rows: pin the decode (server) and prefill (client) processes, "
                    "and the raw floor's pair, to CPU lists SERVER:CLIENT (e.g. 1:0); default: no pinning")
@@ -622,9 +653,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
     if args.worker:
         return _worker_main(args)
+    try:
+        _plot.check(args.plot)  # before minutes of measuring
+    except _plot.PlotUnavailable as e:
+        raise SystemExit(f"kv benchmark: {e}") from None
     try:
         args.pin_cpus = parse_pin(args.pin)
     except ValueError as e:
@@ -640,10 +676,10 @@ def main(argv: list[str] | None = None) -> int:
     platforms = [] if args.no_cpu else ["cpu"]
     notes, errors = [], []
     if not args.no_gpu:
-        if _gpu_pair_available():
+        if _gpu_available():
             platforms.append("gpu")
         else:
-            notes.append("GPU rows skipped: this machine has fewer than 2 GPUs or the build has no CUDA")
+            notes.append("GPU rows skipped: this machine has no GPU or the build has no CUDA")
     if (load := os.getloadavg()[0]) > 0.5 * (os.cpu_count() or 1):
         notes.append(f"machine busy at start: 1-min load {load:.1f} on {os.cpu_count()} CPUs")
     t_start = time.monotonic()
@@ -673,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                 layer_ms[str(tokens)] = 5.0
         plan = {"platform": platform, "layout": layout, "prompts": prompts, "iters": iters,
                 "cancel_iters": cancel_iters, "cases": cases, "layer_ms": layer_ms, "engine_timeout": 10.0,
-                "completion": args.completion}
+                "completion": args.completion, "gpus": _gpu_roles() if platform == "gpu" else {}}
         _progress(f"kv benchmark, {platform}: engine workers, layer compute {layer_ms} ms")
         try:
             records = _run_engine_pair(plan, args)
@@ -697,11 +733,16 @@ def main(argv: list[str] | None = None) -> int:
         if xt:
             notes.append(f"jax.experimental.transfer does not run on {platform} here: {xt[0]['error'][:200]}")
     result.update(notes=notes, errors=errors, elapsed_s=round(time.monotonic() - t_start, 1), quick=quick, pin=args.pin,
+                  loadavg_1min=load,
                   completion=args.completion,
                   method=__doc__.split("Measured:")[1].strip() if "Measured:" in __doc__ else "")
     print_table(result)
     out = write_json(args.json, result, headline(result))
     _progress(f"wrote {out}")
+    if args.plot and any(r.get("ttft_ms") for r in result["rows"]):
+        note = figures.note("kv", argv, f"{os.uname().nodename}, {os.cpu_count()} CPUs, 1-min load "
+                            f"{result['loadavg_1min']:.1f} at start")
+        _progress(f"wrote {figures.kv(result, args.plot, note)}")
     return 1 if errors else 0
 
 
@@ -709,6 +750,9 @@ def headline(result: dict) -> dict[str, Any]:
     """The same-run ratios .ci/gpu_verify.sh prints: each target's value (with its goal and whether
     it was met), and per platform and prompt the layer-wise TTFT against the colocated one."""
     out: dict[str, Any] = {}
+    for platform, setup in result.get("setup", {}).items():
+        if setup.get("path"):
+            out[f"{platform} path"] = f"{setup['path']} ({setup.get('path_reason', '')})"
     for t in result.get("targets", []):
         out[f"{t['platform']} {t['tokens']} {t['metric']}"] = (
             f"{t['value']:.3g} (target {t['target']}: {'met' if t['met'] else 'MISSED'})")

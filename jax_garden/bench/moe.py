@@ -1,7 +1,7 @@
 """``python -m jax_garden.bench moe``: MoE dispatch/combine on the CUDA NVLink kernels against
 ``jax.lax.ragged_all_to_all`` (moe.RaggedAllToAll) and a copy-engine peer memcpy, in one run.
 
-Settings (DESIGN.md §5): decode 128 tokens/rank and prefill 4096, hidden 7168, top-8 of 256
+Settings (the field's standard for expert parallelism): decode 128 tokens/rank and prefill 4096, hidden 7168, top-8 of 256
 experts, bf16 or fp8 e4m3 (+ f32 scales per 128 channels) dispatch, bf16 combine, over all GPUs
 of the machine (one process driving them all).
 
@@ -21,8 +21,10 @@ Method (device timers, never host clocks):
 (1, 8, 32, 128, 512 per rank) for 256 experts top-8 and 384 experts top-6, the back-to-back period
 of a chain of dispatch -> combine pairs beside the per-phase device times, the slowest and fastest
 rank, the oracle checked at every rung; ``--profile`` the decode kernels' fixed cost at 1 and 128
-tokens with the kernels' first synchronisation and the current one in the same run, beside the
-floor of a chain of empty kernels; ``--plot PATH`` draws the ladder (matplotlib).
+tokens, every variant of the kernels in the same run (the previous synchronisation, release
+arrivals, one fused kernel per phase: the default), each kernel's time split into launch gap,
+prologue, wait, work and epilogue, beside the floors of a chain of empty kernels (in a CUDA graph,
+and launched one by one); ``--plot PATH`` draws the ladder (matplotlib).
 ``--nodes N`` runs the rows across N processes instead (jax_garden/bench/moe_nodes.py): on GPUs
 node groups through the host proxy (sharing the GPUs when there are fewer than N), against plain
 engine writes of the same bytes; on CPU the inter-node host context over tcp, against the
@@ -393,8 +395,9 @@ def run_ladder(result: dict, mesh, args, progress) -> None:
 
 
 def run_profile(result: dict, mesh, args, progress) -> None:
-    """The decode kernels' fixed cost at EP1: legacy and current synchronisation, 1 and 128 tokens,
-    and the floor of a chain of empty kernels, in one run."""
+    """The decode kernels' fixed cost at EP1, 1 and 128 tokens, every variant of moe_ladder.VARIANTS
+    (the previous version's synchronisation first: the baseline of old/new), and the floors of a
+    chain of empty kernels, in one run."""
     import numpy as np
     from jax.sharding import Mesh
 
@@ -402,25 +405,28 @@ def run_profile(result: dict, mesh, args, progress) -> None:
 
     ep1 = Mesh(np.asarray(mesh.devices).reshape(-1)[:1], ("ep",))
     try:
-        result["kernel_floor"] = moe_ladder.kernel_floor(ep1.devices.flat[0])
+        result["kernel_floor"] = moe_ladder.kernel_floors(ep1.devices.flat[0])
     except Exception as e:
         result["errors"].append(f"kernel floor: {type(e).__name__}: {e}")
+    variants = list(moe_ladder.VARIANTS) if args.variants is None else args.variants.split(",")
     for t in (1, 128):
-        for legacy in (True, False):
+        for name in variants:
             try:
                 row = moe_ladder.measure(ep1, "256x8", t, "bf16", args.ladder_iters, args.recv_factor,
-                                         legacy_sync=legacy)
-                row["variant"] = "legacy sync" if legacy else "current"
+                                         variant=moe_ladder.VARIANTS[name])
+                row["variant_name"] = name
                 result["profile"].append(row)
-                result["errors"] += [f"profile {t} {row['variant']}: {e}" for e in row["oracle_errors"]]
+                result["errors"] += [f"profile {t} {name}: {e}" for e in row["oracle_errors"]]
             except Exception as e:
-                result["errors"].append(f"profile {t} legacy={legacy}: {type(e).__name__}: {e}")
-            progress.timed(f"profile {t} tokens {'legacy' if legacy else 'current'} done")
+                result["errors"].append(f"profile {t} {name}: {type(e).__name__}: {e}")
+            progress.timed(f"profile {t} tokens {name} done")
 
 
 def summarize_ladder(result: dict) -> dict:
-    """Headline entries of the ladder and the profile (goals of issue 19 at EP1, decode bf16:
+    """Headline entries of the ladder and the profile (goals at EP1, decode bf16:
     dispatch <= 10 us and combine <= 12 us at 128 tokens, <= 8 us per phase at 1 token)."""
+    from jax_garden.bench import moe_ladder
+
     headline = {}
     for row in result["ladder"]:
         if row["tokens"] in (1, 128):
@@ -430,22 +436,24 @@ def summarize_ladder(result: dict) -> dict:
             headline[f"{key} combine_us"] = row["phases"]["combine"]["p50_us"]
     if result["ladder"]:
         headline["ladder oracle ok"] = not any(r["oracle_errors"] for r in result["ladder"])
-    prof = {(r["tokens"], r["legacy_sync"]): r["phases"] for r in result["profile"]}
+    prof = {(r["tokens"], r.get("variant_name")): r["phases"] for r in result["profile"]}
     for t in (1, 128):
-        cur, old = prof.get((t, False)), prof.get((t, True))
+        cur, old = prof.get((t, moe_ladder.NEW)), prof.get((t, moe_ladder.OLD))
         if cur is None:
             continue
-        for ph in ("dispatch", "combine"):
+        for ph in ("dispatch", "combine", "period"):
             headline[f"profile EP1 {t}tok {ph}_us"] = cur[ph]["p50_us"]
             if old is not None:
-                headline[f"profile EP1 {t}tok {ph} legacy/current"] = old[ph]["p50_us"] / cur[ph]["p50_us"]
+                headline[f"profile EP1 {t}tok {ph} old/new"] = old[ph]["p50_us"] / cur[ph]["p50_us"]
         if t == 128:
             headline["goal EP1 128tok dispatch <= 10us"] = cur["dispatch"]["p50_us"] <= 10.0
             headline["goal EP1 128tok combine <= 12us"] = cur["combine"]["p50_us"] <= 12.0
         else:
             headline["goal EP1 1tok <= 8us per phase"] = max(cur["dispatch"]["p50_us"], cur["combine"]["p50_us"]) <= 8.0
-    if "p50_us" in result.get("kernel_floor", {}):
-        headline["empty kernel floor_us"] = result["kernel_floor"]["p50_us"]
+    floors = result.get("kernel_floor", {})
+    for kind in ("graph", "host"):
+        if "p50_us" in floors.get(kind, {}):
+            headline[f"empty kernel floor {kind}_us"] = floors[kind]["p50_us"]
     return headline
 
 
@@ -455,12 +463,16 @@ LADDER_COLUMNS = [("rows", 12, "<"), ("shape", 6, "<"), ("dtype", 5, "<"), ("tok
 
 
 def print_ladder(result: dict) -> None:
-    rows = [("ladder", r) for r in result["ladder"]] + [(r.get("variant", "profile"), r) for r in result["profile"]]
+    rows = [("ladder", r) for r in result["ladder"]] + [(r.get("variant_name", "profile"), r) for r in result["profile"]]
     if not rows:
         return
     print("\nMoE ladder and profile (device timers, µs p50; period = back-to-back pair; slow/fast = per-rank medians)")
-    if "p50_us" in result.get("kernel_floor", {}):
-        print(f"  floor: an empty kernel in a chain costs {result['kernel_floor']['p50_us']:.2f} us launch to launch")
+    floors = result.get("kernel_floor", {})
+    if "p50_us" in floors.get("graph", {}):
+        cb = floors["graph"].get("command_buffers", {})
+        print(f"  floor: an empty kernel in a chain costs {floors['graph']['p50_us']:.2f} us launch to launch in a "
+              f"CUDA graph ({cb.get('in_command_buffers', '?')}/{cb.get('moe_calls', '?')} calls in command buffers), "
+              f"{floors.get('host', {}).get('p50_us', float('nan')):.2f} us launched one by one from the host")
     cells = []
     for what, r in rows:
         p = r["phases"]
@@ -471,6 +483,43 @@ def print_ladder(result: dict) -> None:
                       f"{p['combine']['slowest_rank_us']:.1f}/{p['combine']['fastest_rank_us']:.1f}", kern,
                       "ok" if not r["oracle_errors"] else "FAIL"])
     print_table(LADDER_COLUMNS, cells)
+    print_kernels(result)
+
+
+KERNEL_COLUMNS = [("variant", 19, "<"), ("tok", 4, ">"), ("kernel", 14, "<"), ("gap", 6, ">"), ("l2l", 6, ">"),
+                  ("l2l-floor", 9, ">"), ("prolog", 6, ">"), ("wait", 6, ">"), ("work", 6, ">"), ("epilog", 6, ">"),
+                  ("total", 6, ">"), ("HLO cb", 6, ">"), ("handler/call", 12, ">")]
+
+
+def print_kernels(result: dict) -> None:
+    """Per kernel of each profile row, from its device stamps (µs p50): gap = previous kernel's end
+    to this one's first instruction; l2l = launch to launch (first instruction to first
+    instruction) and l2l - the graph floor; prologue (state loads), wait (peers' words), work
+    (block 0's share), epilogue (block 0's work done to the last block's end); HLO cb = MoE calls
+    inside command_buffer computations of the optimized HLO / all; handler/call = FFI handler runs
+    per MoE call in the timed run (0: replayed from a CUDA graph, 1: launched from the host)."""
+    floor = result.get("kernel_floor", {}).get("graph", {}).get("p50_us")
+    cells = []
+    for r in result["profile"]:
+        cb = r.get("command_buffers", {})
+        for kernel, parts in r.get("kernels", {}).items():
+            def f(part):
+                return f"{parts[part]:.1f}" if part in parts else "-"
+            l2l = parts.get("launch to launch")
+            cells.append([r.get("variant_name", ""), r["tokens"], kernel, f("gap"), f("launch to launch"),
+                          f"{l2l - floor:.1f}" if (l2l is not None and floor is not None) else "-", f("prologue"),
+                          f("wait"), f("work"), f("epilogue"), f("total"),
+                          f"{cb.get('in_command_buffers', '?')}/{cb.get('moe_calls', '?')}",
+                          f"{cb['handler_runs_per_call']:.2f}" if "handler_runs_per_call" in cb else "-"])
+    if cells:
+        print("\nWhere each kernel's time goes (device stamps, µs p50; a fused kernel's receive half has no launch)")
+        print_table(KERNEL_COLUMNS, cells)
+
+
+def _variant_names() -> list[str]:
+    from jax_garden.bench import moe_ladder
+
+    return list(moe_ladder.VARIANTS)
 
 
 def main(argv=None) -> int:
@@ -502,11 +551,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ladder-dtypes", default="bf16")
     ap.add_argument("--ladder-iters", type=int, default=None, help="pairs per chain (default 100, --quick 40)")
     ap.add_argument("--profile", action="store_true",
-                    help="EP1 fixed cost at 1 and 128 tokens, first vs current synchronisation, and the "
-                         "empty-kernel floor")
+                    help="EP1 fixed cost at 1 and 128 tokens, every kernel variant (previous synchronisation, "
+                         "release arrivals, fused kernels), per-kernel breakdown, and the empty-kernel floors")
+    ap.add_argument("--variants", default=None,
+                    help="--profile: comma-separated subset of " + ", ".join(repr(v) for v in _variant_names()))
     ap.add_argument("--no-classic", action="store_true", help="skip the decode/prefill rows against ragged")
     ap.add_argument("--plot", default=None, help="PNG path: the ladder against its baselines (matplotlib)")
-    ap.add_argument("--out", "--json", dest="out", default="moe_bench.json", help="JSON output path")
+    ap.add_argument("--out", "--json", dest="out", default="bench_results/moe.json",
+                    help="JSON output path (default bench_results/moe.json)")
     args = ap.parse_args(argv)
     modes_arg = args.modes or ("decode" if args.quick else "decode,prefill")
     if args.ladder_iters is None:
@@ -521,6 +573,10 @@ def main(argv=None) -> int:
             ap.error(f"{name} must be > 0, got {value}")
     if not args.recv_factor > 0:
         ap.error(f"--recv-factor must be > 0, got {args.recv_factor}")
+    if args.variants is not None:
+        unknown = [v for v in args.variants.split(",") if v not in _variant_names()]
+        if unknown:
+            ap.error(f"--variants: unknown {unknown} (known: {', '.join(_variant_names())})")
 
     import jax
     import numpy as np

@@ -9,10 +9,13 @@
   * the slowest and the fastest rank (per-rank medians);
   * the oracle checked at every rung: one round trip on fixed inputs, bit for bit against NumPy
     (bench/_moe_oracle.py);
-  * ``--profile``: the decode kernels' fixed cost at EP1 as the lead measures it, 1 and 128 tokens,
-    with the NVLink kernels' first synchronisation (``JAX_GARDEN_MOE_LEGACY_SYNC=1``: a fence in
-    every thread, the full grid for every kernel) and the current one in the same run, beside the
-    floor of a chain of empty kernels (the launch-to-launch gap on this GPU).
+  * ``--profile``: the decode kernels' fixed cost at EP1, 1 and 128 tokens, every variant of the
+    NVLink kernels in the same run (:data:`VARIANTS`: the first synchronisation, the flags of the
+    previous version, release arrivals with two kernels per phase, and the fused kernels, one per
+    phase, which are the default), each kernel's time split into launch gap, prologue, wait, work
+    and epilogue from its device stamps (:func:`kernel_rows`), beside two floors: a chain of
+    empty kernels in a CUDA graph and the same chain launched one by one from the host
+    (:func:`kernel_floors`), and whether XLA put the MoE calls into command buffers (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -28,6 +31,20 @@ LADDER = (1, 8, 32, 128, 512)
 N_ROUTINGS = 8
 DROP = 5  # first pairs of a chain dropped (clocks, caches, lazy setup)
 PHASES = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
+
+# --profile: how each variant is made (settings read when the AllToAll is created; "graphs": False
+# compiles the chain with XLA command buffers off). The first is the baseline of "old/new".
+VARIANTS = {
+    "flags": {"sync": "flags", "fused": False},            # the previous version
+    "legacy": {"sync": "legacy", "fused": False},          # the first version
+    "arrive-split": {"sync": "arrive", "fused": False},
+    "arrive-fused": {"sync": "arrive", "fused": True},     # the default
+    "fused-plain-launch": {"sync": "arrive", "fused": True, "cooperative": False},
+    "fused-no-graphs": {"sync": "arrive", "fused": True, "graphs": False},
+}
+OLD, NEW = "flags", "arrive-fused"
+_VARIANT_ENV = {"sync": "JAX_GARDEN_MOE_SYNC", "fused": "JAX_GARDEN_MOE_FUSED",
+                "cooperative": "JAX_GARDEN_MOE_COOPERATIVE"}
 
 
 def recv_rows(tokens: int, k: int, recv_factor: float) -> int:
@@ -73,8 +90,9 @@ def _inputs(mesh, r: int, t: int, e: int, k: int, h: int, fp8: bool, seed: int):
 
 
 def _chain(a2a, iters: int):
-    """iters dispatch -> combine pairs in one program, routing i % 8, the expert a cast, pair i+1
-    after pair i's combine (a data dependency, no host sync)."""
+    """iters dispatch -> combine pairs in one program (``dispatch()``/``combine()``: one kernel each
+    when the context fuses them, else two), routing i % 8, the expert a cast, pair i+1 after pair
+    i's combine (a data dependency, no host sync)."""
     import jax
     import jax.numpy as jnp
 
@@ -82,10 +100,8 @@ def _chain(a2a, iters: int):
         def step(i, carry):
             x, acc = carry
             idx, w = idx_all[i % N_ROUTINGS], w_all[i % N_ROUTINGS]
-            sent = a2a.dispatch_send(x, idx, w, x_scale=xin.get("x_scale"))
-            ex, _, cnt = a2a.dispatch_recv(sent)
-            back = a2a.combine_send(ex.astype(jnp.bfloat16), cnt)
-            y = a2a.combine_recv(back, idx, w)
+            ex, _, cnt = a2a.dispatch(x, idx, w, x_scale=xin.get("x_scale"))
+            y = a2a.combine(ex.astype(jnp.bfloat16), idx, w, expert_counts=cnt)
             x, _ = jax.lax.optimization_barrier((x, y))
             return x, acc + y[0, 0].astype(jnp.float32)
 
@@ -182,15 +198,54 @@ def stamps_rows(stamps: dict) -> dict:
     return rows
 
 
+def _with_settings(variant: dict, make):
+    """make() with the variant's settings in the environment (restored afterwards)."""
+    saved = {env: os.environ.get(env) for env in (*_VARIANT_ENV.values(), "JAX_GARDEN_MOE_LEGACY_SYNC")}
+    if "sync" in variant:  # the variant's synchronisation, not one the environment forces
+        os.environ.pop("JAX_GARDEN_MOE_LEGACY_SYNC", None)
+    for key, env in _VARIANT_ENV.items():
+        if key in variant:
+            value = variant[key]
+            os.environ[env] = value if isinstance(value, str) else ("1" if value else "0")
+    try:
+        return make()
+    finally:
+        for env, value in saved.items():
+            if value is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = value
+
+
+def command_buffer_report(hlo_text: str, prefix: str = "jg_moe_") -> dict:
+    """How XLA runs the custom calls named ``prefix*`` of an optimized HLO module: inside a
+    command buffer (a CUDA graph: XLA's command_buffer computations) or launched one by one. (An
+    XLA that forms command buffers after HLO shows none here: measure() also counts the handler
+    runs of a timed run, which tells replays from launches either way.)"""
+    calls = inside = buffers = 0
+    current = ""
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if stripped.endswith("{") and "(" in stripped and "=" not in stripped.split("(")[0]:
+            current = stripped.split("(")[0].split()[-1].lstrip("%")
+            buffers += "command_buffer" in current
+        if f'custom_call_target="{prefix}' in line:
+            calls += 1
+            inside += "command_buffer" in current
+    return {"moe_calls": calls, "in_command_buffers": inside, "command_buffer_computations": buffers}
+
+
 def measure(mesh, shape: str, tokens: int, dtype: str, iters: int, recv_factor: float, *, seed: int = 0,
-            legacy_sync: bool = False, oracle: bool = True, node_size: int | None = None,
+            variant: dict | None = None, oracle: bool = True, node_size: int | None = None,
             internode=None) -> dict:
-    """One rung: the chain timed on device, the oracle checked."""
+    """One rung: the chain timed on device, the oracle checked. ``variant``: settings of the
+    AllToAll (VARIANTS; None: the defaults)."""
     import jax
     import jax.numpy as jnp
 
     from jax_garden import moe
 
+    variant = dict(variant or {})
     e, k, h = SHAPES[shape]
     r = int(mesh.shape["ep"])
     fp8 = dtype == "fp8"
@@ -198,55 +253,130 @@ def measure(mesh, shape: str, tokens: int, dtype: str, iters: int, recv_factor: 
                              dispatch_dtype=jnp.float8_e4m3fn if fp8 else jnp.bfloat16,
                              scale_block=128 if fp8 else None, max_recv_tokens=recv_rows(tokens, k, recv_factor))
     xin, idx, w, host = _inputs(mesh, r, tokens, e, k, h, fp8, seed)
-    old = os.environ.get("JAX_GARDEN_MOE_LEGACY_SYNC")
-    os.environ["JAX_GARDEN_MOE_LEGACY_SYNC"] = "1" if legacy_sync else "0"
-    try:
-        a2a = moe.AllToAll(cfg, mesh, "ep", node_size=node_size, internode=internode)
-    finally:
-        if old is None:
-            os.environ.pop("JAX_GARDEN_MOE_LEGACY_SYNC")
-        else:
-            os.environ["JAX_GARDEN_MOE_LEGACY_SYNC"] = old
+    a2a = _with_settings(variant, lambda: moe.AllToAll(cfg, mesh, "ep", node_size=node_size, internode=internode))
     with a2a:
-        f = _spmd(mesh, _chain(a2a, iters))
-        jax.block_until_ready(f(xin, idx, w))  # compile + warm up
-        jax.block_until_ready(f(xin, idx, w))
-        a2a.check()
+        lowered = _spmd(mesh, _chain(a2a, iters)).lower(xin, idx, w)
+        # "graphs": False: the same program with XLA's command buffers off (every call launched from
+        # the host, as without CUDA graphs).
+        f = lowered.compile() if variant.get("graphs", True) else \
+            lowered.compile(compiler_options={"xla_gpu_enable_command_buffer": ""})
+        graphs = command_buffer_report(f.as_text() or "")
         ctx = a2a._native
+        jax.block_until_ready(f(xin, idx, w))  # warm up (and capture, where XLA makes CUDA graphs)
+        calls0 = ctx.handler_calls()
+        jax.block_until_ready(f(xin, idx, w))
+        # FFI handler runs per MoE call of the timed run: 1 = every call launched from the host,
+        # 0 = replayed from a captured CUDA graph (the handler runs only when XLA records).
+        graphs["handler_runs_per_call"] = (ctx.handler_calls() - calls0) / (2 * iters * len(ctx.ranks))
+        a2a.check()
         stamps = {rank: ctx.timings(o, iters) for o, rank in ctx.ranks.items()}
+        all_stamps = {rank: ctx.stamps(o, iters) for o, rank in ctx.ranks.items()} if hasattr(ctx, "stamps") else {}
         errors = check_oracle(mesh, a2a, cfg, host) if oracle else []
         a2a.check()
         extra = {}
         if hasattr(ctx._ctx, "grids"):
             extra["grids"] = {rank: list(ctx._ctx.grids(o)) for o, rank in ctx.ranks.items()}
+            extra["sync"] = ctx._ctx.sync
+        if all_stamps and all(v is not None for v in all_stamps.values()):
+            extra["kernels"] = kernel_rows(all_stamps)
         if ctx.proxied:
             extra["proxy_posts"] = {rank: ctx.proxy_posts(o) for o, rank in ctx.ranks.items()}
     return {"shape": shape, "tokens": tokens, "dtype": dtype, "ranks": r, "iters": iters,
-            "max_recv_tokens": cfg.max_recv_tokens, "legacy_sync": legacy_sync,
+            "max_recv_tokens": cfg.max_recv_tokens, "variant": variant, "command_buffers": graphs,
             "node_size": a2a.node_size, "phases": stamps_rows(stamps), "oracle_errors": errors, **extra}
 
 
-def kernel_floor(device, n: int = 200) -> dict:
-    """The launch-to-launch gap of a chain of empty (one-block) kernels on `device`, each ordered
-    after the previous one by data: what any kernel of a chain costs before it does anything."""
+# Parts of a kernel's time, each from one stamp to the next (KERNEL_PARTS: name, from, to; "prev
+# end"/"prev entry" are the previous kernel's in the chain: dispatch_send follows the previous
+# pair's combine_recv).
+KERNEL_PARTS = (("gap", "prev end", "entry"), ("launch to launch", "prev entry", "entry"),
+                ("prologue", "entry", "start"), ("wait", "start", "waited"), ("work", "waited", "body"),
+                ("epilogue", "body", "end"), ("total", "entry", "end"))
+
+
+def kernel_rows(stamps: dict) -> dict:
+    """Where each kernel's time goes, from every stamp of every call ({rank: {stamp name: [iters,
+    4] ns}}, as CudaContext.stamps returns), the first DROP calls dropped, all ranks pooled: per
+    kernel and part of KERNEL_PARTS the p50 in µs. A fused kernel's receive half has no launch:
+    its "gap" is 0 and its "launch to launch" is the send half."""
+    pooled: dict = {}
+    for s in stamps.values():
+        st = {name: np.asarray(v, np.int64)[DROP:] for name, v in s.items()}
+        if any((v == 0).any() for name, v in st.items() if name in ("start", "end", "entry")):
+            raise RuntimeError("missing device timestamps")
+        n = st["entry"].shape[0]
+        for k, kernel in enumerate(PHASES):
+            # The previous kernel of the chain: the kernel before in this pair, or the previous
+            # pair's last one (its first call has none).
+            if k > 0:
+                prev = {name: v[:, k - 1] for name, v in st.items()}
+                rows = slice(None)
+            else:
+                prev = {name: v[:-1, 3] for name, v in st.items()}
+                rows = slice(1, n)
+            cur = {name: v[rows, k] for name, v in st.items()}
+            ref = {"prev end": prev["end"], "prev entry": prev["entry"]}
+            for part, a, b in KERNEL_PARTS:
+                av = ref[a] if a in ref else cur[a]
+                bv = ref[b] if b in ref else cur[b]
+                if (av == 0).any() or (bv == 0).any():
+                    continue  # a stamp this kernel does not write
+                pooled.setdefault(kernel, {}).setdefault(part, []).extend((bv - av).tolist())
+    return {kernel: {part: percentile([x / 1e3 for x in v], 0.5, interpolate=True) for part, v in parts.items()}
+            for kernel, parts in pooled.items()}
+
+
+def kernel_floors(device, n: int = 200) -> dict:
+    """What any kernel of a chain costs before it does anything, on `device`, two ways:
+
+    * ``graph``: four empty (one-thread) kernels per iteration of a jitted loop, each ordered after
+      the previous one by data, as the MoE calls of a chain are: the launch-to-launch gap between
+      kernels of one iteration (XLA puts such a body into a command buffer, i.e. a CUDA graph;
+      ``command_buffers`` says whether it did);
+    * ``host``: one empty kernel per loop iteration (too few calls for a command buffer): every
+      kernel launched from the host, the loop's own work between them.
+    """
     import jax
 
-    def body(x):
+    def stamp(c):
+        return jax.ffi.ffi_call("jg_moe_cuda_timestamp", jax.ShapeDtypeStruct((2,), np.uint32),
+                                has_side_effect=True)(c)
+
+    def graph_body(x):
+        def step(i, carry):
+            c, ts = carry
+            row = []
+            for _ in range(4):
+                c = stamp(c)
+                row.append(c)
+            return c, jax.lax.dynamic_update_slice(ts, jax.numpy.stack(row)[None], (i, 0, 0))
+
+        _, ts = jax.lax.fori_loop(0, n, step, (x, jax.numpy.zeros((n, 4, 2), np.uint32)))
+        return ts
+
+    def host_body(x):
         def scan_fn(c, _):
-            c = jax.ffi.ffi_call("jg_moe_cuda_timestamp", jax.ShapeDtypeStruct((2,), np.uint32),
-                                 has_side_effect=True)(c)
+            c = stamp(c)
             return c, c
 
         _, ts = jax.lax.scan(scan_fn, x, None, length=n)
         return ts
 
-    f = jax.jit(body)  # runs where its operand lives
+    def ns(ts):
+        ts = np.asarray(ts).astype(np.uint64)
+        return (ts[..., 0] | (ts[..., 1] << np.uint64(32))).astype(np.int64)
+
     x = jax.device_put(np.zeros(2, np.uint32), device)
-    jax.block_until_ready(f(x))
-    ts = np.asarray(f(x)).astype(np.uint64)
-    ns = (ts[:, 0] | (ts[:, 1] << np.uint64(32))).astype(np.int64)
-    gaps = np.diff(ns)[DROP:]
-    return _stats_us(gaps)
+    out = {}
+    g = jax.jit(graph_body).lower(x).compile()  # runs where its operand lives
+    jax.block_until_ready(g(x))
+    t = ns(g(x))[DROP:]  # [n, 4]
+    out["graph"] = {**_stats_us(np.diff(t, axis=1).ravel()),
+                    "command_buffers": command_buffer_report(g.as_text() or "", "jg_moe_cuda_timestamp")}
+    h = jax.jit(host_body)
+    jax.block_until_ready(h(x))
+    out["host"] = _stats_us(np.diff(ns(h(x)))[DROP:])
+    return out
 
 
 def plot(result: dict, path: str) -> str | None:
@@ -264,7 +394,7 @@ def plot(result: dict, path: str) -> str | None:
     if not shapes:
         return None
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
-    floor = result.get("kernel_floor", {}).get("p50_us")
+    floor = result.get("kernel_floor", {}).get("graph", {}).get("p50_us")
     for ax, shape in zip(axes[0], shapes):
         for dtype in sorted({x["dtype"] for x in rows if x["shape"] == shape}):
             sel = sorted((x for x in rows if x["shape"] == shape and x["dtype"] == dtype), key=lambda x: x["tokens"])

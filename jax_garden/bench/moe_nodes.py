@@ -40,6 +40,7 @@ import socket
 import sys
 import time
 
+from jax_garden._interpreter import python_command
 from jax_garden.bench._harness import (BenchError, Child, Progress, child_env, percentile, print_table,
                                        write_json)
 
@@ -446,8 +447,8 @@ def _spawn(role: str, args, process: int, devices: int, port: int) -> Child:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "jax_garden.bench.moe_nodes", "--worker", role, "--process", str(process),
-           "--port", str(port), *args.forward]
+    cmd = python_command("-m", "jax_garden.bench.moe_nodes", "--worker", role, "--process", str(process),
+                         "--port", str(port), *args.forward)
     return Child(cmd, f"{role} {process}", env=env)
 
 
@@ -557,7 +558,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-reference", action="store_true", help="skip the in-process reference rows")
     ap.add_argument("--cpu", action="store_true", help="the CPU rows even on a machine with GPUs")
     ap.add_argument("--quick", action="store_true", help="bf16 only, 30 steps: well under a minute")
-    ap.add_argument("--out", "--json", dest="out", default="moe_nodes_bench.json", help="JSON output path")
+    ap.add_argument("--out", "--json", dest="out", default="bench_results/moe_nodes.json",
+                    help="JSON output path (default bench_results/moe_nodes.json)")
     # worker-only
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--process", type=int, default=0, help=argparse.SUPPRESS)

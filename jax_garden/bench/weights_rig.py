@@ -55,6 +55,9 @@ def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
     os.environ.update(env)
     try:
         import jax  # noqa: F401  (after the environment is set)
+
+        if os.environ.get("JAX_GARDEN_BENCH_GPU"):  # this worker's GPU; every GPU stays visible to CUDA
+            jax.config.update("jax_cuda_visible_devices", os.environ["JAX_GARDEN_BENCH_GPU"])
         from jax_garden import weights
 
         obj = plan = cfg = params = mem0 = None

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from jax_garden import fabric
-from jax_garden._service.mailbox import Contact, PeerProbe, as_contact
-from jax_garden._validate import check_timeout
+from jax_garden import _lifetime, fabric
+from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerProbe, as_contact
+from jax_garden._validate import check_float, check_int, check_int_array, check_timeout
 from jax_garden.kv import protocol as P
 from jax_garden.kv import state as sm
 from jax_garden.kv.cache import PagedKVCache
@@ -50,6 +50,7 @@ class Request:
         self._p = sm.Progress(deadline=deadline)   # the protocol state (replaced under the side's lock)
         self._owner: PeerProbe | None = None       # liveness of the prefill side that opened the stream
         self._waiter = False                       # a thread is taking credits outside the lock
+        self._seen_total = 0                       # arrivals on both counters at the last tick
         self._payload: bytes | None = None
         self._released = False
         self.times: dict[str, float] = {"reserved": time.monotonic()}
@@ -226,36 +227,33 @@ class DecodeSide:
         ``2 * engine.timeout + 1``); past it the request FAILS and its pages are quarantined.
       quarantine_s: how long pages of a request whose writes could not be accounted for (its prefill
         peer died or never fenced) are kept out of use (default ``engine.timeout``).
+      liveness_s: a prefill side that opened a stream here and answers no liveness probe for this long
+        is dead: its requests FAIL naming it (pages quarantined). Separate from operation timeouts.
     """
 
     def __init__(self, cache: PagedKVCache, *, max_requests: int = 256, payload_bytes: int = 4096,
-                 timeout: float = 30.0, fence_timeout: float | None = None, quarantine_s: float | None = None):
+                 timeout: float = 30.0, fence_timeout: float | None = None, quarantine_s: float | None = None,
+                 liveness_s: float = DEFAULT_LIVENESS_S):
         if not isinstance(cache, PagedKVCache):
             raise TypeError(f"cache must be a kv.PagedKVCache, got {type(cache).__name__}")
-        if isinstance(max_requests, bool) or not isinstance(max_requests, int) or not 0 < max_requests < MAX_SLOTS:
-            raise ValueError(f"max_requests must be in 1..{MAX_SLOTS - 1}, got {max_requests!r}")
-        if isinstance(payload_bytes, bool) or not isinstance(payload_bytes, int) or not 0 < payload_bytes <= 1 << 20:
-            raise ValueError(f"payload_bytes must be in 1..2^20, got {payload_bytes!r}")
-        cache._check_usable()
+        max_requests = check_int("max_requests", max_requests, minimum=1, maximum=MAX_SLOTS - 1)
+        payload_bytes = check_int("payload_bytes", payload_bytes, minimum=1, maximum=1 << 20)
         eng = cache.engine
+        self.timeout = check_float("timeout", timeout)
+        self.fence_timeout = check_float("fence_timeout", fence_timeout if fence_timeout is not None
+                                         else 2 * eng.timeout + 1.0)
+        self.quarantine_s = check_float("quarantine_s", quarantine_s if quarantine_s is not None else eng.timeout,
+                                        allow_zero=True)
+        self.liveness_s = check_float("liveness_s", liveness_s)
+        cache._check_usable()
         self.cache = cache
-        self.timeout = _positive("timeout", timeout)
-        self.fence_timeout = _positive("fence_timeout", fence_timeout if fence_timeout is not None
-                                       else 2 * eng.timeout + 1.0)
-        self.quarantine_s = float(quarantine_s if quarantine_s is not None else eng.timeout)
         self.payload_bytes = payload_bytes
         self.slot_bytes = -(-(payload_bytes + PAYLOAD_HEADER) // 64) * 64
         self.max_requests = max_requests
         self.cache_id = int.from_bytes(os.urandom(8), "little")
         self._payload_buf = np.zeros(max_requests * self.slot_bytes, np.uint8)
         self._payload_region = eng.register(self._payload_buf)
-        self._descriptors = tuple(cache.descriptors() + [bytes(self._payload_region.descriptor)])
-        size = 4 + sum(4 + len(d) for d in self._descriptors)
-        limit = eng._native.max_message_bytes - 1024
-        if size > limit:
-            raise ValueError(f"the cache's {len(self._descriptors)} buffer descriptors take {size} bytes, more "
-                             f"than one control message carries ({limit}); create the engine with a larger "
-                             "max_message_bytes")
+        self._set_descriptors()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._slots: list[Request | None] = [None] * max_requests
@@ -270,26 +268,48 @@ class DecodeSide:
         self._router = KVRouter.attach_decode(eng, self)  # sets cache_tag
         self.contact: Contact = self._router.contact
         cache._listeners.add(self)
+        _lifetime.close_at_exit(self, how=lambda side: side.close(timeout=1.0))  # no long fences at exit
+
+    def _set_descriptors(self) -> None:
+        """The descriptors an ACCEPT carries: every cache buffer, then the payload region."""
+        self._descriptors = tuple(self.cache.descriptors() + [bytes(self._payload_region.descriptor)])
+        size = 4 + sum(4 + len(d) for d in self._descriptors)
+        limit = self.cache.engine._native.max_message_bytes - 1024
+        if size > limit:
+            raise ValueError(f"the cache's {len(self._descriptors)} buffer descriptors take {size} bytes, more "
+                             f"than one control message carries ({limit}); create the engine with a larger "
+                             "max_message_bytes")
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what}: the DecodeSide is closed")
 
     # -- public -----------------------------------------------------------------------------------------
-    def reserve(self, num_tokens: int, *, timeout: float | None = None) -> Request:
+    def reserve(self, num_tokens: int, *, timeout: float | None = None, pages: Any = None) -> Request:
         """Reserve pages for ``num_tokens`` tokens and a request slot; returns the :class:`Request`
         (``req.ticket`` is what the prefill side needs). The request FAILS if it is not READY within
-        ``timeout`` (default: the side's timeout). Raises OutOfPages when pages or slots are short."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens <= 0:
-            raise ValueError(f"reserve: num_tokens must be a positive int, got {num_tokens!r}")
+        ``timeout`` (default: the side's timeout). ``pages``: the page ids to use, in token order
+        (``ceil(num_tokens / page_tokens)`` of them, all free), instead of letting the allocator choose.
+        Raises OutOfPages when pages or slots are short."""
+        num_tokens = check_int("reserve: num_tokens", num_tokens, minimum=1)
         timeout = check_timeout("timeout", timeout, self.timeout)
-        self.cache._check_usable()
         n_pages = self.cache.layout.pages_for(num_tokens)
         if n_pages > self.cache.layout.num_pages:
             raise ValueError(f"reserve: {num_tokens} tokens need {n_pages} pages, the cache has "
                              f"{self.cache.layout.num_pages}")
+        if pages is not None:
+            chosen = check_int_array("reserve: pages", pages, minimum=0, maximum=self.cache.layout.num_pages - 1,
+                                     distinct=True)
+            if chosen.size != n_pages:
+                raise ValueError(f"reserve: {chosen.size} pages given, {num_tokens} tokens of "
+                                 f"{self.cache.layout.page_tokens} per page need {n_pages}")
+        self._check_open("reserve")
+        self.cache._check_usable()
         with self._cond:
-            if self._closed:
-                raise RuntimeError("reserve: the DecodeSide is closed")
+            self._check_open("reserve")
             if not self._free_slots:
                 raise OutOfPages(f"reserve: all {self.max_requests} request slots are in use")
-            pages = self.cache.allocator.alloc(n_pages)
+            pages = self.cache.allocator.alloc(n_pages) if pages is None else self.cache.allocator.take(chosen)
             slot = heapq.heappop(self._free_slots)
             # A generation whose counters hold stray credits is skipped: arrivals that nobody
             # accounted for must never count toward a new request.
@@ -309,23 +329,37 @@ class DecodeSide:
     def send_ticket(self, to: Any, request: "Request | bytes", extra: bytes = b"") -> None:
         """Hand a ticket (and ``extra`` bytes, e.g. the prompt) to a prefill side over the engine;
         it arrives at ``PrefillSide.recv_ticket``."""
-        ticket = request.ticket if isinstance(request, Request) else bytes(request)
+        if isinstance(request, Request):
+            ticket = request.ticket
+        elif isinstance(request, (bytes, bytearray, memoryview)):
+            ticket = bytes(request)
+        else:
+            raise TypeError(f"send_ticket: request must be a kv.Request or ticket bytes, got {type(request).__name__}")
         if not isinstance(extra, (bytes, bytearray, memoryview)):
             raise TypeError(f"send_ticket: extra must be bytes, got {type(extra).__name__}")
-        self._router.send(as_contact(to), P.TicketMsg(ticket, bytes(extra)))
+        to = as_contact(to, "send_ticket: to")
+        self._check_open("send_ticket")
+        self._router.send(to, P.TicketMsg(ticket, bytes(extra)))
 
     def send_message(self, to: Any, payload: bytes) -> None:
         """Opaque bytes to the side (or any mailbox) at contact ``to``: its ``recv_message`` gets them."""
+        to = as_contact(to, "send_message: to")
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"send_message: payload must be bytes, got {type(payload).__name__}")
+        self._check_open("send_message")
         self._router.mailbox.send_user(to, payload)
 
     def recv_message(self, timeout: float | None = None) -> tuple[Contact | None, bytes]:
         """Next non-kv message that reached this engine: ``(sender contact or None, bytes)``."""
-        return self._router.mailbox.recv_user(check_timeout("timeout", timeout, self.timeout))
+        timeout = check_timeout("timeout", timeout, self.timeout)
+        self._check_open("recv_message")
+        return self._router.mailbox.recv_user(timeout)
 
     def lookup(self, ticket: Any) -> Request:
         """The live request a ticket belongs to (ValueError for a ticket of another cache, or of a
         request that has ended and whose slot was reused)."""
         t = as_ticket(ticket)
+        self._check_open("lookup")
         if t.cache_id != self.cache_id:
             raise ValueError(f"ticket from another cache: cache id {t.cache_id:#018x}, this cache is {self.cache_id:#018x}")
         with self._cond:
@@ -341,6 +375,7 @@ class DecodeSide:
 
     def poll(self) -> list[Request]:
         """Advance every live request (non-blocking); returns those that are no longer PENDING."""
+        self._check_open("poll")
         with self._cond:
             live = [r for r in self._slots if r is not None]
             for r in live:
@@ -355,6 +390,7 @@ class DecodeSide:
             if self._closed:
                 return
             self._closed = True
+            _lifetime.closed(self)
             live = [r for r in self._slots if r is not None and r.state is State.PENDING]
             now = time.monotonic()
             for r in live:
@@ -467,7 +503,7 @@ class DecodeSide:
             req._p = sm.opened(p, expected)
             peer = self._peers.get(sender.key)
             if peer is None or peer.dead:
-                peer = self._peers[sender.key] = PeerProbe(sender)
+                peer = self._peers[sender.key] = PeerProbe(sender, self.liveness_s)
             req._owner = peer
             req.times["opened"] = time.monotonic()
             self._router.send(sender, P.Accept(m.cache_id, m.slot, m.generation, m.token, expected[0], expected[1],
@@ -499,6 +535,11 @@ class DecodeSide:
                     self._free_slot(req)
             live = [r for r in self._slots if r is not None and r.state is State.PENDING]
             owners = {id(r._owner): r._owner for r in live if r._owner is not None}
+            for r in live:  # arrivals from the stream's prefill side are signs of its life
+                total = r._counters[KIND_DATA].total + r._counters[KIND_PAYLOAD].total
+                if r._owner is not None and total != r._seen_total:
+                    r._seen_total = total
+                    r._owner.heard(now)
         dead = {}
         for key, peer in owners.items():
             why = peer.check(self._router.mailbox, now)
@@ -507,7 +548,8 @@ class DecodeSide:
         with self._cond:
             for r in live:
                 if r._owner is not None and id(r._owner) in dead and r.state is State.PENDING:
-                    self._step(r, sm.peer_dead(r._p, dead[id(r._owner)], self.quarantine_s))
+                    self._step(r, sm.peer_dead(r._p, str(r._owner.contact.address), dead[id(r._owner)],
+                                               self.quarantine_s))
                 else:
                     self._advance(r)
             for key in [k for k, p in self._peers.items() if p.dead]:
@@ -519,12 +561,19 @@ class DecodeSide:
             for r in [r for r in self._slots if r is not None and r.state is State.PENDING]:
                 self._step(r, sm.begin_end(r._p, State.FAILED, f"cache broken: {why}", now, self.fence_timeout))
 
+    def _busy_with_cache(self) -> str | None:
+        """Why the cache cannot be re-registered now (a live request), else None."""
+        with self._cond:
+            n = sum(1 for r in self._slots if r is not None and r.state is State.PENDING)
+        return f"{n} request(s) of DecodeSide {self.cache_id:#018x} are still PENDING" if n else None
+
+    def _cache_reregistered(self) -> None:
+        """The cache's buffers were registered anew: a new cache id, so tickets and descriptors of the
+        old registration are never used again."""
+        with self._cond:
+            old, self.cache_id = self.cache_id, int.from_bytes(os.urandom(8), "little")
+            self._set_descriptors()
+        self._router.rekey(self, old)
+
     def __repr__(self) -> str:
         return f"DecodeSide(cache {self.cache_id:#018x}, tag {self.cache_tag}, {len(self.requests())} live requests)"
-
-
-def _positive(name: str, value: Any) -> float:
-    """A configured time (seconds > 0): TypeError for non-numbers, ValueError otherwise."""
-    from jax_garden._validate import check_float
-
-    return check_float(name, value)

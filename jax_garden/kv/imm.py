@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from jax_garden._service.mailbox import IMM_DOORBELL, IMM_PING  # noqa: F401  (re-exported by jax_garden.kv)
 from jax_garden._service.tags import Service, imm_tag
+from jax_garden._validate import check_int
 
 IMM_TAG = imm_tag(Service.KV)
 MAX_SLOTS = 4095
@@ -31,6 +32,9 @@ KIND_PAYLOAD = 1
 
 def kv_imm(cache_tag: int, slot: int, generation: int, kind: int) -> int:
     """The 32-bit imm of one (cache, slot, generation, kind); see the layout above."""
+    for name, v in (("cache_tag", cache_tag), ("slot", slot), ("generation", generation), ("kind", kind)):
+        check_int(name, v, minimum=None, maximum=None)
+    generation = int(generation)
     if not 0 <= cache_tag < MAX_CACHE_TAGS:
         raise ValueError(f"cache tag must be in 0..{MAX_CACHE_TAGS - 1}, got {cache_tag}")
     if not 0 <= slot < MAX_SLOTS:
@@ -42,6 +46,7 @@ def kv_imm(cache_tag: int, slot: int, generation: int, kind: int) -> int:
 
 def unpack_imm(imm: int) -> tuple[int, int, int, int]:
     """``(cache_tag, slot, generation_low8, kind)`` of a kv imm (ValueError for other imms)."""
+    imm = check_int("imm", imm, minimum=None, maximum=None)
     if not 0 <= imm <= 0xFFFFFFFF or imm >> 28 != IMM_TAG or (imm >> 24) & 0xF == MAX_CACHE_TAGS:
         raise ValueError(f"imm 0x{imm:08x} is not a kv data/payload imm")
     return (imm >> 24) & 0xF, (imm >> 12) & 0xFFF, (imm >> 4) & 0xFF, imm & 0xF

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from jax_garden import fabric
+from jax_garden._validate import check_int
 
 
 class LayerMarks:
@@ -20,9 +19,7 @@ class LayerMarks:
         self._slots = [watcher.slot(i) for i in range(num_layers)]
 
     def slot(self, layer: int) -> fabric.WatcherSlot:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be an int in 0..{self.num_layers - 1}, got {layer!r}")
-        return self._slots[int(layer)]
+        return self._slots[check_int("layer", layer, maximum=self.num_layers - 1)]
 
 
 def mark_layer(marks: LayerMarks, layer: int, token: Any, *arrays: Any, axis_name: str | None = None) -> Any:

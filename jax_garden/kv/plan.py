@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jax_garden import fabric
+from jax_garden._validate import check_int, check_int_array
 from jax_garden.kv.layout import KVLayout
 
 
@@ -67,8 +68,12 @@ def plan_writes(layout: KVLayout, src_shards: int, dst_shards: int, src_pages: A
     lone blocks one ``paged`` op; otherwise one strided ``paged`` op per pair moves the head slice of
     every block. Pure and deterministic: both sides compute it, and :func:`plan_imm_writes` on it.
     """
-    src_pages = np.asarray(src_pages, dtype=np.int64).ravel()
-    dst_pages = np.asarray(dst_pages, dtype=np.int64).ravel()
+    if not isinstance(layout, KVLayout):
+        raise TypeError(f"plan_writes: layout must be a kv.KVLayout, got {type(layout).__name__}")
+    src_shards = check_int("plan_writes: src_shards", src_shards, minimum=1)
+    dst_shards = check_int("plan_writes: dst_shards", dst_shards, minimum=1)
+    src_pages = check_int_array("plan_writes: src_pages", src_pages, minimum=0)
+    dst_pages = check_int_array("plan_writes: dst_pages", dst_pages, minimum=0)
     if src_pages.size != dst_pages.size:
         raise ValueError(f"plan_writes: {src_pages.size} source pages but {dst_pages.size} destination pages")
     for n, name in ((src_shards, "src_shards"), (dst_shards, "dst_shards")):

@@ -12,13 +12,13 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from jax_garden import fabric
-from jax_garden._service.mailbox import Contact, PeerProbe, weak_callback
-from jax_garden._validate import check_float, check_timeout
+from jax_garden import _lifetime, fabric
+from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerProbe, as_contact, weak_callback
+from jax_garden._validate import check_bool, check_float, check_int, check_timeout
 from jax_garden.kv import protocol as P
 from jax_garden.kv.cache import PagedKVCache
 from jax_garden.kv.decode import PAYLOAD_HEADER, PAYLOAD_MAGIC
@@ -40,8 +40,10 @@ class Stream:
     OPENING, STREAMING, FINISHED = StreamState.OPENING, StreamState.STREAMING, StreamState.FINISHED
     DONE, CANCELLED, FAILED = StreamState.DONE, StreamState.CANCELLED, StreamState.FAILED
 
-    def __init__(self, side: "PrefillSide", ticket: Ticket, src_pages: np.ndarray, token: int, layerwise: bool):
+    def __init__(self, side: "PrefillSide", ticket: Ticket, src_pages: np.ndarray, token: int, layerwise: bool,
+                 on_end: Callable[["Stream"], Any] | None = None):
         self._side = side
+        self._on_end = on_end
         self.ticket = ticket
         self.src_pages = src_pages
         self.token = token
@@ -69,12 +71,29 @@ class Stream:
         self.bytes_posted = 0
         self.pages_posted = 0
         self.layers_posted_on_mark = 0
+        self._seen_done = 0  # writes completed at the last tick (signs of the decode side's life)
         self.times: dict[str, Any] = {"opened": time.monotonic(), "marks": {}, "posted": {}}
 
     # -- public ------------------------------------------------------------------------------------------
     @property
+    def path(self) -> tuple[str, str] | None:
+        """The engine path this stream's KV writes take toward the decode cache (``"ipc"``,
+        ``"fabric"`` or ``"staged"``) and why, once the decode side accepted the ticket (else None)."""
+        if not self._dst:
+            return None
+        cache = self._side.cache
+        return cache.engine.path_for(cache.region(0, 0, 0), self._dst[0], why=True)
+
+    @property
     def done(self) -> bool:
         return self.state.ended
+
+    def check(self) -> None:
+        """Raise :class:`StreamError` if the stream was cancelled or failed (the reason says why): a
+        prefill that checks between layers or chunks stops computing for nothing. Inside a jitted
+        program, call it from ``jax.experimental.io_callback`` to abort the program."""
+        if self.state in (StreamState.CANCELLED, StreamState.FAILED):
+            raise StreamError(f"stream {self.key} {self.state}: {self.reason}")
 
     @property
     def layers_posted(self) -> list[int]:
@@ -192,6 +211,9 @@ class Stream:
         if reason is not None:
             self.reason = reason
         self._cond.notify_all()
+        if self._on_end is not None and nxt in (StreamState.CANCELLED, StreamState.FAILED):
+            fn, self._on_end = self._on_end, None
+            self._side._router.callbacks.submit(_call_on_end, fn, self)  # never under the stream lock
         return True
 
     def _fail_locked(self, why: str) -> bool:
@@ -211,15 +233,21 @@ class PrefillSide:
         head sharding).
       timeout: default timeout of ``open_stream``, ``recv_ticket`` and ``Stream.wait``, seconds.
       payload_slots / payload_slot_bytes: the registered staging pool for payloads.
+      liveness_s: a decode side this side streams to that answers no liveness probe for this long is
+        dead: its streams fail naming it (no more posting). Separate from operation timeouts.
     """
 
     def __init__(self, cache: PagedKVCache, *, timeout: float = 30.0, payload_slots: int = 64,
-                 payload_slot_bytes: int = 4096 + 64):
+                 payload_slot_bytes: int = 4096 + 64, liveness_s: float = DEFAULT_LIVENESS_S):
         if not isinstance(cache, PagedKVCache):
             raise TypeError(f"cache must be a kv.PagedKVCache, got {type(cache).__name__}")
+        self.timeout = check_float("timeout", timeout)
+        payload_slots = check_int("payload_slots", payload_slots, minimum=1, maximum=1 << 16)
+        payload_slot_bytes = check_int("payload_slot_bytes", payload_slot_bytes, minimum=PAYLOAD_HEADER + 1,
+                                       maximum=(1 << 20) + 64)
+        self.liveness_s = check_float("liveness_s", liveness_s)
         cache._check_usable()
         self.cache = cache
-        self.timeout = check_float("timeout", timeout)
         eng = cache.engine
         self._lock = threading.RLock()
         self._streams: dict[tuple[int, int, int], Stream] = {}
@@ -240,11 +268,17 @@ class PrefillSide:
         self._router = KVRouter.attach_prefill(eng, self)
         self.contact: Contact = self._router.contact
         cache._listeners.add(self)
+        _lifetime.close_at_exit(self)
 
     # -- public -----------------------------------------------------------------------------------------
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what}: the PrefillSide is closed")
+
     def recv_ticket(self, timeout: float | None = None) -> tuple[bytes, bytes]:
         """Next ticket sent with ``DecodeSide.send_ticket``: ``(ticket bytes, extra bytes)``."""
         timeout = check_timeout("timeout", timeout, self.timeout)
+        self._check_open("recv_ticket")
         try:
             return self._tickets.get(timeout=timeout)
         except queue.Empty:
@@ -252,18 +286,32 @@ class PrefillSide:
 
     def send_message(self, to: Any, payload: bytes) -> None:
         """Opaque bytes to the side (or any mailbox) at contact ``to``: its ``recv_message`` gets them."""
+        to = as_contact(to, "send_message: to")
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"send_message: payload must be bytes, got {type(payload).__name__}")
+        self._check_open("send_message")
         self._router.mailbox.send_user(to, payload)
 
     def recv_message(self, timeout: float | None = None) -> tuple[Contact | None, bytes]:
         """Next non-kv message that reached this engine: ``(sender contact or None, bytes)``."""
-        return self._router.mailbox.recv_user(check_timeout("timeout", timeout, self.timeout))
+        timeout = check_timeout("timeout", timeout, self.timeout)
+        self._check_open("recv_message")
+        return self._router.mailbox.recv_user(timeout)
 
-    def open_stream(self, ticket: Any, src_pages: Any, *, layerwise: bool = True, timeout: float | None = None) -> Stream:
+    def open_stream(self, ticket: Any, src_pages: Any, *, layerwise: bool = True, timeout: float | None = None,
+                    on_end: Callable[[Stream], Any] | None = None) -> Stream:
         """Check ``ticket`` against this side's source cache (ValueError: garbled, truncated, wrong
         layout, pages out of range, ...), then ask the decode side to accept the stream (ValueError if
         it rejects: a ticket from another cache, a stale or cancelled ticket). Nothing is posted before
         the decode side accepted. ``src_pages``: the request's pages in the source cache, in token
-        order. ``layerwise=False`` posts everything at ``finish`` (bulk mode)."""
+        order. ``layerwise=False`` posts everything at ``finish`` (bulk mode). ``on_end(stream)`` is
+        called once, on a kv service thread, if the stream is cancelled or fails after it opened (the
+        decode side cancelled it, its deadline passed, the decode side died, a write failed): the
+        moment to stop computing its prefill (see also :meth:`Stream.check`)."""
+        layerwise = check_bool("layerwise", layerwise)
+        if on_end is not None and not callable(on_end):
+            raise TypeError(f"on_end must be callable(stream), got {type(on_end).__name__}")
+        timeout = check_timeout("timeout", timeout, self.timeout)
         t = as_ticket(ticket)
         cache, eng = self.cache, self.cache.engine
         if bad := cache.layout.mismatches(t.layout):
@@ -286,18 +334,17 @@ class PrefillSide:
             raise ValueError("src_pages: a page appears twice")
         if t.payload_capacity + PAYLOAD_HEADER > 1 << 20:
             raise ValueError(f"kv ticket: payload capacity {t.payload_capacity} too large")
+        self._check_open("open_stream")
         cache._check_usable()
-        timeout = check_timeout("timeout", timeout, self.timeout)
         with self._lock:
-            if self._closed:
-                raise RuntimeError("open_stream: the PrefillSide is closed")
+            self._check_open("open_stream")
             old = self._streams.get((t.cache_id, t.slot, t.generation))
             if old is not None and not old.done:
                 raise ValueError(f"kv ticket: slot {t.slot} generation {t.generation} already has a stream here")
             token = next(self._tokens) & 0xFFFFFFFF
             while token == 0 or token in self._by_token:
                 token = next(self._tokens) & 0xFFFFFFFF
-            s = Stream(self, t, src.astype(np.uint32), token, bool(layerwise))
+            s = Stream(self, t, src.astype(np.uint32), token, layerwise, on_end)
             self._streams[s.key] = s
             need_desc = t.cache_id not in self._descs
         lay = cache.layout
@@ -339,6 +386,7 @@ class PrefillSide:
             if self._closed:
                 return
             self._closed = True
+            _lifetime.closed(self)
             live = [s for s in self._streams.values() if not s.done]
         for s in live:
             self._fail(s, "prefill side closed")
@@ -503,7 +551,7 @@ class PrefillSide:
                     self.counts["opened"] += 1
                     peer = self._peers.get(s.ticket.contact.key)
                     if peer is None or peer.dead:
-                        self._peers[s.ticket.contact.key] = PeerProbe(s.ticket.contact)
+                        self._peers[s.ticket.contact.key] = PeerProbe(s.ticket.contact, self.liveness_s)
             s._cond.notify_all()
         if problem:
             self._send_fence(s, P.FenceFlags.ABORT, problem)
@@ -545,7 +593,7 @@ class PrefillSide:
     def _tick(self, now: float) -> None:
         with self._lock:
             live = [s for s in self._streams.values() if not s.done]
-        peers: dict[bytes, list[Stream]] = {}
+        peers: dict[bytes, list[tuple[Stream, bool]]] = {}
         for s in live:
             if s.state is StreamState.FINISHED:
                 self._maybe_done(s)
@@ -553,20 +601,26 @@ class PrefillSide:
                     continue
             if s.state in (StreamState.STREAMING, StreamState.FINISHED):
                 with s._lock:
-                    failed = next((t for t in s._transfers if t.done and t.failed), None)
+                    done = [t for t in s._transfers if t.done]
+                failed = next((t for t in done if t.failed), None)
                 if failed is not None:
                     self._fail(s, f"a write failed: {failed.error}")
                     continue
-                peers.setdefault(s.ticket.contact.key, []).append(s)
-        for key, streams in peers.items():
+                progressed = len(done) != s._seen_done
+                s._seen_done = len(done)
+                peers.setdefault(s.ticket.contact.key, []).append((s, progressed))
+        for key, entries in peers.items():
+            streams = [s for s, _ in entries]
             with self._lock:
                 peer = self._peers.get(key)
                 if peer is None:
-                    peer = self._peers[key] = PeerProbe(streams[0].ticket.contact)
+                    peer = self._peers[key] = PeerProbe(streams[0].ticket.contact, self.liveness_s)
+            if any(progressed for _, progressed in entries):  # its writes completed: it is alive
+                peer.heard(now)
             why = peer.check(self._router.mailbox, now)
             if why:
                 for s in streams:
-                    self._fail(s, f"decode side unreachable: {why}")
+                    self._fail(s, f"decode side {peer.contact.address} unreachable: {why}")
         with self._lock:
             for key in [k for k, p in self._peers.items() if p.dead]:
                 del self._peers[key]
@@ -575,5 +629,19 @@ class PrefillSide:
         for s in self.streams():
             self._fail(s, f"source cache broken: {why}")
 
+    def _busy_with_cache(self) -> str | None:
+        n = len(self.streams())
+        return f"{n} stream(s) of the PrefillSide are still live" if n else None
+
+    def _cache_reregistered(self) -> None:
+        pass  # the new regions are read at the next post
+
     def __repr__(self) -> str:
         return f"PrefillSide({len(self.streams())} live streams)"
+
+
+def _call_on_end(fn: Callable[[Stream], Any], stream: Stream) -> None:
+    try:
+        fn(stream)
+    except Exception:  # noqa: BLE001 - a user callback must not stop the service
+        log.exception("kv: on_end callback of %r failed", stream)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jax_garden import fabric
-from jax_garden._service.mailbox import Contact, Envelope, Mailbox
+from jax_garden._service.mailbox import TICK_S, Contact, Envelope, Mailbox
 from jax_garden._service.tags import ProtocolId
 from jax_garden.kv import protocol as P
 from jax_garden.kv.imm import MAX_CACHE_TAGS
@@ -31,9 +31,12 @@ class KVRouter:
         self.closed = False
         # Fence jobs wait for a stream's writes to complete at the sender before FENCED goes out.
         self.fence_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-fence")
+        # Users' on_end callbacks, one at a time, never behind a fence job.
+        self.callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-callback")
         self._lock = threading.Lock()
+        self._period = TICK_S
         mailbox.route(ProtocolId.KV, self._dispatch)
-        mailbox.on_tick(self._tick)
+        mailbox.on_tick(self._tick, self._period)
 
     # -- sides -------------------------------------------------------------------------------------------
     @staticmethod
@@ -50,6 +53,7 @@ class KVRouter:
                     raise ValueError(f"at most {MAX_CACHE_TAGS} DecodeSides per engine")
                 side.cache_tag = free[0]
                 router.decode_sides[side.cache_id] = side
+            router._tick_for(side.liveness_s)
             return router
 
     @staticmethod
@@ -63,7 +67,16 @@ class KVRouter:
                     mb.release()
                     raise ValueError("one PrefillSide per engine")
                 router.prefill = side
+            router._tick_for(side.liveness_s)
             return router
+
+    def _tick_for(self, liveness_s: float) -> None:
+        """Tick at least four times per liveness interval (a dead peer is noticed within it)."""
+        period = min(TICK_S, liveness_s / 4)
+        if period < self._period:
+            self._period = period
+            self.mailbox.off_tick(self._tick)
+            self.mailbox.on_tick(self._tick, period)
 
     def detach(self, side: Any) -> None:
         """Unregister ``side``; the last kv side of the engine takes the router down."""
@@ -83,7 +96,15 @@ class KVRouter:
                 self.mailbox.off_tick(self._tick)
                 self.mailbox.drop_service(ProtocolId.KV, self)
                 self.fence_pool.shutdown(wait=False)
+                self.callbacks.shutdown(wait=False)
             self.mailbox.release()
+
+    def rekey(self, side: Any, old_id: int) -> None:
+        """A DecodeSide changed its cache id (its cache was re-registered)."""
+        with self._lock:
+            if self.decode_sides.get(old_id) is side:
+                del self.decode_sides[old_id]
+            self.decode_sides[side.cache_id] = side
 
     def sides(self) -> list[Any]:
         with self._lock:

@@ -231,9 +231,11 @@ def payload_checked(p: Progress, problem: str | None) -> Step:
     return dataclasses.replace(p, state=State.READY), (Ready(),)
 
 
-def peer_dead(p: Progress, why: str, quarantine_s: float) -> Step:
-    """The stream's prefill side is unreachable: what it posted can no longer be accounted for."""
-    return quarantine(p, State.FAILED, f"prefill side unreachable: {why}; pages quarantined for {quarantine_s} s")
+def peer_dead(p: Progress, peer: str, why: str, quarantine_s: float) -> Step:
+    """The stream's prefill side (``peer``: its address) is unreachable: what it posted can no longer
+    be accounted for."""
+    return quarantine(p, State.FAILED, f"prefill side {peer} unreachable: {why}; pages quarantined for "
+                                       f"{quarantine_s} s")
 
 
 # ---- prefill streams ------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ NumPy reference of the fp8 transform), ``stager`` (gathering pieces into staging
 """
 
 from jax_garden.weights import stager
+from jax_garden.weights.errors import PeerDead, VersionRefused
 from jax_garden.weights.fp8 import FP8_MAX, dequantize_fp8, fp8_error_bound, quantize_fp8, stage_item_numpy
 from jax_garden.weights.layout import PLAN_FORMAT, Fp8, Layout, MeshSharding, TensorLayout, TensorSpec, fp8_spec
 from jax_garden.weights.plan import (BYTES_MODE_MIN, DEFAULT_CHUNK_BYTES, DEFAULT_DIRECT_MIN_BYTES, KIND_COPY, KIND_FP8,
@@ -38,5 +39,6 @@ from jax_garden.weights.subscriber import Subscriber
 
 __all__ = [
     "MeshSharding", "TensorSpec", "Fp8", "fp8_spec", "TensorLayout", "Layout", "Plan", "Publisher", "PushHandle",
-    "Subscriber", "quantize_fp8", "dequantize_fp8", "fp8_error_bound", "imm_value", "imm_fields",
+    "Subscriber", "quantize_fp8", "dequantize_fp8", "fp8_error_bound", "imm_value", "imm_fields", "PeerDead",
+    "VersionRefused",
 ]

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jax_garden.weights.layout import slices
+from jax_garden.weights.layout import check_block, slices
 from jax_garden.weights.plan import KIND_COPY, KIND_SCALE
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -33,7 +33,7 @@ def quantize_fp8(x: Any, block: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     import ml_dtypes
 
     x = np.asarray(x)
-    block = tuple(int(b) for b in block)
+    block = check_block(block)
     if len(block) != x.ndim:
         raise ValueError(f"block {block} must have one entry per dimension of shape {x.shape}")
     amax = _np_block_amax(x, block)
@@ -49,6 +49,7 @@ def quantize_fp8(x: Any, block: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize_fp8(weight: Any, scale: Any, block: Sequence[int]) -> np.ndarray:
     """``weight * scale`` (float32), each scale broadcast over its block."""
+    block = check_block(block)
     w = np.asarray(weight).astype(np.float32)
     s = np.asarray(scale, np.float32)
     for d, b in enumerate(block):
@@ -60,6 +61,7 @@ def fp8_error_bound(x: Any, scale: Any, block: Sequence[int]) -> np.ndarray:
     """Per-element bound on ``|dequantize(quantize(x)) - x|``: half a float8_e4m3fn step at the
     value's binade (2^-4 relative for normal values) and half the subnormal step (2^-10 of the
     scale) below that, plus float32 rounding."""
+    block = check_block(block)
     x = np.abs(np.asarray(x).astype(np.float32))
     s = np.asarray(scale, np.float32)
     for d, b in enumerate(block):

@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from jax_garden._validate import check_instance, check_int
+
 PLAN_FORMAT = 1
 MAX_RANKS = 1 << 16  # a rank is 16 bits of the imm
 
@@ -70,19 +72,34 @@ class MeshSharding:
 
     def __init__(self, axes: dict[str, int] | Sequence[tuple[str, int]], spec: Any = (), *,
                  devices_per_rank: int = 1):
-        items = list(axes.items()) if isinstance(axes, dict) else [tuple(a) for a in axes]
+        if isinstance(axes, dict):
+            items = list(axes.items())
+        elif isinstance(axes, (list, tuple)) and all(isinstance(a, (list, tuple)) and len(a) == 2 for a in axes):
+            items = [tuple(a) for a in axes]
+        else:
+            raise TypeError(f"MeshSharding axes must be a dict {{name: size}} or a sequence of (name, size), got "
+                            f"{type(axes).__name__} {axes!r}")
         if not items:
             raise ValueError("MeshSharding needs at least one mesh axis")
-        self.axis_names = tuple(str(n) for n, _ in items)
+        for n, size in items:
+            check_instance("MeshSharding axis name", n, str)
+            check_int(f"MeshSharding axis {n!r} size", size, minimum=1)
+        self.axis_names = tuple(n for n, _ in items)
         self.axis_sizes = tuple(int(s) for _, s in items)
-        if min(self.axis_sizes) <= 0:
-            raise ValueError(f"mesh axis sizes must be > 0, got {dict(items)}")
         if len(set(self.axis_names)) != len(self.axis_names):
             raise ValueError(f"mesh axis names repeat: {self.axis_names}")
+        if spec is not None and (isinstance(spec, (str, bytes)) or not hasattr(spec, "__iter__")):
+            raise TypeError(f"MeshSharding spec must be a PartitionSpec or a tuple of its entries, got "
+                            f"{type(spec).__name__} {spec!r}")
         self.spec = tuple(spec) if spec is not None else ()
-        if devices_per_rank <= 0 or self.num_devices % devices_per_rank:
+        for e in self.spec:
+            names = () if e is None else (e,) if isinstance(e, str) else e
+            if not isinstance(names, (tuple, list)) or not all(isinstance(x, str) for x in names):
+                raise TypeError(f"MeshSharding spec entries must be None, an axis name or a tuple of names, got {e!r}")
+        devices_per_rank = check_int("devices_per_rank", devices_per_rank, minimum=1)
+        if self.num_devices % devices_per_rank:
             raise ValueError(f"devices_per_rank={devices_per_rank} must divide the {self.num_devices} mesh devices")
-        self.devices_per_rank = int(devices_per_rank)
+        self.devices_per_rank = devices_per_rank
 
     @classmethod
     def from_named(cls, sharding: Any, *, devices_per_rank: int = 1) -> "MeshSharding":
@@ -152,6 +169,13 @@ class TensorSpec:
     dtype: Any
     sharding: Any = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", check_shape("TensorSpec.shape", self.shape))
+        try:
+            dtype_name(self.dtype)
+        except TypeError:
+            raise TypeError(f"TensorSpec.dtype: {self.dtype!r} is not an array dtype") from None
+
 
 class Fp8:
     """Destination declaration: this parameter arrives as ``float8_e4m3fn`` plus float32 scales.
@@ -171,7 +195,7 @@ class Fp8:
     """
 
     def __init__(self, weight: Any, scale: Any, block: Sequence[int]):
-        self.weight, self.scale, self.block = weight, scale, tuple(int(b) for b in block)
+        self.weight, self.scale, self.block = weight, scale, check_block(block)
 
     def __repr__(self) -> str:
         return f"Fp8(weight={self.weight!r}, scale={self.scale!r}, block={self.block})"
@@ -195,8 +219,8 @@ def fp8_spec(shape: Sequence[int], weight_sharding: Any = None, scale_sharding: 
     """An :class:`Fp8` declaration from shardings (``scale_sharding`` defaults to ``weight_sharding``)."""
     import jax.numpy as jnp
 
-    shape = tuple(int(s) for s in shape)
-    block = tuple(int(b) for b in block)
+    shape = check_shape("fp8_spec: shape", shape)
+    block = check_block(block)
     if len(block) != len(shape):
         raise ValueError(f"fp8 block {block} must have one entry per dimension of shape {shape}")
     scale_shape = tuple(-(-s // b) for s, b in zip(shape, block))
@@ -235,6 +259,25 @@ def box_of_index(index: tuple, shape: tuple) -> Box:
             raise ValueError(f"strided shard index {index} is not supported")
         out.append((start, stop))
     return tuple(out)
+
+
+def check_shape(name: str, shape: Any) -> tuple:
+    """A shape: a sequence of ints >= 0 (TypeError / ValueError)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__} {shape!r}")
+    return tuple(check_int(f"{name} entry", d) for d in shape)
+
+
+def check_block(block: Any) -> tuple:
+    """An fp8 block: one int >= 1 per dimension (1: no blocking on that dimension)."""
+    if isinstance(block, (str, bytes)) or not hasattr(block, "__iter__"):
+        raise TypeError(f"fp8 block must be a sequence of ints, got {type(block).__name__} {block!r}")
+    block = tuple(block)
+    for b in block:
+        check_int(f"fp8 block entry (block {block})", b, minimum=None)
+    if any(b <= 0 for b in block):
+        raise ValueError(f"fp8 block {block}: every entry must be >= 1 (1 = no blocking on that dimension)")
+    return tuple(int(b) for b in block)
 
 
 def _leaf_info(leaf: Any, path: str) -> tuple[tuple, str, Any]:
@@ -286,6 +329,9 @@ class Layout:
         over an ``AbstractMesh`` and :class:`MeshSharding` map mesh positions to ranks with
         ``devices_per_rank``.
         """
+        if rank_of is not None and not callable(rank_of):
+            raise TypeError(f"rank_of must be callable(device) -> rank, got {type(rank_of).__name__}")
+        devices_per_rank = check_int("devices_per_rank", devices_per_rank, minimum=1)
         import jax
 
         flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, (Fp8, TensorSpec)))
@@ -427,7 +473,9 @@ class Layout:
 
     @classmethod
     def from_bytes(cls, b: bytes) -> "Layout":
-        if not isinstance(b, (bytes, bytearray)) or bytes(b[:4]) != b"JGWL":
+        if not isinstance(b, (bytes, bytearray, memoryview)):
+            raise TypeError(f"Layout.from_bytes takes bytes, got {type(b).__name__}")
+        if bytes(b[:4]) != b"JGWL":
             raise ValueError("not the bytes of a weights.Layout (bad magic)")
         try:
             return cls.from_json(json.loads(zlib.decompress(bytes(b[4:]))))

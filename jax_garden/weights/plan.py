@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from jax_garden import fabric
+from jax_garden._validate import check_int
 from jax_garden.weights.layout import PLAN_FORMAT, Box, Layout, prod
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -163,10 +164,8 @@ class Plan:
                  direct_min_bytes: int = DEFAULT_DIRECT_MIN_BYTES):
         if not isinstance(src, Layout) or not isinstance(dst, Layout):
             raise TypeError(f"Plan(src, dst) takes two weights.Layout, got {type(src).__name__}, {type(dst).__name__}")
-        if not (isinstance(chunk_bytes, int) and 4096 <= chunk_bytes <= (1 << 30)):
-            raise ValueError(f"chunk_bytes must be an int in 4096..2^30, got {chunk_bytes!r}")
-        if not (isinstance(direct_min_bytes, int) and direct_min_bytes >= 0):
-            raise ValueError(f"direct_min_bytes must be an int >= 0, got {direct_min_bytes!r}")
+        chunk_bytes = check_int("chunk_bytes", chunk_bytes, minimum=4096, maximum=1 << 30)
+        direct_min_bytes = check_int("direct_min_bytes", direct_min_bytes)
         self.src, self.dst = src, dst
         self.chunk_bytes, self.direct_min_bytes = chunk_bytes, direct_min_bytes
         t0 = time.perf_counter()
@@ -405,6 +404,7 @@ class Plan:
     # -- chunks ---------------------------------------------------------------------------------
     def chunks_of(self, src_rank: int) -> list[Chunk]:
         """The chunks ``src_rank`` posts, in order (packed on first use, then kept)."""
+        src_rank = check_int("src_rank", src_rank, maximum=max(0, self.num_src_ranks - 1))
         with self._chunk_lock:
             cl = self._chunks.get(src_rank)
             if cl is None:
@@ -528,7 +528,9 @@ class Plan:
 
     @classmethod
     def from_bytes(cls, b: bytes) -> "Plan":
-        if not isinstance(b, (bytes, bytearray)) or bytes(b[:4]) != b"JGWP":
+        if not isinstance(b, (bytes, bytearray, memoryview)):
+            raise TypeError(f"Plan.from_bytes takes bytes, got {type(b).__name__}")
+        if bytes(b[:4]) != b"JGWP":
             raise ValueError("not the bytes of a weights.Plan (bad magic)")
         try:
             j = json.loads(zlib.decompress(bytes(b[4:])))

@@ -6,7 +6,9 @@ weights entry of the service table (``0xA``), away from kv's, MoE's and the mail
 
 Messages: connect: publisher -> subscriber HELLO, answered by WELCOME (in parts: the descriptors of
 the buffers the publisher writes, both copies) or REFUSE. Push: PUSH_REQUEST, answered by GRANT,
-DONE, REJECT or PENDING (then a GRANT later). Switch: STATUS between subscriber ranks.
+DONE, REJECT or PENDING (then a GRANT later); later IN_SERVICE (the version went into service at
+that subscriber rank) or REFUSED (it never will: replaced by a newer one before it was complete).
+Switch: STATUS between subscriber ranks.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class Kind(enum.IntEnum):
     REJECT = 7
     DONE = 8
     STATUS = 9
+    IN_SERVICE = 10
+    REFUSED = 11
 
 
 @WEIGHTS.message(Kind.HELLO)
@@ -133,6 +137,21 @@ class Status:
     serving: OptU64
     candidate: OptU64
     missing: Text
+
+
+@WEIGHTS.message(Kind.IN_SERVICE)
+class InService:
+    """subscriber -> each source of a version: it is in service here now."""
+    dst: U32
+    version: U64
+
+
+@WEIGHTS.message(Kind.REFUSED)
+class Refused:
+    """subscriber -> each source of a granted version that will never go into service here."""
+    dst: U32
+    version: U64
+    reason: Text
 
 
 ANSWERS = (Grant, Pending, Reject, Done)

@@ -12,13 +12,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jax_garden import fabric
+from jax_garden import _lifetime, fabric
 from jax_garden._service.bootstrap import Bootstrap
-from jax_garden._service.mailbox import Contact, as_contact
+from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerDead, PeerProbe, as_contact
+from jax_garden._validate import check_float, check_instance, check_int, check_timeout
 from jax_garden.weights import protocol as P
+from jax_garden.weights.errors import VersionRefused
 from jax_garden.weights.layout import box_of_index, dtype_name, slices
 from jax_garden.weights.placement import bootstrap_key, default_rank, local_devices, put_on, registrable
-from jax_garden.weights.plan import Plan
+from jax_garden.weights.plan import STAGE_ALIGN, Chunk, Plan
 from jax_garden.weights.router import WeightsRouter
 from jax_garden.weights.stager import StagingRing
 
@@ -34,10 +36,14 @@ class SubscriberLink:
 
 class PushHandle:
     """A push in flight. :meth:`wait` returns once every write left this process (the subscriber
-    learns that they landed by counting imms) and raises what went wrong."""
+    learns that they landed by counting imms) and raises what went wrong; :meth:`wait_in_service`
+    returns once every subscriber rank it writes to took the version into service."""
 
     def __init__(self, version: int, ranks: Sequence[int]):
         self.version = version
+        self.ranks = list(ranks)
+        self._cv = threading.Condition()
+        self._service: dict[int, str | None] = {}  # subscriber rank -> None: in service; else why refused
         self._done = threading.Event()
         self._error: BaseException | None = None
         self.bytes_sent = {r: 0 for r in ranks}
@@ -51,11 +57,51 @@ class PushHandle:
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> "PushHandle":
+        """Block until the push ended (None: however long it takes; it always ends, every step of it
+        has a timeout); raises its error."""
+        if timeout is not None:
+            timeout = check_timeout("timeout", timeout)
         if not self._done.wait(timeout):
             raise TimeoutError(f"push of version {self.version} still running after {timeout} s")
         if self._error is not None:
             raise self._error
         return self
+
+    @property
+    def in_service(self) -> list[int]:
+        """Subscriber ranks that reported the version in service."""
+        with self._cv:
+            return sorted(r for r, why in self._service.items() if why is None)
+
+    def wait_in_service(self, timeout: float) -> "PushHandle":
+        """Block until every subscriber rank this push writes to took the version into service
+        (after their ``refresh``/``wait``). Raises the push's own error, ``VersionRefused`` naming a
+        rank where the version will never go into service, or ``TimeoutError`` naming the ranks that
+        did not report within ``timeout``."""
+        timeout = check_timeout("timeout", timeout)
+        deadline = time.monotonic() + timeout
+        self.wait(timeout)
+        with self._cv:
+            while True:
+                refused = {r: why for r, why in self._service.items() if why is not None}
+                if refused:
+                    r = min(refused)
+                    raise VersionRefused(f"version {self.version} will not go into service at subscriber rank {r}: "
+                                         f"{refused[r]}")
+                missing = [r for r in self.ranks if r not in self._service]
+                if not missing:
+                    return self
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"version {self.version}: subscriber ranks {missing} did not report it in "
+                                       f"service within {timeout} s (they take it at their next refresh/wait once "
+                                       "it landed on every rank)")
+                self._cv.wait(min(left, 0.05))
+
+    def _report(self, rank: int, refused: str | None) -> None:
+        with self._cv:
+            self._service.setdefault(rank, refused)
+            self._cv.notify_all()
 
     def _finish(self, error: BaseException | None) -> None:
         self._error = error
@@ -77,9 +123,13 @@ class Publisher:
       engine: the TransferEngine to push with (it may carry other services too: control messages go
         through its mailbox); by default the publisher makes its own (``provider``, ``domains``,
         ``engine_timeout``) and closes it with itself.
-      staging_bytes: staging memory per process (split over its devices): chunk k+1 is gathered
-        into one slot while chunk k is written from another. At least 2 chunks per device.
+      staging_bytes: the most staging memory per process (split over its devices that stage): chunk
+        k+1 is gathered into one slot while chunk k is written from another. Each device gets as many
+        slots as it has chunks to stage, up to the bound, each the size of its largest chunk, so a
+        small model takes little memory; at least 2 slots per device that stages 2 chunks or more.
       timeout: seconds for connecting, for grants, and for each write to complete.
+      liveness_s: a subscriber rank this publisher waits on (welcome, grants) that answers no
+        liveness probe for this long is dead: connect / the push fail naming it.
       imm_tag: 4-bit tag in every imm (must match the subscriber's; default 0xA, the weights entry of
         the service table; a tag of another jax_garden service is refused).
       devices: jax device of each local index (default from the layout / ``jax.local_devices()``).
@@ -88,32 +138,26 @@ class Publisher:
     def __init__(self, plan: Plan, rank: int | None = None, *, engine: fabric.TransferEngine | None = None,
                  provider: str | None = None, domains: int = 1, engine_timeout: float = fabric.DEFAULT_TIMEOUT,
                  staging_bytes: int = 256 << 20, timeout: float = 60.0, imm_tag: int = P.DEFAULT_IMM_TAG,
-                 devices: Sequence[Any] | None = None):
+                 devices: Sequence[Any] | None = None, liveness_s: float = DEFAULT_LIVENESS_S):
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a weights.Plan, got {type(plan).__name__}")
-        if not (isinstance(staging_bytes, int) and staging_bytes > 0):
-            raise ValueError(f"staging_bytes must be a positive int, got {staging_bytes!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0, got {timeout}")
+        if engine is not None and not isinstance(engine, fabric.TransferEngine):
+            raise TypeError(f"engine must be a fabric.TransferEngine, got {type(engine).__name__}")
+        staging_bytes = check_int("staging_bytes", staging_bytes, minimum=1)
+        timeout = check_float("timeout", timeout)
+        self.liveness_s = check_float("liveness_s", liveness_s)
         imm_tag = P.check_imm_tag(imm_tag)
-        self.plan, self.timeout, self.imm_tag = plan, float(timeout), imm_tag
+        self.plan, self.timeout, self.imm_tag = plan, timeout, imm_tag
         self.rank = default_rank(plan.src, rank, "source")
         self._own_engine = engine is None
         self.engine = engine or fabric.TransferEngine(provider, domains, timeout=engine_timeout)
         self._devices = local_devices(plan.src, self.rank, devices)
         self._chunks = plan.chunks_of(self.rank)
         self._dests = plan.destinations_of(self.rank)
-        staged_locals = sorted({c.src_local for c in self._chunks if c.staged})
         self.staging_bytes = staging_bytes
         self._rings: dict[int, StagingRing] = {}
-        if staged_locals:
-            per = staging_bytes // len(staged_locals)
-            slots = per // plan.chunk_bytes
-            if slots < 2:
-                raise ValueError(f"staging_bytes={staging_bytes} holds {slots} chunk(s) of {plan.chunk_bytes} bytes per "
-                                 f"device ({len(staged_locals)} devices stage here); need at least 2 to pipeline")
-            for l in staged_locals:
-                self._rings[l] = StagingRing(self.engine, self._devices[l], slots, plan.chunk_bytes)
+        for l, (slots, slot_bytes) in staging_slots(self._chunks, staging_bytes).items():
+            self._rings[l] = StagingRing(self.engine, self._devices[l], slots, slot_bytes)
         self._subs: dict[int, SubscriberLink] = {}
         self._targets: list[dict] | None = None
         self._cv = threading.Condition()
@@ -122,8 +166,19 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._handle: PushHandle | None = None  # the last push's
         self._requests = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
+        self._handles: dict[int, PushHandle] = {}  # recent pushes by version, for in-service reports
         self._closed = False
         self._router = WeightsRouter.attach(self.engine, self, "publisher")
+        _lifetime.close_at_exit(self)
+
+    @property
+    def staging_allocated(self) -> int:
+        """Bytes of staging memory this publisher holds (at most ``staging_bytes``)."""
+        return sum(len(r.arrays) * r.slot_bytes for r in self._rings.values())
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what}: the Publisher is closed")
 
     @property
     def address(self) -> bytes:
@@ -155,10 +210,16 @@ class Publisher:
         subscribers called :meth:`Subscriber.announce` with the same name). Raises ``ValueError`` if
         a subscriber runs another plan (fingerprint mismatch), ``TimeoutError`` if one is silent.
         """
-        t = self.timeout if timeout is None else float(timeout)
-        deadline = time.monotonic() + t
+        t = check_timeout("timeout", timeout, self.timeout)
         if (addresses is None) == (kv is None):
             raise ValueError("connect takes either addresses or kv=name")
+        if kv is not None:
+            check_instance("kv", kv, str)
+        elif isinstance(addresses, (str, bytes)) or not hasattr(addresses, "__iter__"):
+            raise TypeError(f"addresses must be a sequence (one address per subscriber rank), got "
+                            f"{type(addresses).__name__}")
+        self._check_open("connect")
+        deadline = time.monotonic() + t
         contacts: dict[int, Contact] = {}
         if kv is not None:
             boot = Bootstrap()
@@ -167,9 +228,9 @@ class Publisher:
                 contacts[r] = as_contact(v, f"the contact subscriber rank {r} announced as {kv!r}")
         else:
             addresses = list(addresses)
-            if len(addresses) < self.plan.num_dst_ranks:
-                raise ValueError(f"connect needs the addresses of all {self.plan.num_dst_ranks} subscriber ranks, "
-                                 f"got {len(addresses)}")
+            if len(addresses) != self.plan.num_dst_ranks:
+                raise ValueError(f"connect needs the addresses of the plan's {self.plan.num_dst_ranks} subscriber ranks "
+                                 f"(index = rank), got {len(addresses)}")
             for r in self._dests:
                 contacts[r] = as_contact(addresses[r], f"addresses[{r}]")
         with self._busy:
@@ -177,9 +238,11 @@ class Publisher:
             for r in self._dests:
                 self._router.send(contacts[r], P.Hello(self.plan.fingerprint, self.rank, self.engine.num_domains))
             waiting = set(self._dests)
+            probes = {r: PeerProbe(contacts[r], self.liveness_s) for r in self._dests}
             while waiting:
                 _, m = self._next_reply(deadline, lambda m: isinstance(m, (P.Welcome, P.Refuse)),
-                                        lambda: f"no answer to hello from subscriber ranks {sorted(waiting)}")
+                                        lambda: f"no answer to hello from subscriber ranks {sorted(waiting)}",
+                                        {r: probes[r] for r in waiting})
                 if isinstance(m, P.Refuse):
                     raise ValueError(f"subscriber rank {m.dst} refused the connection: {m.reason}")
                 if m.fingerprint != self.plan.fingerprint:
@@ -228,20 +291,34 @@ class Publisher:
             out.append(per)
         return out
 
-    def _next_reply(self, deadline: float, want: Callable[[Any], bool], what: Callable[[], str]) -> tuple[Contact, Any]:
-        """The first answer ``want`` accepts (older ones stay queued), or TimeoutError naming ``what``."""
+    def _next_reply(self, deadline: float, want: Callable[[Any], bool], what: Callable[[], str],
+                    watch: dict[int, PeerProbe]) -> tuple[Contact, Any]:
+        """The first answer ``want`` accepts (older ones stay queued); TimeoutError naming ``what``,
+        or PeerDead once a subscriber rank in ``watch`` (rank -> probe) is found dead."""
+        mb = self._router.mailbox
         with self._cv:
             while True:
                 for i, (sender, m) in enumerate(self._replies):
                     if want(m):
                         return self._replies.pop(i)
+                for r, probe in watch.items():
+                    why = probe.check(mb)
+                    if why:
+                        raise PeerDead(f"weights publisher rank {self.rank}: subscriber rank {r} at "
+                                       f"{probe.contact.address} is dead ({why}) while waiting: {what()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"weights publisher rank {self.rank}: {what()}")
-                self._cv.wait(min(left, 0.05))
+                self._cv.wait(min(left, 0.05, self.liveness_s / 4))
 
     def _on_message(self, sender: Contact, m: Any) -> None:
-        """An answer from a subscriber (mailbox reader thread)."""
+        """A message from a subscriber (mailbox reader thread)."""
+        if isinstance(m, (P.InService, P.Refused)):
+            with self._cv:
+                h = self._handles.get(m.version)
+            if h is not None:
+                h._report(m.dst, None if isinstance(m, P.InService) else m.reason)
+            return
         with self._cv:
             self._replies.append((sender, m))
             del self._replies[:-256]  # bounded: stale answers of old pushes are dropped
@@ -256,12 +333,13 @@ class Publisher:
         shard of each leaf, or whole numpy arrays) as ``version`` (an int, increasing).
 
         Checks everything before anything is sent: ``ValueError`` for a wrong structure, shape or
-        sharding, ``TypeError`` for a wrong dtype. The push runs on a background thread (grants,
-        then the pipelined chunks); the returned handle's ``wait`` raises its errors."""
+        sharding, ``TypeError`` for a wrong dtype or version type. The push runs on a background
+        thread (grants, then the pipelined chunks); the returned handle's ``wait`` raises its errors
+        and its ``wait_in_service`` tells when the version went into service (or was refused)."""
+        version = check_int("version", version, maximum=(1 << 62) - 1)
+        self._check_open("push")
         if self._targets is None:
             raise RuntimeError("Publisher.connect() must run before push()")
-        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 1 << 62:
-            raise ValueError(f"version must be an int in 0..2^62, got {version!r}")
         if self._thread is not None:
             # The handle is done before its thread has quite returned: a push right after
             # wait() must not be refused for that.
@@ -270,6 +348,10 @@ class Publisher:
             self._thread.join()
         srcs = self._sources(params)
         handle = self._handle = PushHandle(version, self._dests)
+        with self._cv:
+            self._handles[version] = handle
+            while len(self._handles) > 16:
+                del self._handles[min(self._handles)]
         self._thread = threading.Thread(target=self._run, args=(handle, srcs), name="jax_garden-weights-push",
                                         daemon=True)
         self._thread.start()
@@ -353,11 +435,13 @@ class Publisher:
         grants: dict[int, tuple[int, int]] = {}
         waiting = set(self._dests)
         reasons: dict[int, str] = {}
+        probes = {r: PeerProbe(self._subs[r].contact, self.liveness_s) for r in self._dests}
         while waiting:
             _, m = self._next_reply(
                 deadline, lambda m: isinstance(m, P.ANSWERS) and m.request == req,
                 lambda: (f"push of version {handle.version}: no grant within {self.timeout} s from subscriber ranks "
-                         f"{sorted(waiting)}" + "".join(f"; rank {r}: {reasons[r]}" for r in sorted(waiting) if r in reasons)))
+                         f"{sorted(waiting)}" + "".join(f"; rank {r}: {reasons[r]}" for r in sorted(waiting) if r in reasons)),
+                {r: probes[r] for r in waiting})
             if isinstance(m, P.Pending):
                 reasons[m.dst] = m.reason
             elif isinstance(m, P.Reject):
@@ -438,9 +522,12 @@ class Publisher:
                 direct.extend(posted)
 
     def close(self) -> None:
+        """Wait for a running push (at most ``timeout``), release the staging memory, detach from the
+        engine's mailbox and (if it made it) close the engine. Every later call raises RuntimeError."""
         if self._closed:
             return
         self._closed = True
+        _lifetime.closed(self)
         if self._thread is not None:
             self._thread.join(self.timeout)
         self._rings.clear()
@@ -453,3 +540,26 @@ class Publisher:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def staging_slots(chunks: Sequence[Chunk], staging_bytes: int) -> dict[int, tuple[int, int]]:
+    """{local device: (slots, slot bytes)} of the staging rings of a rank that posts ``chunks``: as
+    many slots as the device stages chunks, up to the bound, each as large as its largest chunk.
+    ``ValueError`` when ``staging_bytes`` cannot hold 2 slots on a device that stages 2 chunks or more
+    (1 when it stages one)."""
+    per_device: dict[int, list[int]] = {}
+    for c in chunks:
+        if c.staged:
+            per_device.setdefault(c.src_local, []).append(c.nbytes)
+    out = {}
+    for l, sizes in sorted(per_device.items()):
+        per = staging_bytes // len(per_device)
+        slot = -(-max(sizes) // STAGE_ALIGN) * STAGE_ALIGN
+        need = min(2, len(sizes))
+        slots = min(len(sizes), per // slot)
+        if slots < need:
+            raise ValueError(f"staging_bytes={staging_bytes} holds {slots} slot(s) of {slot} bytes per device "
+                             f"({len(per_device)} devices stage here, device {l} stages {len(sizes)} chunks); need at "
+                             f"least {need} to pipeline")
+        out[l] = (slots, slot)
+    return out

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from jax_garden import fabric
-from jax_garden._service.mailbox import Contact, Envelope, Mailbox
+from jax_garden._service.mailbox import TICK_S, Contact, Envelope, Mailbox
 from jax_garden._service.tags import ProtocolId
 from jax_garden.weights import protocol as P
 
@@ -28,8 +28,17 @@ class WeightsRouter:
         self.publisher: Any = None
         self.subscriber: Any = None
         self._lock = threading.Lock()
+        self._period = TICK_S
         mailbox.route(ProtocolId.WEIGHTS, self._dispatch)
-        mailbox.on_tick(self._tick)
+        mailbox.on_tick(self._tick, self._period)
+
+    def tick_for(self, liveness_s: float) -> None:
+        """Tick at least four times per liveness interval (a dead peer is noticed within it)."""
+        period = min(TICK_S, liveness_s / 4)
+        if period < self._period:
+            self._period = period
+            self.mailbox.off_tick(self._tick)
+            self.mailbox.on_tick(self._tick, period)
 
     @staticmethod
     def attach(engine: fabric.TransferEngine, endpoint: Any, role: str) -> "WeightsRouter":

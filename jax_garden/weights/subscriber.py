@@ -10,9 +10,10 @@ import threading
 import time
 from typing import Any, Iterator, Sequence
 
-from jax_garden import fabric
+from jax_garden import _lifetime, fabric
 from jax_garden._service.bootstrap import Bootstrap
-from jax_garden._service.mailbox import Contact, PeerDead, as_contact
+from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerDead, PeerProbe, as_contact
+from jax_garden._validate import check_float, check_instance, check_int, check_timeout
 from jax_garden.weights import protocol as P
 from jax_garden.weights.layout import Fp8, Layout, MeshSharding, TensorSpec, is_abstract
 from jax_garden.weights.placement import bootstrap_key, default_rank, local_devices
@@ -53,8 +54,11 @@ class Attempt:
 
 @dataclasses.dataclass
 class PublisherInfo:
+    """A source rank that said hello: where it is, its domains, and its liveness."""
+
     contact: Contact
     domains: int
+    probe: PeerProbe
 
 
 @dataclasses.dataclass
@@ -116,19 +120,25 @@ class Subscriber:
       devices / devices_per_rank: how local indices map to jax devices / how abstract meshes map
         to ranks (as in :meth:`Layout.from_pytree`).
       poll_s: how often :meth:`wait` checks the imm counters of a push being collected.
+      liveness_s: while a version is being collected, a source of it that answers no liveness probe
+        for this long is dead: :meth:`wait` raises ``PeerDead`` naming it (the version in service
+        stays; a restarted publisher may push again).
     """
 
     def __init__(self, plan: Plan, specs: Any, rank: int | None = None, *,
                  engine: fabric.TransferEngine | None = None, provider: str | None = None, domains: int = 1,
                  engine_timeout: float = fabric.DEFAULT_TIMEOUT, fence_s: float = 2.0,
                  imm_tag: int = P.DEFAULT_IMM_TAG, devices: Sequence[Any] | None = None, devices_per_rank: int = 1,
-                 poll_s: float = 0.002):
+                 poll_s: float = 0.002, liveness_s: float = DEFAULT_LIVENESS_S):
         import jax.numpy as jnp
 
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a weights.Plan, got {type(plan).__name__}")
-        if not fence_s >= 0:
-            raise ValueError(f"fence_s must be >= 0, got {fence_s}")
+        if engine is not None and not isinstance(engine, fabric.TransferEngine):
+            raise TypeError(f"engine must be a fabric.TransferEngine, got {type(engine).__name__}")
+        fence_s = check_float("fence_s", fence_s, allow_zero=True)
+        poll_s = check_float("poll_s", poll_s)
+        self.liveness_s = check_float("liveness_s", liveness_s)
         imm_tag = P.check_imm_tag(imm_tag)
         layout = Layout.from_pytree(specs, devices_per_rank=devices_per_rank)
         if not layout.same_placement(plan.dst):
@@ -172,8 +182,16 @@ class Subscriber:
         self._statuses: dict[int, dict[int, RankStatus]] = {}
         self._last_statuses: dict[int, RankStatus] = {}
         self._params_cache: dict[int, Any] = {}
+        self._dead_sources: dict[int, str] = {}  # source rank -> why (cleared by its next hello)
         self._closed = False
+        self._auto_round: int | None = None  # a round this rank answered on its own (nothing to switch to)
         self._router = WeightsRouter.attach(self.engine, self, "subscriber")
+        self._router.tick_for(self.liveness_s)
+        _lifetime.close_at_exit(self)
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what}: the Subscriber is closed")
 
     # -- bootstrap --------------------------------------------------------------------------------
     @property
@@ -184,15 +202,22 @@ class Subscriber:
 
     def set_peers(self, addresses: Sequence[Any]) -> None:
         """Addresses of all subscriber ranks (index = rank), for the switch-over rounds."""
+        if isinstance(addresses, (str, bytes)) or not hasattr(addresses, "__iter__"):
+            raise TypeError(f"set_peers takes a sequence of addresses, got {type(addresses).__name__}")
         addresses = list(addresses)
         if len(addresses) != self.plan.num_dst_ranks:
             raise ValueError(f"set_peers needs {self.plan.num_dst_ranks} addresses (one per subscriber rank), "
                              f"got {len(addresses)}")
-        self._peers = [None if r == self.rank else as_contact(a, f"addresses[{r}]") for r, a in enumerate(addresses)]
+        peers = [None if r == self.rank else as_contact(a, f"addresses[{r}]") for r, a in enumerate(addresses)]
+        self._check_open("set_peers")
+        self._peers = peers
 
     def announce(self, kv: str, timeout: float = 60.0) -> None:
         """Bootstrap through ``jax.distributed``'s key-value store: publish this rank's address
         under ``kv`` and read the other subscriber ranks' (publishers then ``connect(kv=kv)``)."""
+        check_instance("kv", kv, str)
+        timeout = check_timeout("timeout", timeout)
+        self._check_open("announce")
         boot = Bootstrap()
         boot.publish(bootstrap_key(kv, self.rank), self.address)
         addrs = [self.address if r == self.rank else boot.fetch(bootstrap_key(kv, r), timeout)
@@ -208,6 +233,7 @@ class Subscriber:
     def params(self) -> Any:
         """The parameters of the version in service, as a pytree shaped like ``specs``: global
         ``jax.Array`` for real shardings, else this rank's shard (a list if it holds several)."""
+        self._check_open("params")
         with self._cond:
             if self._serving_slot is None:
                 raise RuntimeError("no version is in service yet (wait for one first)")
@@ -217,6 +243,7 @@ class Subscriber:
     def hold(self) -> Iterator[tuple[int, Any]]:
         """``with sub.hold() as (version, params):`` keeps that version's buffers from being
         rewritten until the block ends, even if :meth:`refresh` switches meanwhile."""
+        self._check_open("hold")
         with self._cond:
             if self._serving_slot is None:
                 raise RuntimeError("no version is in service yet (wait for one first)")
@@ -261,50 +288,80 @@ class Subscriber:
     # -- switching versions -------------------------------------------------------------------------
     def refresh(self, timeout: float = 30.0) -> int | None:
         """Take the newest version that landed on every subscriber rank into service; returns the
-        version in service. With several subscriber ranks this is a collective call (every rank
-        calls it; they exchange one status message each and take the same decision). A round that
-        times out (``TimeoutError``) is finished by the next call."""
-        self._raise_errors()
+        version in service. With several subscriber ranks the switch is decided in a round of
+        status messages, so every rank switches at the same call: a rank holding a landed version
+        that is newer than the one in service starts a round and waits (at most ``timeout``) for
+        every other rank's status; a rank with nothing to switch to answers a round at once on its
+        own (its status cannot lead to a switch), so calls need not match one for one. A round that
+        timed out is finished by the next call. Errors noticed in the background (a publisher with
+        another plan said hello) are raised here, after the round."""
+        timeout = check_timeout("timeout", timeout)
+        self._check_open("refresh")
+        return self._refresh(timeout, raise_errors=True)
+
+    def _refresh(self, timeout: float, *, raise_errors: bool) -> int | None:
         if self.plan.num_dst_ranks <= 1:
             with self._cond:
                 self._poll_attempt(time.monotonic())
                 a = self._attempt
                 if a is not None and a.complete_at is not None:
                     self._switch(a)
-                return self._serving_version
+            if raise_errors:
+                self._raise_errors()
+            return self._serving_version
         if self._peers is None:
             raise RuntimeError("this subscriber has peers: call set_peers() or announce() first")
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._pending_round is None:
                 self._poll_attempt(time.monotonic())
-                self._round += 1
-                k = self._pending_round = self._round
-                a = self._attempt
-                mine = RankStatus(self._serving_version,
-                                  a.version if a is not None and a.complete_at is not None else None,
-                                  self._missing_summary())
-                self._statuses.setdefault(k, {})[self.rank] = mine
-                send = True
-            else:
-                k, send = self._pending_round, False
-        if send:
-            msg = P.Status(k, self.rank, mine.serving, mine.candidate, mine.missing)
-            for r, c in enumerate(self._peers):
-                if c is not None:
-                    try:
-                        self._router.send(c, msg)
-                    except PeerDead:
-                        pass  # its status never comes: this round times out naming the rank
+                k = self._done_round + 1
+                if self._candidate() is None and not self._statuses.get(k):
+                    pass  # nothing to decide and no peer asked: no round
+                else:
+                    self._pending_round = k
+                    self._send_status(k)
+            k = self._pending_round
+        if k is not None:
+            self._finish_round(k, deadline, timeout)
+        if raise_errors:
+            self._raise_errors()
+        return self._serving_version
+
+    def _candidate(self) -> int | None:
+        """The landed version this rank could switch to (callers hold the lock)."""
+        a = self._attempt
+        return a.version if a is not None and a.complete_at is not None else None
+
+    def _send_status(self, k: int) -> None:
+        """Record and send this rank's status for round ``k`` (callers hold the lock)."""
+        mine = RankStatus(self._serving_version, self._candidate(), self._missing_summary())
+        self._statuses.setdefault(k, {})[self.rank] = mine
+        msg = P.Status(k, self.rank, mine.serving, mine.candidate, mine.missing)
+        for c in self._peers or ():
+            if c is not None:
+                try:
+                    self._router.send(c, msg)
+                except PeerDead:
+                    pass  # its status never comes: the round times out naming the rank
+
+    def _finish_round(self, k: int, deadline: float, timeout: float) -> None:
         with self._cond:
-            while len(self._statuses.get(k, {})) < self.plan.num_dst_ranks:
+            while self._pending_round == k and len(self._statuses.get(k, {})) < self.plan.num_dst_ranks:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     have = sorted(self._statuses.get(k, {}))
                     raise TimeoutError(f"weights subscriber rank {self.rank}: refresh round {k}: no status from "
                                        f"ranks {sorted(set(range(self.plan.num_dst_ranks)) - set(have))} within "
-                                       f"{timeout} s")
+                                       f"{timeout} s (they hold the same landed version and must call refresh/wait "
+                                       "too)")
                 self._cond.wait(min(left, 0.05))
+            if self._pending_round == k:  # not decided meanwhile (an answered round ends on its own)
+                self._decide_round(k)
+
+    def _decide_round(self, k: int) -> None:
+        """Every status of round ``k`` is in: take the round's decision (callers hold the lock)."""
+        with self._cond:
             st = self._statuses.pop(k)
             self._last_statuses = st
             for old in [x for x in self._statuses if x < k]:
@@ -316,28 +373,54 @@ class Subscriber:
             if target is not None and target != self._serving_version and a is not None \
                     and a.version == target and a.complete_at is not None:
                 self._switch(a)
-            self._pending_round = None
+            self._pending_round = self._auto_round = None
             self._done_round = k
             self._serve_requests()  # a request waiting for this round's decision
             self._cond.notify_all()
-            return self._serving_version
+
+    def _answer_round(self, k: int) -> None:
+        """A peer started round ``k`` while this rank is in no round: answer it at once when this rank
+        has nothing to switch to (the round then decides no switch everywhere). Callers hold the lock."""
+        if self._pending_round is not None or k != self._done_round + 1 or self._peers is None:
+            return
+        self._poll_attempt(time.monotonic())
+        if self._candidate() is not None:
+            return  # this rank's application joins the round at its next refresh/wait
+        self._send_status(k)
+        self._pending_round = self._auto_round = k
+        self._maybe_end_answered_round()
+
+    def _maybe_end_answered_round(self) -> None:
+        k = self._auto_round
+        if k is not None and self._pending_round == k and len(self._statuses.get(k, {})) == self.plan.num_dst_ranks:
+            self._decide_round(k)
 
     def _switch(self, a: Attempt) -> None:
         self._serving_slot, self._serving_version = a.slot, a.version
         self._attempt = None
+        for src in a.sources:  # its publishers learn that their version is in service
+            pub = self._pubs.get(src)
+            if pub is not None:
+                self._reply(pub.contact, P.InService(self.rank, a.version))
         self._cond.notify_all()
 
     def wait(self, version: int, timeout: float = 30.0) -> int:
         """Block until ``version`` (or a newer one) is in service; returns the version in service.
         Collective like :meth:`refresh`. ``TimeoutError`` names what is missing: the sources whose
-        writes did not all arrive (with counts) and the tensors they carry."""
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise TypeError(f"version must be an int, got {type(version).__name__}")
+        writes did not all arrive (with counts) and the tensors they carry; ``PeerDead`` (within
+        ``liveness_s``) when a source of the version being collected died. Errors noticed in the
+        background are left for :meth:`refresh`."""
+        version = check_int("version", version)
+        timeout = check_timeout("timeout", timeout)
+        self._check_open("wait")
+        if self._serving_version is not None and self._serving_version >= version:
+            return self._serving_version  # no round needed: never waits on the other ranks
         deadline = time.monotonic() + timeout
         while True:
+            self._raise_dead(version, timeout)
             left = deadline - time.monotonic()
             try:
-                v = self.refresh(max(left, 0.001))
+                v = self._refresh(max(left, 0.0), raise_errors=False)
             except TimeoutError as e:
                 raise TimeoutError(self._missing_report(version, timeout, str(e))) from None
             if v is not None and v >= version:
@@ -346,6 +429,18 @@ class Subscriber:
             if left <= 0:
                 raise TimeoutError(self._missing_report(version, timeout))
             self._await_change(min(left, 0.02))
+
+    def _raise_dead(self, version: int, timeout: float) -> None:
+        """PeerDead when a source this rank still needs for the version being collected is dead."""
+        with self._cond:
+            a = self._attempt
+            if a is None or a.complete_at is not None:
+                return
+            dead = {p: why for p, why in self._dead_sources.items()
+                    if p in self._sources and (a.sources.get(p) is None or a.sources[p].complete_at is None)}
+        if dead:
+            who = "; ".join(f"source {p} at {self._pubs[p].contact.address} is dead ({why})" for p, why in dead.items())
+            raise PeerDead(self._missing_report(version, timeout, who))
 
     def _await_change(self, span: float) -> None:
         """Up to ``span`` seconds: check the counters of the push being collected every ``poll_s``;
@@ -409,6 +504,7 @@ class Subscriber:
 
     def status(self) -> dict:
         """Snapshot: version in service, the push being collected and each source's progress."""
+        self._check_open("status")
         with self._cond:
             self._poll_attempt(time.monotonic())
             a = self._attempt
@@ -444,6 +540,8 @@ class Subscriber:
             with self._cond:
                 if m.round > self._done_round:  # older rounds were decided already
                     self._statuses.setdefault(m.round, {})[m.rank] = RankStatus(m.serving, m.candidate, m.missing)
+                    self._answer_round(m.round)
+                    self._maybe_end_answered_round()
                 self._cond.notify_all()
 
     def _on_hello(self, sender: Contact, m: P.Hello) -> None:
@@ -459,7 +557,8 @@ class Subscriber:
             self._reply(sender, P.Refuse(fp, self.rank, f"bad source rank {m.src}"))
             return
         with self._cond:
-            self._pubs[m.src] = PublisherInfo(sender, max(1, m.domains))
+            self._pubs[m.src] = PublisherInfo(sender, max(1, m.domains), PeerProbe(sender, self.liveness_s))
+            self._dead_sources.pop(m.src, None)  # a (re)started publisher
         # Descriptors of every buffer this source writes here, both copies; in parts that fit the
         # engine's control-message size (a big model has thousands of buffers).
         ids = self.plan.buffer_ids_between(m.src, self.rank)
@@ -472,8 +571,21 @@ class Subscriber:
 
     def _tick(self, now: float) -> None:
         with self._cond:
+            if self._closed:
+                return
             self._poll_attempt(now)
             self._serve_requests()
+            a = self._attempt
+            watch = {} if a is None or a.complete_at is not None else {
+                p: self._pubs[p].probe for p in self._sources
+                if p in self._pubs and p not in self._dead_sources
+                and (a.sources.get(p) is None or a.sources[p].complete_at is None)}
+        for p, probe in watch.items():
+            why = probe.check(self._router.mailbox, now)
+            if why:
+                with self._cond:
+                    self._dead_sources[p] = why
+                    self._cond.notify_all()
 
     # -- collecting a version and granting pushes (callers hold self._cond) ------------------------------
     def _poll_attempt(self, now: float) -> None:
@@ -482,12 +594,15 @@ class Subscriber:
         a = self._attempt
         if a is None or a.complete_at is not None:
             return
-        for st in a.sources.values():
+        for p, st in a.sources.items():
             if st.complete_at is not None:
                 continue
             total = st.counter.total
             if total != st.last_total:
                 st.last_total, st.last_progress = total, now
+                pub = self._pubs.get(p)
+                if pub is not None:
+                    pub.probe.heard(now)  # its writes arrive: it is alive
             if st.counter.credits >= st.expected:
                 st.counter.wait(st.expected, 1.0)
                 st.complete_at = now
@@ -541,7 +656,7 @@ class Subscriber:
         if a is not None and version > a.version:
             if a.complete_at is not None and self._pending_round is not None:
                 return P.Pending(self.rank, req, f"version {a.version} landed and a refresh round is deciding on it")
-            self._abandon(a)
+            self._abandon(a, version)
             a = None
         if a is None:
             slot = 0 if self._serving_slot is None else 1 - self._serving_slot
@@ -572,10 +687,14 @@ class Subscriber:
                                         now, total, total, now)
         return P.Grant(self.rank, req, version, a.slot, epoch % P.EPOCH_MOD)
 
-    def _abandon(self, a: Attempt) -> None:
+    def _abandon(self, a: Attempt, newer: int) -> None:
         for p, st in a.sources.items():
             if st.complete_at is None:
                 self._fence_until[p] = max(self._fence_until.get(p, 0.0), st.last_progress + self.fence_s)
+            pub = self._pubs.get(p)
+            if pub is not None:  # its publishers learn that this version will never be in service here
+                self._reply(pub.contact, P.Refused(self.rank, a.version, f"replaced by version {newer} at subscriber "
+                                                                          f"rank {self.rank} before it was complete"))
         if self._attempt is a:
             self._attempt = None
 
@@ -585,6 +704,7 @@ class Subscriber:
             if self._closed:
                 return
             self._closed = True
+            _lifetime.closed(self)
             self._cond.notify_all()
         self._router.detach(self)
         if self._own_engine:
