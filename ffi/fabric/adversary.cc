@@ -14,7 +14,7 @@ namespace {
 // Salts: one independent stream of decisions per kind of choice.
 enum Salt : uint64_t {
   kSaltHold = 1, kSaltDelay, kSaltLast, kSaltLastDelay, kSaltReset, kSaltResetCut, kSaltImm, kSaltImmDelay,
-  kSaltCopy, kSaltCopyDelay, kSaltSplit, kSaltTail,
+  kSaltCopy, kSaltCopyDelay, kSaltSplit, kSaltTail, kSaltCopyTail, kSaltCopyTailDelay,
 };
 
 uint64_t splitmix64(uint64_t x) {
@@ -120,8 +120,12 @@ std::string AdversaryOptions::to_string() const {
 }
 
 AdversaryStats Adversary::stats() const {
-  AdversaryStats s = stats_;
-  s.held_now = timed_.size() + imms_.size() + held_by_rules_;
+  AdversaryStats s;
+  {
+    MutexLock lk(stats_mu_);
+    s = stats_;
+  }
+  s.held_now = timed_.size() + imms_.size() + held_by_rules_ + copies_held_.load(std::memory_order_acquire);
   return s;
 }
 
@@ -131,7 +135,10 @@ AdversaryStats Adversary::totals() {
 }
 
 void Adversary::count(uint64_t AdversaryStats::*field, uint64_t n) {
-  stats_.*field += n;
+  {
+    MutexLock lk(stats_mu_);
+    stats_.*field += n;
+  }
   std::lock_guard<std::mutex> lk(g_totals_mu);
   g_totals.*field += n;
 }
@@ -254,15 +261,42 @@ void Adversary::clear() {
   held_by_rules_ = 0;
 }
 
-Clock::time_point Adversary::copy_start(Clock::time_point now) {
-  uint64_t k = decisions_++;
-  if (unit(k, 0, kSaltCopy) >= o_.hold) return {};
+Adversary::CopyStart Adversary::copy_start(Clock::time_point now) {
+  CopyStart c;
+  {
+    MutexLock lk(ipc_mu_);
+    c.seq = copy_seq_++;
+  }
+  const uint64_t k = c.seq;
+  count(&AdversaryStats::pieces);
+  if (unit(k, 0, kSaltCopyTail) < o_.tail) {  // the wide margin: this destination lands far behind
+    double lo = (o_.delay_ms + o_.last_ms) / 2;
+    c.at = now + ms(lo + (o_.last_ms - lo) * unit(k, 0, kSaltCopyTailDelay));
+    count(&AdversaryStats::tail_held);
+  } else if (unit(k, 0, kSaltCopy) < o_.hold) {
+    c.at = now + ms(o_.delay_ms * unit(k, 0, kSaltCopyDelay));
+  } else {
+    MutexLock lk(ipc_mu_);
+    copy_max_started_ = std::max(copy_max_started_, c.seq + 1);
+    return c;
+  }
+  copies_held_.fetch_add(1, std::memory_order_acq_rel);
   count(&AdversaryStats::copies_delayed);
-  return now + ms(o_.delay_ms * unit(k, 0, kSaltCopyDelay));
+  count(&AdversaryStats::held);
+  return c;
+}
+
+void Adversary::copy_released(uint64_t seq, bool started) {
+  if (started) {
+    MutexLock lk(ipc_mu_);
+    if (copy_max_started_ > seq + 1) count(&AdversaryStats::reordered);
+    copy_max_started_ = std::max(copy_max_started_, seq + 1);
+  }
+  copies_held_.fetch_sub(1, std::memory_order_acq_rel);
 }
 
 std::vector<uint64_t> Adversary::split_imms(uint64_t count_total) {
-  uint64_t k = decisions_++;
+  uint64_t k = decisions_.fetch_add(1, std::memory_order_relaxed);
   uint64_t most = std::min<uint64_t>(o_.split, count_total);
   uint64_t parts = most <= 1 ? 1 : 1 + static_cast<uint64_t>(unit(k, 0, kSaltSplit) * double(most));
   if (parts <= 1) return {count_total};

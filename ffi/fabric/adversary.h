@@ -6,17 +6,22 @@
 //
 // What it does, per path:
 //   * every op the worker posts (user RMA writes with their imm, control messages, and the internal
-//     writes of the ipc and staged paths: chunk writes, imm deliveries): each piece may be held back
+//     writes of the staged path: chunk writes, imm deliveries): each piece may be held back
 //     for a bounded random delay before it is posted, so pieces of one op, of different ops and
 //     toward different peers land out of order (another piece's imm before this piece's data); the
 //     last piece of a multi-piece op, and now and then any piece, may be held by a wide margin;
-//   * imms that arrived (RMA completions, imm batches, the staged receiver's count) may be held back
-//     before they are counted, so messages overtake them;
-//   * ipc copies may start late; ipc/staged imm deliveries are cut into several deliveries;
-//   * with completion="transmit", an op whose pieces are held is reported complete at once (its source
-//     bytes copied first, so the caller may reuse the source);
-//   * optionally (reset=P) the connection of a multi-piece op is reset mid-op: its first pieces are
-//     posted, the rest fail with a connection reset, and the op fails.
+//   * imms that arrived (RMA completions, imm batches, the staged receiver's count, ipc mailbox
+//     records) may be held back before they are counted, so messages overtake them;
+//   * the ipc path (same host, imm records through the owner's shared-memory mailbox): a destination's
+//     copy may start late (bounded random delay; now and then the wide margin), while later ones toward
+//     the same owner start and land before it, their records taken first; its imm record is cut into
+//     several records; the owner holds the imms it takes from its mailbox like any other arrival;
+//   * staged imm deliveries are cut into several deliveries;
+//   * with completion="transmit", an op whose pieces are held (an ipc destination whose start is held)
+//     is reported complete at once (its source bytes copied first, so the caller may reuse the source;
+//     host memory only: GPU sources complete as usual);
+//   * optionally (reset=P) the connection of a multi-piece fabric op is reset mid-op: its first pieces
+//     are posted, the rest fail with a connection reset, and the op fails (the ipc path has none).
 // What it never does: an imm before its own piece's data, a lost or duplicated piece, a delivery-
 // completion op complete before its bytes landed. Held pieces of an op that failed are dropped as
 // the worker drops any unposted piece.
@@ -24,7 +29,8 @@
 // Targeted holds (tests): hold(imm, mask, skip) holds every RMA piece whose imm matches after letting
 // `skip` of them pass, until release(); e.g. the last data write of a request.
 //
-// Threading: everything but the spec parser runs under the worker's progress lock.
+// Threading: the fabric hooks run under the worker's progress lock; the ipc hooks (copy_start,
+// copy_released, split_imms) on any thread, since an ipc op starts on its caller's thread.
 #pragma once
 
 #include <cstdint>
@@ -33,7 +39,10 @@
 #include <string>
 #include <vector>
 
+#include <atomic>
+
 #include "common/deadline.h"
+#include "common/thread_annotations.h"
 #include "fabric/work_request.h"
 #include "fabric/worker.h"
 
@@ -68,11 +77,11 @@ struct AdversaryStats {
   uint64_t tail_held = 0;          // other write pieces held by the wide margin
   uint64_t imms_held = 0;          // imm arrivals held back before being counted
   uint64_t imm_splits = 0;         // ipc/staged imm deliveries cut into several
-  uint64_t copies_delayed = 0;     // ipc copies started late
+  uint64_t copies_delayed = 0;     // ipc copies started late (also counted in held; tail_held: the wide margin)
   uint64_t early_completions = 0;  // transmit ops reported complete while pieces were held
   uint64_t resets = 0;             // ops whose connection was reset mid-op
   uint64_t targeted = 0;           // pieces held by a hold() rule
-  uint64_t held_now = 0;           // pieces and imm arrivals held at this moment (not cumulative)
+  uint64_t held_now = 0;           // pieces, ipc copies and imm arrivals held at this moment (not cumulative)
 
   void add(const AdversaryStats& o);
 };
@@ -98,16 +107,23 @@ class Adversary {
   void release_due(Clock::time_point now, std::vector<WorkRequest*>* pieces,
                    std::vector<std::pair<uint32_t, int64_t>>* imms) JG_REQUIRES_PROGRESS;
   bool hold_imm(uint32_t imm, int64_t n, Clock::time_point now) JG_REQUIRES_PROGRESS;
-  void early_completed() JG_REQUIRES_PROGRESS { count(&AdversaryStats::early_completions); }
+  void early_completed() { count(&AdversaryStats::early_completions); }  // any thread
   bool busy() const JG_REQUIRES_PROGRESS { return !timed_.empty() || !imms_.empty() || held_by_rules_ > 0; }
   // Drops every held piece and imm (engine close: their ops are being failed and freed).
   void clear() JG_REQUIRES_PROGRESS;
 
-  // ---- the transports, under the progress lock ----
-  // A delay for an ipc copy about to start (Clock::time_point{} = start now).
-  Clock::time_point copy_start(Clock::time_point now) JG_REQUIRES_PROGRESS;
+  // ---- the transports, any thread ----
+  // An ipc destination about to start: `at` = Clock::time_point{} starts it now, else not before `at`
+  // (then copy_released(seq, ...) once it starts or its op failed). `seq` is its submission order.
+  struct CopyStart {
+    uint64_t seq = 0;
+    Clock::time_point at{};
+  };
+  CopyStart copy_start(Clock::time_point now) JG_EXCLUDES(ipc_mu_);
+  // A held ipc destination starts now (a later one started before it: a reordering), or was dropped.
+  void copy_released(uint64_t seq, bool started) JG_EXCLUDES(ipc_mu_);
   // Cuts an imm delivery of `count` into parts (sum = count), possibly one.
-  std::vector<uint64_t> split_imms(uint64_t count) JG_REQUIRES_PROGRESS;
+  std::vector<uint64_t> split_imms(uint64_t count);
 
   // ---- tests, under the progress lock ----
   void add_rule(uint32_t imm, uint32_t mask, uint64_t skip) JG_REQUIRES_PROGRESS;
@@ -138,15 +154,20 @@ class Adversary {
   double unit(uint64_t a, uint64_t b, uint64_t salt) const;  // in [0, 1), a pure function of the seed
   Clock::duration ms(double v) const;
   void note_released(uint64_t seq) JG_REQUIRES_PROGRESS;
-  void count(uint64_t AdversaryStats::*field, uint64_t n = 1) JG_REQUIRES_PROGRESS;
+  void count(uint64_t AdversaryStats::*field, uint64_t n = 1) JG_EXCLUDES(stats_mu_);
 
   const AdversaryOptions o_;
-  AdversaryStats stats_ JG_GUARDED_BY_PROGRESS;
+  mutable Mutex stats_mu_;  // the ipc hooks count on their callers' threads
+  AdversaryStats stats_ JG_GUARDED_BY(stats_mu_);
   uint64_t next_op_ JG_GUARDED_BY_PROGRESS = 0;
   uint64_t next_seq_ JG_GUARDED_BY_PROGRESS = 0;       // pieces, in submission order
   uint64_t max_passed_ JG_GUARDED_BY_PROGRESS = 0;     // the latest submitted piece queued so far (+1; 0 = none)
   uint64_t imm_seq_ JG_GUARDED_BY_PROGRESS = 0;
-  uint64_t decisions_ JG_GUARDED_BY_PROGRESS = 0;      // copy delays and splits
+  std::atomic<uint64_t> decisions_{0};                 // imm splits
+  Mutex ipc_mu_;
+  uint64_t copy_seq_ JG_GUARDED_BY(ipc_mu_) = 0;        // ipc destinations, in submission order
+  uint64_t copy_max_started_ JG_GUARDED_BY(ipc_mu_) = 0;  // the latest submitted one started so far (+1)
+  std::atomic<uint64_t> copies_held_{0};               // ipc destinations held now
   size_t held_by_rules_ JG_GUARDED_BY_PROGRESS = 0;
   std::priority_queue<Timed, std::vector<Timed>, std::greater<Timed>> timed_ JG_GUARDED_BY_PROGRESS;
   std::priority_queue<HeldImm, std::vector<HeldImm>, std::greater<HeldImm>> imms_ JG_GUARDED_BY_PROGRESS;
