@@ -27,6 +27,11 @@ variable                                default   meaning
                                                   GPU regions in cuMemCreate memory (XLA's
                                                   buffers) to same-host peers through an
                                                   exported fd (their writes then go staged)
+``JAX_GARDEN_ADVERSARY``                (off)     engines created from now on without an
+                                                  ``adversary=`` argument run the adversarial
+                                                  delivery mode with these settings, e.g.
+                                                  ``seed=7`` or ``seed=7,hold=0.5,reset=0.1``
+                                                  (read by the native engine; docs/testing.md)
 ======================================  ========  ===========================================
 """
 
@@ -69,6 +74,9 @@ SETTINGS: dict[str, Setting] = {
     "vmm_ipc": Setting("JAX_GARDEN_VMM_IPC", _flag, True,
                        "0: engines created from now on stop offering GPU regions in cuMemCreate memory (XLA's "
                        "buffers) to same-host peers through an exported fd (their writes then go staged)"),
+    "adversary": Setting("JAX_GARDEN_ADVERSARY", str, "",
+                         "engines created without adversary= run the adversarial delivery mode with these "
+                         "settings (seed=7,hold=0.5,...); read by the native engine when it is created"),
 }
 
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jax_garden import _ffi, _lifetime, _settings
+from jax_garden._adversary import Adversary
 from jax_garden._jax_garden import fabric as _native
 from jax_garden._validate import (U32_MAX, check_bytes_like, check_choice, check_float, check_instance, check_int,
                                   check_positive_int)
@@ -62,7 +63,7 @@ COMPLETIONS = ("delivery", "transmit")
 __all__ = [
     "TransferEngine", "NetAddress", "MemoryDescriptor", "MemoryRegion", "Transfer", "ImmCounter",
     "Watcher", "WatcherSlot", "TransferError", "imm_writes", "signal", "wait", "choose_path",
-    "plan_registration", "gpu_available",
+    "plan_registration", "gpu_available", "Adversary",
 ]
 
 
@@ -271,6 +272,9 @@ class TransferEngine:
         no op is reported successful while its bytes did not land; ``"transmit"``: once the source
         may be reused (the provider's default; faster on tcp, where a write the peer never placed
         can then be reported successful). Receivers always learn placement by counting imms.
+      adversary: the adversarial delivery mode for testing protocols (``jax_garden._adversary``,
+        docs/testing.md): ``"seed=7,hold=0.5,..."``, or ``""`` for off; None (default) reads
+        ``JAX_GARDEN_ADVERSARY`` (unset: off). Off costs nothing.
 
     Memory: each domain pre-posts ``16 x max_message_bytes`` of control-message receive buffers;
     on ``tcp`` libfabric's ``ofi_rxm`` layer adds its own buffer pools: an engine costs about
@@ -280,7 +284,8 @@ class TransferEngine:
     def __init__(self, provider: str | None = None, domains: int = 1, *, node: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = 256 * 1024,
                  split_threshold: int = DEFAULT_SPLIT_THRESHOLD, path: str | None = None,
-                 staging_chunk_bytes: int = 1 << 20, staging_slots: int = 8, completion: str = "delivery"):
+                 staging_chunk_bytes: int = 1 << 20, staging_slots: int = 8, completion: str = "delivery",
+                 adversary: str | None = None):
         if provider is not None:
             check_instance("provider", provider, str)
         domains = check_int("domains", domains, minimum=1, maximum=8)
@@ -289,13 +294,15 @@ class TransferEngine:
             node = _settings.get("tcp_node") if provider in ("tcp", "tcp;ofi_rxm") else ""
         check_instance("node", node, str)
         check_choice("completion", completion, COMPLETIONS)
+        if adversary is not None:
+            check_instance("adversary", adversary, str)
         self._native = _native.Engine.create(provider or "", node, domains, timeout,
                                              _check_count("max_message_bytes", max_message_bytes, positive=True),
                                              _check_count("split_threshold", split_threshold, positive=True),
                                              _check_path(path),
                                              _check_count("staging_chunk_bytes", staging_chunk_bytes, positive=True),
                                              _check_count("staging_slots", staging_slots, positive=True), completion,
-                                             bool(_settings.get("vmm_ipc")))
+                                             bool(_settings.get("vmm_ipc")), adversary)
         _lifetime.close_at_exit(self, _lifetime.ENGINE)
 
     # -- properties ----------------------------------------------------------------------------
@@ -323,6 +330,12 @@ class TransferEngine:
     def completion(self) -> str:
         """``"delivery"`` or ``"transmit"`` (see the class docstring)."""
         return self._native.completion
+
+    @property
+    def adversary(self) -> Adversary | None:
+        """The adversarial delivery mode of this engine (its settings, what it did, targeted holds),
+        or None when it is off."""
+        return Adversary(self._native) if self._native.adversary is not None else None
 
     @property
     def supports_gpu_memory(self) -> bool:

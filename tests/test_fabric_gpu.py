@@ -120,6 +120,7 @@ def _gpu_ops_worker(rank: int, size: int, exchange, path):
     return totals, stats, elapsed
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("path", [None, "staged"], ids=["ipc", "tcp-staged"])
 def test_gpu_every_op_across_processes(path):
     out = run_group(_gpu_ops_worker, 2, path, exchanges=2, timeout=180)

@@ -2,7 +2,9 @@
 takes ``path="ipc"``; GPU memory across processes is tests/test_fabric_gpu.py): every imm counted
 exactly once, through ring wrap-around and back-pressure, ops with and without imm, scatter to
 several engines, both completion modes, a closed destination, and the mailbox protocol across
-processes (a sender that exits cleanly releases its ring, one that dies has it reclaimed)."""
+processes (a sender that exits cleanly releases its ring, one that dies has it reclaimed). The
+counting tests are marked ``adversarial``: CI runs them again under the adversarial delivery mode
+(held and reordered copies, cut records, held arrivals; docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def test_descriptor_names_its_engines_mailbox(engines):
     assert a.path_for(ra, rb.descriptor, "ipc", why=True) == ("ipc", "ipc: requested")
 
 
+@pytest.mark.adversarial
 def test_many_writes_wrap_the_ring_and_count_exactly(engines):
     """More writes in flight than a ring holds: the surplus waits for room and starts in order;
     every imm arrives exactly once and every write lands."""
@@ -62,6 +65,7 @@ def test_many_writes_wrap_the_ring_and_count_exactly(engines):
     assert stats["ipc_host_records"] == n and stats["ipc_stream_records"] == stats["ipc_event_records"] == 0
 
 
+@pytest.mark.adversarial
 def test_paged_and_scatter_count_like_rma(engines):
     a, b, c = engines(domains=2), engines(), engines()
     src = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
@@ -92,6 +96,7 @@ def test_paged_and_scatter_count_like_rma(engines):
     assert b.imm_counter(3).total == 6 and c.imm_counter(3).total == 2
 
 
+@pytest.mark.adversarial
 def test_write_without_imm_completes_and_counts_nothing(engines):
     a, b = engines(), engines()
     src, dst = np.full(4096, 9, np.uint8), np.zeros(4096, np.uint8)
@@ -105,6 +110,7 @@ def test_write_without_imm_completes_and_counts_nothing(engines):
     assert b.imm_counter(0).total == 1
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("completion", ["delivery", "transmit"])
 def test_both_completion_modes(engines, completion):
     a, b = engines(completion=completion), engines()
@@ -118,6 +124,7 @@ def test_both_completion_modes(engines, completion):
     np.testing.assert_array_equal(dst, src)
 
 
+@pytest.mark.adversarial
 def test_closed_destination_fails_at_once(engines):
     a, b = engines(timeout=30.0), engines()
     src, dst = np.ones(4096, np.uint8), np.zeros(4096, np.uint8)

@@ -9,6 +9,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
 from fabric_group import run_group
 
@@ -64,6 +65,7 @@ def _ops_worker(rank: int, size: int, exchange, domains: int):
     return True
 
 
+@pytest.mark.adversarial
 def test_every_op_between_three_processes():
     out = run_group(_ops_worker, 3, 2, exchanges=2)
     assert out == {0: True, 1: True, 2: True}
@@ -80,24 +82,28 @@ def _barrier_worker(rank: int, size: int, exchange, rounds: int):
     r = eng.register(np.zeros(4096, np.uint8))
     infos = exchange(bytes(r.descriptor))
     peers = [fabric.MemoryDescriptor.from_bytes(d) for i, d in enumerate(infos) if i != rank]
-    arrived = []
+    entered, left = [], []
     for k in range(rounds):
         time.sleep(0.05 * rank)  # stagger: the barrier must hold the early ranks
+        entered.append(time.monotonic())  # one clock for every process of the host
         t = eng.barrier(peers, imm=700 + k)
         eng.imm_counter(700 + k).wait(size - 1, 30)
-        arrived.append(time.time())
+        left.append(time.monotonic())
         t.wait(30)
     exchange(None)
     eng.close()
-    return arrived
+    return entered, left
 
 
+@pytest.mark.adversarial
 def test_barrier_across_four_processes():
     out = run_group(_barrier_worker, 4, 3, exchanges=2)
-    # no rank leaves round k before the slowest rank entered it (rank 3 sleeps 0.15 s per round)
+    # The barrier property: no rank leaves round k before every rank entered it. Rank 3 enters each
+    # round 0.15 s after rank 0 (its stagger), so a barrier that lets a rank go early fails this.
     for k in range(3):
-        leave = [out[r][k] for r in range(4)]
-        assert max(leave) - min(leave) < 1.0
+        last_in = max(out[r][0][k] for r in range(4))
+        first_out = min(out[r][1][k] for r in range(4))
+        assert first_out >= last_in, (k, [(out[r][0][k], out[r][1][k]) for r in range(4)])
 
 
 def _victim(rank: int, size: int, exchange):

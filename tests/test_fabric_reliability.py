@@ -33,13 +33,15 @@ PROVIDER = "tcp"
 
 def _stream(eng, region, peers: dict, seconds: float, window: int, sizes: list[int], stats: dict) -> None:
     """Keeps up to `window` writes in flight toward each peer for `seconds`; records per peer the
-    ops that completed, failed (with their errors) and how long each failure took."""
+    ops that completed, failed (with their errors) and how long each failure took, and how many
+    completed while another peer had an op pending (progress beside a stalled peer)."""
     inflight = {p: [] for p in peers}
     end = time.monotonic() + seconds
     i = 0
 
     def reap(p, block: bool) -> None:
         keep = []
+        others_pending = any(not t.done for q in peers if q != p for t, _ in inflight[q])
         for t, posted in inflight[p]:
             if not block and not t.done:
                 keep.append((t, posted))
@@ -47,6 +49,7 @@ def _stream(eng, region, peers: dict, seconds: float, window: int, sizes: list[i
             try:
                 t.wait(60)
                 stats[p]["ok"] += 1
+                stats[p]["ok_beside_pending"] += others_pending and not block
             except Exception as e:  # noqa: BLE001 - TransferError or TimeoutError: both are failures
                 stats[p]["failed"] += 1
                 stats[p]["errors"].add(f"{type(e).__name__}: {e}"[:300])
@@ -76,9 +79,14 @@ def _isolation_worker(rank: int, size: int, exchange):
     if rank == 1:  # the victim
         time.sleep(600)
     if rank == 2:  # the live receiver: count what the writer says landed, then leave
+        from conftest import adversary_quiet
+
         n_ok = int(eng.recv(120))
         eng.imm_counter(7).wait(n_ok, 60)
-        time.sleep(0.5)
+        # The writer's probe went on both connections after its last write completed: once both
+        # probes are counted (and nothing is held back), every imm of those writes was too.
+        eng.imm_counter(8).wait(2, 60)
+        adversary_quiet(eng)
         extra = eng.imm_counter(7).credits
         eng.close()
         return {"counted": n_ok, "extra": extra}
@@ -86,7 +94,7 @@ def _isolation_worker(rank: int, size: int, exchange):
     rs = eng.register(src)
     r1, r2 = (fabric.MemoryDescriptor.from_bytes(infos[r][1]) for r in (1, 2))
     sizes = [4096, 65536, 262144, 16384]
-    stats = {p: {"ok": 0, "failed": 0, "errors": set(), "fail_after": []} for p in ("r1", "r2")}
+    stats = {p: {"ok": 0, "failed": 0, "errors": set(), "fail_after": [], "ok_beside_pending": 0} for p in ("r1", "r2")}
     _stream(eng, rs, {"r1": r1, "r2": r2}, 1.5, 64, sizes, stats)  # both alive
     before = {p: dict(s, errors=set(s["errors"]), fail_after=list(s["fail_after"])) for p, s in stats.items()}
     os.kill(infos[1][0], signal.SIGKILL)
@@ -102,6 +110,10 @@ def _isolation_worker(rank: int, size: int, exchange):
     except (fabric.TransferError, TimeoutError) as e:
         late_error = f"{type(e).__name__}: {e}"
     n_ok = stats["r2"]["ok"]
+    from conftest import adversary_quiet
+
+    adversary_quiet(eng)
+    eng.barrier([r2, r2], imm=8).wait(30)  # a probe on each of the 2 domains, behind every write
     eng.send(fabric.NetAddress.from_bytes(infos[2][2]), str(n_ok).encode()).wait(30)
     eng.close()
     return {"before": before, "stats": stats, "after_kill_s": after_kill, "late_done_at_once": late_done_at_once,
@@ -115,6 +127,12 @@ def test_dead_peer_does_not_stall_or_fail_live_peers():
     # live peer: no failure at all, every write counted there exactly once
     assert s2["failed"] == 0, s2["errors"]
     assert r2["counted"] == s2["ok"] and r2["extra"] == 0, r2
+    # progress, not a rate: the live peer kept completing writes after the kill (every one posted
+    # completed, above), and some while writes toward the dead peer were still pending
+    b2 = w["before"]["r2"]
+    assert s2["ok"] > b2["ok"], "no write to the live peer completed after the kill"
+    assert s2["ok_beside_pending"] > b2["ok_beside_pending"], \
+        "the live peer completed nothing while an op toward the dead peer was pending"
     # dead peer: its ops fail, each within the engine timeout (+ slack for a loaded machine)
     assert s1["failed"] > 0
     assert max(s1["fail_after"]) < w["timeout"] + 3.0, max(s1["fail_after"])

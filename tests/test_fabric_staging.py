@@ -15,16 +15,10 @@ import pytest
 
 from fabric_group import run_group
 from jax_garden import fabric
-from conftest import random_bytes
+from conftest import assert_no_more_imms, random_bytes
 
 PROVIDER = "tcp"
 
-
-
-def settle_counter(c, expected: int) -> None:
-    time.sleep(0.05)
-    assert c.total == expected, f"{c.total} imms arrived, {expected} expected"
-    assert c.credits == 0
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
@@ -146,6 +140,7 @@ def test_descriptor_carries_paths_and_stays_strict(engines):
 
 # ---- staged transfers in one process --------------------------------------------------------------
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("domains", [1, 2])
 @pytest.mark.parametrize("sides", ["src", "dst", "both", "forced"])
 def test_staged_single_write(engines, domains, sides):
@@ -163,13 +158,14 @@ def test_staged_single_write(engines, domains, sides):
     c.wait(expected, 20)
     np.testing.assert_array_equal(dst[100:100 + n], src[64:64 + n])
     assert not dst[:100].any() and not dst[100 + n:].any()
-    settle_counter(c, expected)
+    assert_no_more_imms(c, expected, a, b, rb.descriptor, probe_imm=9999)
     for e in (a, b):
         s = e.staging_stats()
         assert s["send_buffers_free"] == s["send_buffers"] and s["recv_slots_free"] == s["recv_slots"], s
         assert s["inbound"] == 0 and s["outbound"] == 0, s
 
 
+@pytest.mark.adversarial
 def test_staged_paged_and_imm_counted_after_data(engines):
     kw = dict(staging_chunk_bytes=16 << 10, staging_slots=3)
     a, b = engines(2, **kw), engines(2, **kw)
@@ -187,9 +183,10 @@ def test_staged_paged_and_imm_counted_after_data(engines):
         expect[11 + d * 5000:11 + d * 5000 + page] = src[7 + s * 4096:7 + s * 4096 + page]
     np.testing.assert_array_equal(dst, expect)
     t.wait(10)
-    settle_counter(c, pages)
+    assert_no_more_imms(c, pages, a, b, rb.descriptor, probe_imm=9999)
 
 
+@pytest.mark.adversarial
 def test_scatter_with_mixed_paths(engines):
     a = engines(2, staging_chunk_bytes=32 << 10, staging_slots=2)
     peers = [engines(1, staging_chunk_bytes=32 << 10) for _ in range(3)]
@@ -200,17 +197,19 @@ def test_scatter_with_mixed_paths(engines):
     assert [a.path_for(ra, r.descriptor) for r in regs] == ["staged", "fabric", "fabric"]
     lengths = [100_001, 77_777, 0]
     targets = [(r.descriptor, n, 1000 * i, 3 * i) for i, (r, n) in enumerate(zip(regs, lengths))]
+    total = 0
     for sharding in ("targets", "bytes"):
         for d in dsts:
             d[:] = 0
         a.scatter(ra, targets, imm=21, sharding=sharding).wait(20)
         per = fabric.imm_writes("scatter", domains=2, sharding=sharding)
+        total += per
         for i, (p, n) in enumerate(zip(peers, lengths)):
             c = p.imm_counter(21)
             c.wait(per, 20)
             np.testing.assert_array_equal(dsts[i][3 * i:3 * i + n], src[1000 * i:1000 * i + n])
             assert not dsts[i][3 * i + n:].any()
-            settle_counter(c, c.total)
+            assert_no_more_imms(c, total, a, p, regs[i].descriptor, probe_imm=9999)
     # a forced path applies to every target
     for d in dsts:
         d[:] = 0
@@ -317,6 +316,7 @@ def test_forced_paths_rejected_when_impossible(engines):
 
 # ---- same-process IPC path (host memory stands in for GPU memory) --------------------------------
 
+@pytest.mark.adversarial
 def test_ipc_path_in_process_counts_exactly(engines):
     a, b = engines(2), engines(2)
     src, dst = random_bytes(1 << 20, 3), np.zeros(1 << 20, np.uint8)
@@ -326,7 +326,7 @@ def test_ipc_path_in_process_counts_exactly(engines):
     c = b.imm_counter(3)
     c.wait(fabric.imm_writes("write", domains=2, length=1 << 20), 10)  # 2: split like RMA would be
     np.testing.assert_array_equal(src, dst)
-    settle_counter(c, 2)
+    assert_no_more_imms(c, 2, a, b, rb.descriptor, probe_imm=9999)
     # paged, with more imms than the zero-byte-write limit: they travel as one batch message
     dst[:] = 0
     sp = np.arange(100)[::-1]
@@ -335,7 +335,7 @@ def test_ipc_path_in_process_counts_exactly(engines):
     c4.wait(100, 10)
     for i in range(100):
         np.testing.assert_array_equal(dst[i * 1000:(i + 1) * 1000], src[sp[i] * 4096:sp[i] * 4096 + 1000])
-    settle_counter(c4, 100)
+    assert_no_more_imms(c4, 100, a, b, rb.descriptor, probe_imm=9999)
     a.scatter(ra, [(rb.descriptor, 5000, 0, 7)], imm=6, sharding="bytes", path="ipc").wait(10)
     b.imm_counter(6).wait(2, 10)
 

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NGPU < 1, reason="needs a CUDA
 LAYOUT = dict(num_layers=4, num_pages=96, page_tokens=16, kv_heads=8, head_dim=128, dtype="bfloat16")
 
 
+@pytest.mark.adversarial
 def test_two_gpus_stream_contents_bitwise():
     from kv_workers import serve_worker
     cfg = dict(platform="gpu", layout=LAYOUT, decodes=[0], prefills=[1], tokens=[5, 16, 17, 300, 700, 64],

@@ -93,6 +93,7 @@ def _assert_clean(reports: list[dict]) -> None:
 # Tests (each spawns its processes)
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(CHILD_TIMEOUT_S + 60)
 def test_two_nodes_of_one_rank():
     """2x1: two processes, one CPU device each: every row between the ranks goes through tcp.
@@ -173,6 +174,7 @@ def test_imm_values_carry_kind_generation_and_ranks():
         m.internode_imm(0, 1, m.internode_max_ranks, 0)
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("name", ["H7168-fp8-R2", "overflow-R2", "fp8-computed-R4-pad16"])
 def test_engines_with_two_domains(name):
     """Senders with 2 domains cut every message into 2 pieces (2 imms); receivers count what

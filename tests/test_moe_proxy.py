@@ -109,6 +109,7 @@ def pair():
             r.close()
 
 
+@pytest.mark.adversarial
 def test_messages_and_acks_cross_and_arrivals_count_whole_messages(pair):
     """Ten generations (the imms' 3 generation bits wrap) of dispatch and combine messages with
     their free acks between two proxies: every message lands where its record says, its arrival
@@ -134,6 +135,7 @@ def test_messages_and_acks_cross_and_arrivals_count_whole_messages(pair):
     assert "posted 10 arrived 0" in a.proxy.describe()
 
 
+@pytest.mark.adversarial
 def test_senders_with_two_domains_deliver_two_imms_per_message():
     """A sender with two domains cuts a message into two pieces (two imms): the receiver's proxy
     counts what internode_message_imms says for the sender's settings before it calls the message

@@ -312,6 +312,7 @@ def _check_local(plan, rank, seed, params_tree, exact_fp8: bool = True) -> None:
             assert (np.abs(deq - x) <= weights.fp8_error_bound(x, s_local, d.block) * 1.0001).all(), d.path
 
 
+@pytest.mark.adversarial
 @pytest.mark.parametrize("host_staging", [True, False], ids=["numpy_slots", "jax_slots_in_place"])
 def test_single_process_push_versions_and_refusals(engines, monkeypatch, host_staging):
     import ml_dtypes
@@ -380,6 +381,7 @@ def test_single_process_push_versions_and_refusals(engines, monkeypatch, host_st
         sub.close()
 
 
+@pytest.mark.adversarial
 def test_publisher_with_two_domains(engines):
     """A 2-domain publisher posts runs >= 1 MiB cut over both domains (sharding "bytes", 2 imms per
     target) and the small ones as targets (1 imm each): the subscriber's counts follow."""
@@ -411,6 +413,7 @@ def test_publisher_with_two_domains(engines):
         sub.close()
 
 
+@pytest.mark.adversarial
 def test_many_small_tensors(engines):
     """500 tensors: the descriptors come in several welcome messages, chunks hold many pieces."""
     from jax_garden import weights
@@ -571,6 +574,7 @@ def _job_worker(rank, size, exchange, port):
         jax.distributed.shutdown()
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(300)
 def test_two_trainers_to_two_inference_processes_one_jax_job():
     """2 + 2 processes of one JAX job over tcp: real NamedShardings, jax.distributed key-value

@@ -92,6 +92,7 @@ def _expected_path(out: dict) -> str:
     return "ipc" if out["dst_has_ipc"] else "staged"
 
 
+@pytest.mark.adversarial
 @pytest.mark.timeout(300)
 def test_gpu0_trainer_to_gpu1_inference():
     out = run_group(_worker, 2, 1, [0, 1], 1 << 20, exchanges=4, timeout=240)

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "common/error.h"
+#include "fabric/adversary.h"
 #include "fabric/transport_staged.h"
 
 namespace jax_garden::fabric {
@@ -68,12 +69,38 @@ bool ControlPlane::flush_imms() {
   batch.swap(pending_imms_);
   for (auto& [key, p] : batch) {
     auto cbs = std::make_shared<std::vector<DoneCallback>>(std::move(p.callbacks));
+    if (Adversary* adv = ctx_.worker->adversary()) [[unlikely]] {
+      deliver_split(*p.dst, key.second, adv->split_imms(p.count), std::move(cbs));
+      continue;
+    }
     deliver_imms(*p.dst, key.second, p.count, [cbs](bool ok, const std::string& error) {
       progress_role.assert_held();  // run by the worker under its lock
       for (auto& cb : *cbs) cb(ok, error);
     });
   }
   return true;
+}
+
+void ControlPlane::deliver_split(const MemoryDescriptor& dst, uint32_t imm, const std::vector<uint64_t>& parts,
+                                 std::shared_ptr<std::vector<DoneCallback>> cbs) {
+  // The callbacks run once every part was delivered (or the first failure is known to all).
+  struct Outcome {
+    size_t left;
+    bool ok = true;
+    std::string error;
+  };
+  auto outcome = std::make_shared<Outcome>(Outcome{parts.size()});
+  for (uint64_t n : parts) {
+    deliver_imms(dst, imm, n, [cbs, outcome](bool ok, const std::string& error) {
+      progress_role.assert_held();  // run by the worker under its lock
+      if (!ok && outcome->ok) {
+        outcome->ok = false;
+        outcome->error = error;
+      }
+      if (--outcome->left == 0)
+        for (auto& cb : *cbs) cb(outcome->ok, outcome->error);
+    });
+  }
 }
 
 void ControlPlane::on_frame(Frame&& frame) { frames_.push_back(std::move(frame)); }
@@ -121,7 +148,7 @@ void ControlPlane::handle(Frame& f) {
   switch (f.kind) {
     case MsgKind::kImmBatch: {
       auto m = decode_imm_batch(f.payload);
-      ctx_.counters->on_imm(m.imm, static_cast<int64_t>(m.count));
+      ctx_.worker->deliver_imm(m.imm, static_cast<int64_t>(m.count));
       return;
     }
     case MsgKind::kStageOpen:

@@ -67,6 +67,9 @@ class ControlPlane final : public WorkerTask {
 
   void handle(Frame& f) JG_REQUIRES_PROGRESS;
   bool flush_imms() JG_REQUIRES_PROGRESS;
+  // Adversarial mode: one imm delivery cut into parts, delivered (and held back) independently.
+  void deliver_split(const MemoryDescriptor& dst, uint32_t imm, const std::vector<uint64_t>& parts,
+                     std::shared_ptr<std::vector<DoneCallback>> cbs) JG_REQUIRES_PROGRESS;
   bool send_queries() JG_REQUIRES_PROGRESS;
   void on_reply(const RegionReplyMsg& m) JG_REQUIRES_PROGRESS;
   void on_query_failed(uint64_t query, const std::string& error) JG_REQUIRES_PROGRESS;

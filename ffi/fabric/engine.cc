@@ -5,6 +5,7 @@
 
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <thread>
 
@@ -100,6 +101,19 @@ std::shared_ptr<Engine> Engine::create(const EngineOptions& options) {
   JG_CHECK_ARG(options.stage_slots >= 1 && options.stage_slots <= 4096, "staging_slots must be in 1..4096, got ",
                options.stage_slots);
   JG_CHECK_ARG(options.max_outstanding_per_peer >= 1, "max_outstanding_per_peer must be >= 1");
+  AdversaryOptions adversary;
+  std::string spec;
+  if (options.adversary) {
+    spec = *options.adversary;
+  } else if (const char* env = std::getenv("JAX_GARDEN_ADVERSARY")) {
+    spec = env;
+  }
+  bool adversarial;
+  try {
+    adversarial = AdversaryOptions::parse(spec, &adversary);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(str_cat(e.what(), options.adversary ? "" : " (from JAX_GARDEN_ADVERSARY)"));
+  }
   // The last reference may be dropped on one of the engine's own threads (an op on the worker holding
   // the last region, a Python callback). Those threads cannot join themselves, so the engine is then
   // closed and freed from a short-lived reaper thread instead.
@@ -109,6 +123,7 @@ std::shared_ptr<Engine> Engine::create(const EngineOptions& options) {
     else
       delete p;
   });
+  if (adversarial) e->adversary_ = adversary;
   e->start();
   return e;
 }
@@ -124,7 +139,8 @@ void Engine::start() {
   wo.recv_slots = o.recv_slots;
   wo.max_message_bytes = o.max_message_bytes;
   wo.delivery_complete = o.completion == CompletionMode::kDelivery;
-  ctx_.worker = std::make_shared<Worker>(*ctx_.provider, o.domains, wo, sink_.get(), callbacks_, &keys_);
+  ctx_.worker = std::make_shared<Worker>(*ctx_.provider, o.domains, wo, sink_.get(), callbacks_, &keys_,
+                                         adversary_ ? std::make_unique<Adversary>(*adversary_) : nullptr);
   ctx_.address.provider = ctx_.provider->name;
   for (uint32_t d = 0; d < o.domains; ++d) ctx_.address.domains.push_back(ctx_.worker->endpoint(d));
   ctx_.address_bytes = ctx_.address.to_bytes();
@@ -201,6 +217,38 @@ StagingStats Engine::staging_stats() {
   return s;
 }
 
+AdversaryStats Engine::adversary_stats() {
+  JG_CHECK_ARG(adversary_, "the adversarial delivery mode is off for this engine");
+  ProgressLock pl(*ctx_.worker);  // the worker (and what its adversary counted) outlives close()
+  return ctx_.worker->adversary()->stats();
+}
+
+void Engine::adversary_hold(uint32_t imm, uint32_t mask, uint64_t skip) {
+  JG_CHECK_ARG(adversary_, "adversary.hold: the adversarial delivery mode is off for this engine");
+  if (closed()) throw TransferFailed("adversary.hold: the engine is closed");
+  ProgressLock pl(*ctx_.worker);
+  ctx_.worker->adversary()->add_rule(imm, mask, skip);
+}
+
+uint64_t Engine::adversary_release(uint32_t imm, uint32_t mask) {
+  JG_CHECK_ARG(adversary_, "adversary.release: the adversarial delivery mode is off for this engine");
+  if (closed()) return 0;
+  uint64_t n;
+  {
+    ProgressLock pl(*ctx_.worker);
+    n = ctx_.worker->adversary()->release_rule(imm, mask);
+  }
+  ctx_.worker->wake();
+  return n;
+}
+
+uint64_t Engine::adversary_holding(uint32_t imm, uint32_t mask) {
+  JG_CHECK_ARG(adversary_, "adversary.holding: the adversarial delivery mode is off for this engine");
+  if (closed()) return 0;
+  ProgressLock pl(*ctx_.worker);
+  return ctx_.worker->adversary()->holding(imm, mask);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Counters, watchers, messages
 
@@ -216,7 +264,7 @@ std::shared_ptr<Watcher> Engine::watcher(Watcher::Callback cb) {
   return w;
 }
 
-std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& payload) {
+std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& payload, MsgKind kind) {
   check_open(OpKind::kSend);
   JG_CHECK_ARG(to.provider == provider(), "send: the address is for provider '", to.provider,
                "' but this engine uses '", provider(), "'");
@@ -231,7 +279,7 @@ std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& p
     state->finish(TransferState::Status::kFailed, "the peer is unreachable: " + why + "; not posted");
     return state;
   }
-  auto op = ctx_.control->make_send_op(to.domains[0], MsgKind::kUser, payload);
+  auto op = ctx_.control->make_send_op(to.domains[0], kind, payload);
   op->user = true;
   op->state = new_state(what);
   op->deadline = deadline_after(ctx_.options.timeout_s);

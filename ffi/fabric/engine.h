@@ -25,6 +25,7 @@
 #include <memory>
 #include <string>
 
+#include "fabric/adversary.h"
 #include "fabric/callbacks.h"
 #include "fabric/engine_context.h"
 #include "fabric/keys.h"
@@ -59,7 +60,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::shared_ptr<TransferState> write_paged(const PagedWriteRequest& req);
   std::shared_ptr<TransferState> scatter(const ScatterRequest& req);
   std::shared_ptr<TransferState> write_imm(const ImmRequest& req);  // OpKind::kImm or kBarrier
-  std::shared_ptr<TransferState> send(const NetAddress& to, const Bytes& payload);
+  // A control message; `kind` other than kUser: an internal message (tests forge them).
+  std::shared_ptr<TransferState> send(const NetAddress& to, const Bytes& payload, MsgKind kind = MsgKind::kUser);
   Message recv(double timeout_s);
   // The path an op from `src` to `dst` takes with this override (kAuto: the engine's default), and
   // in words why (not per op: for path_for(..., why=True) and errors).
@@ -72,6 +74,13 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // TransferFailed and forgets it.
   void check();
   StagingStats staging_stats();
+  // The adversarial delivery mode (adversary.h): its settings, or null when it is off; what it did;
+  // and the targeted holds of tests (pieces whose imm matches under `mask`, after `skip` of them).
+  const AdversaryOptions* adversary() const { return adversary_ ? &*adversary_ : nullptr; }
+  AdversaryStats adversary_stats();
+  void adversary_hold(uint32_t imm, uint32_t mask, uint64_t skip);
+  uint64_t adversary_release(uint32_t imm, uint32_t mask);  // pieces released
+  uint64_t adversary_holding(uint32_t imm, uint32_t mask);  // pieces held by that rule now
   // Fails every op in flight, stops the threads, closes the endpoints. Idempotent.
   void close();
   bool on_own_thread() const;
@@ -107,6 +116,7 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::atomic<uint32_t> round_robin_{0};
   std::atomic<bool> closed_{false};
   Mutex close_mu_;
+  std::optional<AdversaryOptions> adversary_;  // fixed at creation
 };
 
 }  // namespace jax_garden::fabric

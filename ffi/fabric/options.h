@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "fabric/imm_accounting.h"
@@ -38,6 +39,9 @@ struct EngineOptions {
   // and platform allocators) through an fd this process exports (fd_broker.h): how jax arrays
   // reach another process's GPU at device speed. JAX_GARDEN_VMM_IPC=0 turns it off.
   bool vmm_ipc = true;
+  // The adversarial delivery mode (adversary.h): "seed=7,hold=0.5,..."; "" or "off" = off;
+  // nullopt = the JAX_GARDEN_ADVERSARY environment variable (read when the engine is created).
+  std::optional<std::string> adversary;
 
   // The deadline allowance of an op moving `bytes`.
   double op_timeout(uint64_t bytes) const { return timeout_s + double(bytes) / min_rate_bytes_per_s; }

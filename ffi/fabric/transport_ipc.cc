@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "common/error.h"
+#include "fabric/adversary.h"
 #include "fabric/fd_broker.h"
 
 namespace jax_garden::fabric {
@@ -92,6 +93,13 @@ uint64_t target_key(uint64_t region_key, int device) { return region_key ^ (uint
 thread_local std::vector<std::shared_ptr<MemoryRegion>> t_released_sources;
 
 void drop_released_sources() { t_released_sources.clear(); }
+
+// The arrival count of record k of a destination whose `count` arrivals go in records [first, last]:
+// kMaxCount each and the rest in the last, or (cut in the adversarial mode) count / records each.
+uint64_t record_count(uint64_t count, uint64_t records, uint64_t k) {
+  const uint64_t per = records > 1 && count <= imm_record::kMaxCount ? count / records : imm_record::kMaxCount;
+  return k + 1 < records ? per : count - per * (records - 1);
+}
 
 }  // namespace
 
@@ -271,6 +279,7 @@ void IpcTransport::start(const std::shared_ptr<IpcOp>& op, const std::shared_ptr
   p.slot = dst.region_slot;
   p.imm = spec.has_imm ? spec.imm : 0;
   p.count = spec.has_imm ? spec.imm_count : 0;
+  p.records = imm_record::records_for(p.count);
   p.deadline = deadline;
   // Addresses in this process (no heap use: per-thread scratch).
   thread_local std::vector<CopySegment> segs;
@@ -297,30 +306,118 @@ void IpcTransport::start(const std::shared_ptr<IpcOp>& op, const std::shared_ptr
     return;
   }
   outstanding_.fetch_add(1, std::memory_order_acq_rel);
-  const uint64_t records = imm_record::records_for(p.count);
-  if (l.queued.empty() && l.ring->reserve(records, &p.first)) {
-    p.last = p.first + records - 1;
+  if (Adversary* adv = ctx_.worker->adversary()) [[unlikely]] {
+    // Adversarial mode: the imm record cut into several; the start perhaps held back.
+    if (p.count > 1 && p.count <= imm_record::kMaxCount) p.records = adv->split_imms(p.count).size();
+    Adversary::CopyStart c = adv->copy_start(Clock::now());
+    if (c.at != Clock::time_point{}) {
+      hold(l, make_queued(std::move(p), device, segs, spec.pages ? &pages : nullptr), c.seq, c.at);
+      ctx_.worker->wake();
+      return;
+    }
+  }
+  if (l.queued.empty() && l.ring->reserve(p.records, &p.first)) {
+    p.last = p.first + p.records - 1;
     issue(l, std::move(p), segs.data(), segs.size(), spec.pages ? &pages : nullptr, device);
     ctx_.worker->wake();  // completions are reaped by the worker unless the caller waits inline
     return;
   }
   // The ring is full (the owner has not taken a ring's worth of records yet): the worker starts
   // this destination, in order, once there is room.
+  l.queued.push_back(make_queued(std::move(p), device, segs, spec.pages ? &pages : nullptr));
+  ctx_.worker->wake();
+}
+
+IpcTransport::Queued IpcTransport::make_queued(Pending p, int device, const std::vector<CopySegment>& segments,
+                                               const PagedCopy* pages) {
   Queued q;
   q.pending = std::move(p);
   q.device = device;
-  if (spec.pages) {
+  if (pages) {
     q.paged = true;
-    q.src_pages.assign(pages.src_pages, pages.src_pages + pages.pages);
-    q.dst_pages.assign(pages.dst_pages, pages.dst_pages + pages.pages);
-    q.pages = pages;
+    q.src_pages.assign(pages->src_pages, pages->src_pages + pages->pages);
+    q.dst_pages.assign(pages->dst_pages, pages->dst_pages + pages->pages);
+    q.pages = *pages;
     q.pages.src_pages = q.src_pages.data();
     q.pages.dst_pages = q.dst_pages.data();
   } else {
-    q.segments = segs;
+    q.segments = segments;
   }
-  l.queued.push_back(std::move(q));
-  ctx_.worker->wake();
+  return q;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adversarial mode
+
+bool IpcTransport::copy_source(Queued& q) {
+  constexpr uint64_t kMostCopied = 64ull << 20;  // bounded memory: larger ops complete as usual
+  if (q.paged) {
+    if (q.pages.pages == 0) return true;
+    uint32_t top = *std::max_element(q.src_pages.begin(), q.src_pages.end());
+    uint64_t len = uint64_t(top) * q.pages.src_stride + q.pages.page_bytes;
+    if (len > kMostCopied) return false;
+    auto* from = reinterpret_cast<const uint8_t*>(q.pages.src);
+    q.source_copy.assign(from, from + len);
+    q.pages.src = reinterpret_cast<uint64_t>(q.source_copy.data());
+    return true;
+  }
+  uint64_t lo = UINT64_MAX, hi = 0;
+  for (const auto& s : q.segments) {
+    if (!s.bytes) continue;
+    lo = std::min(lo, s.src);
+    hi = std::max(hi, s.src + s.bytes);
+  }
+  if (lo >= hi) return true;
+  if (hi - lo > kMostCopied) return false;
+  auto* from = reinterpret_cast<const uint8_t*>(lo);
+  q.source_copy.assign(from, from + (hi - lo));
+  for (auto& s : q.segments)
+    if (s.bytes) s.src = reinterpret_cast<uint64_t>(q.source_copy.data()) + (s.src - lo);
+  return true;
+}
+
+void IpcTransport::hold(Link& l, Queued q, uint64_t seq, Clock::time_point at) {
+  Adversary& adv = *ctx_.worker->adversary();
+  // Transmit completion long before delivery: legal once the source bytes are copied (the caller may
+  // reuse its source). GPU sources are not copied here: they complete as usual.
+  if (ctx_.options.completion == CompletionMode::kTransmit && adv.options().early && q.device < 0 &&
+      q.pending.op && copy_source(q)) {
+    q.pending.op->part_done(true);
+    q.pending.op.reset();
+    if (q.pending.src) t_released_sources.push_back(std::move(q.pending.src));  // the copy reads source_copy
+    adv.early_completed();
+  }
+  l.held.push_back(Held{at, seq, std::move(q)});
+}
+
+bool IpcTransport::release_held(Link& l, Clock::time_point now, bool closed, bool full) {
+  Adversary& adv = *ctx_.worker->adversary();
+  bool progress = false;
+  for (size_t i = 0; i < l.held.size();) {
+    Held& h = l.held[i];
+    Pending& p = h.queued.pending;
+    const bool expired = full && now >= p.deadline;
+    if (closed || expired) {
+      if (p.op)
+        p.op->part_done(false,
+                        closed ? "ipc: the destination engine was closed"
+                               : "ipc: no completion within the engine timeout (the copy was still held back by the "
+                                 "adversarial delivery mode)",
+                        closed ? TransferState::Status::kFailed : TransferState::Status::kTimedOut);
+      release(p);
+      adv.copy_released(h.seq, false);
+      outstanding_.fetch_sub(1, std::memory_order_acq_rel);
+    } else if (now >= h.at) {
+      adv.copy_released(h.seq, true);
+      l.queued.push_back(std::move(h.queued));  // starts behind those already waiting for ring space
+    } else {
+      ++i;
+      continue;
+    }
+    l.held.erase(l.held.begin() + static_cast<std::ptrdiff_t>(i));
+    progress = true;
+  }
+  return progress;
 }
 
 void IpcTransport::issue(Link& l, Pending p, const CopySegment* segments, size_t n, const PagedCopy* pages,
@@ -332,12 +429,7 @@ void IpcTransport::issue(Link& l, Pending p, const CopySegment* segments, size_t
   std::vector<StreamStore> more;
   const size_t m = p.last - p.first + 1;
   StreamStore* stores = m <= kInline ? inline_stores : (more.resize(m), more.data());
-  uint64_t left = p.count;
-  for (size_t k = 0; k < m; ++k) {
-    uint64_t c = std::min<uint64_t>(left, imm_record::kMaxCount);
-    left -= c;
-    stores[k] = {0, imm_record::encode(p.first + k, p.imm, c)};
-  }
+  for (size_t k = 0; k < m; ++k) stores[k] = {0, imm_record::encode(p.first + k, p.imm, record_count(p.count, m, k))};
   try {
     if (device < 0) {
       // Host memory (one process): copy now, then the records.
@@ -365,7 +457,7 @@ void IpcTransport::issue(Link& l, Pending p, const CopySegment* segments, size_t
   } catch (const std::exception& e) {
     // Nothing of it will land: empty records keep the ring moving; the op fails.
     for (uint64_t pos = p.first; pos <= p.last; ++pos) ring.store(pos, 0, 0);
-    p.op->part_done(false, str_cat("ipc: ", e.what()));
+    if (p.op) p.op->part_done(false, str_cat("ipc: ", e.what()));  // (null: reported done early)
     p.op.reset();
     release(p);
     p.landed = true;
@@ -392,10 +484,19 @@ bool IpcTransport::poll() {
   bool progress = false;
   if (ctx_.mailbox) {
     // Imms that same-host engines delivered to us (records their copies stored).
-    auto sink = [](void* c, uint32_t imm, uint64_t count) {
-      static_cast<ImmCounterTable*>(c)->on_imm(imm, static_cast<int64_t>(count));
-    };
-    progress = ctx_.mailbox->poll(sink, ctx_.counters.get()) > 0;
+    if (ctx_.worker->adversary()) [[unlikely]] {
+      // Adversarial mode: held back before they are counted, like any imm arrival.
+      auto held = [](void* w, uint32_t imm, uint64_t count) {
+        progress_role.assert_held();  // poll() runs under the progress lock
+        static_cast<Worker*>(w)->deliver_imm(imm, static_cast<int64_t>(count));
+      };
+      progress = ctx_.mailbox->poll(held, ctx_.worker.get()) > 0;
+    } else {
+      auto sink = [](void* c, uint32_t imm, uint64_t count) {
+        static_cast<ImmCounterTable*>(c)->on_imm(imm, static_cast<int64_t>(count));
+      };
+      progress = ctx_.mailbox->poll(sink, ctx_.counters.get()) > 0;
+    }
   }
   if (!busy()) return progress;
   uint64_t v = links_version_.load(std::memory_order_acquire);
@@ -421,7 +522,7 @@ bool IpcTransport::advance(Clock::time_point now) {
 
 bool IpcTransport::poll_link(Link& l, Clock::time_point now, bool full) {
   MutexLock lk(l.mu);
-  if (l.pending.empty() && l.queued.empty()) return false;
+  if (l.pending.empty() && l.queued.empty() && l.held.empty()) return false;
   MailboxLink& ring = *l.ring;
   const bool transmit = ctx_.options.completion == CompletionMode::kTransmit;
   const uint64_t taken = ring.taken();
@@ -434,12 +535,9 @@ bool IpcTransport::poll_link(Link& l, Clock::time_point now, bool full) {
         int r = p.copy->poll(&err);
         if (r != 0) {
           p.copy.reset();
-          uint64_t left = r > 0 ? p.count : 0;  // a failed copy: empty records keep the ring moving
-          for (uint64_t pos = p.first; pos <= p.last; ++pos) {
-            uint64_t c = std::min<uint64_t>(left, imm_record::kMaxCount);
-            left -= c;
-            ring.store(pos, p.imm, c);
-          }
+          // A failed copy: empty records keep the ring moving.
+          for (uint64_t pos = p.first; pos <= p.last; ++pos)
+            ring.store(pos, p.imm, r > 0 ? record_count(p.count, p.last - p.first + 1, pos - p.first) : 0);
           if (r < 0 && p.op) {
             p.op->part_done(false, str_cat("ipc: ", err));
             p.op.reset();
@@ -481,23 +579,25 @@ bool IpcTransport::poll_link(Link& l, Clock::time_point now, bool full) {
     l.pending.pop_front();
     outstanding_.fetch_sub(1, std::memory_order_acq_rel);
   }
+  if (!l.held.empty()) [[unlikely]]  // adversarial mode
+    progress |= release_held(l, full ? now : Clock::now(), closed, full);
   // Destinations that waited for ring space, in order.
   while (!l.queued.empty()) {
     Queued& q = l.queued.front();
     if (closed || (full && now >= q.pending.deadline)) {
-      q.pending.op->part_done(false, closed ? "ipc: the destination engine was closed"
-                                            : "ipc: no room in the destination's imm ring within the engine timeout "
-                                              "(the destination engine is not taking imms)",
-                              closed ? TransferState::Status::kFailed : TransferState::Status::kTimedOut);
+      if (q.pending.op)  // (null: reported done early in the adversarial mode)
+        q.pending.op->part_done(false, closed ? "ipc: the destination engine was closed"
+                                              : "ipc: no room in the destination's imm ring within the engine "
+                                                "timeout (the destination engine is not taking imms)",
+                                closed ? TransferState::Status::kFailed : TransferState::Status::kTimedOut);
       release(q.pending);
       l.queued.pop_front();
       outstanding_.fetch_sub(1, std::memory_order_acq_rel);
       progress = true;
       continue;
     }
-    const uint64_t records = imm_record::records_for(q.pending.count);
-    if (!ring.reserve(records, &q.pending.first)) break;
-    q.pending.last = q.pending.first + records - 1;
+    if (!ring.reserve(q.pending.records, &q.pending.first)) break;
+    q.pending.last = q.pending.first + q.pending.records - 1;
     issue(l, std::move(q.pending), q.segments.data(), q.segments.size(), q.paged ? &q.pages : nullptr, q.device);
     l.queued.pop_front();
     progress = true;
@@ -512,11 +612,18 @@ void IpcTransport::close() {
     Link& l = *lp;
     MutexLock lk(l.mu);
     for (auto& q : l.queued) {
-      q.pending.op->part_done(false, "the engine was closed");
+      if (q.pending.op) q.pending.op->part_done(false, "the engine was closed");
       release(q.pending);
       outstanding_.fetch_sub(1, std::memory_order_acq_rel);
     }
     l.queued.clear();
+    for (auto& h : l.held) {  // adversarial mode
+      if (h.queued.pending.op) h.queued.pending.op->part_done(false, "the engine was closed");
+      release(h.queued.pending);
+      ctx_.worker->adversary()->copy_released(h.seq, false);
+      outstanding_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+    l.held.clear();
     for (auto& p : l.pending) {
       if (p.op) p.op->part_done(false, "the engine was closed");
       p.op.reset();

@@ -17,6 +17,12 @@
 // ("transmit"); its admission and source are released as soon as they landed (the copy is over).
 // An owner that dies or stalls never takes them: the op fails at its deadline and the owner is
 // marked unreachable; an owner that closed its engine fails the op at once.
+//
+// In the adversarial delivery mode (adversary.h) a destination may be held back before it reserves
+// its records (then later destinations toward the same owner start, land and are taken first), its
+// imm record may be cut into several, and with transmit completion a held destination whose source
+// is host memory is reported done at once from a copy of its source bytes. The owner holds what it
+// takes from its mailbox like any imm arrival (Worker::deliver_imm). Off: one null-pointer branch.
 #pragma once
 
 #include <array>
@@ -120,6 +126,7 @@ class IpcTransport final : public WorkerTask {
     std::shared_ptr<SharedRegionTable> table;  // the owner's, while the copy is admitted
     uint32_t slot = kNoRegionSlot;
     uint64_t first = 0, last = 0;  // positions of its records
+    uint64_t records = 1;          // how many (records_for(count), or more in the adversarial mode)
     uint32_t imm = 0;
     uint64_t count = 0;  // imm arrivals it delivers (0: an op without imm)
     Clock::time_point deadline;
@@ -135,6 +142,13 @@ class IpcTransport final : public WorkerTask {
     bool paged = false;
     PagedCopy pages;
     std::vector<uint32_t> src_pages, dst_pages;  // what `pages` points at
+    std::vector<uint8_t> source_copy;            // adversarial mode, early completion: the source bytes
+  };
+  // Adversarial mode: a destination whose start is held back until `at` (then it queues).
+  struct Held {
+    Clock::time_point at;
+    uint64_t seq = 0;  // the adversary's submission order
+    Queued queued;
   };
   // Our ring in one owner engine's mailbox, with the destinations in flight through it.
   struct Link {
@@ -145,6 +159,7 @@ class IpcTransport final : public WorkerTask {
     Mutex mu;     // one producer: reservations and enqueues in one order
     std::deque<Pending> pending JG_GUARDED_BY(mu);
     std::deque<Queued> queued JG_GUARDED_BY(mu);
+    std::vector<Held> held JG_GUARDED_BY(mu);  // adversarial mode only
   };
   // Where a destination region is mapped for one local device, and how to reach its owner.
   struct Target {
@@ -164,6 +179,12 @@ class IpcTransport final : public WorkerTask {
   void issue(Link& link, Pending p, const CopySegment* segments, size_t n, const PagedCopy* pages, int device)
       JG_REQUIRES(link.mu);
   bool poll_link(Link& link, Clock::time_point now, bool full) JG_REQUIRES_PROGRESS JG_EXCLUDES(link.mu);
+  static Queued make_queued(Pending p, int device, const std::vector<CopySegment>& segments, const PagedCopy* pages);
+  // Adversarial mode: hold a destination back (reporting it done at once where transmit completion
+  // allows); queue the held ones whose time came, fail those of a closed owner or past their deadline.
+  void hold(Link& link, Queued q, uint64_t seq, Clock::time_point at) JG_REQUIRES(link.mu);
+  bool release_held(Link& link, Clock::time_point now, bool closed, bool full) JG_REQUIRES(link.mu);
+  static bool copy_source(Queued& q);  // into q.source_copy (host memory, bounded); false: not copied
   void release(Pending& p);  // admission, page lists, source
   std::vector<std::shared_ptr<Link>> links_snapshot() JG_EXCLUDES(targets_mu_);
 

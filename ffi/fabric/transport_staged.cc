@@ -223,7 +223,7 @@ bool StagingTransport::advance(Clock::time_point now) {
         reply_error(in.sender_endpoint, in.xfer, str_cat("received ", in.landed, " of ", in.total_bytes, " bytes"));
       } else {
         // Every byte is in the region (the copies completed): only now do the imms count.
-        if (in.has_imm && in.imm_count) ctx_.counters->on_imm(in.imm, static_cast<int64_t>(in.imm_count));
+        if (in.has_imm && in.imm_count) ctx_.worker->deliver_imm(in.imm, static_cast<int64_t>(in.imm_count));
         ctx_.control->send(in.sender_endpoint, MsgKind::kStageDone, encode(StageXferMsg{in.xfer}), kIgnore);
         erase.push_back(key);
         progress = true;

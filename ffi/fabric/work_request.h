@@ -67,6 +67,7 @@ struct WorkRequest {
   uint64_t flags = 0;  // extra fi_writemsg / fi_sendmsg flags
   bool posted = false;
   bool completed = false;  // its completion (or error) was seen
+  bool reset = false;      // adversarial mode: its connection is reset before it is posted (it fails)
 };
 
 // Where one destination of an op lives: what failure triage asks the owner about, and which owner a
@@ -92,6 +93,10 @@ struct Op {
   std::shared_ptr<MemoryRegion> keep_region;  // the source stays registered while posted
   Bytes owned;                                 // send payload
   std::vector<MemoryRegistration> owned_regs;  // registration of `owned` where FI_MR_LOCAL needs it
+  // Adversarial mode, transmit completion: the pieces' source bytes, copied when the op was reported
+  // complete early (the caller may reuse its source), and their registrations (domain, registration).
+  std::vector<uint8_t> early_copy;
+  std::vector<std::pair<uint32_t, MemoryRegistration>> early_regs;
   // Internal ops (parts of IPC / staged transfers, control messages): runs on the worker once the op
   // finished (ok = every work request completed).
   std::function<void(bool ok, const std::string& error)> on_done;

@@ -7,8 +7,11 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 
 #include "common/error.h"
+#include "fabric/adversary.h"
+#include "fabric/region.h"
 
 namespace jax_garden::fabric {
 
@@ -33,8 +36,13 @@ bool unreachable_error(int err) {
 }  // namespace
 
 Worker::Worker(const ProviderInfo& provider, uint32_t domains, const WorkerOptions& options, CompletionSink* sink,
-               std::weak_ptr<CallbackRunner> callbacks, KeyAllocator* keys)
-    : provider_(provider), options_(options), sink_(sink), keys_(keys), callbacks_(std::move(callbacks)) {
+               std::weak_ptr<CallbackRunner> callbacks, KeyAllocator* keys, std::unique_ptr<Adversary> adversary)
+    : provider_(provider),
+      options_(options),
+      sink_(sink),
+      keys_(keys),
+      callbacks_(std::move(callbacks)),
+      adversary_(std::move(adversary)) {
   ProgressLock pl(*this);
   for (uint32_t d = 0; d < domains; ++d) {
     domains_.push_back(std::make_unique<Domain>(provider_, static_cast<int>(d)));
@@ -168,7 +176,17 @@ void Worker::install(std::unique_ptr<Op> owned) {
   }
   uint64_t flags = options_.delivery_complete ? FI_DELIVERY_COMPLETE : 0;
   active_.emplace(op->state->id(), std::move(owned));
-  for (auto& wr : op->wrs) {
+  Adversary::OpDecision fate;
+  Clock::time_point now{};
+  if (adversary_) [[unlikely]] {
+    now = Clock::now();
+    fate = adversary_->on_install(*op, options_.delivery_complete);
+    // Transmit completion long before delivery: the source may be reused once its bytes are copied.
+    if (fate.early && copy_for_early_completion(op) && op->state->finish(TransferState::Status::kDone))
+      adversary_->early_completed();
+  }
+  for (size_t i = 0; i < op->wrs.size(); ++i) {
+    WorkRequest& wr = op->wrs[i];
     wr.op = op;
     if (wr.hdr.kind != ContextKind::kSend) wr.hdr.kind = ContextKind::kWrite;
     wr.flags |= flags;
@@ -187,9 +205,67 @@ void Worker::install(std::unique_ptr<Op> owned) {
       it = table.by_endpoint.emplace(wr.peer_endpoint, std::move(link)).first;
     }
     wr.link = it->second.get();
+    if (adversary_ && adversary_->hold(wr, fate.op_seq, i, op->wrs.size(), now)) [[unlikely]]
+      continue;  // queued on its link by release_held() once its hold ends
     wr.link->pending.push_back(&wr);
     queue_link(wr.link);
   }
+}
+
+bool Worker::copy_for_early_completion(Op* op) {
+  if (op->keep_region && op->keep_region->cuda()) return false;  // device memory: not copied here
+  const uint8_t* owned_begin = op->owned.data();
+  const uint8_t* owned_end = owned_begin + op->owned.size();
+  auto owned = [&](const WorkRequest& wr) {  // a message's payload is the op's own copy already
+    auto* p = static_cast<const uint8_t*>(wr.local);
+    return p >= owned_begin && p < owned_end;
+  };
+  uint64_t total = 0;
+  for (const auto& wr : op->wrs)
+    if (!owned(wr)) total += wr.length;
+  if (total > (64ull << 20)) return false;  // bounded memory: large ops complete as usual
+  op->early_copy.resize(total);
+  uint64_t off = 0;
+  uint32_t domains = 0;
+  for (auto& wr : op->wrs) {
+    if (!wr.length || owned(wr)) continue;
+    std::memcpy(op->early_copy.data() + off, wr.local, wr.length);
+    wr.local = op->early_copy.data() + off;
+    wr.desc = nullptr;
+    domains |= 1u << wr.domain;
+    off += wr.length;
+  }
+  if (provider_.mr_local && off) {
+    for (uint32_t d = 0; d < domains_.size(); ++d)
+      if (domains & (1u << d)) op->early_regs.emplace_back(d, register_host(d, op->early_copy.data(), off));
+    for (auto& wr : op->wrs) {
+      auto* p = static_cast<uint8_t*>(wr.local);
+      if (!wr.length || p < op->early_copy.data() || p >= op->early_copy.data() + off) continue;
+      for (auto& [d, reg] : op->early_regs)
+        if (d == wr.domain) wr.desc = reg.desc;
+    }
+  }
+  return true;
+}
+
+bool Worker::release_held(Clock::time_point now) {
+  std::vector<WorkRequest*> pieces;
+  std::vector<std::pair<uint32_t, int64_t>> imms;
+  adversary_->release_due(now, &pieces, &imms);
+  for (WorkRequest* wr : pieces) {  // an op that failed meanwhile drops them in post_pending
+    wr->link->pending.push_back(wr);
+    queue_link(wr->link);
+  }
+  for (auto& [imm, n] : imms) sink_->on_imm(imm, n);
+  return !pieces.empty() || !imms.empty();
+}
+
+void Worker::deliver_imm(uint32_t imm, int64_t n) {
+  if (adversary_ && adversary_->hold_imm(imm, n, Clock::now())) [[unlikely]] {
+    worker_work_.store(true, std::memory_order_release);  // released by the worker's passes
+    return;
+  }
+  sink_->on_imm(imm, n);
 }
 
 void Worker::queue_link(PeerLink* link) {
@@ -226,6 +302,14 @@ bool Worker::post_pending(uint32_t d) {
     while (!link->pending.empty() && link->outstanding < options_.max_outstanding_per_peer) {
       WorkRequest* wr = link->pending.front();
       Op* op = wr->op;
+      if (wr->reset) [[unlikely]] {  // adversarial mode: the connection drops before this piece
+        link->pending.pop_front();
+        progress = true;
+        complete_wr(wr, -FI_ECONNRESET,
+                    "connection reset by the peer mid-op (adversarial delivery mode): the rest of the op was not "
+                    "sent");
+        continue;
+      }
       if (op->failed) {  // the op already failed or timed out: drop what was not posted
         link->pending.pop_front();
         op->done++;
@@ -324,7 +408,7 @@ bool Worker::poll_cq(uint32_t d) {
       }
       post_recv(slot);
     } else if ((e.flags & FI_REMOTE_CQ_DATA) && (e.flags & (FI_REMOTE_WRITE | FI_RMA))) {
-      sink_->on_imm(static_cast<uint32_t>(e.data & 0xffffffffu), 1);
+      deliver_imm(static_cast<uint32_t>(e.data & 0xffffffffu), 1);
     } else if (e.op_context) {
       auto* wr = reinterpret_cast<WorkRequest*>(e.op_context);
       wr->link->outstanding--;
@@ -360,8 +444,13 @@ void Worker::fail_op(Op* op, TransferState::Status status, const std::string& me
 void Worker::finish_op(Op* op) {
   if (!op->failed) op->state->finish(TransferState::Status::kDone);
   if (op->on_done) defer([cb = std::move(op->on_done), ok = !op->failed, err = op->error]() { cb(ok, err); });
-  for (auto& r : op->owned_regs) domains_[0]->unregister(r);
+  unregister_owned(op);
   active_.erase(op->state->id());  // frees op
+}
+
+void Worker::unregister_owned(Op* op) {
+  for (auto& r : op->owned_regs) domains_[0]->unregister(r);
+  for (auto& [d, r] : op->early_regs) domains_[d]->unregister(r);
 }
 
 void Worker::check_timeouts(Clock::time_point now) {
@@ -419,6 +508,8 @@ void Worker::run(Command& c) {
 
 bool Worker::pass() {
   bool progress = run_commands();
+  if (adversary_) [[unlikely]]
+    progress |= release_held(Clock::now());
   for (uint32_t d = 0; d < domains_.size(); ++d) {
     progress |= post_pending(d);
     progress |= poll_cq(d);
@@ -436,6 +527,8 @@ bool Worker::pass() {
     last_timeout_check_ = now;
   }
   if (progress) last_activity_ = now;
+  if (adversary_) [[unlikely]]
+    busy |= adversary_->busy();
   worker_work_.store(busy || !deferred_.empty(), std::memory_order_release);
   return progress;
 }
@@ -479,6 +572,7 @@ void Worker::main() {
 
 void Worker::close_domains() {
   ProgressLock pl(*this);
+  if (adversary_) adversary_->clear();  // it points into the ops freed below
   domains_.clear();
   active_.clear();
   links_.clear();
@@ -515,8 +609,8 @@ void Worker::shutdown() {
     cmds.swap(commands_);
   }
   for (auto& c : cmds) run(c);  // installs fail (stopped); unregistrations close their MRs
-  for (auto& [id, op] : active_)
-    for (auto& r : op->owned_regs) domains_[0]->unregister(r);
+  if (adversary_) adversary_->clear();
+  for (auto& [id, op] : active_) unregister_owned(op.get());
   domains_[0]->unregister(recv_reg_);
 }
 

@@ -38,6 +38,7 @@
 namespace jax_garden::fabric {
 
 class Worker;
+class Adversary;
 
 // For clang's thread-safety analysis: the role of "the thread that holds an engine's progress lock".
 // Every progress-owned member and function of the worker and of the transports names this one role
@@ -101,8 +102,9 @@ struct WorkerOptions {
 class Worker final : public ProgressDriver, public std::enable_shared_from_this<Worker> {
  public:
   // `keys` chooses the keys of the worker's own registrations (providers that let the engine choose).
+  // `adversary`: the adversarial delivery mode (adversary.h), or null (off).
   Worker(const ProviderInfo& provider, uint32_t domains, const WorkerOptions& options, CompletionSink* sink,
-         std::weak_ptr<CallbackRunner> callbacks, KeyAllocator* keys);
+         std::weak_ptr<CallbackRunner> callbacks, KeyAllocator* keys, std::unique_ptr<Adversary> adversary = nullptr);
   ~Worker() override;
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -149,6 +151,10 @@ class Worker final : public ProgressDriver, public std::enable_shared_from_this<
   MemoryRegistration register_host(uint32_t d, void* addr, size_t length) JG_REQUIRES_PROGRESS;
   uint64_t new_key() { return provider_.provider_keys ? 0 : keys_->next(); }
   size_t active_ops() const JG_REQUIRES_PROGRESS { return active_.size(); }
+  // Imms that arrived, or that the ipc/staged paths deliver locally: counted now, or held back first
+  // in the adversarial mode.
+  void deliver_imm(uint32_t imm, int64_t n) JG_REQUIRES_PROGRESS;
+  Adversary* adversary() const { return adversary_.get(); }  // null when the mode is off
 
  private:
   struct InstallOp {
@@ -188,6 +194,10 @@ class Worker final : public ProgressDriver, public std::enable_shared_from_this<
   void post_recv(RecvSlot* slot) JG_REQUIRES_PROGRESS;
   void release(std::shared_ptr<void> keepalive);
   void shutdown() JG_REQUIRES_PROGRESS;
+  // Adversarial mode: copy an op's source bytes so it can be reported complete at once (transmit).
+  bool copy_for_early_completion(Op* op) JG_REQUIRES_PROGRESS;
+  bool release_held(Clock::time_point now) JG_REQUIRES_PROGRESS;  // pieces and imms whose hold ended
+  void unregister_owned(Op* op) JG_REQUIRES_PROGRESS;
 
   const ProviderInfo& provider_;
   const WorkerOptions options_;
@@ -195,6 +205,7 @@ class Worker final : public ProgressDriver, public std::enable_shared_from_this<
   KeyAllocator* const keys_;
   std::weak_ptr<CallbackRunner> callbacks_;
   std::vector<Bytes> names_;  // endpoint names, immutable after construction
+  const std::unique_ptr<Adversary> adversary_;  // its state is progress-owned
 
   friend class ProgressLock;
   Mutex progress_mu_;  // the progress lock itself (progress_role is its name for the analysis)

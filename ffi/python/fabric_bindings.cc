@@ -65,6 +65,24 @@ ScatterSharding parse_sharding(const std::string& s) {
   throw InvalidArgument(str_cat("sharding must be 'targets' or 'bytes', got '", s, "'"));
 }
 
+nb::dict adversary_dict(const AdversaryStats& s) {
+  nb::dict d;
+  d["pieces"] = s.pieces;
+  d["held"] = s.held;
+  d["messages_held"] = s.messages_held;
+  d["reordered"] = s.reordered;
+  d["last_held"] = s.last_held;
+  d["tail_held"] = s.tail_held;
+  d["imms_held"] = s.imms_held;
+  d["imm_splits"] = s.imm_splits;
+  d["copies_delayed"] = s.copies_delayed;
+  d["early_completions"] = s.early_completions;
+  d["resets"] = s.resets;
+  d["targeted"] = s.targeted;
+  d["held_now"] = s.held_now;
+  return d;
+}
+
 OpKind parse_op_kind(const std::string& s) {
   if (s == "write") return OpKind::kWrite;
   if (s == "paged" || s == "write_paged") return OpKind::kPaged;
@@ -238,7 +256,8 @@ void BindFabric(nb::module_& m) {
                                const std::string& path,      // default path ("" = choose per destination)
                                uint32_t staging_chunk_bytes, uint32_t staging_slots,
                                const std::string& completion,  // "delivery" or "transmit"
-                               bool vmm_ipc) {                 // offer cuMemCreate GPU regions to same-host peers
+                               bool vmm_ipc,                   // offer cuMemCreate GPU regions to same-host peers
+                               std::optional<std::string> adversary) {  // adversarial mode spec (None: env)
         EngineOptions o;
         o.provider = provider;
         o.node = node;
@@ -251,10 +270,30 @@ void BindFabric(nb::module_& m) {
         o.stage_slots = staging_slots;
         o.completion = parse_completion(completion);
         o.vmm_ipc = vmm_ipc;
+        o.adversary = std::move(adversary);
         nb::gil_scoped_release release;
         return Engine::create(o);
       }, "provider"_a, "node"_a, "domains"_a, "timeout"_a, "max_message_bytes"_a, "split_threshold"_a, "path"_a,
-         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a, "vmm_ipc"_a = true)
+         "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a, "vmm_ipc"_a = true,
+         "adversary"_a = nb::none())
+      .def_prop_ro("adversary", [](const Engine& e) -> std::optional<std::string> {
+        if (!e.adversary()) return std::nullopt;
+        return e.adversary()->to_string();
+      })
+      .def("adversary_stats", [](Engine& e) {
+        AdversaryStats s;
+        {
+          nb::gil_scoped_release release;
+          s = e.adversary_stats();
+        }
+        return adversary_dict(s);
+      })
+      .def("adversary_hold", &Engine::adversary_hold, "imm"_a, "mask"_a, "skip"_a,
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("adversary_release", &Engine::adversary_release, "imm"_a, "mask"_a,
+           nb::call_guard<nb::gil_scoped_release>())
+      .def("adversary_holding", &Engine::adversary_holding, "imm"_a, "mask"_a,
+           nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("address", [](const Engine& e) { return e.address(); })
       .def_prop_ro("provider", [](const Engine& e) { return e.provider(); })
       .def_prop_ro("num_domains", &Engine::num_domains)
@@ -369,6 +408,13 @@ void BindFabric(nb::module_& m) {
       .def("send", [](Engine& e, const NetAddress& to, nb::handle payload) {
         return e.send(to, buffer_bytes(payload, "send: payload"));
       }, "to"_a, "payload"_a)
+      // Tests only: a control message of an internal kind (control.h), as a buggy or hostile peer
+      // could send one, to check what the receiver accepts.
+      .def("_send_internal", [](Engine& e, const NetAddress& to, uint8_t kind, nb::handle payload) {
+        JG_CHECK_ARG(kind >= 1 && kind <= kMaxMsgKind, "_send_internal: kind must be in 1..", int(kMaxMsgKind),
+                     ", got ", int(kind));
+        return e.send(to, buffer_bytes(payload, "_send_internal: payload"), static_cast<MsgKind>(kind));
+      }, "to"_a, "kind"_a, "payload"_a)
       .def("recv", [](Engine& e, double timeout) {
         Message m;
         {
@@ -436,6 +482,7 @@ void BindFabric(nb::module_& m) {
     }
     return out;
   }, "segments"_a, "chunk_bytes"_a, "max_segments"_a);
+  m.def("adversary_totals", []() { return adversary_dict(Adversary::totals()); });
   m.def("host_id", []() { return host_id(); });
   m.def("process_nonce", []() { return process_nonce(); });
 
