@@ -80,6 +80,7 @@ InternodeAllToAll::InternodeAllToAll(const MoeShape& shape, DType dispatch_dtype
   const int32_t T = shape_.max_tokens, K = shape_.experts_per_token, L = shape_.local_experts();
   for (int32_t r : options.local_ranks) {
     auto lr = std::make_unique<Local>();
+    lr->index = locals_.size();
     lr->rank = r;
     lr->remote = multi_node;
     lr->send_mem = zeroed_buffer(layout_.send_bytes);
@@ -108,6 +109,7 @@ InternodeAllToAll::InternodeAllToAll(const MoeShape& shape, DType dispatch_dtype
     lr->timing.assign(size_t(kPhases) * kTimingRing, {0, 0});
     locals_.push_back(std::move(lr));
   }
+  progress_.resize(locals_.size());  // (constructors are not analysed: no call runs yet)
   peers_.resize(R);
 }
 
@@ -232,15 +234,15 @@ std::string InternodeAllToAll::describe() const {
 // Outside jit
 
 std::vector<int64_t> InternodeAllToAll::dropped_rows() const {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   std::vector<int64_t> out(shape_.num_ranks, -1);
-  for (auto& lr : locals_) out[lr->rank] = lr->dropped;
+  for (auto& lr : locals_) out[lr->rank] = progress_[lr->index].dropped;
   return out;
 }
 
 std::pair<std::string, bool> InternodeAllToAll::error() {
   if (engine_) poll_aborts();  // a peer's failure counts too
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   return {broken_, broken_by_timeout_};
 }
 
@@ -261,7 +263,7 @@ void InternodeAllToAll::drain(double timeout_s) {
 
 void InternodeAllToAll::close() {
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     if (closed_) return;
     closed_ = true;
     if (broken_.empty()) broken_ = "the AllToAll was closed while a program was still using it";

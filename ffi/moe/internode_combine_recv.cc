@@ -30,10 +30,10 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
   check_pending(me, kPhase);
   uint64_t gen, sent, dispatch_gen;
   {
-    std::lock_guard lk(mu_);
-    gen = me.combine_recvd + 1;
-    sent = me.combine_sent;
-    dispatch_gen = me.dispatch_recvd;
+    MutexLock lk(mu_);
+    gen = progress_[me.index].combine_recvd + 1;
+    sent = progress_[me.index].combine_sent;
+    dispatch_gen = progress_[me.index].dispatch_recvd;
   }
   if (sent != gen || send_done != static_cast<uint32_t>(gen)) {
     fail(kPhase, rank,
@@ -46,8 +46,7 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
   std::vector<int32_t> missing;
   for (int32_t d = 0; d < R; ++d) {
     const bool ok = same_node(d, rank)
-                        ? wait_local(kPhase, rank, deadline,
-                                     [&] { return locals_[local_index_[d]]->combine_sent >= gen; })
+                        ? wait_local(kPhase, rank, deadline, d, &Progress::combine_sent, gen)
                         : wait_imms(me, kPhase, Kind::kCombine, gen, d, internode::message_imms(peers_[d].sender),
                                     deadline);
     if (!ok) missing.push_back(d);
@@ -142,8 +141,8 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
     }
   }
   {
-    std::lock_guard lk(mu_);
-    me.combine_recvd = gen;
+    MutexLock lk(mu_);
+    progress_[me.index].combine_recvd = gen;
   }
   cv_.notify_all();
   record_timing(me, kCombineRecv, t0);

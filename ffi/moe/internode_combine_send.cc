@@ -31,10 +31,10 @@ uint32_t InternodeAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
   uint64_t gen, dispatch_gen;
   bool in_flight;
   {
-    std::lock_guard lk(mu_);
-    dispatch_gen = me.dispatch_recvd;
-    in_flight = me.combine_sent != me.combine_recvd;
-    gen = me.combine_sent + 1;
+    MutexLock lk(mu_);
+    dispatch_gen = progress_[me.index].dispatch_recvd;
+    in_flight = progress_[me.index].combine_sent != progress_[me.index].combine_recvd;
+    gen = progress_[me.index].combine_sent + 1;
   }
   if (dispatch_gen == 0) fail(kPhase, rank, "no dispatch ran before it");
   if (in_flight) {
@@ -61,8 +61,7 @@ uint32_t InternodeAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
     std::vector<int32_t> missing;
     for (int32_t s = 0; s < R; ++s) {
       bool ok = same_node(s, rank)
-                    ? wait_local(kPhase, rank, deadline,
-                                 [&] { return locals_[local_index_[s]]->combine_recvd >= gen - 1; })
+                    ? wait_local(kPhase, rank, deadline, s, &Progress::combine_recvd, gen - 1)
                     : wait_imms(me, kPhase, Kind::kCombineFree, gen - 1, s, internode::signal_imms(peers_[s].sender),
                                 deadline);
       if (!ok) missing.push_back(s);
@@ -118,9 +117,9 @@ uint32_t InternodeAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
     }
   }
   {
-    std::lock_guard lk(mu_);
-    me.combine_dispatch_gen = dispatch_gen;
-    me.combine_sent = gen;
+    MutexLock lk(mu_);
+    progress_[me.index].combine_dispatch_gen = dispatch_gen;
+    progress_[me.index].combine_sent = gen;
   }
   cv_.notify_all();
   record_timing(me, kCombineSend, t0);

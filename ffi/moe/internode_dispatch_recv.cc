@@ -31,9 +31,9 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
   check_pending(me, kPhase);
   uint64_t gen, sent;
   {
-    std::lock_guard lk(mu_);
-    gen = me.dispatch_recvd + 1;
-    sent = me.dispatch_sent;
+    MutexLock lk(mu_);
+    gen = progress_[me.index].dispatch_recvd + 1;
+    sent = progress_[me.index].dispatch_sent;
   }
   if (sent != gen || send_done != static_cast<uint32_t>(gen)) {
     fail(kPhase, rank,
@@ -48,8 +48,7 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
   std::vector<int32_t> missing;
   for (int32_t s = 0; s < R; ++s) {
     const bool ok = same_node(s, rank)
-                        ? wait_local(kPhase, rank, deadline,
-                                     [&] { return locals_[local_index_[s]]->dispatch_sent >= gen; })
+                        ? wait_local(kPhase, rank, deadline, s, &Progress::dispatch_sent, gen)
                         : wait_imms(me, kPhase, Kind::kDispatch, gen, s, internode::message_imms(peers_[s].sender),
                                     deadline);
     if (!ok) missing.push_back(s);
@@ -151,9 +150,9 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
     }
   }
   {
-    std::lock_guard lk(mu_);
-    me.dropped += dropped;
-    me.dispatch_recvd = gen;
+    MutexLock lk(mu_);
+    progress_[me.index].dropped += dropped;
+    progress_[me.index].dispatch_recvd = gen;
   }
   cv_.notify_all();
   record_timing(me, kDispatchRecv, t0);

@@ -31,9 +31,9 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
   check_pending(me, kPhase);
   uint64_t gen;
   {
-    std::lock_guard lk(mu_);
-    gen = me.dispatch_sent + 1;
-    if (me.dispatch_sent != me.dispatch_recvd) gen = 0;
+    MutexLock lk(mu_);
+    gen = progress_[me.index].dispatch_sent + 1;
+    if (progress_[me.index].dispatch_sent != progress_[me.index].dispatch_recvd) gen = 0;
   }
   if (gen == 0) {
     fail(kPhase, rank,
@@ -54,8 +54,7 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
     std::vector<int32_t> missing;
     for (int32_t d = 0; d < R; ++d) {
       bool ok = same_node(d, rank)
-                    ? wait_local(kPhase, rank, deadline,
-                                 [&] { return locals_[local_index_[d]]->dispatch_recvd >= gen - 1; })
+                    ? wait_local(kPhase, rank, deadline, d, &Progress::dispatch_recvd, gen - 1)
                     : wait_imms(me, kPhase, Kind::kDispatchFree, gen - 1, d, internode::signal_imms(peers_[d].sender),
                                 deadline);
       if (!ok) missing.push_back(d);
@@ -135,8 +134,8 @@ uint32_t InternodeAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const
     }
   }
   {
-    std::lock_guard lk(mu_);
-    me.dispatch_sent = gen;
+    MutexLock lk(mu_);
+    progress_[me.index].dispatch_sent = gen;
   }
   cv_.notify_all();
   record_timing(me, kDispatchSend, t0);

@@ -26,7 +26,7 @@ void InternodeAllToAll::fail(const char* phase, int32_t rank, const std::string&
   const std::string msg = str_cat("jg_moe_", phase, " (rank ", rank, "): ", what);
   bool first = false;
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     if (broken_.empty()) {
       broken_ = msg;
       broken_by_timeout_ = timeout;
@@ -43,7 +43,7 @@ void InternodeAllToAll::fail(const char* phase, int32_t rank, const std::string&
 void InternodeAllToAll::throw_broken(const char* phase, int32_t rank) {
   std::string why;
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     why = broken_;
   }
   throw std::runtime_error(
@@ -54,7 +54,7 @@ void InternodeAllToAll::check_usable(const char* phase, int32_t rank) {
   if (engine_) poll_aborts();
   bool broken;
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     broken = !broken_.empty();
   }
   if (broken) throw_broken(phase, rank);
@@ -71,7 +71,7 @@ void InternodeAllToAll::poll_aborts() {
                                                                        int64_t{p} * internode::kAbortBytes);
       std::string text = "(no reason given)";
       if (m->magic == internode::kAbortMagic && m->length <= sizeof(m->text)) text.assign(m->text, m->length);
-      std::lock_guard lk(mu_);
+      MutexLock lk(mu_);
       if (broken_.empty()) {
         broken_ = str_cat("rank ", p, " failed: ", text);
         broken_by_timeout_ = m->timed_out != 0;
@@ -85,7 +85,7 @@ void InternodeAllToAll::poll_aborts() {
 void InternodeAllToAll::broadcast_abort(const std::string& reason, bool timed_out) {
   if (!engine_ || !finalized_) return;
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     if (abort_sent_ || closed_) return;
     abort_sent_ = true;
   }

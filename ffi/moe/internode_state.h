@@ -1,11 +1,9 @@
 // Private to InternodeAllToAll's sources (internode_all_to_all.cc and the internode_*.cc files
-// of its phases): the state of one rank this process holds (Local), the helpers every phase uses,
-// and wait_local (a template every phase instantiates). Not included outside ffi/moe/internode_*.
+// of its phases): the state of one rank this process holds (Local) and the helpers every phase
+// uses. Not included outside ffi/moe/internode_*.
 #pragma once
 
-#include <algorithm>
 #include <chrono>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -13,9 +11,6 @@
 
 namespace jax_garden::moe {
 namespace internode {
-
-// Waits poll the peers' abort mailboxes at least this often.
-inline constexpr double kSliceS = 0.02;
 
 inline uint64_t now_ns() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count());
@@ -31,6 +26,7 @@ inline std::string rank_list(const std::vector<int32_t>& ranks) {
 
 // One rank this process holds.
 struct InternodeAllToAll::Local {
+  size_t index = 0;  // position in locals_ and progress_
   int32_t rank = -1;
   bool remote = false;  // has peers in other node groups (then it has a receive region)
   std::shared_ptr<std::byte> send_mem, recv_mem;
@@ -39,10 +35,7 @@ struct InternodeAllToAll::Local {
   std::shared_ptr<fabric::MemoryRegion> send_region, recv_region;
   std::vector<std::shared_ptr<fabric::ImmCounter>> counters;  // [kind][generation mod 8][peer]
 
-  // Calls completed per phase. Guarded by mu_ (the ranks of this node read them).
-  uint64_t dispatch_sent = 0, dispatch_recvd = 0, combine_sent = 0, combine_recvd = 0;
-  uint64_t combine_dispatch_gen = 0;  // the dispatch whose rows the last combine_send sent
-  int64_t dropped = 0;
+  // Calls completed per phase: progress_[index] (under mu_: the ranks of this node read them).
 
   // Private to this rank's own calls (one at a time, on its device's thread).
   std::vector<int32_t> sent_indices;     // [T*K] indices of the last dispatch_send
@@ -67,27 +60,5 @@ struct InternodeAllToAll::Local {
   std::array<uint64_t, kPhases> post_ns{}, wait_ns{};  // time spent posting to the engine, waiting
   std::vector<std::array<uint64_t, 2>> timing;  // [kPhases][kTimingRing]
 };
-
-// Waits (mu_ taken here) until ready() holds for a rank of this node; false once the deadline
-// passed. Polls the other nodes' aborts every kSliceS.
-template <typename Ready>
-bool InternodeAllToAll::wait_local(const char* phase, int32_t rank, Clock::time_point deadline, Ready ready) {
-  std::unique_lock lk(mu_);
-  while (true) {
-    if (!broken_.empty()) {
-      lk.unlock();
-      throw_broken(phase, rank);
-    }
-    if (ready()) return true;
-    const auto now = Clock::now();
-    if (now >= deadline) return false;
-    cv_.wait_until(lk, std::min(deadline, now + seconds_to_duration(internode::kSliceS)));
-    if (engine_) {
-      lk.unlock();
-      poll_aborts();
-      lk.lock();
-    }
-  }
-}
 
 }  // namespace jax_garden::moe

@@ -13,9 +13,15 @@
 namespace jax_garden::moe {
 
 using internode::Kind;
-using internode::kSliceS;
 using internode::now_ns;
 using internode::rank_list;
+
+namespace {
+
+// Waits poll the peers' abort mailboxes at least this often.
+constexpr double kSliceS = 0.02;
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // Waits
@@ -25,6 +31,26 @@ fabric::ImmCounter& InternodeAllToAll::counter(Local& me, Kind kind, uint64_t ge
       (size_t(static_cast<uint32_t>(kind)) * internode::kGenerations + generation % internode::kGenerations) *
           shape_.num_ranks + peer;
   return *me.counters[i];
+}
+
+bool InternodeAllToAll::wait_local(const char* phase, int32_t rank, Clock::time_point deadline, int32_t peer,
+                                   Counter counter, uint64_t target) {
+  const size_t index = static_cast<size_t>(local_index_[peer]);
+  while (true) {
+    bool broken;
+    {
+      MutexLock lk(mu_);
+      broken = !broken_.empty();
+      if (!broken) {
+        if (progress_[index].*counter >= target) return true;
+        const auto now = Clock::now();
+        if (now >= deadline) return false;
+        cv_.wait_until(mu_, std::min(deadline, now + seconds_to_duration(kSliceS)));
+      }
+    }
+    if (broken) throw_broken(phase, rank);
+    if (engine_) poll_aborts();
+  }
 }
 
 bool InternodeAllToAll::wait_imms(Local& me, const char* phase, Kind kind, uint64_t generation, int32_t peer,
