@@ -1,9 +1,9 @@
 #include "moe/cpu_all_to_all.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 
+#include "common/deadline.h"
 #include "common/error.h"
 #include "moe/host_math.h"
 
@@ -72,9 +72,7 @@ bool CpuAllToAll::all_reached_locked(Counter counter, uint64_t target) const {
 
 void CpuAllToAll::wait_all_locked(const char* phase, int32_t rank, Counter counter, uint64_t target,
                                   const char* waiting_for) {
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(timeout_s_));
+  const auto deadline = deadline_after(timeout_s_);
   bool ready = !broken_.empty() || all_reached_locked(counter, target);
   while (!ready) {
     const bool timed_out = cv_.wait_until(mu_, deadline) == std::cv_status::timeout;
