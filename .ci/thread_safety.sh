@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Compiles the engine's sources with clang's thread-safety analysis (-Wthread-safety, as errors): the
-# guarded members and lock requirements annotated in ffi/ (common/thread_annotations.h, the progress
-# role in fabric/worker.h) are checked by the compiler. Needs clang++ (setup.sh installs it), the
-# libfabric headers and the venv's jax (for the XLA FFI headers).
+# Compiles the native sources (common, the engine, the MoE host code and their CPU XLA handlers) with
+# clang's thread-safety analysis (-Wthread-safety, as errors): the guarded members and lock
+# requirements annotated in ffi/ (common/thread_annotations.h, the progress role in fabric/worker.h)
+# are checked by the compiler. CUDA sources (*_cuda.cc, *.cu) are left out. Needs clang++ (setup.sh
+# installs it), the libfabric headers and the venv's jax (for the XLA FFI headers).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -13,10 +14,12 @@ xla=$("$python" -c "import jax.ffi; print(jax.ffi.include_dir())")
 inc=(-Iffi "-I$xla")
 [ -n "${LIBFABRIC_ROOT:-}" ] && inc+=("-I$LIBFABRIC_ROOT/usr/include")
 status=0
-for f in ffi/common/*.cc ffi/fabric/*.cc ffi/xla/fabric_cpu.cc; do
+checked=0
+for f in ffi/common/*.cc ffi/fabric/*.cc ffi/moe/*.cc ffi/xla/fabric_cpu.cc ffi/xla/moe_cpu.cc; do
   case "$f" in *_cuda.cc) continue ;; esac
   "$cxx" -std=c++20 -fsyntax-only -Wthread-safety -Wthread-safety-beta -Werror=thread-safety \
     -Werror=thread-safety-beta "${inc[@]}" "$f" || status=1
+  checked=$((checked + 1))
 done
-[ $status -eq 0 ] && echo "thread_safety.sh: $(ls ffi/common/*.cc ffi/fabric/*.cc | grep -vc _cuda) files clean ($("$cxx" --version | head -1))"
+[ $status -eq 0 ] && echo "thread_safety.sh: $checked files clean ($("$cxx" --version | head -1))"
 exit $status

@@ -364,6 +364,40 @@ def test_jit_wait_times_out_with_error(engines):
     assert time.monotonic() - t0 < 10
 
 
+def test_jit_ops_report_gone_objects_and_failures_by_error_code(engines):
+    """The fabric handlers use the one error mapping of ffi/xla/handler_util.h: a program built
+    against a watcher that is gone fails with FAILED_PRECONDITION, a wait on a closed engine's
+    counter with ABORTED, a wait that runs out with DEADLINE_EXCEEDED; each message names the op."""
+    import gc
+
+    import jax
+    import jax.numpy as jnp
+
+    e = engines()
+    x = jnp.ones(2)
+
+    def build(watcher):  # the compiled programs keep no reference to the watcher
+        slot = watcher.slot(0)
+        counter = e.imm_counter(5)
+        signal = jax.jit(lambda v: fabric.signal(slot, jnp.uint32(3), v)).lower(x).compile()
+        wait = jax.jit(lambda v: fabric.wait(counter, 1, v, timeout=0.2)).lower(x).compile()
+        return signal, wait
+
+    watcher = e.watcher(lambda s, old, new: None)
+    signal, wait = build(watcher)
+    np.testing.assert_array_equal(signal(x), np.ones(2))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"DEADLINE_EXCEEDED: fabric\.wait: .*0 of 1 arrivals"):
+        wait(x).block_until_ready()
+    del watcher
+    e.close()
+    gc.collect()
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match=r"FAILED_PRECONDITION: fabric\.signal: 0x[0-9a-f]+ is not a slot of a live watcher"):
+        signal(x).block_until_ready()
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"ABORTED: fabric\.wait: .*engine closed"):
+        wait(x).block_until_ready()
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 def test_garbled_and_truncated_bytes_rejected(engines):

@@ -1,9 +1,9 @@
 #include "moe/cpu_all_to_all.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 
+#include "common/deadline.h"
 #include "common/error.h"
 #include "moe/host_math.h"
 
@@ -22,6 +22,7 @@ CpuAllToAll::CpuAllToAll(const MoeShape& shape, DType dispatch_dtype, DType comb
   const size_t T = shape_.max_tokens, H = shape_.hidden, K = shape_.experts_per_token;
   const size_t S = shape_.scale_cols;
   ranks_.resize(shape_.num_ranks);
+  progress_.resize(shape_.num_ranks);  // (constructors are not analysed: nothing runs concurrently yet)
   // new T[n] leaves memory untouched: a context costs address space until used.
   for (Rank& r : ranks_) {
     r.x.reset(new std::byte[T * H * dtype_size(dispatch_dtype_)]);
@@ -62,21 +63,26 @@ void CpuAllToAll::fail_locked(const std::string& message, bool timeout) {
   throw InvalidArgument(message);
 }
 
-void CpuAllToAll::wait_all_locked(std::unique_lock<std::mutex>& lock, const char* phase,
-                                  int32_t rank, Counter counter, uint64_t target,
+bool CpuAllToAll::all_reached_locked(Counter counter, uint64_t target) const {
+  for (const Progress& p : progress_) {
+    if (p.*counter < target) return false;
+  }
+  return true;
+}
+
+void CpuAllToAll::wait_all_locked(const char* phase, int32_t rank, Counter counter, uint64_t target,
                                   const char* waiting_for) {
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(timeout_s_));
-  const auto ready = [&] {
-    if (!broken_.empty()) return true;
-    return std::all_of(ranks_.begin(), ranks_.end(),
-                       [&](const Rank& r) { return r.*counter >= target; });
-  };
-  if (!cv_.wait_until(lock, deadline, ready)) {
+  const auto deadline = deadline_after(timeout_s_);
+  bool ready = !broken_.empty() || all_reached_locked(counter, target);
+  while (!ready) {
+    const bool timed_out = cv_.wait_until(mu_, deadline) == std::cv_status::timeout;
+    ready = !broken_.empty() || all_reached_locked(counter, target);
+    if (timed_out) break;
+  }
+  if (!ready) {
     std::string missing;
-    for (size_t i = 0; i < ranks_.size(); ++i) {
-      if (ranks_[i].*counter < target) missing += (missing.empty() ? "" : ", ") + std::to_string(i);
+    for (size_t i = 0; i < progress_.size(); ++i) {
+      if (progress_[i].*counter < target) missing += (missing.empty() ? "" : ", ") + std::to_string(i);
     }
     fail_locked(str_cat("jg_moe_", phase, " (rank ", rank, "): timed out after ", timeout_s_,
                         " s waiting for ", waiting_for, " #", target, " of ranks [", missing,
@@ -100,28 +106,32 @@ uint32_t CpuAllToAll::dispatch_send(int32_t rank, const ArrayRef& x, const Array
   if (bad.empty()) bad = check_array("weights", weights, DType::kF32, {T, K});
 
   Rank& me = ranks_[rank];
-  std::unique_lock lock(mu_);
-  check_usable_locked(kPhase, rank);
-  if (!bad.empty()) fail_locked(str_cat("jg_moe_dispatch_send (rank ", rank, "): ", bad), false);
-  if (me.dispatch_sent != me.dispatch_recvd) {
-    fail_locked(str_cat("jg_moe_dispatch_send (rank ", rank,
-                        "): called again before dispatch_recv; one AllToAll has one dispatch in "
-                        "flight (use one AllToAll per micro-batch)"),
-                false);
+  uint64_t gen;
+  {
+    MutexLock lock(mu_);
+    check_usable_locked(kPhase, rank);
+    if (!bad.empty()) fail_locked(str_cat("jg_moe_dispatch_send (rank ", rank, "): ", bad), false);
+    if (progress_[rank].dispatch_sent != progress_[rank].dispatch_recvd) {
+      fail_locked(str_cat("jg_moe_dispatch_send (rank ", rank,
+                          "): called again before dispatch_recv; one AllToAll has one dispatch in "
+                          "flight (use one AllToAll per micro-batch)"),
+                  false);
+    }
+    gen = progress_[rank].dispatch_sent + 1;
+    // Our staging is read by every rank's dispatch_recv of the previous generation.
+    wait_all_locked(kPhase, rank, &Progress::dispatch_recvd, gen - 1, "dispatch_recv");
   }
-  const uint64_t gen = me.dispatch_sent + 1;
-  // Our staging is read by every rank's dispatch_recv of the previous generation.
-  wait_all_locked(lock, kPhase, rank, &Rank::dispatch_recvd, gen - 1, "dispatch_recv");
-  lock.unlock();
 
   std::memcpy(me.x.get(), x.data, T * H * dtype_size(dispatch_dtype_));
   if (S > 0) std::memcpy(me.x_scale.get(), x_scale.data, T * S * sizeof(float));
   std::memcpy(me.indices.get(), indices.data, T * K * sizeof(int32_t));
   me.bound_m = clamp_bound(bound_m, shape_.max_tokens);
 
-  lock.lock();
-  me.dispatch_sent = gen;
-  cv_.notify_all();
+  {
+    MutexLock lock(mu_);
+    progress_[rank].dispatch_sent = gen;
+    cv_.notify_all();
+  }
   return static_cast<uint32_t>(gen);
 }
 
@@ -137,18 +147,20 @@ void CpuAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const ArrayRef
   if (bad.empty()) bad = check_array("expert_counts", expert_counts, DType::kS32, {L});
 
   Rank& me = ranks_[rank];
-  std::unique_lock lock(mu_);
-  check_usable_locked(kPhase, rank);
-  if (!bad.empty()) fail_locked(str_cat("jg_moe_dispatch_recv (rank ", rank, "): ", bad), false);
-  const uint64_t gen = me.dispatch_recvd + 1;
-  if (me.dispatch_sent != gen || send_done != static_cast<uint32_t>(gen)) {
-    fail_locked(str_cat("jg_moe_dispatch_recv (rank ", rank, "): send_done token ", send_done,
-                        " does not come from this AllToAll's pending dispatch_send (expected #",
-                        gen, ", dispatch_send ran ", me.dispatch_sent, " times)"),
-                false);
+  uint64_t gen;
+  {
+    MutexLock lock(mu_);
+    check_usable_locked(kPhase, rank);
+    if (!bad.empty()) fail_locked(str_cat("jg_moe_dispatch_recv (rank ", rank, "): ", bad), false);
+    gen = progress_[rank].dispatch_recvd + 1;
+    if (progress_[rank].dispatch_sent != gen || send_done != static_cast<uint32_t>(gen)) {
+      fail_locked(str_cat("jg_moe_dispatch_recv (rank ", rank, "): send_done token ", send_done,
+                          " does not come from this AllToAll's pending dispatch_send (expected #",
+                          gen, ", dispatch_send ran ", progress_[rank].dispatch_sent, " times)"),
+                  false);
+    }
+    wait_all_locked(kPhase, rank, &Progress::dispatch_sent, gen, "dispatch_send");
   }
-  wait_all_locked(lock, kPhase, rank, &Rank::dispatch_sent, gen, "dispatch_send");
-  lock.unlock();
 
   // Every rank's staging is stable now: nobody starts dispatch_send #gen+1 before we finish.
   const int32_t first = rank * L;
@@ -193,9 +205,9 @@ void CpuAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const ArrayRef
   std::memcpy(me.routed_indices.get(), me.indices.get(), T * K * sizeof(int32_t));
   me.routed_bound_m = me.bound_m;
 
-  lock.lock();
-  me.dropped += dropped;
-  me.dispatch_recvd = gen;
+  MutexLock lock(mu_);
+  progress_[rank].dropped += dropped;
+  progress_[rank].dispatch_recvd = gen;
   cv_.notify_all();
 }
 
@@ -210,32 +222,34 @@ uint32_t CpuAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
   if (bad.empty()) bad = check_array("expert_counts", expert_counts, DType::kS32, {L});
 
   Rank& me = ranks_[rank];
-  std::unique_lock lock(mu_);
-  check_usable_locked(kPhase, rank);
-  if (!bad.empty()) fail_locked(str_cat("jg_moe_combine_send (rank ", rank, "): ", bad), false);
-  if (me.dispatch_recvd == 0) {
-    fail_locked(str_cat("jg_moe_combine_send (rank ", rank, "): no dispatch ran before it"), false);
-  }
-  if (me.combine_sent != me.combine_recvd) {
-    fail_locked(str_cat("jg_moe_combine_send (rank ", rank,
-                        "): called again before combine_recv; one AllToAll has one combine in "
-                        "flight (use one AllToAll per micro-batch)"),
-                false);
-  }
-  // -1 means "not given" (combine() without expert_counts); other values must match.
-  const auto* counts = static_cast<const int32_t*>(expert_counts.data);
-  for (int32_t e = 0; e < L; ++e) {
-    if (counts[e] != -1 && counts[e] != me.kept[e]) {
-      fail_locked(str_cat("jg_moe_combine_send (rank ", rank, "): expert_counts[", e, "] = ",
-                          counts[e], " but the last dispatch received ", me.kept[e],
-                          " rows for that expert; pass the expert_counts dispatch returned"),
+  uint64_t gen;
+  {
+    MutexLock lock(mu_);
+    check_usable_locked(kPhase, rank);
+    if (!bad.empty()) fail_locked(str_cat("jg_moe_combine_send (rank ", rank, "): ", bad), false);
+    if (progress_[rank].dispatch_recvd == 0) {
+      fail_locked(str_cat("jg_moe_combine_send (rank ", rank, "): no dispatch ran before it"), false);
+    }
+    if (progress_[rank].combine_sent != progress_[rank].combine_recvd) {
+      fail_locked(str_cat("jg_moe_combine_send (rank ", rank,
+                          "): called again before combine_recv; one AllToAll has one combine in "
+                          "flight (use one AllToAll per micro-batch)"),
                   false);
     }
+    // -1 means "not given" (combine() without expert_counts); other values must match.
+    const auto* counts = static_cast<const int32_t*>(expert_counts.data);
+    for (int32_t e = 0; e < L; ++e) {
+      if (counts[e] != -1 && counts[e] != me.kept[e]) {
+        fail_locked(str_cat("jg_moe_combine_send (rank ", rank, "): expert_counts[", e, "] = ",
+                            counts[e], " but the last dispatch received ", me.kept[e],
+                            " rows for that expert; pass the expert_counts dispatch returned"),
+                    false);
+      }
+    }
+    gen = progress_[rank].combine_sent + 1;
+    // The slots we write into are read by every rank's combine_recv of the previous generation.
+    wait_all_locked(kPhase, rank, &Progress::combine_recvd, gen - 1, "combine_recv");
   }
-  const uint64_t gen = me.combine_sent + 1;
-  // The slots we write into are read by every rank's combine_recv of the previous generation.
-  wait_all_locked(lock, kPhase, rank, &Rank::combine_recvd, gen - 1, "combine_recv");
-  lock.unlock();
 
   const size_t row_bytes = H * dtype_size(combine_dtype_);
   const auto* in = static_cast<const std::byte*>(expert_y.data);
@@ -248,10 +262,12 @@ uint32_t CpuAllToAll::combine_send(int32_t rank, const ArrayRef& expert_y,
     dst.slot_gen[slot] = gen;
   }
 
-  lock.lock();
-  me.combine_dispatch_gen = me.dispatch_recvd;
-  me.combine_sent = gen;
-  cv_.notify_all();
+  {
+    MutexLock lock(mu_);
+    progress_[rank].combine_dispatch_gen = progress_[rank].dispatch_recvd;
+    progress_[rank].combine_sent = gen;
+    cv_.notify_all();
+  }
   return static_cast<uint32_t>(gen);
 }
 
@@ -265,42 +281,44 @@ void CpuAllToAll::combine_recv(int32_t rank, uint32_t send_done, const ArrayRef&
   if (bad.empty()) bad = check_array("y", y, combine_dtype_, {T, H});
 
   Rank& me = ranks_[rank];
-  std::unique_lock lock(mu_);
-  check_usable_locked(kPhase, rank);
-  if (!bad.empty()) fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): ", bad), false);
-  const uint64_t gen = me.combine_recvd + 1;
-  if (me.combine_sent != gen || send_done != static_cast<uint32_t>(gen)) {
-    fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): send_done token ", send_done,
-                        " does not come from this AllToAll's pending combine_send (expected #",
-                        gen, ", combine_send ran ", me.combine_sent, " times)"),
-                false);
-  }
-  wait_all_locked(lock, kPhase, rank, &Rank::combine_sent, gen, "combine_send");
-  for (size_t d = 0; d < ranks_.size(); ++d) {
-    if (ranks_[d].combine_dispatch_gen != me.dispatch_recvd) {
-      fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): rank ", d,
-                          " combined the rows of dispatch #", ranks_[d].combine_dispatch_gen,
-                          " but this rank's last dispatch is #", me.dispatch_recvd),
-                  false);
-    }
-  }
-  // combine undoes the last dispatch: its routing must be the one given here.
   const int32_t bm = clamp_bound(bound_m, shape_.max_tokens);
-  const auto* idx = static_cast<const int32_t*>(indices.data);
-  if (bm != me.routed_bound_m) {
-    fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): bound_m = ", bm,
-                        " but the matching dispatch used bound_m = ", me.routed_bound_m),
-                false);
-  }
-  for (int64_t i = 0; i < int64_t{bm} * K; ++i) {
-    if (idx[i] != me.routed_indices[i]) {
-      fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): indices[", i / K, ", ", i % K,
-                          "] = ", idx[i], " but the matching dispatch routed it to expert ",
-                          me.routed_indices[i], "; combine needs the indices given to dispatch"),
+  uint64_t gen;
+  {
+    MutexLock lock(mu_);
+    check_usable_locked(kPhase, rank);
+    if (!bad.empty()) fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): ", bad), false);
+    gen = progress_[rank].combine_recvd + 1;
+    if (progress_[rank].combine_sent != gen || send_done != static_cast<uint32_t>(gen)) {
+      fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): send_done token ", send_done,
+                          " does not come from this AllToAll's pending combine_send (expected #",
+                          gen, ", combine_send ran ", progress_[rank].combine_sent, " times)"),
                   false);
     }
+    wait_all_locked(kPhase, rank, &Progress::combine_sent, gen, "combine_send");
+    for (size_t d = 0; d < progress_.size(); ++d) {
+      if (progress_[d].combine_dispatch_gen != progress_[rank].dispatch_recvd) {
+        fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): rank ", d,
+                            " combined the rows of dispatch #", progress_[d].combine_dispatch_gen,
+                            " but this rank's last dispatch is #", progress_[rank].dispatch_recvd),
+                    false);
+      }
+    }
+    // combine undoes the last dispatch: its routing must be the one given here.
+    const auto* idx = static_cast<const int32_t*>(indices.data);
+    if (bm != me.routed_bound_m) {
+      fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): bound_m = ", bm,
+                          " but the matching dispatch used bound_m = ", me.routed_bound_m),
+                  false);
+    }
+    for (int64_t i = 0; i < int64_t{bm} * K; ++i) {
+      if (idx[i] != me.routed_indices[i]) {
+        fail_locked(str_cat("jg_moe_combine_recv (rank ", rank, "): indices[", i / K, ", ", i % K,
+                            "] = ", idx[i], " but the matching dispatch routed it to expert ",
+                            me.routed_indices[i], "; combine needs the indices given to dispatch"),
+                    false);
+      }
+    }
   }
-  lock.unlock();
 
   const auto* w = static_cast<const float*>(weights.data);
   auto* out = static_cast<uint16_t*>(y.data);
@@ -319,26 +337,26 @@ void CpuAllToAll::combine_recv(int32_t rank, uint32_t send_done, const ArrayRef&
     round_row_to_bf16(acc.data(), out + t * H, H);
   }
 
-  lock.lock();
-  me.combine_recvd = gen;
+  MutexLock lock(mu_);
+  progress_[rank].combine_recvd = gen;
   cv_.notify_all();
 }
 
 std::vector<int64_t> CpuAllToAll::dropped_rows() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   std::vector<int64_t> out;
-  for (const Rank& r : ranks_) out.push_back(r.dropped);
+  for (const Progress& p : progress_) out.push_back(p.dropped);
   return out;
 }
 
 void CpuAllToAll::close() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (broken_.empty()) broken_ = "the AllToAll was closed while a program was still using it";
   cv_.notify_all();
 }
 
 std::pair<std::string, bool> CpuAllToAll::error() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return {broken_, broken_by_timeout_};
 }
 

@@ -20,15 +20,14 @@
 // after the mutex-protected counter says it is complete.
 #pragma once
 
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "common/thread_annotations.h"
 #include "moe/dtype.h"
 #include "moe/host_all_to_all.h"
 #include "moe/layout.h"
@@ -71,29 +70,33 @@ class CpuAllToAll final : public HostAllToAll {
     // Written by every rank's combine_send, read by this rank's combine_recv.
     std::unique_ptr<std::byte[]> slots;    // [T*K, H] combine dtype
     std::unique_ptr<uint64_t[]> slot_gen;  // [T*K] combine generation that last wrote the slot
-    // Completed calls per phase (guarded by mu_).
+  };
+  // Completed calls per phase of one rank: the rendezvous every rank reads (progress_, under mu_).
+  struct Progress {
     uint64_t dispatch_sent = 0, dispatch_recvd = 0, combine_sent = 0, combine_recvd = 0;
     uint64_t combine_dispatch_gen = 0;  // dispatch generation the last combine_send used
     int64_t dropped = 0;
   };
 
-  using Counter = uint64_t Rank::*;
+  using Counter = uint64_t Progress::*;
   void check_rank(const char* phase, int32_t rank) const;
-  void check_usable_locked(const char* phase, int32_t rank) const;
+  void check_usable_locked(const char* phase, int32_t rank) const JG_REQUIRES(mu_);
   // Waits (mu_ held) until every rank's `counter` >= target; throws Timeout naming the rest.
-  void wait_all_locked(std::unique_lock<std::mutex>& lock, const char* phase, int32_t rank,
-                       Counter counter, uint64_t target, const char* waiting_for);
-  [[noreturn]] void fail_locked(const std::string& message, bool timeout);
+  void wait_all_locked(const char* phase, int32_t rank, Counter counter, uint64_t target,
+                       const char* waiting_for) JG_REQUIRES(mu_);
+  bool all_reached_locked(Counter counter, uint64_t target) const JG_REQUIRES(mu_);
+  [[noreturn]] void fail_locked(const std::string& message, bool timeout) JG_REQUIRES(mu_);
 
   const MoeShape shape_;
   const DType dispatch_dtype_, combine_dtype_;
   const double timeout_s_;
   std::vector<Rank> ranks_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::string broken_;  // non-empty once a call failed: every later call fails with it
-  bool broken_by_timeout_ = false;
+  mutable Mutex mu_;
+  CondVar cv_;  // progress_ moved, or the context broke
+  std::vector<Progress> progress_ JG_GUARDED_BY(mu_);  // by rank
+  std::string broken_ JG_GUARDED_BY(mu_);  // non-empty once a call failed: every later call fails with it
+  bool broken_by_timeout_ JG_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace jax_garden::moe

@@ -1,4 +1,4 @@
-// Row math shared by the host MoE implementations (cpu_all_to_all.cc, internode_all_to_all.cc):
+// Row math shared by the host MoE implementations (cpu_all_to_all.cc, the internode_*.cc phases):
 // operand checks, bf16 <-> f32, and the one combine accumulation, so that every host path gives the
 // same bits as the NumPy reference (tests/moe_reference.py).
 #pragma once

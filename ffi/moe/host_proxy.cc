@@ -32,6 +32,7 @@ bool is_data(int kind) { return kind == static_cast<int>(Kind::kDispatch) || kin
 // Everything the proxy keeps for one local rank. posted/arrived are atomics so that describe()
 // (another thread) may read them while the proxy runs.
 struct HostProxy::RankState {
+  size_t index = 0;  // position in ranks_ and in_flight_
   ProxyRank rank;
   ControlLayout layout;
   int32_t R = 0;
@@ -39,7 +40,6 @@ struct HostProxy::RankState {
   std::unique_ptr<std::atomic<uint32_t>[]> arrived;  // [kKinds][R] generations fully arrived
   std::vector<std::shared_ptr<fabric::ImmCounter>> counters;  // [kKinds][8][R], for ranks of other nodes
   std::vector<std::shared_ptr<fabric::ImmCounter>> aborts;    // [R], for every rank this process does not hold
-  std::vector<Pending> messages, acks;                        // guarded by mu_
   std::array<std::atomic<uint64_t>, kKinds> posts{}, bytes{};
   bool kernel_error_seen = false;
 
@@ -89,6 +89,7 @@ HostProxy::HostProxy(std::shared_ptr<fabric::Engine> engine, const ProxyOptions&
 
   for (ProxyRank& r : ranks) {
     auto st = std::make_unique<RankState>();
+    st->index = ranks_.size();
     st->rank = std::move(r);
     st->layout = control_layout(R);
     st->R = R;
@@ -113,6 +114,7 @@ HostProxy::HostProxy(std::shared_ptr<fabric::Engine> engine, const ProxyOptions&
     }
     ranks_.push_back(std::move(st));
   }
+  in_flight_.resize(ranks_.size());  // (constructors are not analysed: no thread runs yet)
 }
 
 HostProxy::~HostProxy() { stop(); }
@@ -219,8 +221,8 @@ bool HostProxy::poll_rank(RankState& st) {
                true, false);
           return true;
         }
-        std::lock_guard lk(mu_);
-        st.messages.push_back({p, static_cast<Kind>(kind), gen, std::move(state)});
+        MutexLock lk(mu_);
+        in_flight_[st.index].messages.push_back({p, static_cast<Kind>(kind), gen, std::move(state)});
         st.bytes[kind].fetch_add(uint64_t(bytes), std::memory_order_relaxed);
       } else {
         std::shared_ptr<fabric::TransferState> state;
@@ -230,8 +232,8 @@ bool HostProxy::poll_rank(RankState& st) {
           // As on the CPU path: an ack that cannot go out is no error here (the peer closed or died).
         }
         if (state) {
-          std::lock_guard lk(mu_);
-          st.acks.push_back({p, static_cast<Kind>(kind), gen, std::move(state)});
+          MutexLock lk(mu_);
+          in_flight_[st.index].acks.push_back({p, static_cast<Kind>(kind), gen, std::move(state)});
         }
       }
       st.posts[kind].fetch_add(1, std::memory_order_relaxed);
@@ -257,8 +259,9 @@ bool HostProxy::poll_rank(RankState& st) {
   std::string failed_write;
   int32_t failed_peer = -1;
   {
-    std::lock_guard lk(mu_);
-    for (const Pending& op : st.messages) {
+    MutexLock lk(mu_);
+    InFlight& mine = in_flight_[st.index];
+    for (const Pending& op : mine.messages) {
       if (op.state->finished() && op.state->status() != fabric::TransferState::Status::kDone) {
         failed_write = str_cat("moe (CUDA): rank ", me, ": the ", internode::kind_name(op.kind), " #", op.generation,
                                " to rank ", op.peer, " failed: ", op.state->error());
@@ -269,9 +272,10 @@ bool HostProxy::poll_rank(RankState& st) {
     auto done = [](const Pending& op) {
       return op.state->finished() && op.state->status() == fabric::TransferState::Status::kDone;
     };
-    st.messages.erase(std::remove_if(st.messages.begin(), st.messages.end(), done), st.messages.end());
-    st.acks.erase(std::remove_if(st.acks.begin(), st.acks.end(), [](const Pending& op) { return op.state->finished(); }),
-                  st.acks.end());
+    mine.messages.erase(std::remove_if(mine.messages.begin(), mine.messages.end(), done), mine.messages.end());
+    mine.acks.erase(
+        std::remove_if(mine.acks.begin(), mine.acks.end(), [](const Pending& op) { return op.state->finished(); }),
+        mine.acks.end());
   }
   if (!failed_write.empty()) {
     fail(kErrTransferFailed, failed_peer, failed_write, true, false);
@@ -282,7 +286,7 @@ bool HostProxy::poll_rank(RankState& st) {
 
 void HostProxy::fail(int32_t code, int32_t peer, const std::string& message, bool broadcast, bool timed_out) {
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     if (failure_.code != kErrNone) return;
     failure_ = {code, peer, message};
   }
@@ -294,7 +298,7 @@ void HostProxy::fail(int32_t code, int32_t peer, const std::string& message, boo
 
 void HostProxy::broadcast_abort(const std::string& reason, bool timed_out) {
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     if (abort_sent_) return;
     abort_sent_ = true;
   }
@@ -335,7 +339,7 @@ void HostProxy::broadcast_abort(const std::string& reason, bool timed_out) {
 }
 
 HostProxy::Failure HostProxy::failure() const {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   return failure_;
 }
 
@@ -351,9 +355,9 @@ bool HostProxy::drain(double timeout_s) {
           busy = gen != st->posted[size_t(kind) * st->R + p].load(std::memory_order_acquire);
         }
       }
-      std::lock_guard lk(mu_);
-      for (const Pending& op : st->messages) busy |= !op.state->finished();
-      for (const Pending& op : st->acks) busy |= !op.state->finished();
+      MutexLock lk(mu_);
+      for (const Pending& op : in_flight_[st->index].messages) busy |= !op.state->finished();
+      for (const Pending& op : in_flight_[st->index].acks) busy |= !op.state->finished();
     }
     if (!busy || failed_.load()) return !busy;
     if (Clock::now() >= deadline) return false;
@@ -404,8 +408,9 @@ std::string HostProxy::describe() const {
       }
       s += "\n";
     }
-    std::lock_guard lk(mu_);
-    s += str_cat("  writes in flight: ", st.messages.size(), " messages, ", st.acks.size(), " acks\n");
+    MutexLock lk(mu_);
+    s += str_cat("  writes in flight: ", in_flight_[st.index].messages.size(), " messages, ",
+                 in_flight_[st.index].acks.size(), " acks\n");
   }
   Failure f = failure();
   s += f.code == kErrNone ? "proxy: no failure\n" : str_cat("proxy failure (code ", f.code, "): ", f.message, "\n");

@@ -23,11 +23,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "common/thread_annotations.h"
 
 #include "common/deadline.h"
 #include "fabric/engine.h"
@@ -100,7 +101,7 @@ class HostProxy {
   struct RankState;
 
   bool same_node(int32_t a, int32_t b) const { return a / options_.node_size == b / options_.node_size; }
-  bool poll_rank(RankState& st);
+  bool poll_rank(RankState& st) JG_EXCLUDES(mu_);
   void fail(int32_t code, int32_t peer, const std::string& message, bool broadcast, bool timed_out);
   void broadcast_abort(const std::string& reason, bool timed_out);
   void run();
@@ -114,9 +115,14 @@ class HostProxy {
   std::shared_ptr<std::byte> abort_mem_;
   std::shared_ptr<fabric::MemoryRegion> abort_region_;
 
-  mutable std::mutex mu_;  // failure_, the pending lists
-  Failure failure_;
-  bool abort_sent_ = false;
+  // Writes in flight of one local rank: messages (a failure is an error) and free acks.
+  struct InFlight {
+    std::vector<Pending> messages, acks;
+  };
+  mutable Mutex mu_;
+  std::vector<InFlight> in_flight_ JG_GUARDED_BY(mu_);  // by position in ranks_ (RankState::index)
+  Failure failure_ JG_GUARDED_BY(mu_);
+  bool abort_sent_ JG_GUARDED_BY(mu_) = false;
   std::atomic<bool> failed_{false};
   std::atomic<bool> stop_{false};
   std::thread thread_;

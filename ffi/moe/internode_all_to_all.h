@@ -23,15 +23,14 @@
 #pragma once
 
 #include <array>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "common/deadline.h"
+#include "common/thread_annotations.h"
 #include "fabric/engine.h"
 #include "moe/host_all_to_all.h"
 #include "moe/internode_protocol.h"
@@ -108,6 +107,14 @@ class InternodeAllToAll final : public HostAllToAll {
     internode::SenderSettings sender;
   };
   struct Local;
+  // Calls completed per phase by one local rank: the rendezvous of the ranks of its node
+  // (progress_, under mu_).
+  struct Progress {
+    uint64_t dispatch_sent = 0, dispatch_recvd = 0, combine_sent = 0, combine_recvd = 0;
+    uint64_t combine_dispatch_gen = 0;  // the dispatch whose rows the last combine_send sent
+    int64_t dropped = 0;
+  };
+  using Counter = uint64_t Progress::*;
 
   Local& local(const char* phase, int32_t rank);
   const Local* find_local(int32_t rank) const;
@@ -119,16 +126,17 @@ class InternodeAllToAll final : public HostAllToAll {
   // CPU reference words it.
   enum class Failure { kInvalid, kTimeout, kTransfer };
   [[noreturn]] void fail(const char* phase, int32_t rank, const std::string& what, Failure kind = Failure::kInvalid);
-  [[noreturn]] void throw_broken(const char* phase, int32_t rank);
-  void check_usable(const char* phase, int32_t rank);  // throws if poisoned (after polling aborts)
-  void poll_aborts();                                   // peers' abort mailboxes -> broken_
+  [[noreturn]] void throw_broken(const char* phase, int32_t rank) JG_EXCLUDES(mu_);
+  void check_usable(const char* phase, int32_t rank) JG_EXCLUDES(mu_);  // throws if poisoned (after polling aborts)
+  void poll_aborts() JG_EXCLUDES(mu_);                                   // peers' abort mailboxes -> broken_
   void check_pending(Local& me, const char* phase);     // a failed write of `me` -> fail
   void broadcast_abort(const std::string& reason, bool timed_out);
 
   // Waits. Each returns false when the deadline passed first; all of them fail at once when the
   // context is poisoned (by this process or a peer's abort).
-  template <typename Ready>
-  bool wait_local(const char* phase, int32_t rank, Clock::time_point deadline, Ready ready);
+  // Until `counter` of `peer` (a rank of this node, held here) reaches `target`.
+  bool wait_local(const char* phase, int32_t rank, Clock::time_point deadline, int32_t peer, Counter counter,
+                  uint64_t target) JG_EXCLUDES(mu_);
   bool wait_imms(Local& me, const char* phase, internode::Kind kind, uint64_t generation, int32_t peer,
                  uint64_t count, Clock::time_point deadline);
   bool wait_transfers(Local& me, const char* phase, std::vector<Pending>& ops, Clock::time_point deadline);
@@ -160,12 +168,13 @@ class InternodeAllToAll final : public HostAllToAll {
   std::vector<Peer> peers_;                      // by rank (ranks of other nodes held elsewhere)
   bool finalized_ = false;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::string broken_;  // non-empty once a call failed: every later call fails with it
-  bool broken_by_timeout_ = false;
-  bool abort_sent_ = false;
-  bool closed_ = false;
+  mutable Mutex mu_;
+  CondVar cv_;  // progress_ moved, or the context broke
+  std::vector<Progress> progress_ JG_GUARDED_BY(mu_);  // by position in locals_ (Local::index)
+  std::string broken_ JG_GUARDED_BY(mu_);  // non-empty once a call failed: every later call fails with it
+  bool broken_by_timeout_ JG_GUARDED_BY(mu_) = false;
+  bool abort_sent_ JG_GUARDED_BY(mu_) = false;
+  bool closed_ JG_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace jax_garden::moe

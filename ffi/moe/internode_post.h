@@ -1,5 +1,5 @@
 // How a message and a free ack of the inter-node MoE protocol (internode_protocol.h) are posted to
-// the TransferEngine: one definition for the CPU host context (internode_all_to_all.cc) and the GPU
+// the TransferEngine: one definition for the CPU host context (internode_steps.cc) and the GPU
 // host proxy (host_proxy.cc), so that both deliver exactly the imms the receiver counts.
 #pragma once
 

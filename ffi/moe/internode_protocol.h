@@ -1,6 +1,6 @@
 // The inter-node MoE protocol: how ranks of different node groups move dispatch/combine rows
 // through the TransferEngine (fabric/engine.h). Pure definitions and arithmetic (no engine calls):
-// the host context (internode_all_to_all.cc) follows them, and so do the GPU node groups (the CUDA
+// the host context (internode_all_to_all.h) follows them, and so do the GPU node groups (the CUDA
 // kernels of proxy_kernels.cu pack and place the same messages, host_proxy.cc posts them).
 //
 // Every rank owns two host regions, registered once when the AllToAll is created:

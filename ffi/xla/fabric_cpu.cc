@@ -5,48 +5,40 @@
 // (signal's results alias its operands; wait copies its operands into its results after the wait,
 // so consumers see memory that peers wrote before the imms arrived). The static_value /
 // static_count attributes serve the CUDA handlers (fabric_cuda.cc); here the operands are used.
+// Errors: handler_util.h's one mapping, as on CUDA.
 #include <cstring>
 
 #include "common/error.h"
 #include "common/registry.h"
 #include "fabric/imm_counter.h"
 #include "fabric/watcher.h"
-#include "xla/ffi/api/ffi.h"
+#include "xla/handler_util.h"
 
 namespace ffi = xla::ffi;
 
 namespace jax_garden::fabric {
 namespace {
 
+using handlers::FailedPrecondition;
+using handlers::guarded;
+
 // When XLA did not alias a pass-through operand with its result, copy it.
-ffi::Error pass_through(ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  if (args.size() != rets.size()) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      str_cat("pass-through operands (", args.size(), ") and results (", rets.size(), ") differ"));
-  }
-  for (size_t i = 0; i < args.size(); ++i) {
-    auto in = args.get<ffi::AnyBuffer>(i);
-    auto out = rets.get<ffi::AnyBuffer>(i);
-    if (!in.has_value() || !out.has_value()) return ffi::Error::InvalidArgument("pass-through operand is not a buffer");
-    if (in->untyped_data() != (*out)->untyped_data()) {
-      std::memcpy((*out)->untyped_data(), in->untyped_data(), in->size_bytes());
-    }
-  }
-  return ffi::Error::Success();
+void copy_through(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  handlers::pass_through(args, rets, [](void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); });
 }
 
 ffi::Error SignalCpuImpl(uint64_t address,          // host address of a live watcher slot
                          int64_t static_value,      // (CUDA only)
                          ffi::Buffer<ffi::U32> value,  // scalar stored into the slot (zero-extended; jax defaults to 32 bits)
                          ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  if (!is_live_watcher_slot(address)) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      str_cat("fabric.signal: 0x", std::hex, address,
-                              " is not a slot of a live watcher (was the watcher or engine closed?)"));
-  }
-  if (auto e = pass_through(args, rets); e.failure()) return e;
-  __atomic_store_n(reinterpret_cast<uint64_t*>(address), uint64_t{value.typed_data()[0]}, __ATOMIC_RELEASE);
-  return ffi::Error::Success();
+  return guarded("fabric.signal: ", [&] {
+    if (!is_live_watcher_slot(address)) {
+      throw FailedPrecondition(
+          str_cat("0x", std::hex, address, " is not a slot of a live watcher (was the watcher or engine closed?)"));
+    }
+    copy_through(args, rets);
+    __atomic_store_n(reinterpret_cast<uint64_t*>(address), uint64_t{value.typed_data()[0]}, __ATOMIC_RELEASE);
+  });
 }
 
 ffi::Error WaitCpuImpl(uint64_t counter_id,         // ImmCounter.id
@@ -54,19 +46,12 @@ ffi::Error WaitCpuImpl(uint64_t counter_id,         // ImmCounter.id
                        int64_t static_count,        // (CUDA only)
                        ffi::Buffer<ffi::S32> count,  // scalar: credits to take
                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  auto counter = find_imm_counter(counter_id);
-  if (!counter) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      str_cat("fabric.wait: imm counter id ", counter_id, " does not exist any more"));
-  }
-  try {
+  return guarded("fabric.wait: ", [&] {
+    auto counter = find_imm_counter(counter_id);
+    if (!counter) throw FailedPrecondition(str_cat("imm counter id ", counter_id, " does not exist any more"));
     counter->wait(count.typed_data()[0], timeout);
-  } catch (const Timeout& e) {
-    return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, str_cat("fabric.wait: ", e.what()));
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kAborted, str_cat("fabric.wait: ", e.what()));
-  }
-  return pass_through(args, rets);
+    copy_through(args, rets);
+  });
 }
 
 }  // namespace

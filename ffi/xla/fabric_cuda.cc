@@ -10,76 +10,65 @@
 //     next fabric.wait / ImmCounter.wait / TransferEngine.check() raises.
 // Not command-buffer compatible: the wait's target is computed on the host at enqueue time, so a
 // captured CUDA graph would replay a stale target. Both therefore run as plain stream work.
+// Errors: handler_util.h's one mapping, as on the CPU.
 #include <cuda_runtime.h>
-
-#include <chrono>
 
 #include "common/error.h"
 #include "common/registry.h"
 #include "fabric/gpu_runtime.h"
 #include "fabric/imm_counter.h"
 #include "fabric/watcher.h"
-#include "xla/ffi/api/ffi.h"
+#include "xla/handler_util.h"
 
 namespace ffi = xla::ffi;
 
 namespace jax_garden::fabric {
 namespace {
 
+using handlers::FailedPrecondition;
+using handlers::guarded;
+
 // Operands are copied into distinct results after the op (stream order), so consumers of the
 // results see memory as it was after the signal / wait.
-ffi::Error pass_through(int device, cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  if (args.size() != rets.size()) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      str_cat("pass-through operands (", args.size(), ") and results (", rets.size(), ") differ"));
-  }
-  try {
-    for (size_t i = 0; i < args.size(); ++i) {
-      auto in = args.get<ffi::AnyBuffer>(i);
-      auto out = rets.get<ffi::AnyBuffer>(i);
-      if (!in.has_value() || !out.has_value()) return ffi::Error::InvalidArgument("pass-through operand is not a buffer");
-      if (in->untyped_data() != (*out)->untyped_data() && in->size_bytes()) {
-        gpu_runtime().stream_copy(device, stream, (*out)->untyped_data(), in->untyped_data(), in->size_bytes());
-      }
+void copy_through(int device, cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  handlers::pass_through(args, rets, [&](void* dst, const void* src, size_t bytes) {
+    gpu_runtime().stream_copy(device, stream, dst, src, bytes);
+  });
+}
+
+ffi::Error SignalCudaImpl(cudaStream_t stream,           // the program's stream: the store is in its order
+                          int32_t device,                // XLA's device ordinal of this call
+                          uint64_t address,              // host address of a live watcher slot (host-mapped)
+                          int64_t static_value,          // >= 0: stored with a stream memory op; < 0: use `value`
+                          ffi::Buffer<ffi::U32> value,   // device scalar stored by a one-thread kernel
+                          ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  return guarded("fabric.signal (GPU): ", [&] {
+    try {
+      store_watcher_slot_on_stream(address, device, stream, static_value, value.untyped_data());
+    } catch (const InvalidArgument& e) {
+      // Its only InvalidArgument: the slot is gone or not host-mapped, a precondition as on the CPU.
+      throw FailedPrecondition(e.what());
     }
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
-  }
-  return ffi::Error::Success();
+    copy_through(device, stream, args, rets);
+  });
 }
 
-ffi::Error SignalCudaImpl(cudaStream_t stream, int32_t device, uint64_t address, int64_t static_value,
-                          ffi::Buffer<ffi::U32> value, ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  try {
-    store_watcher_slot_on_stream(address, device, stream, static_value, value.untyped_data());
-  } catch (const InvalidArgument& e) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, str_cat("fabric.signal (GPU): ", e.what()));
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, str_cat("fabric.signal (GPU): ", e.what()));
-  }
-  return pass_through(device, stream, args, rets);
-}
-
-ffi::Error WaitCudaImpl(cudaStream_t stream, int32_t device, uint64_t counter_id, double timeout, int64_t static_count,
-                        ffi::Buffer<ffi::S32> count, ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  auto counter = find_imm_counter(counter_id);
-  if (!counter) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
-                      str_cat("fabric.wait: imm counter id ", counter_id, " does not exist any more"));
-  }
-  if (static_count < 0) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "fabric.wait on GPU needs a static count (a Python int): the credits are reserved when the "
-                      "wait is enqueued, without reading device memory");
-  }
-  try {
+ffi::Error WaitCudaImpl(cudaStream_t stream,           // the program's stream: it waits, no host thread does
+                        int32_t device,                // XLA's device ordinal of this call
+                        uint64_t counter_id,           // ImmCounter.id
+                        double timeout,                // seconds; then the stream is released with an error
+                        int64_t static_count,          // credits to take (>= 0; a traced count is refused)
+                        ffi::Buffer<ffi::S32> count,   // (CPU only)
+                        ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  return guarded("fabric.wait (GPU): ", [&] {
+    auto counter = find_imm_counter(counter_id);
+    if (!counter) throw FailedPrecondition(str_cat("imm counter id ", counter_id, " does not exist any more"));
+    JG_CHECK_ARG(static_count >= 0,
+                 "needs a static count (a Python int): the credits are reserved when the wait is enqueued, "
+                 "without reading device memory");
     counter->enqueue_gpu_wait(stream, static_count, timeout);
-  } catch (const TransferFailed& e) {
-    return ffi::Error(ffi::ErrorCode::kAborted, str_cat("fabric.wait: ", e.what()));
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, str_cat("fabric.wait (GPU): ", e.what()));
-  }
-  return pass_through(device, stream, args, rets);
+    copy_through(device, stream, args, rets);
+  });
 }
 
 }  // namespace

@@ -8,7 +8,9 @@
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
+#include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common/error.h"
 // The XLA headers are not warning-clean under -Wall -Wextra; keep our own diagnostics on.
@@ -19,6 +21,12 @@
 #pragma GCC diagnostic pop
 
 namespace jax_garden::handlers {
+
+// What a handler found gone that the program was built against (a closed watcher, an imm counter of
+// a closed engine): FAILED_PRECONDITION, not a bad argument.
+struct FailedPrecondition : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // numpy's name of an FFI element type ("another dtype" for those our ops never take).
 inline const char* dtype_name(xla::ffi::DataType t) {
@@ -76,33 +84,60 @@ T scalar_operand(const char* target, const char* what, const xla::ffi::AnyBuffer
   return *static_cast<const T*>(buffer.untyped_data());
 }
 
-// The FFI error of an exception of ours: InvalidArgument -> INVALID_ARGUMENT, Timeout ->
-// DEADLINE_EXCEEDED, TransferFailed -> ABORTED, anything else -> INTERNAL. Call inside a catch.
-inline xla::ffi::Error error_from_current_exception() {
+// The one mapping, for CPU and CUDA handlers alike, from an exception of ours to an FFI error:
+// InvalidArgument -> INVALID_ARGUMENT, FailedPrecondition -> FAILED_PRECONDITION, Timeout ->
+// DEADLINE_EXCEEDED, TransferFailed -> ABORTED, anything else -> INTERNAL; the message is
+// `prefix` + what(). Call inside a catch.
+inline xla::ffi::Error error_from_current_exception(const char* prefix = "") {
   using xla::ffi::ErrorCode;
   try {
     throw;
   } catch (const InvalidArgument& e) {
-    return xla::ffi::Error(ErrorCode::kInvalidArgument, e.what());
+    return xla::ffi::Error(ErrorCode::kInvalidArgument, str_cat(prefix, e.what()));
+  } catch (const FailedPrecondition& e) {
+    return xla::ffi::Error(ErrorCode::kFailedPrecondition, str_cat(prefix, e.what()));
   } catch (const Timeout& e) {
-    return xla::ffi::Error(ErrorCode::kDeadlineExceeded, e.what());
+    return xla::ffi::Error(ErrorCode::kDeadlineExceeded, str_cat(prefix, e.what()));
   } catch (const TransferFailed& e) {
-    return xla::ffi::Error(ErrorCode::kAborted, e.what());
+    return xla::ffi::Error(ErrorCode::kAborted, str_cat(prefix, e.what()));
   } catch (const std::exception& e) {
-    return xla::ffi::Error(ErrorCode::kInternal, e.what());
+    return xla::ffi::Error(ErrorCode::kInternal, str_cat(prefix, e.what()));
   } catch (...) {
-    return xla::ffi::Error(ErrorCode::kInternal, "unknown C++ exception");
+    return xla::ffi::Error(ErrorCode::kInternal, str_cat(prefix, "unknown C++ exception"));
   }
 }
 
-// Runs `body` (returning void); exceptions never cross the FFI boundary.
+// Runs `body` (returning void); exceptions never cross the FFI boundary. With `prefix`, every
+// message starts with it (the op's name: "fabric.wait: ").
 template <typename F>
-xla::ffi::Error guarded(F&& body) {
+xla::ffi::Error guarded(const char* prefix, F&& body) {
   try {
     body();
     return xla::ffi::Error::Success();
   } catch (...) {
-    return error_from_current_exception();
+    return error_from_current_exception(prefix);
+  }
+}
+template <typename F>
+xla::ffi::Error guarded(F&& body) {
+  return guarded("", std::forward<F>(body));
+}
+
+// The operands a jit op passes through to its results (args[i] -> rets[i], which is how callers
+// order other work after the op): `copy(dst, src, bytes)` for every non-empty pair XLA did not
+// alias. Throws InvalidArgument when they do not pair up.
+template <typename Copy>
+void pass_through(xla::ffi::RemainingArgs args, xla::ffi::RemainingRets rets, Copy&& copy) {
+  if (args.size() != rets.size()) {
+    throw InvalidArgument(str_cat("pass-through operands (", args.size(), ") and results (", rets.size(), ") differ"));
+  }
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto in = args.get<xla::ffi::AnyBuffer>(i);
+    auto out = rets.get<xla::ffi::AnyBuffer>(i);
+    if (!in.has_value() || !out.has_value()) throw InvalidArgument("pass-through operand is not a buffer");
+    if (in->untyped_data() != (*out)->untyped_data() && in->size_bytes() > 0) {
+      copy((*out)->untyped_data(), in->untyped_data(), in->size_bytes());
+    }
   }
 }
 
