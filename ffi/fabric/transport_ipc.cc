@@ -30,27 +30,29 @@ struct LegacyMapping {
 Mutex g_ipc_mu;
 std::map<std::pair<uint64_t, std::array<uint8_t, kIpcHandleBytes>>, LegacyMapping> g_ipc_maps JG_GUARDED_BY(g_ipc_mu);
 
+// Whether any region that `m` served is still registered by its owner (false once the owner is gone).
+bool any_region_live(uint64_t owner, const LegacyMapping& m) {
+  std::shared_ptr<SharedRegionTable> table;
+  try {
+    table = SharedRegionTable::of_process(owner);
+  } catch (const TransferFailed&) {
+    return false;  // the owner is gone: none of its regions is live
+  }
+  for (const auto& r : m.regions) {
+    std::string why;
+    bool gone = false;
+    if (table->check(r.slot, r.key, r.base, 0, 0, &why, &gone)) return true;
+  }
+  return false;
+}
+
 // Closes the mappings of `owner`'s allocations none of whose regions is live any more. Called only
 // when the driver refused a new handle of that owner as already mapped: the owner freed an allocation
 // we still map and reused its address, after retiring its regions (which waited for admitted copies),
 // so nothing of ours still copies into it.
 void close_dead_mappings(uint64_t owner) JG_REQUIRES(g_ipc_mu) {
-  std::shared_ptr<SharedRegionTable> table;
-  try {
-    table = SharedRegionTable::of_process(owner);
-  } catch (const TransferFailed&) {
-    // the owner is gone: none of its regions is live
-  }
   for (auto it = g_ipc_maps.begin(); it != g_ipc_maps.end();) {
-    bool live = false;
-    if (it->first.first == owner && table) {
-      for (const auto& r : it->second.regions) {
-        std::string why;
-        bool gone = false;
-        if (table->check(r.slot, r.key, r.base, 0, 0, &why, &gone)) live = true;
-      }
-    }
-    if (it->first.first == owner && !live) {
+    if (it->first.first == owner && !any_region_live(owner, it->second)) {
       gpu_runtime().ipc_close(it->second.base);
       it = g_ipc_maps.erase(it);
     } else {
@@ -156,6 +158,19 @@ uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
   auto key = std::make_pair(dst.process_nonce, dst.ipc_handle);
   MutexLock lk(g_ipc_mu);
   auto it = g_ipc_maps.find(key);
+  auto serves = [&](const LegacyMapping& m) {
+    return std::any_of(m.regions.begin(), m.regions.end(), [&](const LegacyMapping::Region& r) {
+      return r.slot == dst.region_slot && r.key == dst.region_key;
+    });
+  };
+  if (it != g_ipc_maps.end() && !serves(it->second) && !any_region_live(dst.process_nonce, it->second)) {
+    // A new region behind a handle we mapped for regions that are all gone: the owner may have freed
+    // that allocation and made a new one at the same address, which can carry the same handle bytes.
+    // The old mapping would still reach the freed memory, so it is closed and the handle opened anew.
+    gpu_runtime().ipc_close(it->second.base);
+    g_ipc_maps.erase(it);
+    it = g_ipc_maps.end();
+  }
   if (it == g_ipc_maps.end()) {
     bool already_mapped = false;
     uint64_t base = gpu_runtime().ipc_open(dst.ipc_handle, device, &already_mapped);
@@ -165,11 +180,7 @@ uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
     }
     it = g_ipc_maps.emplace(key, LegacyMapping{base, {}}).first;
   }
-  auto& regions = it->second.regions;
-  if (std::none_of(regions.begin(), regions.end(), [&](const LegacyMapping::Region& r) {
-        return r.slot == dst.region_slot && r.key == dst.region_key;
-      }))
-    regions.push_back({dst.region_slot, dst.region_key, dst.base});
+  if (!serves(it->second)) it->second.regions.push_back({dst.region_slot, dst.region_key, dst.base});
   return it->second.base + dst.ipc_offset;
 }
 

@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
+
+#include <unistd.h>
 
 #include "common/error.h"
 #include "fabric/region.h"
@@ -26,6 +29,17 @@ int64_t load_i64(const void* p) { return __atomic_load_n(static_cast<const int64
 int32_t load_i32(const void* p) { return __atomic_load_n(static_cast<const int32_t*>(p), __ATOMIC_ACQUIRE); }
 
 bool is_data(int kind) { return kind == static_cast<int>(Kind::kDispatch) || kind == static_cast<int>(Kind::kCombine); }
+
+bool trace_requested() {
+  const char* v = std::getenv("JAX_GARDEN_MOE_PROXY_TRACE");
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
+
+std::string hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
 
 }  // namespace
 
@@ -56,7 +70,7 @@ struct HostProxy::RankState {
 
 HostProxy::HostProxy(std::shared_ptr<fabric::Engine> engine, const ProxyOptions& options, std::vector<ProxyRank> ranks,
                      std::vector<std::optional<ProxyPeer>> peers)
-    : engine_(std::move(engine)), options_(options), peers_(std::move(peers)) {
+    : engine_(std::move(engine)), trace_(trace_requested()), options_(options), peers_(std::move(peers)) {
   const int32_t R = options_.num_ranks;
   JG_CHECK_ARG(engine_ != nullptr, "HostProxy: no engine");
   JG_CHECK_ARG(R >= 1 && R <= kMaxProxyRanks, "HostProxy: num_ranks must be in [1, ", kMaxProxyRanks, "], got ", R);
@@ -115,6 +129,13 @@ HostProxy::HostProxy(std::shared_ptr<fabric::Engine> engine, const ProxyOptions&
     ranks_.push_back(std::move(st));
   }
   in_flight_.resize(ranks_.size());  // (constructors are not analysed: no thread runs yet)
+  if (trace_) {
+    for (auto& st : ranks_) {
+      for (int32_t p = 0; p < R; ++p) {
+        if (!same_node(p, st->rank.rank)) trace(peer_summary(*st, p));
+      }
+    }
+  }
 }
 
 HostProxy::~HostProxy() { stop(); }
@@ -132,8 +153,13 @@ void HostProxy::stop() {
 
 void HostProxy::run() {
   auto idle_since = Clock::now();
+  auto dumped = Clock::now();
   const auto spin = seconds_to_duration(options_.idle_spin_s);
   while (!stop_.load(std::memory_order_acquire)) {
+    if (trace_ && Clock::now() - dumped > std::chrono::seconds(2)) {
+      dumped = Clock::now();
+      trace(str_cat("state:\n", describe()));
+    }
     bool moved = false;
     try {
       moved = poll_once();
@@ -221,6 +247,11 @@ bool HostProxy::poll_rank(RankState& st) {
                true, false);
           return true;
         }
+        if (trace_) {
+          trace(str_cat("rank ", me, ": posted ", internode::kind_name(static_cast<Kind>(kind)), " #", gen, " to rank ",
+                        p, ": ", bytes, " bytes, send area +", src, " -> receive area +", dst, ", imm ", hex(imm),
+                        ", sender domains ", engine_->num_domains()));
+        }
         MutexLock lk(mu_);
         in_flight_[st.index].messages.push_back({p, static_cast<Kind>(kind), gen, std::move(state)});
         st.bytes[kind].fetch_add(uint64_t(bytes), std::memory_order_relaxed);
@@ -230,6 +261,10 @@ bool HostProxy::poll_rank(RankState& st) {
           state = internode::post_signal(*engine_, peer.receive, imm);
         } catch (const std::exception&) {
           // As on the CPU path: an ack that cannot go out is no error here (the peer closed or died).
+        }
+        if (trace_) {
+          trace(str_cat("rank ", me, ": posted ", internode::kind_name(static_cast<Kind>(kind)), " #", gen, " to rank ",
+                        p, ", imm ", hex(imm), state ? "" : " (could not be posted)"));
         }
         if (state) {
           MutexLock lk(mu_);
@@ -248,6 +283,12 @@ bool HostProxy::poll_rank(RankState& st) {
       const uint64_t per = is_data(kind) ? internode::message_imms(peer.sender) : internode::signal_imms(peer.sender);
       uint32_t next = arrived.load(std::memory_order_relaxed) + 1;
       while (st.counter(kind, next, p)->total() >= (uint64_t(next - 1) / internode::kGenerations + 1) * per) {
+        if (trace_) {
+          trace(str_cat("rank ", me, ": ", internode::kind_name(static_cast<Kind>(kind)), " #", next, " from rank ", p,
+                        " arrived (counter of generation mod ", internode::kGenerations, " = ",
+                        next % internode::kGenerations, ": total ", st.counter(kind, next, p)->total(), ", ", per,
+                        " imms per message)"));
+        }
         arrived.store(next, std::memory_order_relaxed);
         store_release(st.arrived_word(kind, p), next);
         ++next;
@@ -272,6 +313,14 @@ bool HostProxy::poll_rank(RankState& st) {
     auto done = [](const Pending& op) {
       return op.state->finished() && op.state->status() == fabric::TransferState::Status::kDone;
     };
+    if (trace_) {
+      for (const Pending& op : mine.messages) {
+        if (done(op)) {
+          trace(str_cat("rank ", me, ": the ", internode::kind_name(op.kind), " #", op.generation, " to rank ", op.peer,
+                        " finished (engine op done)"));
+        }
+      }
+    }
     mine.messages.erase(std::remove_if(mine.messages.begin(), mine.messages.end(), done), mine.messages.end());
     mine.acks.erase(
         std::remove_if(mine.acks.begin(), mine.acks.end(), [](const Pending& op) { return op.state->finished(); }),
@@ -378,6 +427,34 @@ std::vector<uint64_t> HostProxy::bytes(size_t i) const {
   std::vector<uint64_t> out;
   for (auto& v : ranks_[i]->bytes) out.push_back(v.load());
   return out;
+}
+
+void HostProxy::trace(const std::string& line) const {
+  std::fprintf(stderr, "[moe proxy pid %d] %s\n", static_cast<int>(::getpid()), line.c_str());
+  std::fflush(stderr);
+}
+
+std::string HostProxy::peer_summary(const RankState& st, int32_t p) const {
+  const ProxyPeer& peer = *peers_[p];
+  const fabric::MemoryDescriptor& d = peer.receive;
+  std::string s = str_cat("rank ", st.rank.rank, " -> rank ", p, ": receive area ", hex(d.base), " +", d.length,
+                          " bytes (", d.kind == fabric::MemoryKind::kCuda ? str_cat("GPU ", d.device) : "host",
+                          ", owner pid ", d.pid, " nonce ", hex(d.process_nonce), ", region slot ", d.region_slot,
+                          " key ", hex(d.region_key), ", imm mailbox ", d.mailbox, ", ipc ",
+                          !d.has_ipc ? std::string("none")
+                          : d.ipc_kind == fabric::IpcKind::kVmm
+                              ? str_cat("vmm, offset ", d.ipc_offset)
+                              : str_cat("legacy handle fnv ", hex(fabric::checksum32(d.ipc_handle.data(), d.ipc_handle.size())),
+                                        ", offset ", d.ipc_offset),
+                          "); its messages deliver ", internode::message_imms(peer.sender), " imms, acks ",
+                          internode::signal_imms(peer.sender), "; our send area ", hex(st.rank.send->base()));
+  try {
+    const fabric::PathChoice c = engine_->path_for(*st.rank.send, d, fabric::TransferPath::kAuto);
+    s += str_cat("; path ", fabric::path_name(c.path), " (", engine_->path_reason(*st.rank.send, d, fabric::TransferPath::kAuto), ")");
+  } catch (const std::exception& e) {
+    s += str_cat("; path: ", e.what());
+  }
+  return s;
 }
 
 std::string HostProxy::describe() const {

@@ -105,8 +105,14 @@ class HostProxy {
   void fail(int32_t code, int32_t peer, const std::string& message, bool broadcast, bool timed_out);
   void broadcast_abort(const std::string& reason, bool timed_out);
   void run();
+  // JAX_GARDEN_MOE_PROXY_TRACE=1: one stderr line per post, finished write and arrival, what each
+  // peer's receive area is and which engine path reaches it, and describe() every 2 s while the
+  // proxy runs (debugging a stall on a GPU machine; off by default, one branch per event).
+  void trace(const std::string& line) const;
+  std::string peer_summary(const RankState& st, int32_t peer) const;
 
   const std::shared_ptr<fabric::Engine> engine_;
+  const bool trace_;
   const ProxyOptions options_;
   std::vector<std::unique_ptr<RankState>> ranks_;
   std::vector<std::optional<ProxyPeer>> peers_;
