@@ -12,7 +12,6 @@
 #include <string>
 #include <vector>
 
-#include "fabric/control_plane.h"
 #include "fabric/engine_context.h"
 
 namespace jax_garden::fabric {

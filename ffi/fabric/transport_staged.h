@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "fabric/control_plane.h"
 #include "fabric/gpu_runtime.h"
 #include "fabric/jobs.h"
 
