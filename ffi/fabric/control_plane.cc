@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <stdexcept>
 
 #include "common/error.h"
 #include "fabric/adversary.h"
-#include "fabric/transport_staged.h"
 
 namespace jax_garden::fabric {
 namespace {
@@ -15,6 +15,33 @@ std::string describe_region(const OpTarget& t) {
 }
 
 }  // namespace
+
+ControlPlane::ControlPlane(EngineContext& ctx) : ctx_(ctx) {
+  // Handlers run in advance(), by the worker under its lock.
+  subscribe({MsgKind::kImmBatch}, [this](Frame& f) {
+    progress_role.assert_held();
+    auto m = decode_imm_batch(f.payload);
+    ctx_.worker->deliver_imm(m.imm, static_cast<int64_t>(m.count));
+  });
+  subscribe({MsgKind::kRegionQuery}, [this](Frame& f) {
+    progress_role.assert_held();
+    answer_query(f);
+  });
+  subscribe({MsgKind::kRegionReply}, [this](Frame& f) {
+    progress_role.assert_held();
+    on_reply(decode_region_reply(f.payload));
+  });
+}
+
+void ControlPlane::subscribe(std::initializer_list<MsgKind> kinds, FrameHandler handler) {
+  for (MsgKind kind : kinds) {
+    auto k = static_cast<size_t>(kind);
+    if (kind == MsgKind::kUser || k >= handlers_.size() || handlers_[k])
+      throw std::logic_error(str_cat("control plane: message kind ", k, " cannot be subscribed to (user "
+                                     "messages, out of range or taken)"));
+    handlers_[k] = handler;
+  }
+}
 
 std::unique_ptr<Op> ControlPlane::make_send_op(const Bytes& endpoint, MsgKind kind, const Bytes& payload) const {
   auto op = std::make_unique<Op>();
@@ -145,35 +172,18 @@ bool ControlPlane::advance(Clock::time_point now) {
 }
 
 void ControlPlane::handle(Frame& f) {
-  switch (f.kind) {
-    case MsgKind::kImmBatch: {
-      auto m = decode_imm_batch(f.payload);
-      ctx_.worker->deliver_imm(m.imm, static_cast<int64_t>(m.count));
-      return;
-    }
-    case MsgKind::kStageOpen:
-    case MsgKind::kStageGrant:
-    case MsgKind::kStageChunk:
-    case MsgKind::kStageDone:
-    case MsgKind::kStageError:
-    case MsgKind::kStageAbort:
-      ctx_.staging->on_frame(f);
-      return;
-    case MsgKind::kRegionQuery: {
-      auto q = decode_region_query(f.payload);
-      RegionReplyMsg reply;
-      reply.query = q.query;
-      for (const auto& e : q.entries)
-        reply.live.push_back(ctx_.regions->is_live(e.region_key, e.key, e.base, e.length) ? 1 : 0);
-      send(f.sender.domains[0], MsgKind::kRegionReply, encode(reply), [](bool, const std::string&) {});
-      return;
-    }
-    case MsgKind::kRegionReply:
-      on_reply(decode_region_reply(f.payload));
-      return;
-    case MsgKind::kUser:
-      return;
-  }
+  auto k = static_cast<size_t>(f.kind);
+  // No subscriber (a kind no transport of this engine speaks): nothing to do with it.
+  if (k < handlers_.size() && handlers_[k]) handlers_[k](f);
+}
+
+void ControlPlane::answer_query(const Frame& f) {
+  auto q = decode_region_query(f.payload);
+  RegionReplyMsg reply;
+  reply.query = q.query;
+  for (const auto& e : q.entries)
+    reply.live.push_back(ctx_.regions->is_live(e.region_key, e.key, e.base, e.length) ? 1 : 0);
+  send(f.sender.domains[0], MsgKind::kRegionReply, encode(reply), [](bool, const std::string&) {});
 }
 
 bool ControlPlane::triage(Op& op, const std::string& error) {

@@ -27,6 +27,15 @@ const DoneCallback kIgnore = [](bool, const std::string&) {};
 // ---------------------------------------------------------------------------------------------
 // Pools and bookkeeping
 
+StagingTransport::StagingTransport(EngineContext& ctx) : ctx_(ctx) {
+  ctx_.control->subscribe({MsgKind::kStageOpen, MsgKind::kStageGrant, MsgKind::kStageChunk, MsgKind::kStageDone,
+                           MsgKind::kStageError, MsgKind::kStageAbort},
+                          [this](Frame& f) {
+                            progress_role.assert_held();  // run by the control plane in the worker's pass
+                            on_frame(f);
+                          });
+}
+
 StagingTransport::~StagingTransport() {
   // The engine unregistered the pools (close()) and closed the domains before this runs.
   free_pool(send_);

@@ -103,10 +103,10 @@ struct StagingStats {
 
 class StagingTransport final : public WorkerTask {
  public:
-  explicit StagingTransport(EngineContext& ctx) : ctx_(ctx) {}
+  // Subscribes to the staging kinds of ctx.control (before the worker starts).
+  explicit StagingTransport(EngineContext& ctx);
   ~StagingTransport() override;
 
-  void on_frame(Frame& f) JG_REQUIRES_PROGRESS;  // the staging kinds
   bool advance(Clock::time_point now) override JG_REQUIRES_PROGRESS;
   bool busy() const override JG_REQUIRES_PROGRESS { return !inbound_.empty(); }
   StagingStats stats() const JG_REQUIRES_PROGRESS;
@@ -118,6 +118,7 @@ class StagingTransport final : public WorkerTask {
   void forget(uint64_t xfer) JG_REQUIRES_PROGRESS;
 
  private:
+  void on_frame(Frame& f) JG_REQUIRES_PROGRESS;  // the staging kinds, from the control plane
   // Receiver side of one staged transfer into a local region.
   struct Inbound {
     NetAddress sender;
