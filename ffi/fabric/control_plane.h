@@ -17,7 +17,9 @@
 #include <vector>
 
 #include "fabric/control.h"
-#include "fabric/engine_context.h"
+#include "fabric/engine_parts.h"
+#include "fabric/region.h"
+#include "fabric/worker.h"
 
 
 namespace jax_garden::fabric {
@@ -28,7 +30,12 @@ using FrameHandler = std::function<void(Frame& frame)>;
 
 class ControlPlane final : public WorkerTask {
  public:
-  explicit ControlPlane(EngineContext& ctx);
+  // worker: posts its messages and imm deliveries, counts imm batches; address_bytes: this engine's
+  // address, the sender of its frames; imm_target: where single imms go; regions: answers failure
+  // queries; peers: unreachable peers (not asked) and gone regions (remembered); timeout_s: the
+  // engine timeout (a triage waits at most half of it, 1 s at most).
+  ControlPlane(Worker& worker, const Bytes& address_bytes, const ImmTarget& imm_target, RegionTable& regions,
+               PeerKnowledge& peers, double timeout_s);
 
   // A two-sided message op to `endpoint` (a frame with this engine as the sender). Any thread.
   std::unique_ptr<Op> make_send_op(const Bytes& endpoint, MsgKind kind, const Bytes& payload) const;
@@ -87,7 +94,12 @@ class ControlPlane final : public WorkerTask {
   void on_query_failed(uint64_t query, const std::string& error) JG_REQUIRES_PROGRESS;
   void conclude(Case& c) JG_REQUIRES_PROGRESS;
 
-  EngineContext& ctx_;
+  Worker& worker_;
+  const Bytes& address_bytes_;
+  const ImmTarget& imm_target_;
+  RegionTable& regions_;
+  PeerKnowledge& peers_;
+  const double timeout_s_;
   // By kind: filled before the worker starts, read-only afterwards. The control plane's own kinds
   // (imm batches, region queries and replies) are in it too.
   std::array<FrameHandler, kMaxMsgKind + 1> handlers_;
