@@ -1,15 +1,26 @@
-// Little-endian byte writer/reader with strict bounds checks, shared by the wire formats
-// (wire_format.cc) and the engine's internal control messages (control.cc). A short or malformed
-// buffer is an InvalidArgument naming the field, never an out-of-bounds read.
+// Little-endian byte writer/reader with strict bounds checks, the lowest layer of the byte formats:
+// the wire formats (wire_format.h) and the engine's internal control messages (control.h) are
+// written with it, and it knows neither. A short or malformed buffer is an InvalidArgument naming
+// the field, never an out-of-bounds read.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "common/error.h"
-#include "fabric/wire_format.h"
 
 namespace jax_garden::fabric {
+
+using Bytes = std::vector<uint8_t>;
+
+// FNV-1a: the trailer of every format written here (and a cheap hash of endpoint names).
+inline uint32_t checksum32(const uint8_t* data, size_t size) {
+  uint32_t h = 2166136261u;
+  for (size_t i = 0; i < size; ++i) h = (h ^ data[i]) * 16777619u;
+  return h;
+}
 
 class Writer {
  public:
@@ -71,15 +82,16 @@ class Reader {
   void expect_end() {
     JG_CHECK_ARG(pos == size, what, " has ", size - pos, " unexpected trailing bytes");
   }
-  void expect_header(uint32_t magic) {
+  // magic, checksum (verified over the whole buffer) and format version, in that order.
+  void expect_header(uint32_t magic, uint16_t expected_version) {
     JG_CHECK_ARG(size >= 10, what, " is truncated: ", size, " bytes is shorter than any valid one");
     uint32_t m = get<uint32_t>("magic");
     JG_CHECK_ARG(m == magic, what, " has the wrong magic 0x", std::hex, m, " (expected 0x", magic,
                  "): not a jax_garden ", what);
     verify_checksum();
     uint16_t version = get<uint16_t>("version");
-    JG_CHECK_ARG(version == kWireFormatVersion, what, " has format version ", version,
-                 " but this build reads version ", kWireFormatVersion);
+    JG_CHECK_ARG(version == expected_version, what, " has format version ", version,
+                 " but this build reads version ", expected_version);
   }
 
   const uint8_t* data;
@@ -87,6 +99,5 @@ class Reader {
   size_t pos = 0;
   const char* what;
 };
-
 
 }  // namespace jax_garden::fabric

@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <stdexcept>
 
 #include "common/error.h"
 #include "fabric/adversary.h"
-#include "fabric/transport_staged.h"
 
 namespace jax_garden::fabric {
 namespace {
@@ -16,10 +16,44 @@ std::string describe_region(const OpTarget& t) {
 
 }  // namespace
 
+ControlPlane::ControlPlane(Worker& worker, const Bytes& address_bytes, const ImmTarget& imm_target,
+                           RegionTable& regions, PeerKnowledge& peers, double timeout_s)
+    : worker_(worker),
+      address_bytes_(address_bytes),
+      imm_target_(imm_target),
+      regions_(regions),
+      peers_(peers),
+      timeout_s_(timeout_s) {
+  // Handlers run in advance(), by the worker under its lock.
+  subscribe({MsgKind::kImmBatch}, [this](Frame& f) {
+    progress_role.assert_held();
+    auto m = decode_imm_batch(f.payload);
+    worker_.deliver_imm(m.imm, static_cast<int64_t>(m.count));
+  });
+  subscribe({MsgKind::kRegionQuery}, [this](Frame& f) {
+    progress_role.assert_held();
+    answer_query(f);
+  });
+  subscribe({MsgKind::kRegionReply}, [this](Frame& f) {
+    progress_role.assert_held();
+    on_reply(decode_region_reply(f.payload));
+  });
+}
+
+void ControlPlane::subscribe(std::initializer_list<MsgKind> kinds, FrameHandler handler) {
+  for (MsgKind kind : kinds) {
+    auto k = static_cast<size_t>(kind);
+    if (kind == MsgKind::kUser || k >= handlers_.size() || handlers_[k])
+      throw std::logic_error(str_cat("control plane: message kind ", k, " cannot be subscribed to (user "
+                                     "messages, out of range or taken)"));
+    handlers_[k] = handler;
+  }
+}
+
 std::unique_ptr<Op> ControlPlane::make_send_op(const Bytes& endpoint, MsgKind kind, const Bytes& payload) const {
   auto op = std::make_unique<Op>();
   op->kind = OpKind::kSend;
-  op->owned = encode_frame(kind, ctx_.address_bytes, payload.data(), payload.size());
+  op->owned = encode_frame(kind, address_bytes_, payload.data(), payload.size());
   op->wrs.resize(1);
   auto& wr = op->wrs[0];
   wr.hdr.kind = ContextKind::kSend;
@@ -34,12 +68,12 @@ std::unique_ptr<Op> ControlPlane::make_send_op(const Bytes& endpoint, MsgKind ki
 void ControlPlane::send(const Bytes& endpoint, MsgKind kind, const Bytes& payload, DoneCallback on_done) {
   auto op = make_send_op(endpoint, kind, payload);
   op->on_done = std::move(on_done);
-  ctx_.worker->post_internal(std::move(op));
+  worker_.post_internal(std::move(op));
 }
 
 void ControlPlane::deliver_imms(const MemoryDescriptor& dst, uint32_t imm, uint64_t count, DoneCallback on_done) {
   if (count == 0) {
-    ctx_.worker->defer([cb = std::move(on_done)]() { cb(true, {}); });
+    worker_.defer([cb = std::move(on_done)]() { cb(true, {}); });
     return;
   }
   if (count > 1) {
@@ -49,10 +83,10 @@ void ControlPlane::deliver_imms(const MemoryDescriptor& dst, uint32_t imm, uint6
   auto op = std::make_unique<Op>();
   op->kind = OpKind::kImm;
   op->wrs.resize(1);
-  ctx_.imm_target->fill(op->wrs[0], dst, 0, imm);
+  imm_target_.fill(op->wrs[0], dst, 0, imm);
   op->targets.push_back({dst.domains[0].endpoint, 0, 0, 0, 0});
   op->on_done = std::move(on_done);
-  ctx_.worker->post_internal(std::move(op));
+  worker_.post_internal(std::move(op));
 }
 
 void ControlPlane::queue_imms(std::shared_ptr<const MemoryDescriptor> dst, uint32_t imm, uint64_t count,
@@ -69,7 +103,7 @@ bool ControlPlane::flush_imms() {
   batch.swap(pending_imms_);
   for (auto& [key, p] : batch) {
     auto cbs = std::make_shared<std::vector<DoneCallback>>(std::move(p.callbacks));
-    if (Adversary* adv = ctx_.worker->adversary()) [[unlikely]] {
+    if (Adversary* adv = worker_.adversary()) [[unlikely]] {
       deliver_split(*p.dst, key.second, adv->split_imms(p.count), std::move(cbs));
       continue;
     }
@@ -145,35 +179,18 @@ bool ControlPlane::advance(Clock::time_point now) {
 }
 
 void ControlPlane::handle(Frame& f) {
-  switch (f.kind) {
-    case MsgKind::kImmBatch: {
-      auto m = decode_imm_batch(f.payload);
-      ctx_.worker->deliver_imm(m.imm, static_cast<int64_t>(m.count));
-      return;
-    }
-    case MsgKind::kStageOpen:
-    case MsgKind::kStageGrant:
-    case MsgKind::kStageChunk:
-    case MsgKind::kStageDone:
-    case MsgKind::kStageError:
-    case MsgKind::kStageAbort:
-      ctx_.staging->on_frame(f);
-      return;
-    case MsgKind::kRegionQuery: {
-      auto q = decode_region_query(f.payload);
-      RegionReplyMsg reply;
-      reply.query = q.query;
-      for (const auto& e : q.entries)
-        reply.live.push_back(ctx_.regions->is_live(e.region_key, e.key, e.base, e.length) ? 1 : 0);
-      send(f.sender.domains[0], MsgKind::kRegionReply, encode(reply), [](bool, const std::string&) {});
-      return;
-    }
-    case MsgKind::kRegionReply:
-      on_reply(decode_region_reply(f.payload));
-      return;
-    case MsgKind::kUser:
-      return;
-  }
+  auto k = static_cast<size_t>(f.kind);
+  // No subscriber (a kind no transport of this engine speaks): nothing to do with it.
+  if (k < handlers_.size() && handlers_[k]) handlers_[k](f);
+}
+
+void ControlPlane::answer_query(const Frame& f) {
+  auto q = decode_region_query(f.payload);
+  RegionReplyMsg reply;
+  reply.query = q.query;
+  for (const auto& e : q.entries)
+    reply.live.push_back(regions_.is_live(e.region_key, e.key, e.base, e.length) ? 1 : 0);
+  send(f.sender.domains[0], MsgKind::kRegionReply, encode(reply), [](bool, const std::string&) {});
 }
 
 bool ControlPlane::triage(Op& op, const std::string& error) {
@@ -184,7 +201,7 @@ bool ControlPlane::triage(Op& op, const std::string& error) {
   c->state = op.state;
   c->error = error;
   c->verdict.assign(c->targets.size(), -1);
-  c->deadline = deadline_after(std::min(1.0, ctx_.options.timeout_s / 2));
+  c->deadline = deadline_after(std::min(1.0, timeout_s_ / 2));
   for (size_t i = 0; i < c->targets.size(); ++i) unasked_[c->targets[i].owner].emplace_back(c, i);
   cases_.push_back(std::move(c));
   return true;
@@ -195,7 +212,7 @@ bool ControlPlane::send_queries() {
   std::map<Bytes, std::vector<std::pair<std::shared_ptr<Case>, size_t>>> unasked;
   unasked.swap(unasked_);
   for (auto& [owner, entries] : unasked) {
-    if (std::string why = ctx_.peers->unreachable(owner); !why.empty()) {
+    if (std::string why = peers_.unreachable(owner); !why.empty()) {
       for (auto& [c, i] : entries) c->verdict[i] = -2;  // no point asking
       continue;
     }
@@ -231,7 +248,7 @@ void ControlPlane::on_reply(const RegionReplyMsg& m) {
     c->verdict[i] = m.live[k];
     if (!m.live[k]) {
       const OpTarget& t = c->targets[i];
-      ctx_.peers->mark_gone(t.owner, t.region_key, t.key, t.base, t.length);
+      peers_.mark_gone(t.owner, t.region_key, t.key, t.base, t.length);
     }
   }
   for (auto& [c, i] : q.entries)

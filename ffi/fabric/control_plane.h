@@ -1,28 +1,41 @@
 // The engine's internal control plane, run by the worker: internal control messages (imm batches,
-// the staging rendezvous, failure queries), imm delivery for the paths that do not carry imms with
-// their data (CUDA IPC copies, staging), and the triage of failed writes (asking the owner whether
-// the region still exists, to say why the write failed and to fail later ones at once).
+// failure queries, and the frames of the transports that subscribed to their kinds), imm delivery
+// for the paths that do not carry imms with their data (CUDA IPC copies, staging), and the triage of
+// failed writes (asking the owner whether the region still exists, to say why the write failed and
+// to fail later ones at once). It knows no transport: a transport that speaks its own kinds (the
+// staging rendezvous) subscribes a handler for them when it is built.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "fabric/control.h"
-#include "fabric/engine_context.h"
+#include "fabric/engine_parts.h"
+#include "fabric/region.h"
+#include "fabric/worker.h"
 
 
 namespace jax_garden::fabric {
 
 using DoneCallback = std::function<void(bool ok, const std::string& error)>;
+// Runs on the worker (progress held) for each internal frame of a subscribed kind.
+using FrameHandler = std::function<void(Frame& frame)>;
 
 class ControlPlane final : public WorkerTask {
  public:
-  explicit ControlPlane(EngineContext& ctx) : ctx_(ctx) {}
+  // worker: posts its messages and imm deliveries, counts imm batches; address_bytes: this engine's
+  // address, the sender of its frames; imm_target: where single imms go; regions: answers failure
+  // queries; peers: unreachable peers (not asked) and gone regions (remembered); timeout_s: the
+  // engine timeout (a triage waits at most half of it, 1 s at most).
+  ControlPlane(Worker& worker, const Bytes& address_bytes, const ImmTarget& imm_target, RegionTable& regions,
+               PeerKnowledge& peers, double timeout_s);
 
   // A two-sided message op to `endpoint` (a frame with this engine as the sender). Any thread.
   std::unique_ptr<Op> make_send_op(const Bytes& endpoint, MsgKind kind, const Bytes& payload) const;
@@ -37,6 +50,11 @@ class ControlPlane final : public WorkerTask {
   // out as one delivery of the summed count (each callback runs on its completion).
   void queue_imms(std::shared_ptr<const MemoryDescriptor> dst, uint32_t imm, uint64_t count, DoneCallback on_done)
       JG_REQUIRES_PROGRESS;
+
+  // Routes every later frame of `kinds` to `handler` (run in advance()). Only before the worker
+  // starts (the table is read without a lock afterwards); one handler per kind; not kUser (user
+  // messages go to recv(), never here).
+  void subscribe(std::initializer_list<MsgKind> kinds, FrameHandler handler);
 
   // From the worker's sink.
   void on_frame(Frame&& frame) JG_REQUIRES_PROGRESS;  // internal kinds, handled in advance()
@@ -66,6 +84,7 @@ class ControlPlane final : public WorkerTask {
   };
 
   void handle(Frame& f) JG_REQUIRES_PROGRESS;
+  void answer_query(const Frame& f) JG_REQUIRES_PROGRESS;
   bool flush_imms() JG_REQUIRES_PROGRESS;
   // Adversarial mode: one imm delivery cut into parts, delivered (and held back) independently.
   void deliver_split(const MemoryDescriptor& dst, uint32_t imm, const std::vector<uint64_t>& parts,
@@ -75,7 +94,15 @@ class ControlPlane final : public WorkerTask {
   void on_query_failed(uint64_t query, const std::string& error) JG_REQUIRES_PROGRESS;
   void conclude(Case& c) JG_REQUIRES_PROGRESS;
 
-  EngineContext& ctx_;
+  Worker& worker_;
+  const Bytes& address_bytes_;
+  const ImmTarget& imm_target_;
+  RegionTable& regions_;
+  PeerKnowledge& peers_;
+  const double timeout_s_;
+  // By kind: filled before the worker starts, read-only afterwards. The control plane's own kinds
+  // (imm batches, region queries and replies) are in it too.
+  std::array<FrameHandler, kMaxMsgKind + 1> handlers_;
   std::deque<Frame> frames_ JG_GUARDED_BY_PROGRESS;
   std::map<std::pair<Bytes, uint32_t>, PendingImms> pending_imms_ JG_GUARDED_BY_PROGRESS;  // (peer, imm)
   std::map<Bytes, std::vector<std::pair<std::shared_ptr<Case>, size_t>>> unasked_ JG_GUARDED_BY_PROGRESS;

@@ -50,25 +50,27 @@ void fill_rma_wr(WorkRequest& wr, const WritePiece& p, const MemoryRegion& src, 
 // ---------------------------------------------------------------------------------------------
 // What the worker reports, routed to the engine's tables and transports (under the progress lock).
 
+// It is made before the worker, and the tables and transports it routes to after it: hence the
+// engine's ownership struct rather than references to them.
 class Engine::Sink final : public CompletionSink {
  public:
-  explicit Sink(EngineContext& ctx) : ctx_(ctx) {}
-  void on_imm(uint32_t imm, int64_t n) override { ctx_.counters->on_imm(imm, n); }
+  explicit Sink(Owned& own) : own_(own) {}
+  void on_imm(uint32_t imm, int64_t n) override { own_.counters->on_imm(imm, n); }
   void on_message(Frame&& frame) override JG_NO_THREAD_SAFETY_ANALYSIS {  // called with progress held
     if (frame.kind == MsgKind::kUser)
-      ctx_.messages.push(Message{std::move(frame.sender), std::move(frame.payload)});
+      own_.messages.push(Message{std::move(frame.sender), std::move(frame.payload)});
     else
-      ctx_.control->on_frame(std::move(frame));  // never reaches recv()
+      own_.control->on_frame(std::move(frame));  // never reaches recv()
   }
   bool on_op_failed(Op& op, const std::string& error) override JG_NO_THREAD_SAFETY_ANALYSIS {
-    return ctx_.control->triage(op, error);
+    return own_.control->triage(op, error);
   }
   void on_peer_unreachable(const Bytes& owner, const std::string& reason) override {
-    ctx_.peers->mark_unreachable(owner, reason);
+    own_.peers->mark_unreachable(owner, reason);
   }
 
  private:
-  EngineContext& ctx_;
+  Owned& own_;
 };
 
 // GPU waits whose imms did not arrive in time: released by the worker (see ImmCounterTable).
@@ -88,7 +90,7 @@ class Engine::GpuWaitTask final : public WorkerTask {
 // ---------------------------------------------------------------------------------------------
 // Construction and close
 
-Engine::Engine(const EngineOptions& options) { ctx_.options = options; }
+Engine::Engine(const EngineOptions& options) { own_.options = options; }
 
 std::shared_ptr<Engine> Engine::create(const EngineOptions& options) {
   JG_CHECK_ARG(options.domains >= 1 && options.domains <= kMaxDomains, "domains must be in 1..", kMaxDomains,
@@ -129,67 +131,70 @@ std::shared_ptr<Engine> Engine::create(const EngineOptions& options) {
 }
 
 void Engine::start() {
-  const EngineOptions& o = ctx_.options;
-  ctx_.provider = ProviderInfo::select(o.provider, o.node);
+  const EngineOptions& o = own_.options;
+  own_.provider = ProviderInfo::select(o.provider, o.node);
   callbacks_ = std::make_shared<CallbackThread>();
-  sink_ = std::make_unique<Sink>(ctx_);
+  sink_ = std::make_unique<Sink>(own_);
   WorkerOptions wo;
   wo.timeout_s = o.timeout_s;
   wo.max_outstanding_per_peer = o.max_outstanding_per_peer;
   wo.recv_slots = o.recv_slots;
   wo.max_message_bytes = o.max_message_bytes;
   wo.delivery_complete = o.completion == CompletionMode::kDelivery;
-  ctx_.worker = std::make_shared<Worker>(*ctx_.provider, o.domains, wo, sink_.get(), callbacks_, &keys_,
+  own_.worker = std::make_shared<Worker>(*own_.provider, o.domains, wo, sink_.get(), callbacks_, &keys_,
                                          adversary_ ? std::make_unique<Adversary>(*adversary_) : nullptr);
-  ctx_.address.provider = ctx_.provider->name;
-  for (uint32_t d = 0; d < o.domains; ++d) ctx_.address.domains.push_back(ctx_.worker->endpoint(d));
-  ctx_.address_bytes = ctx_.address.to_bytes();
-  ctx_.imm_target = std::make_unique<ImmTarget>(*ctx_.worker);
-  ctx_.regions = std::make_shared<RegionTable>(ctx_.worker, &keys_, o.timeout_s);
-  ctx_.counters = std::make_shared<ImmCounterTable>(ctx_.worker, callbacks_, o.timeout_s);
-  ctx_.peers = std::make_unique<PeerKnowledge>(o.timeout_s);
-  ctx_.control = std::make_unique<ControlPlane>(ctx_);
-  ctx_.staging = std::make_unique<StagingTransport>(ctx_);
+  own_.address.provider = own_.provider->name;
+  for (uint32_t d = 0; d < o.domains; ++d) own_.address.domains.push_back(own_.worker->endpoint(d));
+  own_.address_bytes = own_.address.to_bytes();
+  own_.imm_target = std::make_unique<ImmTarget>(*own_.worker);
+  own_.regions = std::make_shared<RegionTable>(own_.worker, &keys_, o.timeout_s);
+  own_.counters = std::make_shared<ImmCounterTable>(own_.worker, callbacks_, o.timeout_s);
+  own_.peers = std::make_unique<PeerKnowledge>(o.timeout_s);
+  own_.control = std::make_unique<ControlPlane>(*own_.worker, own_.address_bytes, *own_.imm_target, *own_.regions,
+                                               *own_.peers, o.timeout_s);
+  own_.staging = std::make_unique<StagingTransport>(own_.options, *own_.provider, *own_.worker, *own_.control,
+                                                    *own_.regions, own_.address_bytes);
   try {
-    ctx_.mailbox = ImmMailbox::create();
+    own_.mailbox = ImmMailbox::create();
   } catch (const std::exception& e) {
     // No shared memory: same-host peers cannot deliver imms without the network, so its regions
     // offer no ipc path (descriptors carry mailbox 0).
     std::fprintf(stderr, "jax_garden.fabric: no imm mailbox for this engine (%s); the ipc path is off toward it\n",
                  e.what());
   }
-  ctx_.ipc = std::make_unique<IpcTransport>(ctx_);
-  ctx_.jobs = std::make_unique<JobRunner>(ctx_);
-  gpu_waits_ = std::make_unique<GpuWaitTask>(*ctx_.counters);
-  ctx_.worker->start({ctx_.control.get(), ctx_.ipc.get(), ctx_.staging.get(), ctx_.jobs.get(), gpu_waits_.get()});
+  own_.ipc = std::make_unique<IpcTransport>(own_.options, *own_.worker, own_.mailbox.get(), *own_.counters,
+                                            *own_.peers);
+  own_.jobs = std::make_unique<JobRunner>(own_.worker, o.timeout_s);
+  gpu_waits_ = std::make_unique<GpuWaitTask>(*own_.counters);
+  own_.worker->start({own_.control.get(), own_.ipc.get(), own_.staging.get(), own_.jobs.get(), gpu_waits_.get()});
 }
 
 Engine::~Engine() { close(); }
 
 bool Engine::on_own_thread() const {
-  return (ctx_.worker && ctx_.worker->on_thread()) || (callbacks_ && callbacks_->on_thread()) ||
+  return (own_.worker && own_.worker->on_thread()) || (callbacks_ && callbacks_->on_thread()) ||
          watchers_.on_thread();
 }
 
 void Engine::close() {
   MutexLock close_lk(close_mu_);
   if (closed_.exchange(true)) return;
-  if (!ctx_.worker) return;  // start() failed
-  if (ctx_.mailbox) ctx_.mailbox->close();  // same-host senders' ops toward us fail from now on
+  if (!own_.worker) return;  // start() failed
+  if (own_.mailbox) own_.mailbox->close();  // same-host senders' ops toward us fail from now on
   watchers_.stop();
-  ctx_.worker->stop();  // fails the ops in flight
-  ctx_.counters->abort_all("engine closed");
-  ctx_.counters->release_gpu_waits("fabric.wait on GPU: the engine was closed before the imms arrived");
-  ctx_.messages.close();
+  own_.worker->stop();  // fails the ops in flight
+  own_.counters->abort_all("engine closed");
+  own_.counters->release_gpu_waits("fabric.wait on GPU: the engine was closed before the imms arrived");
+  own_.messages.close();
   {
-    ProgressLock pl(*ctx_.worker);
-    ctx_.jobs->close();
-    ctx_.ipc->close();
-    ctx_.staging->close();
+    ProgressLock pl(*own_.worker);
+    own_.jobs->close();
+    own_.ipc->close();
+    own_.staging->close();
   }
-  ctx_.regions->close_all();
-  ctx_.imm_target->close(*ctx_.worker);
-  ctx_.worker->close_domains();  // endpoints close: what was still posted is cancelled
+  own_.regions->close_all();
+  own_.imm_target->close(*own_.worker);
+  own_.worker->close_domains();  // endpoints close: what was still posted is cancelled
   callbacks_->stop();
 }
 
@@ -198,19 +203,19 @@ void Engine::check_open(OpKind op) const {
 }
 
 void Engine::check() {
-  std::string e = ctx_.counters->take_error();
+  std::string e = own_.counters->take_error();
   if (!e.empty()) throw TransferFailed(e);
 }
 
 StagingStats Engine::staging_stats() {
   StagingStats s;
   if (!closed()) {
-    ProgressLock pl(*ctx_.worker);
-    s = ctx_.staging->stats();
+    ProgressLock pl(*own_.worker);
+    s = own_.staging->stats();
   }
-  s.chunk_bytes = ctx_.options.stage_chunk_bytes;
+  s.chunk_bytes = own_.options.stage_chunk_bytes;
   s.ipc_mappings = IpcTransport::mappings();
-  auto records = ctx_.ipc->record_counts();
+  auto records = own_.ipc->record_counts();
   s.ipc_stream_records = records[0];
   s.ipc_event_records = records[1];
   s.ipc_host_records = records[2];
@@ -219,15 +224,15 @@ StagingStats Engine::staging_stats() {
 
 AdversaryStats Engine::adversary_stats() {
   JG_CHECK_ARG(adversary_, "the adversarial delivery mode is off for this engine");
-  ProgressLock pl(*ctx_.worker);  // the worker (and what its adversary counted) outlives close()
-  return ctx_.worker->adversary()->stats();
+  ProgressLock pl(*own_.worker);  // the worker (and what its adversary counted) outlives close()
+  return own_.worker->adversary()->stats();
 }
 
 void Engine::adversary_hold(uint32_t imm, uint32_t mask, uint64_t skip) {
   JG_CHECK_ARG(adversary_, "adversary.hold: the adversarial delivery mode is off for this engine");
   if (closed()) throw TransferFailed("adversary.hold: the engine is closed");
-  ProgressLock pl(*ctx_.worker);
-  ctx_.worker->adversary()->add_rule(imm, mask, skip);
+  ProgressLock pl(*own_.worker);
+  own_.worker->adversary()->add_rule(imm, mask, skip);
 }
 
 uint64_t Engine::adversary_release(uint32_t imm, uint32_t mask) {
@@ -235,18 +240,18 @@ uint64_t Engine::adversary_release(uint32_t imm, uint32_t mask) {
   if (closed()) return 0;
   uint64_t n;
   {
-    ProgressLock pl(*ctx_.worker);
-    n = ctx_.worker->adversary()->release_rule(imm, mask);
+    ProgressLock pl(*own_.worker);
+    n = own_.worker->adversary()->release_rule(imm, mask);
   }
-  ctx_.worker->wake();
+  own_.worker->wake();
   return n;
 }
 
 uint64_t Engine::adversary_holding(uint32_t imm, uint32_t mask) {
   JG_CHECK_ARG(adversary_, "adversary.holding: the adversarial delivery mode is off for this engine");
   if (closed()) return 0;
-  ProgressLock pl(*ctx_.worker);
-  return ctx_.worker->adversary()->holding(imm, mask);
+  ProgressLock pl(*own_.worker);
+  return own_.worker->adversary()->holding(imm, mask);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,7 +259,7 @@ uint64_t Engine::adversary_holding(uint32_t imm, uint32_t mask) {
 
 std::shared_ptr<ImmCounter> Engine::imm_counter(uint32_t imm) {
   if (closed()) throw TransferFailed("imm_counter: the engine is closed");
-  return ctx_.counters->counter(imm);
+  return own_.counters->counter(imm);
 }
 
 std::shared_ptr<Watcher> Engine::watcher(Watcher::Callback cb) {
@@ -268,29 +273,29 @@ std::shared_ptr<TransferState> Engine::send(const NetAddress& to, const Bytes& p
   check_open(OpKind::kSend);
   JG_CHECK_ARG(to.provider == provider(), "send: the address is for provider '", to.provider,
                "' but this engine uses '", provider(), "'");
-  size_t header = frame_header_bytes(ctx_.address_bytes);
-  JG_CHECK_ARG(payload.size() + header <= ctx_.options.max_message_bytes, "send: payload of ", payload.size(),
-               " bytes exceeds the control-message limit of ", ctx_.options.max_message_bytes - header,
-               " bytes (max_message_bytes=", ctx_.options.max_message_bytes, " minus a ", header,
+  size_t header = frame_header_bytes(own_.address_bytes);
+  JG_CHECK_ARG(payload.size() + header <= own_.options.max_message_bytes, "send: payload of ", payload.size(),
+               " bytes exceeds the control-message limit of ", own_.options.max_message_bytes - header,
+               " bytes (max_message_bytes=", own_.options.max_message_bytes, " minus a ", header,
                "-byte header); use a write for bulk data");
   OpName what(str_cat("send of ", payload.size(), " bytes to ", to.to_string()));
-  if (std::string why = ctx_.peers->unreachable(to.domains[0]); !why.empty()) {
+  if (std::string why = own_.peers->unreachable(to.domains[0]); !why.empty()) {
     auto state = new_state(what);
     state->finish(TransferState::Status::kFailed, "the peer is unreachable: " + why + "; not posted");
     return state;
   }
-  auto op = ctx_.control->make_send_op(to.domains[0], kind, payload);
+  auto op = own_.control->make_send_op(to.domains[0], kind, payload);
   op->user = true;
   op->state = new_state(what);
-  op->deadline = deadline_after(ctx_.options.timeout_s);
+  op->deadline = deadline_after(own_.options.timeout_s);
   auto state = op->state;
-  ctx_.worker->submit(std::move(op));
+  own_.worker->submit(std::move(op));
   return state;
 }
 
 Message Engine::recv(double timeout_s) {
   if (closed()) throw TransferFailed("recv: the engine is closed");
-  return ctx_.messages.pop(timeout_s, ctx_.worker.get());
+  return own_.messages.pop(timeout_s, own_.worker.get());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -309,18 +314,18 @@ std::shared_ptr<MemoryRegion> Engine::register_memory(uint64_t ptr, uint64_t len
   desc.provider = provider();
   desc.base = ptr;
   desc.length = length;
-  desc.virtual_addressing = ctx_.provider->virtual_addressing;
+  desc.virtual_addressing = own_.provider->virtual_addressing;
   desc.kind = cuda ? MemoryKind::kCuda : MemoryKind::kHost;
   desc.device = -1;
-  desc.imm_base = ctx_.imm_target->address();
-  desc.stage_chunk_bytes = ctx_.options.stage_chunk_bytes;
+  desc.imm_base = own_.imm_target->address();
+  desc.stage_chunk_bytes = own_.options.stage_chunk_bytes;
   desc.host_id = host_id();
   desc.pid = static_cast<uint32_t>(getpid());
   desc.process_nonce = process_nonce();
-  desc.mailbox = ctx_.mailbox ? ctx_.mailbox->serial() : kNoMailbox;
+  desc.mailbox = own_.mailbox ? own_.mailbox->serial() : kNoMailbox;
 
   RegistrationCaps caps;
-  caps.provider_hmem = ctx_.provider->hmem;
+  caps.provider_hmem = own_.provider->hmem;
 #ifdef FI_MR_DMABUF
   caps.headers_dmabuf = true;
 #endif
@@ -350,7 +355,7 @@ std::shared_ptr<MemoryRegion> Engine::register_memory(uint64_t ptr, uint64_t len
         init.note = str_cat("no CUDA IPC export (", e.what(), ")");
         desc.has_ipc = false;
       }
-      if (!desc.has_ipc && ctx_.options.vmm_ipc) {
+      if (!desc.has_ipc && own_.options.vmm_ipc) {
         // cuMemCreate memory (XLA's buffers): offered through an exported fd instead (the
         // region table exports it once the region has its key).
         GpuRuntime::VmmRange v = rt.vmm_range(ptr);
@@ -389,7 +394,7 @@ std::shared_ptr<MemoryRegion> Engine::register_memory(uint64_t ptr, uint64_t len
       if (fd >= 0) ::close(fd);
     }
   } close_fd{dmabuf_fd};
-  return ctx_.regions->add(std::move(init), args, dmabuf_fd, dmabuf_offset, ctx_.imm_target->keys());
+  return own_.regions->add(std::move(init), args, dmabuf_fd, dmabuf_offset, own_.imm_target->keys());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -403,15 +408,15 @@ void Engine::check_destination(const MemoryDescriptor& dst, const char* op) cons
 
 std::shared_ptr<TransferState> Engine::new_state(const OpName& what) {
   auto s = std::make_shared<TransferState>(next_id_.fetch_add(1), what);
-  s->set_driver(ctx_.worker);
+  s->set_driver(own_.worker);
   return s;
 }
 
 std::shared_ptr<TransferState> Engine::known_failure(const MemoryDescriptor& dst, const OpName& what) {
   std::string why;
-  if (std::string down = ctx_.peers->unreachable(dst.domains[0].endpoint); !down.empty()) {
+  if (std::string down = own_.peers->unreachable(dst.domains[0].endpoint); !down.empty()) {
     why = "the peer is unreachable: " + down + "; not posted";
-  } else if (ctx_.peers->gone(dst)) {
+  } else if (own_.peers->gone(dst)) {
     why = str_cat("the peer no longer has region [0x", std::hex, dst.base, ", +", std::dec, dst.length,
                   ") (an earlier write found it deregistered: a stale descriptor); not posted");
   } else {
@@ -429,14 +434,14 @@ OpTarget Engine::target_of(const MemoryDescriptor& dst, uint32_t domain) {
 std::unique_ptr<Job> Engine::new_job(const OpName& what, uint64_t bytes, const std::shared_ptr<MemoryRegion>& src) {
   auto job = std::make_unique<Job>();
   job->state = new_state(what);
-  job->deadline = deadline_after(ctx_.options.op_timeout(bytes));
+  job->deadline = deadline_after(own_.options.op_timeout(bytes));
   job->src = src;
   return job;
 }
 
 void Engine::check_ipc_range(const MemoryDescriptor& dst, uint64_t offset, uint64_t length, const char* op) const {
   bool gone = false;
-  std::string why = ctx_.ipc->check_destination(dst, offset, length, &gone);
+  std::string why = own_.ipc->check_destination(dst, offset, length, &gone);
   if (why.empty() || gone) return;  // a gone region fails the Transfer (the part reports it)
   throw InvalidArgument(str_cat(op, ": destination ", why));
 }
@@ -451,18 +456,18 @@ void Engine::add_staged_part(Job& job, const PathChoice& choice, const MemoryDes
   spec.has_imm = imm.has_value();
   spec.imm = imm.value_or(0);
   spec.imm_count = imm ? imm_count : 0;
-  job.parts.push_back(std::make_unique<StagedPart>(ctx_, &job, std::move(spec)));
+  job.parts.push_back(own_.staging->make_part(&job, std::move(spec)));
 }
 
 std::shared_ptr<IpcOp> Engine::new_ipc_op(const OpName& what, uint32_t parts) {
   auto op = std::make_shared<IpcOp>(next_id_.fetch_add(1), what, parts);
-  op->set_driver(ctx_.worker);
+  op->set_driver(own_.worker);
   return op;
 }
 
 PathQuery Engine::path_query(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const {
   PathQuery q;
-  q.requested = path == TransferPath::kAuto ? ctx_.options.default_path : path;
+  q.requested = path == TransferPath::kAuto ? own_.options.default_path : path;
   q.src_cuda = src.cuda();
   q.src_staged = src.staged();
   q.dst_cuda = dst.kind == MemoryKind::kCuda;
@@ -472,7 +477,7 @@ PathQuery Engine::path_query(const MemoryRegion& src, const MemoryDescriptor& ds
   q.same_process = q.same_host && dst.process_nonce == process_nonce() && dst.region_slot != kNoRegionSlot;
   q.dst_mailbox = dst.mailbox != kNoMailbox;
   q.gpu_can_map =
-      (q.requested == TransferPath::kAuto || q.requested == TransferPath::kIpc) && ctx_.ipc->gpu_can_map(src, dst);
+      (q.requested == TransferPath::kAuto || q.requested == TransferPath::kIpc) && own_.ipc->gpu_can_map(src, dst);
   return q;
 }
 
@@ -485,7 +490,7 @@ PathChoice Engine::path_for(const MemoryRegion& src, const MemoryDescriptor& dst
     static std::once_flag warned;
     std::call_once(warned, [&] {
       std::string why;
-      ctx_.ipc->gpu_can_map(src, dst, &why);
+      own_.ipc->gpu_can_map(src, dst, &why);
       std::fprintf(stderr,
                    "jax_garden.fabric: GPU writes to a process on this host take the staged path (through host "
                    "memory), not ipc: %s. Let every process see every GPU and pick the one JAX uses with "
@@ -500,14 +505,14 @@ std::string Engine::path_reason(const MemoryRegion& src, const MemoryDescriptor&
   PathQuery q = path_query(src, dst, path);
   std::string why = explain_path(q, choose_path(q));
   std::string gpu;
-  if (q.src_cuda && q.dst_cuda && q.same_host && !q.gpu_can_map && !ctx_.ipc->gpu_can_map(src, dst, &gpu))
+  if (q.src_cuda && q.dst_cuda && q.same_host && !q.gpu_can_map && !own_.ipc->gpu_can_map(src, dst, &gpu))
     why += " (" + gpu + ")";
   return why;
 }
 
 std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
   check_open(OpKind::kWrite);
-  JG_CHECK_ARG(r.src && r.src->registered_with(ctx_.regions.get()),
+  JG_CHECK_ARG(r.src && r.src->registered_with(own_.regions.get()),
                "write: the source region was not registered with this engine");
   JG_CHECK_ARG(r.dst, "write: no destination descriptor");
   const MemoryDescriptor& dst = *r.dst;
@@ -522,7 +527,7 @@ std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
   describe(what << "write of " << r.length << " bytes", dst);
   if (auto failed = known_failure(dst, what)) return failed;
   uint64_t count = imm_writes(OpKind::kWrite, num_domains(), r.length, 0, ScatterSharding::kTargets,
-                              ctx_.options.sharding);
+                              own_.options.sharding);
   if (choice.path == TransferPath::kIpc) {
     auto op = new_ipc_op(what, 1);
     CopySegment seg{r.dst_offset, r.src_offset, r.length};
@@ -532,18 +537,18 @@ std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
     spec.has_imm = r.imm.has_value();
     spec.imm = r.imm.value_or(0);
     spec.imm_count = count;
-    ctx_.ipc->start(op, r.src, dst, spec, deadline_after(ctx_.options.op_timeout(r.length)));
+    own_.ipc->start(op, r.src, dst, spec, deadline_after(own_.options.op_timeout(r.length)));
     return op;
   }
   if (choice.path == TransferPath::kStaged) {
     auto job = new_job(what, r.length, r.src);
     add_staged_part(*job, choice, dst, {{r.src_offset, r.dst_offset, r.length}}, r.imm, count);
     auto state = job->state;
-    ctx_.jobs->submit(std::move(job));
+    own_.jobs->submit(std::move(job));
     return state;
   }
   auto pieces = plan_write(r.length, r.src_offset, r.dst_offset, num_domains(), round_robin_.fetch_add(1),
-                           ctx_.options.sharding);
+                           own_.options.sharding);
   return submit_rma(OpKind::kWrite, what, r.length, r.src, dst, pieces, r.imm);
 }
 
@@ -555,19 +560,19 @@ std::shared_ptr<TransferState> Engine::submit_rma(OpKind kind, const OpName& wha
   op->kind = kind;
   op->user = true;
   op->state = new_state(what);
-  op->deadline = deadline_after(ctx_.options.op_timeout(bytes));
+  op->deadline = deadline_after(own_.options.op_timeout(bytes));
   op->keep_region = src;
   op->targets.push_back(target_of(dst, pieces.empty() ? 0 : pieces[0].domain));
   op->wrs.resize(pieces.size());
   for (size_t i = 0; i < pieces.size(); ++i) fill_rma_wr(op->wrs[i], pieces[i], *src, dst, imm, 0);
   auto state = op->state;
-  ctx_.worker->submit(std::move(op));
+  own_.worker->submit(std::move(op));
   return state;
 }
 
 std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
   check_open(OpKind::kPaged);
-  JG_CHECK_ARG(r.src && r.src->registered_with(ctx_.regions.get()),
+  JG_CHECK_ARG(r.src && r.src->registered_with(own_.regions.get()),
                "write_paged: the source region was not registered with this engine");
   JG_CHECK_ARG(r.dst, "write_paged: no destination descriptor");
   const MemoryDescriptor& dst = *r.dst;
@@ -602,7 +607,7 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
   if (auto failed = known_failure(dst, what)) return failed;
   uint64_t bytes = r.page_bytes * r.src_pages.size();
   uint64_t count = imm_writes(OpKind::kPaged, num_domains(), 0, r.src_pages.size(), ScatterSharding::kTargets,
-                              ctx_.options.sharding);
+                              own_.options.sharding);
   if (choice.path == TransferPath::kIpc) {
     // One copy kernel (or memcpy loop) over the caller's page lists, no piece list.
     auto op = new_ipc_op(what, 1);
@@ -620,7 +625,7 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
     spec.has_imm = r.imm.has_value();
     spec.imm = r.imm.value_or(0);
     spec.imm_count = count;
-    ctx_.ipc->start(op, r.src, dst, spec, deadline_after(ctx_.options.op_timeout(bytes)));
+    own_.ipc->start(op, r.src, dst, spec, deadline_after(own_.options.op_timeout(bytes)));
     return op;
   }
   std::vector<WritePiece> pieces = plan_paged(r.page_bytes, r.src_pages, r.dst_pages, r.src_stride, r.dst_stride,
@@ -632,7 +637,7 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
     for (auto& p : pieces) segs.push_back({p.src_offset, p.dst_offset, p.length});
     add_staged_part(*job, choice, dst, std::move(segs), r.imm, count);
     auto state = job->state;
-    ctx_.jobs->submit(std::move(job));
+    own_.jobs->submit(std::move(job));
     return state;
   }
   return submit_rma(OpKind::kPaged, what, bytes, r.src, dst, pieces, r.imm);
@@ -640,7 +645,7 @@ std::shared_ptr<TransferState> Engine::write_paged(const PagedWriteRequest& r) {
 
 std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
   check_open(OpKind::kScatter);
-  JG_CHECK_ARG(r.src && r.src->registered_with(ctx_.regions.get()),
+  JG_CHECK_ARG(r.src && r.src->registered_with(own_.regions.get()),
                "scatter: the source region was not registered with this engine");
   JG_CHECK_ARG(!r.targets.empty(), "scatter: the destination list is empty");
   std::vector<ScatterTarget> targets;
@@ -680,7 +685,7 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
     if (auto failed = known_failure(*t.dst, what)) return failed;
     checked = t.dst;
   }
-  const uint64_t per_target = imm_writes(OpKind::kScatter, num_domains(), 0, 0, r.sharding, ctx_.options.sharding);
+  const uint64_t per_target = imm_writes(OpKind::kScatter, num_domains(), 0, 0, r.sharding, own_.options.sharding);
   // IPC targets go in runs of consecutive targets to one destination: one batched copy and one
   // imm record per run.
   auto ipc_runs = [&](auto&& fn) {
@@ -699,7 +704,7 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
     uint32_t runs = 0;
     ipc_runs([&](size_t, size_t) { ++runs; });
     auto op = new_ipc_op(what, runs);
-    auto deadline = deadline_after(ctx_.options.op_timeout(total));
+    auto deadline = deadline_after(own_.options.op_timeout(total));
     thread_local std::vector<CopySegment> segs;
     ipc_runs([&](size_t i, size_t j) {
       segs.clear();
@@ -710,7 +715,7 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
       spec.has_imm = r.imm.has_value();
       spec.imm = r.imm.value_or(0);
       spec.imm_count = per_target * (j - i);
-      ctx_.ipc->start(op, r.src, *r.targets[i].dst, spec, deadline);
+      own_.ipc->start(op, r.src, *r.targets[i].dst, spec, deadline);
     });
     return op;
   }
@@ -731,9 +736,9 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
   }
   if (all_fabric) {
     op->state = new_state(what);
-    op->deadline = deadline_after(ctx_.options.op_timeout(total));
+    op->deadline = deadline_after(own_.options.op_timeout(total));
     auto state = op->state;
-    ctx_.worker->submit(std::move(op));
+    own_.worker->submit(std::move(op));
     return state;
   }
   // Mixed paths: one job, a part per staged target, one for the IPC runs and one for the RMA targets.
@@ -751,14 +756,14 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
     t.imm_count = per_target * (j - i);
     ipc_targets.push_back(std::move(t));
   });
-  if (!ipc_targets.empty()) job->parts.push_back(std::make_unique<IpcPart>(ctx_, job.get(), std::move(ipc_targets), r.imm));
+  if (!ipc_targets.empty()) job->parts.push_back(std::make_unique<IpcPart>(job.get(), std::move(ipc_targets), r.imm, *own_.ipc));
   if (!op->wrs.empty()) {
     op->state = new_state(OpName(what) << " (RMA targets)");
     op->deadline = job->deadline;
-    job->parts.push_back(std::make_unique<FabricPart>(ctx_, job.get(), std::move(op)));
+    job->parts.push_back(std::make_unique<FabricPart>(job.get(), std::move(op), *own_.worker));
   }
   auto state = job->state;
-  ctx_.jobs->submit(std::move(job));
+  own_.jobs->submit(std::move(job));
   return state;
 }
 
@@ -780,7 +785,7 @@ std::shared_ptr<TransferState> Engine::write_imm(const ImmRequest& r) {
   else
     what << "barrier to " << uint64_t(r.peers.size()) << " peers";
   for (const MemoryDescriptor* p : r.peers)
-    if (std::string down = ctx_.peers->unreachable(p->domains[0].endpoint); !down.empty()) {
+    if (std::string down = own_.peers->unreachable(p->domains[0].endpoint); !down.empty()) {
       auto state = new_state(what);
       state->finish(TransferState::Status::kFailed, "a peer is unreachable: " + down + "; not posted");
       return state;
@@ -789,17 +794,17 @@ std::shared_ptr<TransferState> Engine::write_imm(const ImmRequest& r) {
   op->kind = r.kind;
   op->user = true;
   op->state = new_state(what);
-  op->deadline = deadline_after(ctx_.options.timeout_s);
+  op->deadline = deadline_after(own_.options.timeout_s);
   op->wrs.resize(r.peers.size());
   op->targets.reserve(r.peers.size());
   uint32_t first = round_robin_.fetch_add(1);
   for (size_t i = 0; i < r.peers.size(); ++i) {
-    ctx_.imm_target->fill(op->wrs[i], *r.peers[i], static_cast<uint32_t>((first + i) % num_domains()), r.imm);
+    own_.imm_target->fill(op->wrs[i], *r.peers[i], static_cast<uint32_t>((first + i) % num_domains()), r.imm);
     op->wrs[i].target = static_cast<uint32_t>(i);
     op->targets.push_back({r.peers[i]->domains[0].endpoint, 0, 0, 0, 0});
   }
   auto state = op->state;
-  ctx_.worker->submit(std::move(op));
+  own_.worker->submit(std::move(op));
   return state;
 }
 

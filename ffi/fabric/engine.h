@@ -27,15 +27,24 @@
 
 #include "fabric/adversary.h"
 #include "fabric/callbacks.h"
-#include "fabric/engine_context.h"
+#include "fabric/domain.h"
+#include "fabric/engine_parts.h"
+#include "fabric/imm_counter.h"
+#include "fabric/imm_mailbox.h"
 #include "fabric/keys.h"
+#include "fabric/options.h"
+#include "fabric/region.h"
 #include "fabric/requests.h"
 #include "fabric/transport_staged.h"
 #include "fabric/watcher.h"
+#include "fabric/worker.h"
 
 namespace jax_garden::fabric {
 
+class ControlPlane;
 class IpcOp;
+class IpcTransport;
+class JobRunner;
 
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
@@ -44,11 +53,11 @@ class Engine : public std::enable_shared_from_this<Engine> {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  const NetAddress& address() const { return ctx_.address; }
-  const std::string& provider() const { return ctx_.provider->name; }
-  bool provider_supports_hmem() const { return ctx_.provider->hmem; }
-  uint32_t num_domains() const { return ctx_.num_domains(); }
-  const EngineOptions& options() const { return ctx_.options; }
+  const NetAddress& address() const { return own_.address; }
+  const std::string& provider() const { return own_.provider->name; }
+  bool provider_supports_hmem() const { return own_.provider->hmem; }
+  uint32_t num_domains() const { return own_.num_domains(); }
+  const EngineOptions& options() const { return own_.options; }
   bool closed() const { return closed_.load(std::memory_order_acquire); }
 
   // cuda: the pointer is CUDA device memory (its device is looked up); staged: do not register it
@@ -106,7 +115,30 @@ class Engine : public std::enable_shared_from_this<Engine> {
                                             const std::vector<WritePiece>& pieces, std::optional<uint32_t> imm);
   static OpTarget target_of(const MemoryDescriptor& dst, uint32_t domain);
 
-  EngineContext ctx_;
+  // What the engine owns, in construction order: each component is destroyed before what it was
+  // given. No component sees this struct; each gets in its constructor the objects it uses.
+  struct Owned {
+    EngineOptions options;
+    std::unique_ptr<ProviderInfo> provider;
+    std::shared_ptr<Worker> worker;
+    NetAddress address;
+    Bytes address_bytes;  // this engine's NetAddress, as frames carry it
+    std::unique_ptr<ImmTarget> imm_target;
+    std::shared_ptr<RegionTable> regions;
+    std::shared_ptr<ImmCounterTable> counters;
+    std::shared_ptr<ImmMailbox> mailbox;  // where same-host engines deliver imms (null: none)
+    MessageQueue messages;
+    std::unique_ptr<PeerKnowledge> peers;
+    // Transports, run by the worker in its passes (worker tasks).
+    std::unique_ptr<ControlPlane> control;
+    std::unique_ptr<StagingTransport> staging;
+    std::unique_ptr<IpcTransport> ipc;
+    std::unique_ptr<JobRunner> jobs;
+
+    uint32_t num_domains() const { return static_cast<uint32_t>(address.domains.size()); }
+  };
+
+  Owned own_;
   KeyAllocator keys_;
   std::shared_ptr<CallbackThread> callbacks_;
   WatcherThread watchers_;

@@ -47,22 +47,22 @@ bool FabricPart::advance() {
     in_flight_ = false;
     finish(ok, error);
   };
-  ctx_.worker->post_internal(std::move(op_));
+  worker_.post_internal(std::move(op_));
   return true;
 }
 
 void JobRunner::submit(std::unique_ptr<Job> job) {
-  job->state->set_driver(ctx_.worker);
+  job->state->set_driver(worker_);
   {
     MutexLock lk(inbox_mu_);
     inbox_.push_back(std::move(job));
     has_inbox_.store(true, std::memory_order_release);
   }
-  ctx_.worker->wake();
+  worker_->wake();
 }
 
 void JobRunner::install(std::unique_ptr<Job> job) {
-  if (ctx_.worker->stopped()) {
+  if (worker_->stopped()) {
     job->state->finish(TransferState::Status::kFailed, "the engine is closed");
     return;
   }
@@ -101,7 +101,7 @@ bool JobRunner::advance(Clock::time_point now) {
   for (auto& [id, job] : jobs_) {
     if (job->failed || now < job->deadline) continue;
     job->fail(TransferState::Status::kTimedOut,
-              str_cat("no completion within the engine timeout (", ctx_.options.timeout_s,
+              str_cat("no completion within the engine timeout (", timeout_s_,
                       " s + size allowance); the peer may be dead or unreachable"));
   }
   return advance_jobs();

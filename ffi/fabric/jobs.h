@@ -12,8 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "fabric/control_plane.h"
-#include "fabric/engine_context.h"
+#include "fabric/worker.h"
 
 namespace jax_garden::fabric {
 
@@ -21,7 +20,7 @@ struct Job;
 
 class Part {
  public:
-  Part(EngineContext& ctx, Job* job) : ctx_(ctx), job_(job) {}
+  explicit Part(Job* job) : job_(job) {}
   virtual ~Part() = default;
   virtual bool advance() JG_REQUIRES_PROGRESS = 0;  // progress; true if something happened
   virtual bool idle() const JG_REQUIRES_PROGRESS = 0;  // nothing of this part is in flight
@@ -30,7 +29,6 @@ class Part {
 
  protected:
   void finish(bool ok, const std::string& error) JG_REQUIRES_PROGRESS;
-  EngineContext& ctx_;
   Job* job_;
   bool cancelled_ = false;
   bool finished_ = false;
@@ -52,18 +50,20 @@ struct Job {
 // The plain RMA targets of a mixed scatter: one internal op.
 class FabricPart final : public Part {
  public:
-  FabricPart(EngineContext& ctx, Job* job, std::unique_ptr<Op> op) : Part(ctx, job), op_(std::move(op)) {}
+  FabricPart(Job* job, std::unique_ptr<Op> op, Worker& worker) : Part(job), worker_(worker), op_(std::move(op)) {}
   bool advance() override JG_REQUIRES_PROGRESS;
   bool idle() const override JG_REQUIRES_PROGRESS { return !in_flight_; }
 
  private:
+  Worker& worker_;  // posts the op
   std::unique_ptr<Op> op_;
   bool in_flight_ = false;
 };
 
 class JobRunner final : public WorkerTask {
  public:
-  explicit JobRunner(EngineContext& ctx) : ctx_(ctx) {}
+  // worker: drives the jobs' states and runs this task; timeout_s: the engine timeout (for errors).
+  JobRunner(std::shared_ptr<Worker> worker, double timeout_s) : worker_(std::move(worker)), timeout_s_(timeout_s) {}
   // Any thread: the job starts in the worker's next pass.
   void submit(std::unique_ptr<Job> job) JG_EXCLUDES(progress_role);
   bool advance(Clock::time_point now) override JG_REQUIRES_PROGRESS;
@@ -74,7 +74,8 @@ class JobRunner final : public WorkerTask {
   void install(std::unique_ptr<Job> job) JG_REQUIRES_PROGRESS;
   bool advance_jobs() JG_REQUIRES_PROGRESS;
 
-  EngineContext& ctx_;
+  const std::shared_ptr<Worker> worker_;
+  const double timeout_s_;
   Mutex inbox_mu_;
   std::vector<std::unique_ptr<Job>> inbox_ JG_GUARDED_BY(inbox_mu_);
   std::atomic<bool> has_inbox_{false};

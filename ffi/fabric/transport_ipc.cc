@@ -190,7 +190,7 @@ uint64_t IpcTransport::map_vmm(const MemoryDescriptor& dst, int device) {
   auto it = g_vmm_maps.find(key);
   if (it == g_vmm_maps.end()) {
     std::string why;
-    int fd = FdBroker::fetch(dst.process_nonce, dst.region_key, std::min(ctx_.options.timeout_s, 5.0), &why);
+    int fd = FdBroker::fetch(dst.process_nonce, dst.region_key, std::min(options_.timeout_s, 5.0), &why);
     if (fd < 0) throw TransferFailed(str_cat("mapping the destination's VMM range: ", why));
     VmmMapping m;
     try {
@@ -317,26 +317,26 @@ void IpcTransport::start(const std::shared_ptr<IpcOp>& op, const std::shared_ptr
     return;
   }
   outstanding_.fetch_add(1, std::memory_order_acq_rel);
-  if (Adversary* adv = ctx_.worker->adversary()) [[unlikely]] {
+  if (Adversary* adv = worker_.adversary()) [[unlikely]] {
     // Adversarial mode: the imm record cut into several; the start perhaps held back.
     if (p.count > 1 && p.count <= imm_record::kMaxCount) p.records = adv->split_imms(p.count).size();
     Adversary::CopyStart c = adv->copy_start(Clock::now());
     if (c.at != Clock::time_point{}) {
       hold(l, make_queued(std::move(p), device, segs, spec.pages ? &pages : nullptr), c.seq, c.at);
-      ctx_.worker->wake();
+      worker_.wake();
       return;
     }
   }
   if (l.queued.empty() && l.ring->reserve(p.records, &p.first)) {
     p.last = p.first + p.records - 1;
     issue(l, std::move(p), segs.data(), segs.size(), spec.pages ? &pages : nullptr, device);
-    ctx_.worker->wake();  // completions are reaped by the worker unless the caller waits inline
+    worker_.wake();  // completions are reaped by the worker unless the caller waits inline
     return;
   }
   // The ring is full (the owner has not taken a ring's worth of records yet): the worker starts
   // this destination, in order, once there is room.
   l.queued.push_back(make_queued(std::move(p), device, segs, spec.pages ? &pages : nullptr));
-  ctx_.worker->wake();
+  worker_.wake();
 }
 
 IpcTransport::Queued IpcTransport::make_queued(Pending p, int device, const std::vector<CopySegment>& segments,
@@ -388,10 +388,10 @@ bool IpcTransport::copy_source(Queued& q) {
 }
 
 void IpcTransport::hold(Link& l, Queued q, uint64_t seq, Clock::time_point at) {
-  Adversary& adv = *ctx_.worker->adversary();
+  Adversary& adv = *worker_.adversary();
   // Transmit completion long before delivery: legal once the source bytes are copied (the caller may
   // reuse its source). GPU sources are not copied here: they complete as usual.
-  if (ctx_.options.completion == CompletionMode::kTransmit && adv.options().early && q.device < 0 &&
+  if (options_.completion == CompletionMode::kTransmit && adv.options().early && q.device < 0 &&
       q.pending.op && copy_source(q)) {
     q.pending.op->part_done(true);
     q.pending.op.reset();
@@ -402,7 +402,7 @@ void IpcTransport::hold(Link& l, Queued q, uint64_t seq, Clock::time_point at) {
 }
 
 bool IpcTransport::release_held(Link& l, Clock::time_point now, bool closed, bool full) {
-  Adversary& adv = *ctx_.worker->adversary();
+  Adversary& adv = *worker_.adversary();
   bool progress = false;
   for (size_t i = 0; i < l.held.size();) {
     Held& h = l.held[i];
@@ -493,20 +493,20 @@ void IpcTransport::release(Pending& p) {
 
 bool IpcTransport::poll() {
   bool progress = false;
-  if (ctx_.mailbox) {
+  if (mailbox_) {
     // Imms that same-host engines delivered to us (records their copies stored).
-    if (ctx_.worker->adversary()) [[unlikely]] {
+    if (worker_.adversary()) [[unlikely]] {
       // Adversarial mode: held back before they are counted, like any imm arrival.
       auto held = [](void* w, uint32_t imm, uint64_t count) {
         progress_role.assert_held();  // poll() runs under the progress lock
         static_cast<Worker*>(w)->deliver_imm(imm, static_cast<int64_t>(count));
       };
-      progress = ctx_.mailbox->poll(held, ctx_.worker.get()) > 0;
+      progress = mailbox_->poll(held, &worker_) > 0;
     } else {
       auto sink = [](void* c, uint32_t imm, uint64_t count) {
         static_cast<ImmCounterTable*>(c)->on_imm(imm, static_cast<int64_t>(count));
       };
-      progress = ctx_.mailbox->poll(sink, ctx_.counters.get()) > 0;
+      progress = mailbox_->poll(sink, &counters_) > 0;
     }
   }
   if (!busy()) return progress;
@@ -535,7 +535,7 @@ bool IpcTransport::poll_link(Link& l, Clock::time_point now, bool full) {
   MutexLock lk(l.mu);
   if (l.pending.empty() && l.queued.empty() && l.held.empty()) return false;
   MailboxLink& ring = *l.ring;
-  const bool transmit = ctx_.options.completion == CompletionMode::kTransmit;
+  const bool transmit = options_.completion == CompletionMode::kTransmit;
   const uint64_t taken = ring.taken();
   const bool closed = ring.closed();
   bool progress = false;
@@ -575,12 +575,12 @@ bool IpcTransport::poll_link(Link& l, Clock::time_point now, bool full) {
       p.op.reset();
       progress = true;
     } else if (full && now >= p.deadline) {
-      std::string msg = str_cat("no completion within the engine timeout (", ctx_.options.timeout_s,
+      std::string msg = str_cat("no completion within the engine timeout (", options_.timeout_s,
                                 " s + size allowance): ",
                                 p.landed ? "the copy landed but the destination engine did not take its imms (its "
                                            "process may be dead or stalled)"
                                          : "the copy did not complete on this GPU");
-      if (p.landed) ctx_.peers->mark_unreachable(l.owner, msg);
+      if (p.landed) peers_.mark_unreachable(l.owner, msg);
       p.op->part_done(false, msg, TransferState::Status::kTimedOut);
       p.op.reset();
       progress = true;
@@ -618,7 +618,7 @@ bool IpcTransport::poll_link(Link& l, Clock::time_point now, bool full) {
 
 void IpcTransport::close() {
   auto links = links_snapshot();
-  auto deadline = deadline_after(ctx_.options.timeout_s);
+  auto deadline = deadline_after(options_.timeout_s);
   for (auto& lp : links) {
     Link& l = *lp;
     MutexLock lk(l.mu);
@@ -631,7 +631,7 @@ void IpcTransport::close() {
     for (auto& h : l.held) {  // adversarial mode
       if (h.queued.pending.op) h.queued.pending.op->part_done(false, "the engine was closed");
       release(h.queued.pending);
-      ctx_.worker->adversary()->copy_released(h.seq, false);
+      worker_.adversary()->copy_released(h.seq, false);
       outstanding_.fetch_sub(1, std::memory_order_acq_rel);
     }
     l.held.clear();
@@ -687,7 +687,7 @@ bool IpcPart::advance() {
       spec.has_imm = imm_.has_value();
       spec.imm = imm_.value_or(0);
       spec.imm_count = t.imm_count;
-      ctx_.ipc->start(op_, job_->src, *t.dst, spec, job_->deadline);
+      ipc_.start(op_, job_->src, *t.dst, spec, job_->deadline);
     }
     return true;
   }

@@ -36,12 +36,18 @@
 #include <unordered_map>
 #include <vector>
 
+#include "fabric/engine_parts.h"
 #include "fabric/gpu_runtime.h"
+#include "fabric/imm_counter.h"
 #include "fabric/imm_mailbox.h"
 #include "fabric/jobs.h"
+#include "fabric/options.h"
+#include "fabric/region.h"
 #include "fabric/shared_regions.h"
 
 namespace jax_garden::fabric {
+
+class IpcTransport;
 
 // The Transfer of an op on the ipc path, counting its destinations down (it is the op's only heap
 // object besides the caller's page lists).
@@ -74,12 +80,13 @@ class IpcPart final : public Part {
     std::vector<CopySegment> segments;
     uint64_t imm_count = 0;
   };
-  IpcPart(EngineContext& ctx, Job* job, std::vector<Target> targets, std::optional<uint32_t> imm)
-      : Part(ctx, job), targets_(std::move(targets)), imm_(imm) {}
+  IpcPart(Job* job, std::vector<Target> targets, std::optional<uint32_t> imm, IpcTransport& ipc)
+      : Part(job), ipc_(ipc), targets_(std::move(targets)), imm_(imm) {}
   bool advance() override JG_REQUIRES_PROGRESS;
   bool idle() const override JG_REQUIRES_PROGRESS { return !op_ || op_->finished(); }
 
  private:
+  IpcTransport& ipc_;  // starts the copies
   std::vector<Target> targets_;
   std::optional<uint32_t> imm_;
   std::shared_ptr<IpcOp> op_;
@@ -87,7 +94,12 @@ class IpcPart final : public Part {
 
 class IpcTransport final : public WorkerTask {
  public:
-  explicit IpcTransport(EngineContext& ctx) : ctx_(ctx) {}
+  // options: timeouts, completion mode; worker: wakes, the adversary, counts held imms; mailbox: this
+  // engine's (null: none), polled for the imms same-host peers delivered; counters: where they are
+  // counted; peers: owners that stopped taking records are marked unreachable.
+  IpcTransport(const EngineOptions& options, Worker& worker, ImmMailbox* mailbox, ImmCounterTable& counters,
+               PeerKnowledge& peers)
+      : options_(options), worker_(worker), mailbox_(mailbox), counters_(counters), peers_(peers) {}
   ~IpcTransport() override;
 
   // Before posting: bytes [offset, offset + length) of dst exist in a live region of the owner.
@@ -188,7 +200,11 @@ class IpcTransport final : public WorkerTask {
   void release(Pending& p);  // admission, page lists, source
   std::vector<std::shared_ptr<Link>> links_snapshot() JG_EXCLUDES(targets_mu_);
 
-  EngineContext& ctx_;
+  const EngineOptions& options_;
+  Worker& worker_;
+  ImmMailbox* const mailbox_;
+  ImmCounterTable& counters_;
+  PeerKnowledge& peers_;
   Mutex targets_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<Target>> targets_ JG_GUARDED_BY(targets_mu_);
   std::map<std::pair<uint64_t, uint32_t>, std::shared_ptr<Link>> links_ JG_GUARDED_BY(targets_mu_);  // (nonce, mailbox)

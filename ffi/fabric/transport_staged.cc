@@ -27,6 +27,22 @@ const DoneCallback kIgnore = [](bool, const std::string&) {};
 // ---------------------------------------------------------------------------------------------
 // Pools and bookkeeping
 
+StagingTransport::StagingTransport(const EngineOptions& options, const ProviderInfo& provider, Worker& worker,
+                                   ControlPlane& control, RegionTable& regions, const Bytes& address_bytes)
+    : options_(options),
+      provider_(provider),
+      worker_(worker),
+      control_(control),
+      regions_(regions),
+      address_bytes_(address_bytes) {
+  control_.subscribe({MsgKind::kStageOpen, MsgKind::kStageGrant, MsgKind::kStageChunk, MsgKind::kStageDone,
+                           MsgKind::kStageError, MsgKind::kStageAbort},
+                          [this](Frame& f) {
+                            progress_role.assert_held();  // run by the control plane in the worker's pass
+                            on_frame(f);
+                          });
+}
+
 StagingTransport::~StagingTransport() {
   // The engine unregistered the pools (close()) and closed the domains before this runs.
   free_pool(send_);
@@ -34,8 +50,8 @@ StagingTransport::~StagingTransport() {
 }
 
 void StagingTransport::make_pool(BouncePool& p) {
-  p.slot_bytes = ctx_.options.stage_chunk_bytes;
-  p.slots = ctx_.options.stage_slots;
+  p.slot_bytes = options_.stage_chunk_bytes;
+  p.slots = options_.stage_slots;
   size_t bytes = p.slot_bytes * p.slots;
   void* mem = gpu_runtime().available() ? gpu_runtime().host_alloc(bytes) : nullptr;  // pinned: async copies
   p.pinned = mem != nullptr;
@@ -43,7 +59,7 @@ void StagingTransport::make_pool(BouncePool& p) {
   if (!mem) throw std::bad_alloc();
   p.base = static_cast<uint8_t*>(mem);
   for (uint32_t i = p.slots; i-- > 0;) p.free.push_back(i);
-  for (uint32_t d = 0; d < ctx_.num_domains(); ++d) p.regs.push_back(ctx_.worker->register_host(d, p.base, bytes));
+  for (uint32_t d = 0; d < worker_.num_domains(); ++d) p.regs.push_back(worker_.register_host(d, p.base, bytes));
 }
 
 BouncePool& StagingTransport::send_pool() {
@@ -66,7 +82,7 @@ void StagingTransport::forget(uint64_t xfer) { outbound_.erase(xfer); }
 
 void StagingTransport::close() {
   for (auto* pool : {&send_, &recv_}) {
-    for (size_t d = 0; d < pool->regs.size(); ++d) ctx_.worker->domain(static_cast<uint32_t>(d)).unregister(pool->regs[d]);
+    for (size_t d = 0; d < pool->regs.size(); ++d) worker_.domain(static_cast<uint32_t>(d)).unregister(pool->regs[d]);
     pool->regs.clear();
   }
   inbound_.clear();
@@ -74,7 +90,7 @@ void StagingTransport::close() {
 
 StagingStats StagingTransport::stats() const {
   StagingStats s;
-  s.chunk_bytes = ctx_.options.stage_chunk_bytes;
+  s.chunk_bytes = options_.stage_chunk_bytes;
   s.send_buffers = send_.slots;
   s.send_buffers_free = static_cast<uint32_t>(send_.free.size());
   s.recv_slots = recv_.slots;
@@ -85,7 +101,7 @@ StagingStats StagingTransport::stats() const {
 }
 
 void StagingTransport::reply_error(const Bytes& endpoint, uint64_t xfer, const std::string& error) {
-  ctx_.control->send(endpoint, MsgKind::kStageError, encode(StageErrorMsg{xfer, error}), kIgnore);
+  control_.send(endpoint, MsgKind::kStageError, encode(StageErrorMsg{xfer, error}), kIgnore);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,7 +132,7 @@ void StagingTransport::on_frame(Frame& f) {
       if (inbound_.count(key)) return;  // duplicate
       const Bytes& reply_to = f.sender.domains[0];
       // The region key is the capability: base and length alone (guessable) are not enough.
-      std::shared_ptr<MemoryRegion> region = ctx_.regions->find(m.dst_region_key, m.dst_base, m.dst_length);
+      std::shared_ptr<MemoryRegion> region = regions_.find(m.dst_region_key, m.dst_base, m.dst_length);
       if (!region) {
         reply_error(reply_to, m.xfer,
                     str_cat("the peer no longer has region [0x", std::hex, m.dst_base, ", +", std::dec, m.dst_length,
@@ -194,7 +210,7 @@ bool StagingTransport::advance(Clock::time_point now) {
   if (inbound_.empty()) return false;
   bool progress = false;
   BouncePool& pool = recv_;
-  auto grace = seconds_to_duration(2 * ctx_.options.timeout_s);
+  auto grace = seconds_to_duration(2 * options_.timeout_s);
   std::vector<std::pair<Bytes, uint64_t>> erase;
   for (auto& [key, inp] : inbound_) {
     Inbound& in = *inp;
@@ -223,8 +239,8 @@ bool StagingTransport::advance(Clock::time_point now) {
         reply_error(in.sender_endpoint, in.xfer, str_cat("received ", in.landed, " of ", in.total_bytes, " bytes"));
       } else {
         // Every byte is in the region (the copies completed): only now do the imms count.
-        if (in.has_imm && in.imm_count) ctx_.worker->deliver_imm(in.imm, static_cast<int64_t>(in.imm_count));
-        ctx_.control->send(in.sender_endpoint, MsgKind::kStageDone, encode(StageXferMsg{in.xfer}), kIgnore);
+        if (in.has_imm && in.imm_count) worker_.deliver_imm(in.imm, static_cast<int64_t>(in.imm_count));
+        control_.send(in.sender_endpoint, MsgKind::kStageDone, encode(StageXferMsg{in.xfer}), kIgnore);
         erase.push_back(key);
         progress = true;
         continue;
@@ -233,7 +249,7 @@ bool StagingTransport::advance(Clock::time_point now) {
     if (!in.dead && now - in.last_activity > grace) {
       std::fprintf(stderr,
                    "jax_garden.fabric: staged transfer %llu from %s silent for %.1f s: reclaiming its %zu slot(s)\n",
-                   static_cast<unsigned long long>(in.xfer), in.sender.to_string().c_str(), 2 * ctx_.options.timeout_s,
+                   static_cast<unsigned long long>(in.xfer), in.sender.to_string().c_str(), 2 * options_.timeout_s,
                    in.granted.size());
       in.dead = true;
     }
@@ -272,11 +288,11 @@ bool StagingTransport::grant_slots(Clock::time_point now) {
       g.xfer = in.xfer;
       g.slot = slot;
       uint64_t addr = reinterpret_cast<uint64_t>(pool.slot(slot));
-      g.remote_address = ctx_.provider->virtual_addressing ? addr : addr - reinterpret_cast<uint64_t>(pool.base);
+      g.remote_address = provider_.virtual_addressing ? addr : addr - reinterpret_cast<uint64_t>(pool.base);
       g.slot_bytes = pool.slot_bytes;
       for (auto& r : pool.regs) g.keys.push_back(r.key);
       auto key = std::make_pair(in.sender.to_bytes(), in.xfer);
-      ctx_.control->send(in.sender_endpoint, MsgKind::kStageGrant, encode(g), [this, key](bool ok, const std::string&) {
+      control_.send(in.sender_endpoint, MsgKind::kStageGrant, encode(g), [this, key](bool ok, const std::string&) {
         progress_role.assert_held();  // run by the worker under its lock
         if (ok) return;
         auto it = inbound_.find(key);  // the sender is unreachable: give up on it
@@ -291,22 +307,34 @@ bool StagingTransport::grant_slots(Clock::time_point now) {
 // ---------------------------------------------------------------------------------------------
 // Sender side
 
-StagedPart::StagedPart(EngineContext& ctx, Job* job, Spec spec) : Part(ctx, job), spec_(std::move(spec)) {
-  uint64_t chunk = ctx_.options.stage_chunk_bytes;
+std::unique_ptr<StagedPart> StagingTransport::make_part(Job* job, StagedPart::Spec spec) {
+  return std::make_unique<StagedPart>(job, std::move(spec), *this, control_, worker_, options_, address_bytes_);
+}
+
+StagedPart::StagedPart(Job* job, Spec spec, StagingTransport& staging, ControlPlane& control, Worker& worker,
+                       const EngineOptions& options, const Bytes& address_bytes)
+    : Part(job),
+      transport_(staging),
+      control_(control),
+      worker_(worker),
+      options_(options),
+      address_bytes_(address_bytes),
+      spec_(std::move(spec)) {
+  uint64_t chunk = options_.stage_chunk_bytes;
   if (spec_.stage_dst) chunk = std::min<uint64_t>(chunk, dst().stage_chunk_bytes);
-  size_t header = frame_header_bytes(ctx_.address_bytes) + 64;
-  size_t max_segs = ctx_.options.max_message_bytes > header ? (ctx_.options.max_message_bytes - header) / 16 : 1;
+  size_t header = frame_header_bytes(address_bytes_) + 64;
+  size_t max_segs = options_.max_message_bytes > header ? (options_.max_message_bytes - header) / 16 : 1;
   max_segs = std::clamp<size_t>(max_segs, 1, 1024);
   chunks_ = plan_stage_chunks(spec_.segments, chunk, max_segs);
 }
 
 StagedPart::~StagedPart() {
   // Destroyed by the job runner under the progress lock (or at close, when nothing runs).
-  if (registered_) ctx_.staging->forget(xfer_);
+  if (registered_) transport_.forget(xfer_);
 }
 
 uint32_t StagedPart::buffer_cap() const {
-  return std::max<uint32_t>(1, (ctx_.options.stage_slots + 1) / 2);
+  return std::max<uint32_t>(1, (options_.stage_slots + 1) / 2);
 }
 
 bool StagedPart::idle() const { return staging_.empty() && ops_in_flight_ == 0; }
@@ -315,7 +343,7 @@ void StagedPart::cancel() {
   Part::cancel();
   // Buffers whose data was staged but not yet written go back to the pool now.
   if (!ready_.empty()) {
-    BouncePool& pool = ctx_.staging->send_pool();
+    BouncePool& pool = transport_.send_pool();
     for (auto& [chunk, b] : ready_)
       if (b >= 0) {
         pool.free.push_back(static_cast<uint32_t>(b));
@@ -365,7 +393,7 @@ bool StagedPart::advance() {
     if (r > 0 && !cancelled_) {
       ready_.emplace_back(staging_[i].chunk, static_cast<int>(staging_[i].buffer));
     } else {
-      ctx_.staging->send_pool().free.push_back(staging_[i].buffer);
+      transport_.send_pool().free.push_back(staging_[i].buffer);
       buffers_held_--;
       if (r < 0) fail(str_cat("staging copy failed: ", err));
     }
@@ -376,16 +404,16 @@ bool StagedPart::advance() {
     if (!idle()) return progress;
     if (spec_.stage_dst && open_sent_ && !done_received_) {
       // Every write toward the receiver's slots has completed: it may free them.
-      ctx_.control->send(dst().domains[0].endpoint, MsgKind::kStageAbort, encode(StageXferMsg{xfer_}), kIgnore);
+      control_.send(dst().domains[0].endpoint, MsgKind::kStageAbort, encode(StageXferMsg{xfer_}), kIgnore);
     }
-    if (registered_) ctx_.staging->forget(xfer_);
+    if (registered_) transport_.forget(xfer_);
     registered_ = false;
     finish(false, "cancelled");
     return true;
   }
 
   if (spec_.stage_dst && !open_sent_) {
-    xfer_ = ctx_.staging->open(this);
+    xfer_ = transport_.open(this);
     registered_ = true;
     StageOpenMsg m;
     m.xfer = xfer_;
@@ -399,7 +427,7 @@ bool StagedPart::advance() {
     m.imm_count = spec_.has_imm ? spec_.imm_count : 0;
     open_sent_ = true;
     ops_in_flight_++;
-    ctx_.control->send(dst().domains[0].endpoint, MsgKind::kStageOpen, encode(m),
+    control_.send(dst().domains[0].endpoint, MsgKind::kStageOpen, encode(m),
                        [this](bool ok, const std::string& error) {
                          progress_role.assert_held();  // run by the worker under its lock
                          ops_in_flight_--;
@@ -416,7 +444,7 @@ bool StagedPart::advance() {
   // waiting for a grant can deadlock with the receiver, whose slots may all be granted to other
   // transfers that wait for this sender's buffers.
   if (spec_.stage_src) {
-    BouncePool& pool = ctx_.staging->send_pool();
+    BouncePool& pool = transport_.send_pool();
     auto matched = [&] { return !spec_.stage_dst || staging_.size() + ready_.size() < grants_.size(); };
     while (next_stage_ < chunks_.size() && buffers_held_ < buffer_cap() && !pool.free.empty() && matched()) {
       uint32_t b = pool.free.back();
@@ -454,7 +482,7 @@ bool StagedPart::advance() {
   if (failed_) return progress;
   if (spec_.stage_dst) {
     if (done_received_ && ops_in_flight_ == 0) {
-      if (registered_) ctx_.staging->forget(xfer_);
+      if (registered_) transport_.forget(xfer_);
       registered_ = false;
       finish(true, {});
       return true;
@@ -463,7 +491,7 @@ bool StagedPart::advance() {
     // Every data write completed with delivery semantics: the imms may go now.
     imms_started_ = true;
     ops_in_flight_++;
-    ctx_.control->queue_imms(spec_.dst, spec_.imm, spec_.has_imm ? spec_.imm_count : 0,
+    control_.queue_imms(spec_.dst, spec_.imm, spec_.has_imm ? spec_.imm_count : 0,
                              [this](bool ok, const std::string& error) {
                                progress_role.assert_held();  // run by the worker under its lock
                                ops_in_flight_--;
@@ -481,9 +509,9 @@ void StagedPart::write_chunk(size_t chunk, int buffer, const Grant* grant) {
   const StageChunk& ch = chunks_[chunk];
   const MemoryRegion& src = *job_->src;
   auto op = std::make_unique<Op>();
-  op->deadline = deadline_after(ctx_.options.op_timeout(ch.bytes));
+  op->deadline = deadline_after(options_.op_timeout(ch.bytes));
   op->keep_region = job_->src;
-  uint32_t d = static_cast<uint32_t>(chunk % ctx_.num_domains());
+  uint32_t d = static_cast<uint32_t>(chunk % worker_.num_domains());
   const auto& rk = dst().domains[d % dst().domains.size()];
   op->targets.push_back({dst().domains[0].endpoint, 0, 0, 0, 0});
   auto add = [&](void* local, void* desc, uint64_t len, uint64_t remote, uint64_t key) {
@@ -498,7 +526,7 @@ void StagedPart::write_chunk(size_t chunk, int buffer, const Grant* grant) {
     wr.remote_key = key;
     wr.flags = FI_DELIVERY_COMPLETE;  // placed at the target before we announce it / send imms
   };
-  BouncePool* pool = buffer >= 0 ? &ctx_.staging->send_pool() : nullptr;
+  BouncePool* pool = buffer >= 0 ? &transport_.send_pool() : nullptr;
   if (buffer >= 0 && grant) {
     add(pool->slot(buffer), pool->regs[d].desc, ch.bytes, grant->remote_address, grant->keys[d % grant->keys.size()]);
   } else {
@@ -520,7 +548,7 @@ void StagedPart::write_chunk(size_t chunk, int buffer, const Grant* grant) {
     progress_role.assert_held();  // run by the worker under its lock
     ops_in_flight_--;
     if (buffer >= 0) {
-      ctx_.staging->send_pool().free.push_back(static_cast<uint32_t>(buffer));
+      transport_.send_pool().free.push_back(static_cast<uint32_t>(buffer));
       buffers_held_--;
     }
     if (!ok) {
@@ -534,14 +562,14 @@ void StagedPart::write_chunk(size_t chunk, int buffer, const Grant* grant) {
     m.slot = slot;
     for (const auto& sg : chunks_[chunk].segments) m.segments.emplace_back(sg.dst_offset, sg.length);
     ops_in_flight_++;
-    ctx_.control->send(dst().domains[0].endpoint, MsgKind::kStageChunk, encode(m),
+    control_.send(dst().domains[0].endpoint, MsgKind::kStageChunk, encode(m),
                        [this](bool ok2, const std::string& error2) {
                          progress_role.assert_held();  // run by the worker under its lock
                          ops_in_flight_--;
                          if (!ok2) fail(str_cat("staged transfer: announcing a chunk failed: ", error2));
                        });
   };
-  ctx_.worker->post_internal(std::move(op));
+  worker_.post_internal(std::move(op));
 }
 
 }  // namespace jax_garden::fabric

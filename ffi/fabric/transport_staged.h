@@ -19,10 +19,15 @@
 #include <unordered_map>
 #include <vector>
 
+#include "fabric/control_plane.h"
 #include "fabric/gpu_runtime.h"
 #include "fabric/jobs.h"
+#include "fabric/options.h"
+#include "fabric/region.h"
 
 namespace jax_garden::fabric {
+
+class StagingTransport;
 
 struct BouncePool {
   uint8_t* base = nullptr;
@@ -44,7 +49,9 @@ class StagedPart final : public Part {
     uint32_t imm = 0;
     uint64_t imm_count = 0;
   };
-  StagedPart(EngineContext& ctx, Job* job, Spec spec);
+  // Made by StagingTransport::make_part, which passes its own dependencies.
+  StagedPart(Job* job, Spec spec, StagingTransport& staging, ControlPlane& control, Worker& worker,
+             const EngineOptions& options, const Bytes& address_bytes);
   ~StagedPart() override;
   bool advance() override JG_REQUIRES_PROGRESS;
   bool idle() const override JG_REQUIRES_PROGRESS;
@@ -72,6 +79,11 @@ class StagedPart final : public Part {
   uint32_t buffer_cap() const;
   const MemoryDescriptor& dst() const { return *spec_.dst; }
 
+  StagingTransport& transport_;  // bounce buffers, transfer ids
+  ControlPlane& control_;      // the rendezvous messages, the imms
+  Worker& worker_;             // posts the chunk writes
+  const EngineOptions& options_;
+  const Bytes& address_bytes_;
   Spec spec_;
   std::vector<StageChunk> chunks_;
   uint64_t xfer_ = 0;
@@ -102,14 +114,20 @@ struct StagingStats {
 
 class StagingTransport final : public WorkerTask {
  public:
-  explicit StagingTransport(EngineContext& ctx) : ctx_(ctx) {}
+  // Subscribes to the staging kinds of `control` (before the worker starts). options: slot sizes
+  // and counts, timeouts; provider: its addressing; worker: registers the pools, posts, counts imms;
+  // regions: the local regions inbound transfers name; address_bytes: this engine's address.
+  StagingTransport(const EngineOptions& options, const ProviderInfo& provider, Worker& worker, ControlPlane& control,
+                   RegionTable& regions, const Bytes& address_bytes);
   ~StagingTransport() override;
 
-  void on_frame(Frame& f) JG_REQUIRES_PROGRESS;  // the staging kinds
   bool advance(Clock::time_point now) override JG_REQUIRES_PROGRESS;
   bool busy() const override JG_REQUIRES_PROGRESS { return !inbound_.empty(); }
   StagingStats stats() const JG_REQUIRES_PROGRESS;
   void close() JG_REQUIRES_PROGRESS;  // unregisters the pools (their memory is freed later)
+
+  // A staged part of `job` (sender side) toward spec.dst.
+  std::unique_ptr<StagedPart> make_part(Job* job, StagedPart::Spec spec);
 
   // Sender side, for StagedPart.
   BouncePool& send_pool() JG_REQUIRES_PROGRESS;
@@ -117,6 +135,7 @@ class StagingTransport final : public WorkerTask {
   void forget(uint64_t xfer) JG_REQUIRES_PROGRESS;
 
  private:
+  void on_frame(Frame& f) JG_REQUIRES_PROGRESS;  // the staging kinds, from the control plane
   // Receiver side of one staged transfer into a local region.
   struct Inbound {
     NetAddress sender;
@@ -143,7 +162,12 @@ class StagingTransport final : public WorkerTask {
   void reply_error(const Bytes& endpoint, uint64_t xfer, const std::string& error) JG_REQUIRES_PROGRESS;
   bool grant_slots(Clock::time_point now) JG_REQUIRES_PROGRESS;
 
-  EngineContext& ctx_;
+  const EngineOptions& options_;
+  const ProviderInfo& provider_;
+  Worker& worker_;
+  ControlPlane& control_;
+  RegionTable& regions_;
+  const Bytes& address_bytes_;
   BouncePool send_ JG_GUARDED_BY_PROGRESS;
   BouncePool recv_ JG_GUARDED_BY_PROGRESS;
   uint64_t next_xfer_ JG_GUARDED_BY_PROGRESS = 1;

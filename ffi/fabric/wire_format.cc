@@ -4,7 +4,6 @@
 #include <sstream>
 
 #include "common/error.h"
-#include "fabric/bytes_io.h"
 
 namespace jax_garden::fabric {
 namespace {
@@ -13,12 +12,6 @@ constexpr uint32_t kAddressMagic = 0x414e474a;     // "JGNA"
 constexpr uint32_t kDescriptorMagic = 0x444d474a;  // "JGMD"
 
 }  // namespace
-
-uint32_t checksum32(const uint8_t* data, size_t size) {
-  uint32_t h = 2166136261u;
-  for (size_t i = 0; i < size; ++i) h = (h ^ data[i]) * 16777619u;
-  return h;
-}
 
 Bytes NetAddress::to_bytes() const {
   Writer w;
@@ -32,7 +25,7 @@ Bytes NetAddress::to_bytes() const {
 
 NetAddress NetAddress::from_bytes(const uint8_t* data, size_t size) {
   Reader r(data, size, "NetAddress");
-  r.expect_header(kAddressMagic);
+  r.expect_header(kAddressMagic, kWireFormatVersion);
   NetAddress a;
   Bytes p = r.get_bytes("provider", 64);
   a.provider.assign(p.begin(), p.end());
@@ -98,7 +91,7 @@ Bytes MemoryDescriptor::to_bytes() const {
 
 MemoryDescriptor MemoryDescriptor::from_bytes(const uint8_t* data, size_t size) {
   Reader r(data, size, "MemoryDescriptor");
-  r.expect_header(kDescriptorMagic);
+  r.expect_header(kDescriptorMagic, kWireFormatVersion);
   MemoryDescriptor d;
   Bytes p = r.get_bytes("provider", 64);
   d.provider.assign(p.begin(), p.end());

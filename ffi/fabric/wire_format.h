@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-namespace jax_garden::fabric {
+#include "fabric/bytes_io.h"
 
-using Bytes = std::vector<uint8_t>;
+namespace jax_garden::fabric {
 
 inline constexpr uint16_t kWireFormatVersion = 5;
 inline constexpr size_t kMaxDomains = 8;          // NICs per group we accept on the wire
@@ -95,7 +95,5 @@ struct MemoryDescriptor {
   NetAddress owner() const;
   bool operator==(const MemoryDescriptor&) const = default;
 };
-
-uint32_t checksum32(const uint8_t* data, size_t size);  // FNV-1a
 
 }  // namespace jax_garden::fabric
