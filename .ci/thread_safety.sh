@@ -15,7 +15,7 @@ inc=(-Iffi "-I$xla")
 [ -n "${LIBFABRIC_ROOT:-}" ] && inc+=("-I$LIBFABRIC_ROOT/usr/include")
 status=0
 checked=0
-for f in ffi/common/*.cc ffi/fabric/*.cc ffi/moe/*.cc ffi/xla/fabric_cpu.cc ffi/xla/moe_cpu.cc; do
+for f in ffi/common/*.cc ffi/fabric/*/*.cc ffi/moe/*.cc ffi/xla/fabric_cpu.cc ffi/xla/moe_cpu.cc; do
   case "$f" in *_cuda.cc) continue ;; esac
   "$cxx" -std=c++20 -fsyntax-only -Wthread-safety -Wthread-safety-beta -Werror=thread-safety \
     -Werror=thread-safety-beta "${inc[@]}" "$f" || status=1

@@ -1,5 +1,5 @@
 """A test-only codec of MemoryDescriptor bytes, written from the wire format in
-ffi/fabric/wire_format.cc, so tests can forge descriptors the way an attacker or a buggy peer
+ffi/fabric/wire/wire_format.cc, so tests can forge descriptors the way an attacker or a buggy peer
 would: change a field, recompute the (public, non-secret) checksum, hand the bytes to the engine."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The fd broker (ffi/fabric/fd_broker.h) that offers GPU memory made by cuMemCreate (XLA's
+"""The fd broker (ffi/fabric/core/fd_broker.h) that offers GPU memory made by cuMemCreate (XLA's
 buffers) to same-host processes, and the descriptor format of such regions. The broker moves file
 descriptors, so CPU tests exercise it with memfds across real processes; mapping the GPU memory
 itself needs GPUs (tests/test_fabric_gpu.py)."""

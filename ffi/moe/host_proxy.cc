@@ -9,8 +9,8 @@
 #include <unistd.h>
 
 #include "common/error.h"
-#include "fabric/region.h"
-#include "fabric/transfer.h"
+#include "fabric/core/region.h"
+#include "fabric/core/transfer.h"
 #include "moe/internode_post.h"
 
 namespace jax_garden::moe::proxy {

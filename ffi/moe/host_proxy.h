@@ -31,7 +31,7 @@
 #include "common/thread_annotations.h"
 
 #include "common/deadline.h"
-#include "fabric/engine.h"
+#include "fabric/engine/engine.h"
 #include "moe/internode_protocol.h"
 #include "moe/proxy_protocol.h"
 

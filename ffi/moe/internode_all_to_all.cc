@@ -11,8 +11,8 @@
 #include <cstring>
 
 #include "common/error.h"
-#include "fabric/region.h"
-#include "fabric/transfer.h"
+#include "fabric/core/region.h"
+#include "fabric/core/transfer.h"
 
 namespace jax_garden::moe {
 

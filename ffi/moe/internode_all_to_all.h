@@ -31,7 +31,7 @@
 
 #include "common/deadline.h"
 #include "common/thread_annotations.h"
-#include "fabric/engine.h"
+#include "fabric/engine/engine.h"
 #include "moe/host_all_to_all.h"
 #include "moe/internode_protocol.h"
 

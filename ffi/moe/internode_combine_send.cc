@@ -8,7 +8,7 @@
 #include <utility>
 
 #include "common/error.h"
-#include "fabric/transfer.h"
+#include "fabric/core/transfer.h"
 #include "moe/host_math.h"
 
 namespace jax_garden::moe {

@@ -7,7 +7,7 @@
 #include <cstring>
 
 #include "common/error.h"
-#include "fabric/transfer.h"
+#include "fabric/core/transfer.h"
 #include "moe/host_math.h"
 
 namespace jax_garden::moe {

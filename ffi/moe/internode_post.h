@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <memory>
 
-#include "fabric/engine.h"
+#include "fabric/engine/engine.h"
 
 namespace jax_garden::moe::internode {
 

@@ -1,7 +1,7 @@
 #include "moe/internode_protocol.h"
 
 #include "common/error.h"
-#include "fabric/bytes_io.h"
+#include "fabric/wire/bytes_io.h"
 
 namespace jax_garden::moe::internode {
 

@@ -40,8 +40,8 @@
 #include <cstdint>
 #include <string>
 
-#include "fabric/imm_accounting.h"
-#include "fabric/wire_format.h"
+#include "fabric/core/imm_accounting.h"
+#include "fabric/wire/wire_format.h"
 #include "moe/dtype.h"
 #include "moe/layout.h"
 

@@ -7,7 +7,7 @@
 #include <algorithm>
 
 #include "common/error.h"
-#include "fabric/transfer.h"
+#include "fabric/core/transfer.h"
 #include "moe/internode_post.h"
 
 namespace jax_garden::moe {

@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "fabric/engine.h"
+#include "fabric/engine/engine.h"
 #include "moe/cuda_all_to_all.h"
 #include "moe/host_proxy.h"
 #include "moe/internode_protocol.h"

@@ -10,7 +10,7 @@
 #include <thread>
 
 #include "common/error.h"
-#include "fabric/region.h"
+#include "fabric/core/region.h"
 #include "moe/nvlink_protocol.h"
 #include "moe/proxy_all_to_all.h"
 #include "moe/proxy_kernels.h"

@@ -17,13 +17,13 @@
 
 #include "common/error.h"
 #include "common/registry.h"
-#include "fabric/engine.h"
-#include "fabric/fd_broker.h"
-#include "fabric/imm_mailbox.h"
-#include "fabric/latency_probe.h"
-#include "fabric/shared_regions.h"
-#include "fabric/gpu_runtime.h"
-#include "fabric/policy.h"
+#include "fabric/engine/engine.h"
+#include "fabric/core/fd_broker.h"
+#include "fabric/core/imm_mailbox.h"
+#include "fabric/engine/latency_probe.h"
+#include "fabric/core/shared_regions.h"
+#include "fabric/core/gpu_runtime.h"
+#include "fabric/core/policy.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;

@@ -16,7 +16,7 @@
 
 #include "common/error.h"
 #include "common/registry.h"
-#include "fabric/region.h"
+#include "fabric/core/region.h"
 #include "moe/cpu_all_to_all.h"
 #include "moe/host_proxy.h"
 #include "moe/internode_all_to_all.h"

@@ -14,7 +14,7 @@
 #include <memory>
 #include <string>
 
-#include "fabric/options.h"
+#include "fabric/core/options.h"
 #include "moe/dtype.h"
 #include "moe/layout.h"
 #include "moe/nvlink_all_to_all.h"

@@ -15,9 +15,9 @@
 
 #include "common/error.h"
 #include "common/registry.h"
-#include "fabric/gpu_runtime.h"
-#include "fabric/imm_counter.h"
-#include "fabric/watcher.h"
+#include "fabric/core/gpu_runtime.h"
+#include "fabric/core/imm_counter.h"
+#include "fabric/core/watcher.h"
 #include "xla/handler_util.h"
 
 namespace ffi = xla::ffi;
