@@ -404,25 +404,10 @@ def _unpack_peer(blob: bytes, rank: int) -> tuple[bytes, bytes]:
 
 
 def _exchange(uid: int, mine: dict[int, bytes], remote: list[int], config: Any) -> dict[int, bytes]:
-    """The bootstrap of node groups, in one place: an all-gather of ``{rank: bytes}`` through
-    ``config.bootstrap`` (a callable the caller provides) or jax.distributed's key-value store.
-    Returns the bytes of every rank in ``remote``."""
-    if config.bootstrap is not None:
-        got = config.bootstrap(dict(mine))
-        if not isinstance(got, dict):
-            raise TypeError(f"InternodeConfig.bootstrap must return a dict {{rank: bytes}}, got "
-                            f"{type(got).__name__}")
-        missing = [r for r in remote if r not in got]
-        if missing:
-            raise ValueError(f"InternodeConfig.bootstrap returned no peer info for ranks {missing}")
-        return {r: _validate.check_bytes_like(f"bootstrap peer info of rank {r}", got[r]) for r in remote}
-    boot = _bootstrap()
-    if boot is None:
-        raise RuntimeError("moe.AllToAll across processes: jax.distributed is not initialised (its "
-                           "key-value store carries the peer information); initialise it or pass "
-                           "InternodeConfig(bootstrap=...)")
-    # Peers reach this point at their own pace (imports, compiles): a wait of its own.
-    return boot.exchange(f"jax_garden/moe_proxy/{uid}", mine, remote, _KV_TIMEOUT_MS / 1000)
+    """The node groups' peer information (the same bootstrap as the CPU node groups)."""
+    from jax_garden._moe_internode import exchange_peer_info
+
+    return exchange_peer_info(f"jax_garden/moe_proxy/{uid}", mine, remote, config)[0]
 
 
 def _bootstrap() -> Bootstrap | None:

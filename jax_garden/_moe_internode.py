@@ -146,24 +146,8 @@ class InternodeContext(HostContext):
         self._finalizer = weakref.finalize(self, _close_native, native, self._uid, self._kv, float(timeout))
 
     def _exchange(self, mine: dict[int, bytes], remote: list[int], config: InternodeConfig) -> dict[int, bytes]:
-        if config.bootstrap is not None:
-            got = config.bootstrap(dict(mine))
-            if not isinstance(got, dict):
-                raise TypeError(f"InternodeConfig.bootstrap must return a dict {{rank: bytes}}, got "
-                                f"{type(got).__name__}")
-            missing = [r for r in remote if r not in got]
-            if missing:
-                raise ValueError(f"InternodeConfig.bootstrap returned no peer info for ranks {missing}")
-            return {r: _validate.check_bytes_like(f"bootstrap peer info of rank {r}", got[r]) for r in remote}
-        try:
-            boot = Bootstrap()
-        except RuntimeError:
-            raise RuntimeError("moe.AllToAll across processes: jax.distributed is not initialised (its "
-                               "key-value store carries the peer information); initialise it or pass "
-                               "InternodeConfig(bootstrap=...)") from None
-        self._kv = True
-        # Peers reach this point at their own pace (imports, compiles): a wait of its own.
-        return boot.exchange(_key(self._uid), mine, remote, _KV_TIMEOUT_MS / 1000)
+        infos, self._kv = exchange_peer_info(_key(self._uid), mine, remote, config)
+        return infos
 
     def timings(self, rank: int, n: int) -> np.ndarray:
         """Host timestamps (steady clock, ns) of the last ``n`` calls of each phase of local
@@ -201,6 +185,30 @@ def create_context(cfg: Any, num_ranks: int, timeout: float, node_size: int, loc
     AllToAlls."""
     return InternodeContext(cfg, num_ranks, timeout, node_size, local_ranks, config or InternodeConfig())
 
+
+
+def exchange_peer_info(namespace: str, mine: dict[int, bytes], remote: list[int],
+                       config: "InternodeConfig") -> tuple[dict[int, bytes], bool]:
+    """The bootstrap of node groups (CPU and GPU), in one place: an all-gather of ``{rank: bytes}``
+    through ``config.bootstrap`` (a callable the caller provides) or jax.distributed's key-value store
+    under ``namespace``. Returns the bytes of every rank in ``remote`` and whether the store was used."""
+    if config.bootstrap is not None:
+        got = config.bootstrap(dict(mine))
+        if not isinstance(got, dict):
+            raise TypeError(f"InternodeConfig.bootstrap must return a dict {{rank: bytes}}, got "
+                            f"{type(got).__name__}")
+        missing = [r for r in remote if r not in got]
+        if missing:
+            raise ValueError(f"InternodeConfig.bootstrap returned no peer info for ranks {missing}")
+        return {r: _validate.check_bytes_like(f"bootstrap peer info of rank {r}", got[r]) for r in remote}, False
+    try:
+        boot = Bootstrap()
+    except RuntimeError:
+        raise RuntimeError("moe.AllToAll across processes: jax.distributed is not initialised (its "
+                           "key-value store carries the peer information); initialise it or pass "
+                           "InternodeConfig(bootstrap=...)") from None
+    # Peers reach this point at their own pace (imports, compiles): a wait of its own.
+    return boot.exchange(namespace, mine, remote, _KV_TIMEOUT_MS / 1000), True
 
 def _key(uid: int) -> str:
     """The bootstrap namespace of context ``uid``: rank r's peer info is under ``<namespace>/r``."""
