@@ -24,7 +24,7 @@ from jax_garden.kv.errors import OutOfPages
 from jax_garden.kv.imm import KIND_DATA, KIND_PAYLOAD, MAX_SLOTS, kv_imm
 from jax_garden.kv.layout import KVLayout
 from jax_garden.kv.plan import plan_imm_writes, plan_writes
-from jax_garden.kv.router import KVRouter
+from jax_garden.kv.router import KVRouter, UserMessages
 from jax_garden.kv.state import State
 from jax_garden.kv.ticket import Ticket, as_ticket
 
@@ -214,7 +214,7 @@ class Request:
                 f"{p.state.value}{': ' + p.reason if p.reason else ''})")
 
 
-class DecodeSide:
+class DecodeSide(UserMessages):
     """The decode end: reserves pages of ``cache`` for requests, issues tickets, answers the prefill
     side's stream openings and counts arrivals.
 
@@ -340,20 +340,6 @@ class DecodeSide:
         to = as_contact(to, "send_ticket: to")
         self._check_open("send_ticket")
         self._router.send(to, P.TicketMsg(ticket, bytes(extra)))
-
-    def send_message(self, to: Any, payload: bytes) -> None:
-        """Opaque bytes to the side (or any mailbox) at contact ``to``: its ``recv_message`` gets them."""
-        to = as_contact(to, "send_message: to")
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"send_message: payload must be bytes, got {type(payload).__name__}")
-        self._check_open("send_message")
-        self._router.mailbox.send_user(to, payload)
-
-    def recv_message(self, timeout: float | None = None) -> tuple[Contact | None, bytes]:
-        """Next non-kv message that reached this engine: ``(sender contact or None, bytes)``."""
-        timeout = check_timeout("timeout", timeout, self.timeout)
-        self._check_open("recv_message")
-        return self._router.mailbox.recv_user(timeout)
 
     def lookup(self, ticket: Any) -> Request:
         """The live request a ticket belongs to (ValueError for a ticket of another cache, or of a

@@ -26,7 +26,7 @@ from jax_garden.kv.errors import BufferMovedError, StreamError
 from jax_garden.kv.imm import KIND_DATA, KIND_PAYLOAD, kv_imm
 from jax_garden.kv.marks import LayerMarks
 from jax_garden.kv.plan import plan_imm_writes, plan_writes
-from jax_garden.kv.router import KVRouter
+from jax_garden.kv.router import KVRouter, UserMessages
 from jax_garden.kv.state import StreamEvent, StreamState, stream_next
 from jax_garden.kv.ticket import Ticket, as_ticket
 
@@ -224,7 +224,7 @@ class Stream:
                 f"{': ' + self.reason if self.reason else ''})")
 
 
-class PrefillSide:
+class PrefillSide(UserMessages):
     """The prefill end: opens streams from tickets and posts each layer's writes from ``cache`` (the
     source pages) as the jitted prefill marks it done.
 
@@ -283,20 +283,6 @@ class PrefillSide:
             return self._tickets.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"recv_ticket: no ticket within {timeout} s") from None
-
-    def send_message(self, to: Any, payload: bytes) -> None:
-        """Opaque bytes to the side (or any mailbox) at contact ``to``: its ``recv_message`` gets them."""
-        to = as_contact(to, "send_message: to")
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"send_message: payload must be bytes, got {type(payload).__name__}")
-        self._check_open("send_message")
-        self._router.mailbox.send_user(to, payload)
-
-    def recv_message(self, timeout: float | None = None) -> tuple[Contact | None, bytes]:
-        """Next non-kv message that reached this engine: ``(sender contact or None, bytes)``."""
-        timeout = check_timeout("timeout", timeout, self.timeout)
-        self._check_open("recv_message")
-        return self._router.mailbox.recv_user(timeout)
 
     def open_stream(self, ticket: Any, src_pages: Any, *, layerwise: bool = True, timeout: float | None = None,
                     on_end: Callable[[Stream], Any] | None = None) -> Stream:

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jax_garden import fabric
-from jax_garden._service.mailbox import TICK_S, Contact, Envelope, Mailbox
+from jax_garden._service.mailbox import TICK_S, Contact, Envelope, Mailbox, as_contact
+from jax_garden._validate import check_timeout
 from jax_garden._service.tags import ProtocolId
 from jax_garden.kv import protocol as P
 from jax_garden.kv.imm import MAX_CACHE_TAGS
@@ -146,3 +147,22 @@ class KVRouter:
                 side._tick(now)
             except Exception:  # noqa: BLE001
                 log.exception("kv: heartbeat of %r failed", side)
+
+
+class UserMessages:
+    """Opaque user messages over a side's mailbox (both kv sides): needs ``_router``, ``timeout`` and
+    ``_check_open``."""
+
+    def send_message(self, to: Any, payload: bytes) -> None:
+        """Opaque bytes to the side (or any mailbox) at contact ``to``: its ``recv_message`` gets them."""
+        to = as_contact(to, "send_message: to")
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"send_message: payload must be bytes, got {type(payload).__name__}")
+        self._check_open("send_message")
+        self._router.mailbox.send_user(to, payload)
+
+    def recv_message(self, timeout: float | None = None) -> tuple[Contact | None, bytes]:
+        """Next non-kv message that reached this engine: ``(sender contact or None, bytes)``."""
+        timeout = check_timeout("timeout", timeout, self.timeout)
+        self._check_open("recv_message")
+        return self._router.mailbox.recv_user(timeout)
