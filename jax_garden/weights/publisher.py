@@ -239,16 +239,23 @@ class Publisher:
                 self._router.send(contacts[r], P.Hello(self.plan.fingerprint, self.rank, self.engine.num_domains))
             waiting = set(self._dests)
             probes = {r: PeerProbe(contacts[r], self.liveness_s) for r in self._dests}
+            # Every rank answers before connect raises: each refusing rank is named, and each has
+            # recorded its side of a refusal (its next refresh/wait raises it) by the time we return.
+            refused: dict[int, str] = {}
             while waiting:
                 _, m = self._next_reply(deadline, lambda m: isinstance(m, (P.Welcome, P.Refuse)),
                                         lambda: f"no answer to hello from subscriber ranks {sorted(waiting)}",
                                         {r: probes[r] for r in waiting})
-                if isinstance(m, P.Refuse):
-                    raise ValueError(f"subscriber rank {m.dst} refused the connection: {m.reason}")
-                if m.fingerprint != self.plan.fingerprint:
-                    raise ValueError(f"plan fingerprint mismatch: subscriber rank {m.dst} runs plan {m.fingerprint}, "
-                                     f"this publisher runs {self.plan.fingerprint}")
                 if m.dst not in waiting:
+                    continue
+                if isinstance(m, P.Refuse):
+                    refused[m.dst] = f"subscriber rank {m.dst} refused the connection: {m.reason}"
+                    waiting.discard(m.dst)
+                    continue
+                if m.fingerprint != self.plan.fingerprint:
+                    refused[m.dst] = (f"plan fingerprint mismatch: subscriber rank {m.dst} runs plan {m.fingerprint}, "
+                                      f"this publisher runs {self.plan.fingerprint}")
+                    waiting.discard(m.dst)
                     continue
                 link = links[m.dst]
                 descs = [fabric.MemoryDescriptor.from_bytes(d) for d in m.descriptors]
@@ -257,6 +264,8 @@ class Publisher:
                 link.parts.add(m.part)
                 if len(link.parts) == m.parts:
                     waiting.discard(m.dst)
+            if refused:
+                raise ValueError("; ".join(refused[r] for r in sorted(refused)))
             self._subs = links
             self._targets = self._build_targets()
 
