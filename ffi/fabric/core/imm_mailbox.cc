@@ -14,6 +14,7 @@
 
 #include "common/error.h"
 #include "fabric/core/gpu_runtime.h"
+#include "fabric/core/shm_segment.h"
 
 namespace jax_garden::fabric {
 
@@ -188,20 +189,7 @@ std::shared_ptr<ImmMailbox> ImmMailbox::create() {
   (void)cleaned;
   uint32_t serial = g_next_serial.fetch_add(1);
   std::string name = segment_name(process_nonce(), serial);
-  int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
-  if (fd < 0) throw FabricError(str_cat("shm_open(", name, "): ", std::strerror(errno)));
-  if (ftruncate(fd, static_cast<off_t>(kSegmentBytes)) != 0) {
-    int err = errno;
-    ::close(fd);
-    shm_unlink(name.c_str());
-    throw FabricError(str_cat("ftruncate(", name, "): ", std::strerror(err)));
-  }
-  void* m = mmap(nullptr, kSegmentBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  ::close(fd);
-  if (m == MAP_FAILED) {
-    shm_unlink(name.c_str());
-    throw FabricError(str_cat("mmap(", name, "): ", std::strerror(errno)));
-  }
+  void* m = create_shared_segment(name, kSegmentBytes);
   auto* h = static_cast<Header*>(m);
   h->version = kVersion;
   h->rings = kRings;

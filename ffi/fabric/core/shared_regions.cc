@@ -17,6 +17,7 @@
 #include "common/deadline.h"
 #include "common/error.h"
 #include "fabric/core/gpu_runtime.h"
+#include "fabric/core/shm_segment.h"
 
 namespace jax_garden::fabric {
 
@@ -100,21 +101,8 @@ std::shared_ptr<SharedRegionTable> SharedRegionTable::local() {
   static std::shared_ptr<SharedRegionTable> table = [] {
     remove_dead_tables();
     std::string name = table_name(process_nonce());
-    int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
-    if (fd < 0) throw FabricError(str_cat("shm_open(", name, "): ", std::strerror(errno)));
     size_t bytes = table_bytes();
-    if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
-      int err = errno;
-      ::close(fd);
-      shm_unlink(name.c_str());
-      throw FabricError(str_cat("ftruncate(", name, "): ", std::strerror(err)));
-    }
-    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    ::close(fd);
-    if (m == MAP_FAILED) {
-      shm_unlink(name.c_str());
-      throw FabricError(str_cat("mmap(", name, "): ", std::strerror(errno)));
-    }
+    void* m = create_shared_segment(name, bytes);
     auto* h = static_cast<Header*>(m);
     h->version = kVersion;
     h->slots = kSlots;
