@@ -140,6 +140,11 @@ class InternodeAllToAll final : public HostAllToAll {
   bool wait_imms(Local& me, const char* phase, internode::Kind kind, uint64_t generation, int32_t peer,
                  uint64_t count, Clock::time_point deadline);
   bool wait_transfers(Local& me, const char* phase, std::vector<Pending>& ops, Clock::time_point deadline);
+  // A receive phase's wait for every rank's message of `generation`: ranks of this node publish
+  // through `sent` (their counter, held here), the others' one write delivers message_imms() imms.
+  // Fails with the missing ranks (waiting for `sender_phase`) when the deadline passes first.
+  void wait_messages(Local& me, const char* phase, int32_t rank, internode::Kind kind, Counter sent,
+                     const char* sender_phase, uint64_t generation, Clock::time_point deadline);
   [[noreturn]] void fail_timeout(const char* phase, int32_t rank, const char* waiting_for, uint64_t generation,
                                  const std::vector<int32_t>& missing, const std::string& detail = "");
 

@@ -43,15 +43,7 @@ void InternodeAllToAll::combine_recv(int32_t rank, uint32_t send_done, const Arr
   const auto deadline = deadline_after(timeout_s_);
 
   const uint64_t w0 = now_ns();
-  std::vector<int32_t> missing;
-  for (int32_t d = 0; d < R; ++d) {
-    const bool ok = same_node(d, rank)
-                        ? wait_local(kPhase, rank, deadline, d, &Progress::combine_sent, gen)
-                        : wait_imms(me, kPhase, Kind::kCombine, gen, d, internode::message_imms(peers_[d].sender),
-                                    deadline);
-    if (!ok) missing.push_back(d);
-  }
-  if (!missing.empty()) fail_timeout(kPhase, rank, "combine_send", gen, missing);
+  wait_messages(me, kPhase, rank, Kind::kCombine, &Progress::combine_sent, "combine_send", gen, deadline);
   me.wait_ns[kCombineRecv] += now_ns() - w0;
 
   // Every expert rank combined the rows of our last dispatch, with our routing.

@@ -45,15 +45,7 @@ void InternodeAllToAll::dispatch_recv(int32_t rank, uint32_t send_done, const Ar
   // Every source's message: ranks of this node publish through their counter; the others' one
   // write delivers message_imms() imms whatever its length.
   const uint64_t w0 = now_ns();
-  std::vector<int32_t> missing;
-  for (int32_t s = 0; s < R; ++s) {
-    const bool ok = same_node(s, rank)
-                        ? wait_local(kPhase, rank, deadline, s, &Progress::dispatch_sent, gen)
-                        : wait_imms(me, kPhase, Kind::kDispatch, gen, s, internode::message_imms(peers_[s].sender),
-                                    deadline);
-    if (!ok) missing.push_back(s);
-  }
-  if (!missing.empty()) fail_timeout(kPhase, rank, "dispatch_send", gen, missing);
+  wait_messages(me, kPhase, rank, Kind::kDispatch, &Progress::dispatch_sent, "dispatch_send", gen, deadline);
   me.wait_ns[kDispatchRecv] += now_ns() - w0;
 
   // Check every header, count rows per local expert over every source's routes, then place them

@@ -53,6 +53,19 @@ bool InternodeAllToAll::wait_local(const char* phase, int32_t rank, Clock::time_
   }
 }
 
+void InternodeAllToAll::wait_messages(Local& me, const char* phase, int32_t rank, Kind kind, Counter sent,
+                                      const char* sender_phase, uint64_t generation, Clock::time_point deadline) {
+  const int32_t R = shape_.num_ranks;
+  std::vector<int32_t> missing;
+  for (int32_t s = 0; s < R; ++s) {
+    const bool ok = same_node(s, rank)
+                        ? wait_local(phase, rank, deadline, s, sent, generation)
+                        : wait_imms(me, phase, kind, generation, s, internode::message_imms(peers_[s].sender), deadline);
+    if (!ok) missing.push_back(s);
+  }
+  if (!missing.empty()) fail_timeout(phase, rank, sender_phase, generation, missing);
+}
+
 bool InternodeAllToAll::wait_imms(Local& me, const char* phase, Kind kind, uint64_t generation, int32_t peer,
                                   uint64_t count, Clock::time_point deadline) {
   if (count == 0) return true;
