@@ -56,6 +56,10 @@ def print_rows(result: dict) -> None:
             if r.get("ratio_vs_jax_transfer"):
                 print(f"  {r['name']}: {r['ratio_vs_jax_transfer']:.2f}x jax.experimental.transfer")
     for r in result.get("rows", []):
+        if r.get("phases_ms"):  # median over the timed pushes, ms from the first push call
+            print(f"  {r['name']}: phases (ms from push) "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items()))
+    for r in result.get("rows", []):
         m = r.get("memory", {})
         if m.get("hwm_growth_max") is not None:
             print(f"  {r['name']}: publisher peak RSS grew {m['hwm_growth_max'] / MiB:.1f} MiB during pushes "

@@ -102,7 +102,8 @@ def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
                 (rss0, hwm0), gm0 = mem0
                 rss1, hwm1 = _rss_hwm()
                 conn.send(("pushed", t0, t1, sum(h.bytes_sent.values()), h.stage_seconds,
-                           {"hwm_growth": hwm1 - hwm0, "gpu_peak": _gpu_mem().get("peak"), "gpu_in_use0": gm0.get("in_use")}))
+                           {"hwm_growth": hwm1 - hwm0, "gpu_peak": _gpu_mem().get("peak"), "gpu_in_use0": gm0.get("in_use")},
+                           {"granted": h.granted_after, "posted": h.posted_after, "complete": h.seconds}))
             elif cmd[0] == "wait":
                 obj.wait(cmd[1], 600)
                 t1 = time.monotonic()
@@ -169,7 +170,7 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
         w.ask(c, ("peers", addrs))
     for c in pubs:
         w.ask(c, ("connect", addrs))
-    times, stage, ok, mem = [], [], True, {}
+    times, stage, timeline, ok, mem = [], [], [], True, {}
     nbytes = 0
     for v in range(cfg["rounds"] + 1):
         for c in subs:
@@ -178,21 +179,29 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
             c.send(("push", v))
         pushed = [recv(c) for c in pubs]
         landed = [recv(c) for c in subs]
-        t = max(x[1] for x in landed) - min(x[1] for x in pushed)
+        start = min(x[1] for x in pushed)
+        t = max(x[1] for x in landed) - start
+        # Where the time went (ms from the first push call): the slowest publisher's phases, and
+        # when the last subscriber returned from wait (the round and the switch into service).
+        phases = {k: max((x[6][k] or 0.0) + x[1] - start for x in pushed) * 1e3 for k in ("granted", "posted", "complete")}
+        phases["in_service"] = t * 1e3
         ok &= all(x[2] is not False for x in landed)
         if v > 0:  # round 0 compiles the stager and warms the connections
             times.append(t)
             stage.append(max(x[4] for x in pushed))
+            timeline.append(phases)
         nbytes = sum(x[3] for x in pushed)
         mem = {"hwm_growth_max": max(x[5]["hwm_growth"] for x in pushed),
                "gpu_peak": [x[5]["gpu_peak"] for x in pushed], "gpu_in_use_before": [x[5]["gpu_in_use0"] for x in pushed]}
-        progress(f"  {cfg['name']}: round {v} {t * 1e3:.1f} ms" + (" (warm-up)" if v == 0 else ""))
+        progress(f"  {cfg['name']}: round {v} {t * 1e3:.1f} ms (" + ", ".join(f"{k} {ms:.2f}" for k, ms in phases.items())
+                 + " ms)" + (" (warm-up)" if v == 0 else ""))
     for c in pubs + subs:
         w.ask(c, ("end",))
     med = float(np.median(times))
     return {"name": cfg["name"], "wire_bytes": nbytes, "param_bytes": cfg["total"], "seconds": med,
             "seconds_all": times, "wire_GBps": nbytes / med / 1e9, "param_GBps": cfg["total"] / med / 1e9,
             "stage_seconds": float(np.median(stage)), "verified": bool(ok), "memory": mem,
+            "phases_ms": {k: float(np.median([p[k] for p in timeline])) for k in timeline[0]} if timeline else {},
             "staging_bytes": cfg["staging"], "config": cfg}
 
 

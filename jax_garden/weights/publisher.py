@@ -52,6 +52,10 @@ class PushHandle:
         self.seconds: float | None = None
         self.chunks_posted = 0
         self.stage_seconds = 0.0
+        # Seconds from the push call to the end of each phase (None until it ended): every grant
+        # in, every write posted, every write complete (what a slow push spent its time on).
+        self.granted_after: float | None = None
+        self.posted_after: float | None = None
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -431,6 +435,7 @@ class Publisher:
     def _run(self, handle: PushHandle, srcs: dict) -> None:
         try:
             grants = self._request_grants(handle)
+            handle.granted_after = time.monotonic() - handle.started
             self._pipeline(handle, srcs, grants)
             handle._finish(None)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the handle
@@ -477,6 +482,7 @@ class Publisher:
         assert self._targets is not None
         try:
             self._post_chunks(handle, srcs, grants, failed, direct, regions, reap)
+            handle.posted_after = time.monotonic() - handle.started
         finally:
             # Every write is complete (or failed) before the staging slots are refilled by another
             # push or the source arrays and their registrations are let go.

@@ -36,6 +36,7 @@ class SourceProgress:
     last_total: int
     last_progress: float              # when an arrival was last seen (no earlier than the arrival)
     complete_at: float | None = None
+    waiter: bool = False              # a wait() blocks on the counter: only it takes the credits
 
     def arrived(self) -> int:
         return self.counter.total - self.base_total
@@ -119,7 +120,8 @@ class Subscriber:
       imm_tag: 4-bit tag of this service's imms (default 0xA; must match the publishers').
       devices / devices_per_rank: how local indices map to jax devices / how abstract meshes map
         to ranks (as in :meth:`Layout.from_pytree`).
-      poll_s: how often :meth:`wait` checks the imm counters of a push being collected.
+      poll_s: while a push is being collected, :meth:`wait` blocks on one source's imm counter
+        (it wakes when the writes are in) for at most this long before it looks at messages again.
       liveness_s: while a version is being collected, a source of it that answers no liveness probe
         for this long is dead: :meth:`wait` raises ``PeerDead`` naming it (the version in service
         stays; a restarted publisher may push again).
@@ -443,8 +445,10 @@ class Subscriber:
             raise PeerDead(self._missing_report(version, timeout, who))
 
     def _await_change(self, span: float) -> None:
-        """Up to ``span`` seconds: check the counters of the push being collected every ``poll_s``;
-        return early once it is complete or a message changed something (the condition is notified)."""
+        """Up to ``span`` seconds: while a push is being collected, block on the counter of a source
+        whose writes are not all in (for at most ``poll_s``, so that messages are looked at too);
+        otherwise wait for a message. Returns early once the push is complete or a message changed
+        something (the condition is notified)."""
         end = time.monotonic() + span
         with self._cond:
             while True:
@@ -457,8 +461,29 @@ class Subscriber:
                         return
                 if now >= end:
                     return
-                if self._cond.wait(min(end - now, self._poll if collecting else end - now)):
-                    return
+                st = None
+                if collecting:  # a source granted and not complete that nobody blocks on yet
+                    st = next((x for p, x in a.sources.items() if x.complete_at is None and not x.waiter), None)
+                if st is None:
+                    if self._cond.wait(min(end - now, self._poll if collecting else end - now)):
+                        return
+                    continue
+                st.waiter = True
+                break
+        # Blocking in the engine's counter wakes this thread as the last write lands (the engine
+        # polls at full rate meanwhile), instead of a poll_s tick later; the lock stays free for
+        # the mailbox's handlers.
+        took = False
+        try:
+            st.counter.wait(st.expected, max(1e-4, min(end - now, self._poll)))
+            took = True
+        except (TimeoutError, fabric.TransferError):
+            pass  # not all in yet; an engine error is reported by the checks around the wait
+        finally:
+            with self._cond:
+                st.waiter = False
+                if took:
+                    self._source_complete(a, st, time.monotonic())
 
     def _missing_summary(self) -> str:
         a = self._attempt
@@ -603,10 +628,16 @@ class Subscriber:
                 pub = self._pubs.get(p)
                 if pub is not None:
                     pub.probe.heard(now)  # its writes arrive: it is alive
-            if st.counter.credits >= st.expected:
+            if not st.waiter and st.counter.credits >= st.expected:  # (a waiter takes them itself)
                 st.counter.wait(st.expected, 1.0)
-                st.complete_at = now
-        if all(p in a.sources and a.sources[p].complete_at is not None for p in self._sources):
+                self._source_complete(a, st, now)
+
+    def _source_complete(self, a: Attempt, st: SourceProgress, now: float) -> None:
+        """Every write of one source is in (its credits taken): the attempt is complete once every
+        source's are. Callers hold the lock."""
+        st.complete_at = now
+        if a.complete_at is None and all(p in a.sources and a.sources[p].complete_at is not None
+                                         for p in self._sources):
             a.complete_at = now
             self._cond.notify_all()
 
