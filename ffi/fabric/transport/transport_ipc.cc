@@ -46,10 +46,12 @@ bool any_region_live(uint64_t owner, const LegacyMapping& m) {
   return false;
 }
 
-// Closes the mappings of `owner`'s allocations none of whose regions is live any more. Called only
-// when the driver refused a new handle of that owner as already mapped: the owner freed an allocation
-// we still map and reused its address, after retiring its regions (which waited for admitted copies),
-// so nothing of ours still copies into it.
+// Closes the mappings of `owner`'s allocations none of whose regions is live any more: the owner
+// retired those regions (which waited for admitted copies), so nothing of ours still copies into
+// them. Called before a new handle of that owner is opened: once the owner freed an allocation and
+// made a new one at the same address, the driver may refuse the new handle as already mapped, or
+// hand back our old mapping of the freed memory (seen on an H100 with processes sharing the GPU:
+// the writes landed in the old allocation and the receiver never saw them).
 void close_dead_mappings(uint64_t owner) JG_REQUIRES(g_ipc_mu) {
   for (auto it = g_ipc_maps.begin(); it != g_ipc_maps.end();) {
     if (it->first.first == owner && !any_region_live(owner, it->second)) {
@@ -172,11 +174,14 @@ uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
     it = g_ipc_maps.end();
   }
   if (it == g_ipc_maps.end()) {
-    bool already_mapped = false;
-    uint64_t base = gpu_runtime().ipc_open(dst.ipc_handle, device, &already_mapped);
-    if (already_mapped) {
-      close_dead_mappings(dst.process_nonce);
-      base = gpu_runtime().ipc_open(dst.ipc_handle, device);
+    close_dead_mappings(dst.process_nonce);
+    uint64_t base = gpu_runtime().ipc_open(dst.ipc_handle, device);
+    for (const auto& [k, m] : g_ipc_maps) {
+      // Every mapping left serves a live region of a live allocation, which the new one cannot be.
+      if (m.base == base) {
+        throw TransferFailed(str_cat("ipc: the driver mapped a new CUDA IPC handle of process ", dst.pid, " at 0x",
+                                     std::hex, base, ", where a mapping of one of its live allocations already is"));
+      }
     }
     it = g_ipc_maps.emplace(key, LegacyMapping{base, {}}).first;
   }
