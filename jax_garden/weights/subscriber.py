@@ -716,6 +716,9 @@ class Subscriber:
         a.sources[src] = SourceProgress(epoch % P.EPOCH_MOD, imm, c,
                                         self.plan.expected_imms(src, self.rank, self._pubs[src].domains),
                                         now, total, total, now)
+        # A wait() that started before this push must now block on the new source's counter (it
+        # would otherwise sleep out its span and notice the push only then).
+        self._cond.notify_all()
         return P.Grant(self.rank, req, version, a.slot, epoch % P.EPOCH_MOD)
 
     def _abandon(self, a: Attempt, newer: int) -> None:
