@@ -463,7 +463,7 @@ class Subscriber:
                     return
                 st = None
                 if collecting:  # a source granted and not complete that nobody blocks on yet
-                    st = next((x for p, x in a.sources.items() if x.complete_at is None and not x.waiter), None)
+                    st = next((x for x in a.sources.values() if x.complete_at is None and not x.waiter), None)
                 if st is None:
                     if self._cond.wait(min(end - now, self._poll if collecting else end - now)):
                         return
