@@ -1,8 +1,6 @@
 #include "fabric/core/imm_mailbox.h"
 
-#include <dirent.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -62,24 +60,9 @@ std::string segment_name(uint64_t nonce, uint32_t serial) {
   return buf;
 }
 
-bool process_dead(uint64_t pid) { return pid != 0 && kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH; }
-
-// Mailboxes of processes that died without unlinking theirs (best effort, as for region tables).
-void remove_dead_mailboxes() {
-  DIR* dir = opendir("/dev/shm");
-  if (!dir) return;
-  while (dirent* e = readdir(dir)) {
-    if (std::strncmp(e->d_name, kPrefix, std::strlen(kPrefix)) != 0) continue;
-    std::string name = std::string("/") + e->d_name;
-    int fd = shm_open(name.c_str(), O_RDONLY, 0);
-    if (fd < 0) continue;
-    uint64_t hdr[4] = {0, 0, 0, 0};
-    ssize_t n = pread(fd, hdr, sizeof(hdr), 0);
-    ::close(fd);
-    if (n == sizeof(hdr) && hdr[0] == kMagic && process_dead(hdr[3])) shm_unlink(name.c_str());
-  }
-  closedir(dir);
-}
+// Mailboxes of processes that died without unlinking theirs (best effort, as for region tables;
+// the owner's pid is the header's fourth word).
+void remove_dead_mailboxes() { remove_dead_segments(kPrefix, kMagic, 3); }
 
 uint64_t random_token() {
   static std::mt19937_64 rng(std::random_device{}() ^ process_nonce());

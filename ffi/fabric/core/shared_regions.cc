@@ -1,8 +1,6 @@
 #include "fabric/core/shared_regions.h"
 
-#include <dirent.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -54,24 +52,8 @@ size_t table_bytes() {
   return sizeof(SharedRegionTable::Header) + size_t(SharedRegionTable::kSlots) * 32;
 }
 
-// Tables of processes that died without unlinking theirs (best effort: pid still alive = kept).
-void remove_dead_tables() {
-  DIR* dir = opendir("/dev/shm");
-  if (!dir) return;
-  while (dirent* e = readdir(dir)) {
-    if (std::strncmp(e->d_name, kPrefix, std::strlen(kPrefix)) != 0) continue;
-    std::string name = std::string("/") + e->d_name;
-    int fd = shm_open(name.c_str(), O_RDONLY, 0);
-    if (fd < 0) continue;
-    uint64_t hdr[3] = {0, 0, 0};
-    ssize_t n = pread(fd, hdr, sizeof(hdr), 0);
-    ::close(fd);
-    if (n == sizeof(hdr) && hdr[0] == kMagic && hdr[2] != 0 && kill(static_cast<pid_t>(hdr[2]), 0) != 0 &&
-        errno == ESRCH)
-      shm_unlink(name.c_str());
-  }
-  closedir(dir);
-}
+// Tables of processes that died without unlinking theirs (header words: magic, version|slots, pid).
+void remove_dead_tables() { remove_dead_segments(kPrefix, kMagic, 2); }
 
 Mutex g_tables_mu;
 std::map<uint64_t, std::weak_ptr<SharedRegionTable>> g_tables JG_GUARDED_BY(g_tables_mu);
