@@ -86,7 +86,7 @@ class NoGpuRuntime final : public GpuRuntime {
   int device_count() override { return 0; }
   PointerInfo query(uint64_t) override { return {}; }
   std::array<uint8_t, 64> ipc_export(uint64_t) override { no_gpu("cudaIpcGetMemHandle"); }
-  uint64_t ipc_open(const std::array<uint8_t, 64>&, int, bool*) override { no_gpu("cudaIpcOpenMemHandle"); }
+  uint64_t ipc_open(const std::array<uint8_t, 64>&, int) override { no_gpu("cudaIpcOpenMemHandle"); }
   void ipc_close(uint64_t) override {}
   VmmRange vmm_range(uint64_t) override { return {}; }
   int vmm_export_fd(uint64_t) override { no_gpu("cuMemExportToShareableHandle"); }

@@ -69,10 +69,8 @@ class GpuRuntime {
   // Pointer queries and CUDA IPC. All throw FabricError on driver errors.
   virtual PointerInfo query(uint64_t ptr) = 0;  // is_device = false for host memory
   virtual std::array<uint8_t, 64> ipc_export(uint64_t alloc_base) = 0;
-  // The mapped allocation base. With `already_mapped`, a cudaErrorAlreadyMapped (this process still
-  // has a mapping of an earlier allocation the owner freed and whose address it reused) returns 0 and
-  // sets *already_mapped instead of throwing.
-  virtual uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device, bool* already_mapped = nullptr) = 0;
+  // The mapped allocation base.
+  virtual uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device) = 0;
   virtual void ipc_close(uint64_t mapped_base) = 0;
   // Virtual-memory-management ranges (cuMemCreate; XLA's allocators make them): the range holding
   // `ptr` and whether it was created exportable as a POSIX fd (vmm = false for other memory).

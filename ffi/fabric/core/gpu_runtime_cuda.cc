@@ -181,18 +181,12 @@ class CudaRuntime final : public GpuRuntime {
     return out;
   }
 
-  uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device, bool* already_mapped) override {
+  uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device) override {
     DeviceGuard g(device);
     cudaIpcMemHandle_t h{};
     std::memcpy(&h, handle.data(), 64);
     void* p = nullptr;
-    cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
-    if (e == cudaErrorAlreadyMapped && already_mapped) {
-      cudaGetLastError();
-      *already_mapped = true;
-      return 0;
-    }
-    check(e, "cudaIpcOpenMemHandle");
+    check(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
     return reinterpret_cast<uint64_t>(p);
   }
 

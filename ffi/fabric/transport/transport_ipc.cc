@@ -16,9 +16,8 @@ namespace jax_garden::fabric {
 namespace {
 
 // Process-wide CUDA IPC mappings: a handle may be opened only once per process. Each remembers the
-// owner's regions it served, so that a mapping whose regions are all gone can be closed when the
-// owner reuses the allocation's address for a new one (the driver then refuses the new handle with
-// cudaErrorAlreadyMapped until the stale mapping is closed).
+// owner's regions it served, so that a mapping whose regions are all gone can be closed before the
+// owner's next handle is opened (see close_dead_mappings).
 struct LegacyMapping {
   uint64_t base = 0;
   struct Region {
@@ -165,22 +164,18 @@ uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
       return r.slot == dst.region_slot && r.key == dst.region_key;
     });
   };
-  if (it != g_ipc_maps.end() && !serves(it->second) && !any_region_live(dst.process_nonce, it->second)) {
-    // A new region behind a handle we mapped for regions that are all gone: the owner may have freed
-    // that allocation and made a new one at the same address, which can carry the same handle bytes.
-    // The old mapping would still reach the freed memory, so it is closed and the handle opened anew.
-    gpu_runtime().ipc_close(it->second.base);
-    g_ipc_maps.erase(it);
-    it = g_ipc_maps.end();
-  }
-  if (it == g_ipc_maps.end()) {
+  // A new region behind a handle we mapped for regions that are all gone: the owner may have freed
+  // that allocation and made a new one at the same address, which can carry the same handle bytes.
+  // That mapping, like every dead one of this owner, is closed before the handle is opened anew.
+  const bool stale = it != g_ipc_maps.end() && !serves(it->second) && !any_region_live(dst.process_nonce, it->second);
+  if (it == g_ipc_maps.end() || stale) {
     close_dead_mappings(dst.process_nonce);
     uint64_t base = gpu_runtime().ipc_open(dst.ipc_handle, device);
     for (const auto& [k, m] : g_ipc_maps) {
-      // Every mapping left serves a live region of a live allocation, which the new one cannot be.
+      // Every mapping left is still open and holds its address: a fresh one cannot share it.
       if (m.base == base) {
         throw TransferFailed(str_cat("ipc: the driver mapped a new CUDA IPC handle of process ", dst.pid, " at 0x",
-                                     std::hex, base, ", where a mapping of one of its live allocations already is"));
+                                     std::hex, base, ", where another of our mappings already is"));
       }
     }
     it = g_ipc_maps.emplace(key, LegacyMapping{base, {}}).first;
