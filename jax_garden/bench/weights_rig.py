@@ -21,6 +21,11 @@ def progress(msg: str) -> None:
     print(f"[weights] {msg}", file=sys.stderr, flush=True)
 
 
+def format_phases(phases: dict) -> str:
+    """``granted 1.23, posted 4.56, ...``: a push's phase ends, ms from the first push call."""
+    return ", ".join(f"{k} {ms:.2f}" for k, ms in phases.items())
+
+
 def _rss_hwm() -> tuple[int, int]:
     vals = {}
     with open("/proc/self/status") as f:
@@ -193,8 +198,8 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
         nbytes = sum(x[3] for x in pushed)
         mem = {"hwm_growth_max": max(x[5]["hwm_growth"] for x in pushed),
                "gpu_peak": [x[5]["gpu_peak"] for x in pushed], "gpu_in_use_before": [x[5]["gpu_in_use0"] for x in pushed]}
-        progress(f"  {cfg['name']}: round {v} {t * 1e3:.1f} ms (" + ", ".join(f"{k} {ms:.2f}" for k, ms in phases.items())
-                 + " ms)" + (" (warm-up)" if v == 0 else ""))
+        progress(f"  {cfg['name']}: round {v} {t * 1e3:.1f} ms ({format_phases(phases)} ms)"
+                 + (" (warm-up)" if v == 0 else ""))
     for c in pubs + subs:
         w.ask(c, ("end",))
     med = float(np.median(times))
