@@ -360,6 +360,14 @@ class TransferEngine:
         chosen = self._native.path_for(reg, desc, p)[0]
         return (chosen, self._native.path_reason(reg, desc, p)) if why else chosen
 
+    def prepare(self, region: "MemoryRegion", remote_descriptor: Any, path: str | None = None) -> str:
+        """Set up now what the first op from ``region`` to ``remote_descriptor`` would, and return its
+        path. On the ``"ipc"`` path that maps the peer's GPU memory and claims a ring in its
+        mailbox: a driver call that may wait for this process's GPU work, so make it before
+        launching kernels that wait for data this engine sends, and the first write is no slower
+        than the next. Raises TransferError when the destination cannot be mapped or is gone."""
+        return self._native.prepare(_region(region), _descriptor(remote_descriptor), _check_path(path))
+
     def check(self) -> None:
         """Raise (TransferError) the oldest error noticed asynchronously and forget it: a GPU
         ``fabric.wait`` whose imms did not arrive within the timeout (its stream was released)."""

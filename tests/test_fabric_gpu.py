@@ -87,6 +87,10 @@ def _gpu_ops_worker(rank: int, size: int, exchange, path):
     right, left = (rank + 1) % size, (rank - 1) % size
     others = [r for r in range(size) if r != rank]
     assert eng.path_for(rs, descs[right], path) == (path or "ipc")
+    mapped = eng.staging_stats()["ipc_mappings"]
+    assert eng.prepare(rs, descs[right], path) == (path or "ipc")
+    # prepare maps the peer's allocation now (ipc), not at the first write; the staged path maps nothing
+    assert eng.staging_stats()["ipc_mappings"] == mapped + (path is None), (mapped, eng.staging_stats())
     t0 = time.monotonic()
     ts = [eng.write(rs, descs[right], n, imm=10, path=path)]
     pages = np.arange(npages)

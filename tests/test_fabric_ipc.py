@@ -8,6 +8,7 @@ counting tests are marked ``adversarial``: CI runs them again under the adversar
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import time
@@ -141,6 +142,37 @@ def test_closed_destination_fails_at_once(engines):
     rc = c.register(dst)
     a.write(rs, rc.descriptor, 4096, imm=2, path="ipc").wait(10)
     c.imm_counter(2).wait(1, 10)
+
+
+def test_prepare_reports_the_path_and_refuses_what_a_write_would(engines):
+    """prepare sets up what the first op would (ring claimed, memory mapped on GPUs) and fails as
+    that op would: a destination region gone, a destination engine closed, this engine closed."""
+    a, b = engines(), engines()
+    src, dst = np.arange(4096, dtype=np.uint8), np.zeros(4096, np.uint8)
+    rs, rd = a.register(src), b.register(dst)
+    assert a.prepare(rs, rd.descriptor, "ipc") == "ipc"
+    assert a.prepare(rs, rd.descriptor) == a.path_for(rs, rd.descriptor)
+    a.write(rs, rd.descriptor, 4096, imm=3, path="ipc").wait(10)  # the prepared ring carries the write
+    b.imm_counter(3).wait(1, 10)
+    np.testing.assert_array_equal(dst, src)
+    with pytest.raises(ValueError, match="path"):
+        a.prepare(rs, rd.descriptor, "carrier-pigeon")
+    gone = b.register(np.zeros(64, np.uint8))
+    desc = gone.descriptor
+    del gone
+    gc.collect()
+    time.sleep(0.2)  # the owner's worker deregisters asynchronously
+    with pytest.raises(fabric.TransferError, match="no longer|deregistered|does not exist"):
+        a.prepare(rs, desc, "ipc")
+    c = engines()
+    rc = c.register(np.zeros(64, np.uint8))
+    cdesc = rc.descriptor
+    c.close()
+    with pytest.raises(fabric.TransferError, match="closed|does not exist|no longer"):
+        a.prepare(rs, cdesc, "ipc")
+    a.close()
+    with pytest.raises(fabric.TransferError, match="prepare: the engine is closed"):
+        a.prepare(rs, rd.descriptor, "ipc")
 
 
 def test_write_to_itself(engines):

@@ -126,6 +126,18 @@ HostProxy::HostProxy(std::shared_ptr<fabric::Engine> engine, const ProxyOptions&
         }
       }
     }
+    // The peers' receive areas are mapped now, before any kernel of ours runs: mapping one later, on
+    // the proxy thread, makes driver calls (cudaIpcOpenMemHandle, closing a dead mapping) that may
+    // wait for this process's GPU work, i.e. for a receive kernel that waits for that very message.
+    for (int32_t p = 0; p < R; ++p) {
+      if (same_node(p, me) || !peers_[p]) continue;
+      try {
+        engine_->prepare(*st->rank.send, peers_[p]->receive);
+      } catch (const std::exception& e) {
+        throw TransferFailed(str_cat("moe (CUDA, node groups): rank ", me, " cannot reach the receive area of rank ",
+                                             p, ": ", e.what()));
+      }
+    }
     ranks_.push_back(std::move(st));
   }
   in_flight_.resize(ranks_.size());  // (constructors are not analysed: no thread runs yet)
@@ -430,7 +442,8 @@ std::vector<uint64_t> HostProxy::bytes(size_t i) const {
 }
 
 void HostProxy::trace(const std::string& line) const {
-  std::fprintf(stderr, "[moe proxy pid %d] %s\n", static_cast<int>(::getpid()), line.c_str());
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - born_).count();
+  std::fprintf(stderr, "[moe proxy pid %d +%.3f ms] %s\n", static_cast<int>(::getpid()), ms, line.c_str());
   std::fflush(stderr);
 }
 

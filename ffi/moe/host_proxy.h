@@ -20,6 +20,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -113,6 +114,7 @@ class HostProxy {
 
   const std::shared_ptr<fabric::Engine> engine_;
   const bool trace_;
+  const std::chrono::steady_clock::time_point born_ = std::chrono::steady_clock::now();  // trace times count from here
   const ProxyOptions options_;
   std::vector<std::unique_ptr<RankState>> ranks_;
   std::vector<std::optional<ProxyPeer>> peers_;

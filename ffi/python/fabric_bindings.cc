@@ -373,6 +373,10 @@ void BindFabric(nb::module_& m) {
         auto c = e.path_for(r, d, parse_path(path));
         return std::make_tuple(std::string(path_name(c.path)), c.stage_src, c.stage_dst);
       }, "region"_a, "dst"_a, "path"_a)
+      .def("prepare", [](Engine& e, const MemoryRegion& r, const MemoryDescriptor& d, const std::string& path) {
+        nb::gil_scoped_release release;  // may map the peer's GPU memory (a driver call)
+        return std::string(path_name(e.prepare(r, d, parse_path(path)).path));
+      }, "region"_a, "dst"_a, "path"_a)
       .def("path_reason", [](const Engine& e, const MemoryRegion& r, const MemoryDescriptor& d, const std::string& path) {
         return e.path_reason(r, d, parse_path(path));
       }, "region"_a, "dst"_a, "path"_a)

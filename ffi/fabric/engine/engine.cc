@@ -510,6 +510,15 @@ std::string Engine::path_reason(const MemoryRegion& src, const MemoryDescriptor&
   return why;
 }
 
+PathChoice Engine::prepare(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) {
+  if (closed()) throw TransferFailed("prepare: the engine is closed");
+  JG_CHECK_ARG(src.registered_with(own_.regions.get()), "prepare: the source region was not registered with this engine");
+  check_destination(dst, "prepare");
+  PathChoice choice = path_for(src, dst, path);
+  if (choice.path == TransferPath::kIpc) own_.ipc->prepare(dst, src.cuda() ? src.device() : -1);
+  return choice;
+}
+
 std::shared_ptr<TransferState> Engine::write(const WriteRequest& r) {
   check_open(OpKind::kWrite);
   JG_CHECK_ARG(r.src && r.src->registered_with(own_.regions.get()),

@@ -76,6 +76,11 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // in words why (not per op: for path_for(..., why=True) and errors).
   PathChoice path_for(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const;
   std::string path_reason(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path) const;
+  // Sets up now what the first op from `src` to `dst` would (on the ipc path: maps dst's GPU memory,
+  // claims a ring in its owner's mailbox), so that no driver mapping call runs later, on a thread
+  // whose process may have kernels in flight, and the first op pays nothing extra. Returns the path.
+  // Throws TransferFailed when dst cannot be mapped; a no-op beyond the path query on other paths.
+  PathChoice prepare(const MemoryRegion& src, const MemoryDescriptor& dst, TransferPath path = TransferPath::kAuto);
 
   std::shared_ptr<ImmCounter> imm_counter(uint32_t imm);
   std::shared_ptr<Watcher> watcher(Watcher::Callback cb);

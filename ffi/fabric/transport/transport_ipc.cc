@@ -251,6 +251,13 @@ std::shared_ptr<IpcTransport::Target> IpcTransport::target(const MemoryDescripto
   return t;
 }
 
+void IpcTransport::prepare(const MemoryDescriptor& dst, int device) {
+  bool gone = false;
+  std::string why = check_destination(dst, 0, 0, &gone);
+  if (!why.empty()) throw TransferFailed(str_cat("ipc: ", why));
+  (void)target(dst, device);
+}
+
 std::vector<std::shared_ptr<IpcTransport::Link>> IpcTransport::links_snapshot() {
   std::vector<std::shared_ptr<Link>> out;
   MutexLock lk(targets_mu_);

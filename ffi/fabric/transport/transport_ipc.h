@@ -114,6 +114,11 @@ class IpcTransport final : public WorkerTask {
     return {by_stream_.load(), by_event_.load(), by_host_.load()};
   }
 
+  // Maps dst for copies from `device` (-1: host memory) and claims its owner's mailbox ring now, as
+  // the first op toward it would (Engine::prepare). Throws TransferFailed when it cannot, or when
+  // dst's region is no longer registered.
+  void prepare(const MemoryDescriptor& dst, int device);
+
   // Starts one destination of `op` (any thread; dst and spec only need to outlive the call).
   // Failures are reported through the op, never thrown.
   void start(const std::shared_ptr<IpcOp>& op, const std::shared_ptr<MemoryRegion>& src, const MemoryDescriptor& dst,
