@@ -283,12 +283,9 @@ def run_prefill(args: argparse.Namespace) -> int:
             t = kv.Ticket.from_bytes(ticket)
             src = cache.allocator.alloc(t.pages.size)
             try:
-                stream = side.open_stream(ticket, src)
+                # The prefill starts while OPEN/ACCEPT travel; layers marked meanwhile go at the ACCEPT.
+                stream = side.open_stream(ticket, src, wait=False)
                 t_open = time.monotonic()
-                if served == 0 and stream.path:
-                    path, why = stream.path
-                    print(f"prefill: on {jax.devices()[0]}, KV writes to the decode cache take the '{path}' path ({why})",
-                          flush=True)
                 tokens = np.zeros(s["max_prompt"], np.int32)
                 tokens[:n] = np.frombuffer(prompt, np.uint8)
                 table = np.full(s["max_prompt"] // T, int(sink[0]), np.int32)
@@ -301,6 +298,10 @@ def run_prefill(args: argparse.Namespace) -> int:
                 cache.commit(k, v)
                 t_last = stream.times["marks"].get(layout.num_layers - 1, t_end)
                 stream.finish(PAYLOAD.pack(first, t_recv, t_open, t_start, t_last, t_end))
+                if served == 0 and stream.path:  # known once the decode side accepted
+                    path, why = stream.path
+                    print(f"prefill: on {jax.devices()[0]}, KV writes to the decode cache take the '{path}' path ({why})",
+                          flush=True)
                 stream.wait(args.timeout)
                 served += 1
             except (kv.StreamError, ValueError) as e:  # a cancelled stream or a bad ticket: keep serving

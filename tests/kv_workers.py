@@ -105,10 +105,11 @@ def make_prefill(marks: Any, layout: Any, *, sleep_s: float = 0.0, mesh: Any = N
 
 
 def run_prefill(side: Any, ticket: bytes, seed: int, *, sleep_s: float = 0.0, payload: bytes | None = None,
-                programs: dict | None = None, wait: bool = True, pause: Any = None) -> Any:
+                programs: dict | None = None, wait: bool = True, pause: Any = None, open_wait: bool = True) -> Any:
     """Open a stream for ``ticket`` on ``side`` (a PrefillSide), run the jitted prefill writing
     ``pattern(seed, ...)`` into fresh source pages, commit, finish and wait. Returns the stream.
-    ``pause(stream, layer)``: called on the host after each layer's mark (see make_prefill)."""
+    ``pause(stream, layer)``: called on the host after each layer's mark (see make_prefill).
+    ``open_wait=False``: open without waiting for the ACCEPT (the prefill runs meanwhile)."""
     import jax.numpy as jnp
 
     from jax_garden import kv
@@ -117,7 +118,7 @@ def run_prefill(side: Any, ticket: bytes, seed: int, *, sleep_s: float = 0.0, pa
     t = kv.Ticket.from_bytes(ticket)
     src = cache.allocator.alloc(t.pages.size)
     try:
-        s = side.open_stream(ticket, src)
+        s = side.open_stream(ticket, src, wait=open_wait)
         programs = {} if programs is None else programs
         key = (t.pages.size, sleep_s)
         if key not in programs or pause is not None:  # a pause binds this stream: never reused

@@ -565,6 +565,85 @@ def test_open_timeout_tells_decode_nothing_comes(pair):
     assert req.wait(10) is kv.State.FAILED and "aborted" in req.reason
 
 
+@pytest.mark.adversarial
+def test_open_without_waiting_posts_the_layers_marked_before_the_accept(pair):
+    """open_stream(wait=False) returns OPENING; the prefill runs and marks every layer while the
+    ACCEPT is held back; nothing is posted until it arrives, then every marked layer is, and the
+    request lands bit for bit."""
+    lay = kv.KVLayout(num_layers=4, num_pages=24, page_tokens=4, kv_heads=2, head_dim=8, dtype="float32")
+    dec, pf = pair(lay)
+    req = dec.reserve(10)
+    held = []
+    mb = _hold(pf.cache.engine, kv.protocol.Accept, held)
+    src = pf.cache.allocator.alloc(kv.Ticket.from_bytes(req.ticket).pages.size)
+    t0 = time.monotonic()
+    s = pf.open_stream(req.ticket, src, wait=False)
+    assert time.monotonic() - t0 < 1.0 and s.state is kv.Stream.OPENING and s.path is None
+    prog = make_prefill(pf.marks, lay)
+    k, v = prog(pf.cache.k, pf.cache.v, jnp.asarray(src.astype(np.int32)), jnp.uint32(s.token), jnp.int32(5))
+    pf.cache.commit(k, v)
+    deadline = time.monotonic() + 10
+    while len(s.times["marks"]) < lay.num_layers:  # the watcher saw every mark...
+        assert time.monotonic() < deadline, s.times["marks"]
+        time.sleep(0.005)
+    while not held:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert s.state is kv.Stream.OPENING and s.layers_posted == [] and s.posted == [0, 0]  # ...and posted nothing
+    mb.intercept(None)
+    mb.deliver(held[0])
+    s.finish(struct.pack("<q", 5))
+    s.wait(20)
+    assert s.state == "done" and s.layers_posted_on_mark == lay.num_layers
+    assert min(s.times["posted"].values()) >= s.times["accepted"]
+    assert req.wait(20) is kv.State.READY, req.reason
+    assert req.payload == struct.pack("<q", 5)
+    check_request(dec.cache, req, 5)
+    pf.cache.allocator.free(src)
+
+
+def test_open_without_waiting_fails_the_stream_when_refused_or_unanswered(pair):
+    """wait=False turns what open_stream would raise into a failed stream: a rejected ticket
+    (on_end called, finish raises the reason), and no answer within the timeout (finish gives up at
+    the open deadline; a stream nobody finishes is failed by the service tick), both fenced so the
+    decode side never waits for writes that cannot come."""
+    dec, pf = pair()
+    ended = []
+    stale = dec.reserve(4)
+    assert stale.cancel() is kv.State.CANCELLED
+    s = pf.open_stream(stale.ticket, pf.cache.allocator.alloc(1), wait=False, on_end=ended.append)
+    deadline = time.monotonic() + 10
+    while s.state is kv.Stream.OPENING:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert s.state is kv.Stream.FAILED and "stale ticket" in s.reason
+    with pytest.raises(kv.StreamError, match="stale ticket"):
+        s.finish()
+    while not ended:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert ended == [s] and pf.counts["rejected"] == 1 and pf.streams() == []
+
+    held = []
+    mb = _hold(dec.cache.engine, kv.protocol.Open, held)
+    r1, r2 = dec.reserve(4), dec.reserve(4)
+    s1 = pf.open_stream(r1.ticket, pf.cache.allocator.alloc(1), wait=False, timeout=0.3)
+    s2 = pf.open_stream(r2.ticket, pf.cache.allocator.alloc(1), wait=False, timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(kv.StreamError, match="no answer to OPEN"):
+        s1.finish()
+    assert 0.2 < time.monotonic() - t0 < 5
+    while s2.state is kv.Stream.OPENING:  # nobody waits on s2: the tick fails it
+        assert time.monotonic() - t0 < 10
+        time.sleep(0.01)
+    assert s2.state is kv.Stream.FAILED and "no answer to OPEN" in s2.reason
+    mb.intercept(None)
+    for env in held:  # answered late: the decode side accepts, then sees the abort fences
+        mb.deliver(env)
+    assert r1.wait(10) is kv.State.FAILED and "aborted" in r1.reason
+    assert r2.wait(10) is kv.State.FAILED and "aborted" in r2.reason
+
+
 # ---- bad tickets -------------------------------------------------------------------------------------
 
 def test_bad_tickets_rejected_before_anything_is_posted(pair):

@@ -22,7 +22,10 @@ Systems, per prompt length:
 * ``colocated``       the same prefill program with no transfer: TTFT reference (prefill time);
 * ``layerwise``       kv.PrefillSide streams each layer when its mark lands (contiguous decode pages:
                       one coalesced write per layer and K/V; ``layerwise scattered``: decode pages every
-                      other page, one paged write per layer and K/V, one imm per page);
+                      other page, one paged write per layer and K/V, one imm per page). Streams are
+                      opened with ``wait=False`` (the prefill starts while OPEN/ACCEPT travel);
+                      ``layerwise, open waited``: the same with open_stream waiting for the ACCEPT
+                      before the prefill starts (the round trip in series, as before);
 * ``bulk``            the same engine and stream, everything posted at ``finish`` (after the prefill);
 * ``raw floor``       CPU: the raw libfabric fi_writemsg loop of ``bench fabric`` (same host, same
                       bytes: 2 x layers coalesced writes); GPU: a copy of one layer's K or V by the
@@ -308,7 +311,10 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
                                              "scattered": case.get("scattered", False)}).encode())
                         ticket, extra = pf.recv_ticket(timeout)
                         t_recv = time.monotonic()
-                        s = pf.open_stream(ticket, src, layerwise=name == "layerwise")
+                        # Opened without waiting for the ACCEPT, as a server would: the prefill
+                        # starts at once and the round trip to the decode side overlaps it.
+                        s = pf.open_stream(ticket, src, layerwise=name == "layerwise",
+                                           wait=case.get("open_wait", False))
                         t_open = time.monotonic()
                         t_start, t_end = run(s.token, json.loads(extra)["seed"])
                         s.finish(b"")
@@ -319,7 +325,8 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
                         # The last layer is done when its mark is stored: the watcher sees it a little
                         # later, or after the program ended when the callback thread was busy posting.
                         t_last = min(s.times["marks"].get(L - 1, t_end), t_end)
-                        _emit({"case": name, "scattered": case.get("scattered", False), "tokens": tokens,
+                        _emit({"case": name, "scattered": case.get("scattered", False),
+                               "open_wait": case.get("open_wait", False), "tokens": tokens,
                                "ttft_s": d["t_ready"] - d["t_sent"], "tail_s": d["t_ready"] - t_last,
                                "tail_end_s": d["t_ready"] - t_end, "after_finish_s": d["t_ready"] - t_fin,
                                "open_s": d["t_opened"] - d["t_sent"], "prefill_s": t_end - t_start,
@@ -527,9 +534,12 @@ def summarize(platform: str, records: list[dict], floor: dict, layout: dict, pro
                      "ttft_ms": colo and colo * 1e3, "prefill_ms": colo and colo * 1e3, "tail_ms": None,
                      "ttft_overhead_pct": 0.0, "iters":
                      sum(1 for r in recs if r["case"] == "colocated")})
-        for case, scattered, label in (("layerwise", False, "layerwise"), ("layerwise", True, "layerwise scattered"),
-                                       ("bulk", False, "bulk")):
-            sel = [r for r in recs if r["case"] == case and r.get("scattered", False) == scattered]
+        for case, scattered, open_wait, label in (("layerwise", False, False, "layerwise"),
+                                                  ("layerwise", False, True, "layerwise, open waited"),
+                                                  ("layerwise", True, False, "layerwise scattered"),
+                                                  ("bulk", False, False, "bulk")):
+            sel = [r for r in recs if r["case"] == case and r.get("scattered", False) == scattered
+                   and r.get("open_wait", False) == open_wait]
             if not sel:
                 continue
             if scattered and fl.get("paged_gbps"):  # compared with the raw paged loop (one write per page)
@@ -671,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     cancel_iters = args.cancel_iters or (5 if quick else 20)
     quick = bool(quick)
     layout = dict(LLAMA3_8B, num_layers=args.layers)
-    cases = [{"name": "colocated"}, {"name": "layerwise"}, {"name": "layerwise", "scattered": True},
+    cases = [{"name": "colocated"}, {"name": "layerwise"}, {"name": "layerwise", "open_wait": True},
+             {"name": "layerwise", "scattered": True},
              {"name": "bulk"}, {"name": "jax_transfer"}, {"name": "cancel"}]
     platforms = [] if args.no_cpu else ["cpu"]
     notes, errors = [], []

@@ -54,6 +54,7 @@ class Stream:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._reply: tuple[str, Any] | None = None
+        self._open_deadline = float("inf")  # open_stream(wait=False): no ACCEPT by then fails the stream
         self.plan = plan_writes(ticket.layout, side.cache.num_shards, ticket.shards, src_pages, ticket.pages)
         self.per_layer_imms = plan_imm_writes(self.plan, domains=side.cache.engine.num_domains,
                                               split_threshold=side.cache.engine.split_threshold)
@@ -120,6 +121,7 @@ class Stream:
         except BufferMovedError as e:
             side._fail(self, f"source cache: {e}")
             raise
+        self._await_answer()
         with self._lock:
             if self.state is not StreamState.STREAMING:
                 raise StreamError(f"finish: the stream is {self.state}{': ' + self.reason if self.reason else ''}")
@@ -133,6 +135,19 @@ class Stream:
                 raise StreamError(f"finish: posting failed: {e}") from e
             self._to(StreamEvent.FINISH)
             self.times["finished"] = time.monotonic()
+
+    def _await_answer(self) -> None:
+        """An OPENING stream (``open_stream(wait=False)``): wait for the decode side's answer, up to
+        the open deadline; no answer by then fails the stream."""
+        with self._lock:
+            while self.state is StreamState.OPENING:
+                left = self._open_deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.05))
+            unanswered = self.state is StreamState.OPENING
+        if unanswered:
+            self._side._open_unanswered(self)
 
     def wait(self, timeout: float | None = None) -> dict:
         """Wait until every write of the stream completed at the sender (after :meth:`finish`), and
@@ -285,7 +300,7 @@ class PrefillSide(UserMessages):
             raise TimeoutError(f"recv_ticket: no ticket within {timeout} s") from None
 
     def open_stream(self, ticket: Any, src_pages: Any, *, layerwise: bool = True, timeout: float | None = None,
-                    on_end: Callable[[Stream], Any] | None = None) -> Stream:
+                    on_end: Callable[[Stream], Any] | None = None, wait: bool = True) -> Stream:
         """Check ``ticket`` against this side's source cache (ValueError: garbled, truncated, wrong
         layout, pages out of range, ...), then ask the decode side to accept the stream (ValueError if
         it rejects: a ticket from another cache, a stale or cancelled ticket). Nothing is posted before
@@ -293,8 +308,16 @@ class PrefillSide(UserMessages):
         order. ``layerwise=False`` posts everything at ``finish`` (bulk mode). ``on_end(stream)`` is
         called once, on a kv service thread, if the stream is cancelled or fails after it opened (the
         decode side cancelled it, its deadline passed, the decode side died, a write failed): the
-        moment to stop computing its prefill (see also :meth:`Stream.check`)."""
+        moment to stop computing its prefill (see also :meth:`Stream.check`).
+
+        ``wait=False`` returns as soon as OPEN is sent, with the stream OPENING: launch the prefill
+        at once (``stream.token`` is known), so the round trip to the decode side overlaps the first
+        layers instead of delaying them. Layers marked before the decode side accepts are posted the
+        moment it does; ``finish`` waits for the answer. A rejection, a cancel, or no answer within
+        ``timeout`` fails the stream instead of raising here (``finish``/``wait``/``check`` raise
+        StreamError, ``on_end`` is called). Checks of the ticket and pages still raise at once."""
         layerwise = check_bool("layerwise", layerwise)
+        wait = check_bool("wait", wait)
         if on_end is not None and not callable(on_end):
             raise TypeError(f"on_end must be callable(stream), got {type(on_end).__name__}")
         timeout = check_timeout("timeout", timeout, self.timeout)
@@ -331,36 +354,51 @@ class PrefillSide(UserMessages):
             while token == 0 or token in self._by_token:
                 token = next(self._tokens) & 0xFFFFFFFF
             s = Stream(self, t, src.astype(np.uint32), token, layerwise, on_end)
+            s._open_deadline = time.monotonic() + timeout
             self._streams[s.key] = s
+            self._by_token[token] = s  # marks before the ACCEPT are recorded, and posted at it
             need_desc = t.cache_id not in self._descs
         lay = cache.layout
         self._router.send(t.contact, P.Open(t.cache_id, t.slot, t.generation, token, 1 if need_desc else 0,
                                             lay.num_layers, lay.num_pages, lay.page_tokens, lay.kv_heads,
                                             lay.head_dim, lay.dtype, lay.page_layout, cache.num_shards,
                                             eng.num_domains, eng.split_threshold, s.src_pages))
-        deadline = time.monotonic() + timeout
+        if not wait:
+            return s
         with s._lock:
             while s._reply is None:
-                left = deadline - time.monotonic()
+                left = s._open_deadline - time.monotonic()
                 if left <= 0:
                     break
                 s._cond.wait(min(left, 0.05))
             reply = s._reply
-        if reply is None or reply[0] != "accept":
-            if reply is None:
-                # The decode side may still accept: tell it nothing will come (a fence with 0 posted).
-                with s._lock:
-                    s._fail_locked("no answer to OPEN")
-                self._send_fence(s, P.FenceFlags.ABORT, "the prefill side gave up waiting for ACCEPT")
-                self._record_end(s, P.FenceFlags.ABORT)
-                raise TimeoutError(f"open_stream: the decode side did not answer within {timeout} s")
-            if reply[0] == "cancel":  # its fence job answers the decode side
-                raise StreamError(f"open_stream: {reply[1]}")
-            with self._lock:
-                self._streams.pop(s.key, None)
-            self.counts["rejected"] += 1
+        if reply is None or reply[0] == "timeout":  # (the service tick may have given up first)
+            self._open_unanswered(s)
+            raise TimeoutError(f"open_stream: the decode side did not answer within {timeout} s")
+        if reply[0] == "cancel":  # its fence job answers the decode side
+            raise StreamError(f"open_stream: {reply[1]}")
+        if reply[0] == "reject":
             raise ValueError(f"kv ticket rejected by the decode side: {reply[1]}")
         return s
+
+    def _open_unanswered(self, s: Stream) -> None:
+        """No ACCEPT by the open deadline: fail the stream and tell the decode side, which may still
+        accept, that nothing will come (a fence with 0 posted)."""
+        with s._lock:
+            if not s._fail_locked("no answer to OPEN"):
+                return  # answered meanwhile, or already ended
+            s._reply = ("timeout", None)
+        self.counts["failed"] += 1
+        self._send_fence(s, P.FenceFlags.ABORT, "the prefill side gave up waiting for ACCEPT")
+        self._record_end(s, P.FenceFlags.ABORT)
+
+    def _refused(self, s: Stream) -> None:
+        """The decode side (or our check of its ACCEPT) refused the stream before anything was posted."""
+        with self._lock:
+            self._by_token.pop(s.token, None)
+            if self._streams.get(s.key) is s:
+                del self._streams[s.key]
+        self.counts["rejected"] += 1
 
     def streams(self) -> list[Stream]:
         with self._lock:
@@ -522,6 +560,7 @@ class PrefillSide(UserMessages):
         with s._lock:
             if s.state is not StreamState.OPENING:
                 return
+            failed = False
             if problem:
                 s._reply = ("reject", problem)
                 s._fail_locked(problem)
@@ -533,23 +572,37 @@ class PrefillSide(UserMessages):
                 s.times["accepted"] = time.monotonic()
                 s._reply = ("accept", None)
                 with self._lock:
-                    self._by_token[s.token] = s
                     self.counts["opened"] += 1
                     peer = self._peers.get(s.ticket.contact.key)
                     if peer is None or peer.dead:
                         self._peers[s.ticket.contact.key] = PeerProbe(s.ticket.contact, self.liveness_s)
+                if s.layerwise:  # layers marked while the stream was OPENING (open_stream(wait=False))
+                    for layer in sorted(s.times["marks"]):
+                        if s._posted[layer]:
+                            continue
+                        try:
+                            s._post_layer_locked(layer)
+                            s.layers_posted_on_mark += 1
+                        except Exception as e:  # noqa: BLE001
+                            failed = s._fail_locked(f"posting layer {layer} failed: {e}")
+                            break
             s._cond.notify_all()
         if problem:
             self._send_fence(s, P.FenceFlags.ABORT, problem)
+            self._refused(s)
+        elif failed:
+            self._after_fail(s)
 
     def _on_reject(self, m: P.Reject) -> None:
         s = self._stream_of_reply(m)
         if s is None:
             return
         with s._lock:
-            if s.state is StreamState.OPENING:
-                s._reply = ("reject", m.reason)
-                s._to(StreamEvent.REJECT, f"rejected: {m.reason}")
+            if s.state is not StreamState.OPENING:
+                return
+            s._reply = ("reject", m.reason)
+            s._to(StreamEvent.REJECT, f"rejected: {m.reason}")
+        self._refused(s)
 
     def _on_cancel(self, sender: Contact, m: P.Cancel) -> None:
         key = (m.cache_id, m.slot, m.generation)
@@ -581,6 +634,9 @@ class PrefillSide(UserMessages):
             live = [s for s in self._streams.values() if not s.done]
         peers: dict[bytes, list[tuple[Stream, bool]]] = {}
         for s in live:
+            if s.state is StreamState.OPENING and now > s._open_deadline:
+                self._open_unanswered(s)  # open_stream(wait=False) with no answer and no finish() waiting
+                continue
             if s.state is StreamState.FINISHED:
                 self._maybe_done(s)
                 if s.done:
