@@ -217,6 +217,17 @@ class Stream:
         self.posted[1] += fabric.imm_writes("write", domains=eng.num_domains, length=self._slot_bytes,
                                             split_threshold=eng.split_threshold)
 
+    def _post_marked_locked(self, layer: int) -> bool:
+        """Post a marked layer unless it was; True if posting failed the stream."""
+        if self._posted[layer]:
+            return False
+        try:
+            self._post_layer_locked(layer)
+            self.layers_posted_on_mark += 1
+        except Exception as e:  # noqa: BLE001
+            return self._fail_locked(f"posting layer {layer} failed: {e}")
+        return False
+
     def _to(self, event: StreamEvent, reason: str | None = None) -> bool:
         """Apply ``event`` (under the stream lock); False when it changes nothing in this state."""
         nxt = stream_next(self.state, event)
@@ -451,16 +462,11 @@ class PrefillSide(UserMessages):
         if s is None:
             return
         now = time.monotonic()
-        failed = False
         with s._lock:
             s.times["marks"][layer] = now
-            if not s.layerwise or s.state is not StreamState.STREAMING or s._posted[layer]:
+            if not s.layerwise or s.state is not StreamState.STREAMING:
                 return
-            try:
-                s._post_layer_locked(layer)
-                s.layers_posted_on_mark += 1
-            except Exception as e:  # noqa: BLE001
-                failed = s._fail_locked(f"posting layer {layer} failed: {e}")
+            failed = s._post_marked_locked(layer)
         if failed:
             self._after_fail(s)
 
@@ -578,13 +584,7 @@ class PrefillSide(UserMessages):
                         self._peers[s.ticket.contact.key] = PeerProbe(s.ticket.contact, self.liveness_s)
                 if s.layerwise:  # layers marked while the stream was OPENING (open_stream(wait=False))
                     for layer in sorted(s.times["marks"]):
-                        if s._posted[layer]:
-                            continue
-                        try:
-                            s._post_layer_locked(layer)
-                            s.layers_posted_on_mark += 1
-                        except Exception as e:  # noqa: BLE001
-                            failed = s._fail_locked(f"posting layer {layer} failed: {e}")
+                        if failed := s._post_marked_locked(layer):
                             break
             s._cond.notify_all()
         if problem:
