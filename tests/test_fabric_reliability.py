@@ -3,7 +3,8 @@
 * a dead peer never stalls or fails traffic to live peers; ops toward it fail within the timeout
   and, once it is known dead, at once;
 * a write into a deregistered region fails, naming the region; the writes in flight beside it
-  either land (and are counted) or fail loudly; the connection recovers;
+  either land (and are counted) or fail loudly, those failed by the connection reset saying they may
+  have landed (only they may add to the count); the connection recovers;
 * the ipc path (same process here, across processes in test_fabric_gpu.py) checks bounds and
   liveness against the owner's registrations;
 * small points: bytes-like descriptors/addresses, no nanobind leak report at exit.
@@ -170,23 +171,31 @@ def test_write_into_deregistered_region_fails_and_nothing_is_lost_silently(engin
         bad.wait(10)
     landed = 0
     errors = set()
+    unknown = 0  # failed by the reset: they may have landed, the error says so
     for t in good:
         try:
             t.wait(10)
             landed += 1
         except fabric.TransferError as e:
             errors.add(str(e)[:200])
-    # every write reported successful was counted at the receiver, and no other
+            unknown += "may not have landed" in str(e)
+    # Every write reported successful was counted at the receiver. A write that failed because the
+    # connection was reset may still have been applied before the reset (the receiver took it, its
+    # completion was lost): only those may add to the count, and none is counted twice. Seen on a
+    # loaded CI VM: 102 of 300 writes posted behind the stale one were applied and reported failed.
     if landed:
         b.imm_counter(1).wait(landed, 10)
     time.sleep(0.3)
-    assert b.imm_counter(1).credits == 0, "more imms arrived than writes reported successful"
-    assert b.imm_counter(2).credits == 0
+    extra = b.imm_counter(1).credits
+    assert extra <= unknown, f"{extra} imms beyond the {landed} successful writes, but only {unknown} writes " \
+                             "failed with an unknown outcome"
+    assert b.imm_counter(2).credits == 0  # the stale write itself was never applied
     # the connection recovers: a later write lands
     a.write(rs, rl.descriptor, 4096, 0, 0, imm=3).wait(10)
     b.imm_counter(3).wait(1, 10)
     assert live[:4096].all()
-    print(f"\n{landed} of 600 good writes landed, {600 - landed} failed loudly: {sorted(errors)[:2]}")
+    print(f"\n{landed} of 600 good writes landed, {600 - landed} failed loudly ({extra} of them applied "
+          f"before the reset): {sorted(errors)[:2]}")
 
 
 def test_stale_descriptor_fails_fast_once_known(engines):
