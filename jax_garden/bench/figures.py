@@ -58,13 +58,15 @@ def fabric(result: dict, path: str, note: str | None = None) -> Path:
 
 
 # bench kv systems in the order they are drawn, with their labels
-KV_SYSTEMS = {"colocated": "colocated", "layerwise": "layer-wise", "layerwise scattered": "layer-wise\nscattered",
+KV_SYSTEMS = {"colocated": "colocated", "layerwise": "layer-wise", "layerwise, open waited": "layer-wise,\nopen waited",
+              "layerwise scattered": "layer-wise\nscattered",
               "bulk": "bulk after\nprefill", "jax.experimental.transfer": "jax.experimental\n.transfer"}
 
 
 def kv(result: dict, path: str, note: str | None = None) -> Path:
     """``bench kv``: time to first token per system, one panel per platform and prompt length: the p50
-    of each part stacked (ticket and stream opening, the prefill, from the prefill's end to READY), and
+    of each part stacked (ticket sent until the prefill starts: the ticket's trip, and the stream's
+    opening where the prefill waits for it; the prefill; from the prefill's end to READY), and
     the p50 TTFT itself as a marker (medians of parts need not add up to the median total)."""
     panels = []
     keys = list(dict.fromkeys((r["platform"], r["tokens"]) for r in result["rows"] if r.get("ttft_ms")))
@@ -76,7 +78,7 @@ def kv(result: dict, path: str, note: str | None = None) -> Path:
         opening, prefill, after, ttft = [], [], [], []
         for s in systems:
             r = rows[s]
-            o = r.get("open_ms") or 0.0
+            o = r.get("start_ms", r.get("open_ms")) or 0.0
             p = r.get("prefill_ms") or 0.0
             opening.append(o)
             prefill.append(p)
@@ -85,7 +87,7 @@ def kv(result: dict, path: str, note: str | None = None) -> Path:
         panels.append(_plot.StackedBars(
             f"{platform}, {tokens // 1024}k-token prompt" if tokens % 1024 == 0 else f"{platform}, {tokens} tokens",
             "ms", [KV_SYSTEMS[s] for s in systems],
-            {"ticket + stream open": opening, "prefill": prefill, "prefill end -> READY": after},
+            {"ticket sent -> prefill starts": opening, "prefill": prefill, "prefill end -> READY": after},
             markers={"TTFT (p50)": ttft}))
     return _plot.save(path, panels, title="KV streaming: time to first token per system", note=note)
 

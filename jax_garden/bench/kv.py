@@ -330,6 +330,7 @@ def _prefill_worker(ctl: Control, plan: dict, timeout: float) -> None:
                                "ttft_s": d["t_ready"] - d["t_sent"], "tail_s": d["t_ready"] - t_last,
                                "tail_end_s": d["t_ready"] - t_end, "after_finish_s": d["t_ready"] - t_fin,
                                "open_s": d["t_opened"] - d["t_sent"], "prefill_s": t_end - t_start,
+                               "start_s": t_start - d["t_sent"],  # ticket sent -> prefill starts
                                "post_span_s": max(posted.values()) - min(posted.values()),
                                "finish_s": t_fin - t_end,
                                "pages": stats["pages"], "bytes": stats["bytes"], "writes": stats["writes"],
@@ -555,7 +556,8 @@ def summarize(platform: str, records: list[dict], floor: dict, layout: dict, pro
                      # bulk: finish() posts every layer's page writes (and the payload) in one go
                      "posted_per_s": (sel[0]["pages"] / fin if fin and case == "bulk" else None),
                      "writes": sel[0]["writes"], "layers_on_mark": _med([r["on_mark"] for r in sel]),
-                     "open_ms": _med([r["open_s"] * 1e3 for r in sel])}
+                     "open_ms": _med([r["open_s"] * 1e3 for r in sel]),
+                     "start_ms": _med([r["start_s"] * 1e3 for r in sel])}
             rows.append(row(label, sel, layer_wire_s=layer_wire_s, **extra))
         floor_gbps = fl.get("gbps")
         layer_wire_s = layer_bytes / (floor_gbps * 1e9) if floor_gbps else None
