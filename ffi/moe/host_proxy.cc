@@ -134,8 +134,8 @@ HostProxy::HostProxy(std::shared_ptr<fabric::Engine> engine, const ProxyOptions&
       try {
         engine_->prepare(*st->rank.send, peers_[p]->receive);
       } catch (const std::exception& e) {
-        throw TransferFailed(str_cat("moe (CUDA, node groups): rank ", me, " cannot reach the receive area of rank ",
-                                             p, ": ", e.what()));
+        throw TransferFailed(str_cat("moe (CUDA, node groups): rank ", me,
+                                    " cannot reach the receive area of rank ", p, ": ", e.what()));
       }
     }
     ranks_.push_back(std::move(st));
