@@ -434,18 +434,33 @@ class Publisher:
 
     def _run(self, handle: PushHandle, srcs: dict) -> None:
         try:
-            grants = self._request_grants(handle)
+            req, deadline = self._send_push_requests(handle)
+            # While the requests travel, register the sources that are written directly (a GPU
+            # array's registration exports its memory: driver calls worth overlapping).
+            regions = self._register_direct_sources(srcs)
+            grants = self._collect_grants(handle, req, deadline)
             handle.granted_after = time.monotonic() - handle.started
-            self._pipeline(handle, srcs, grants)
+            self._pipeline(handle, srcs, grants, regions)
             handle._finish(None)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the handle
             handle._finish(e)
 
-    def _request_grants(self, handle: PushHandle) -> dict[int, tuple[int, int]]:
+    def _register_direct_sources(self, srcs: dict) -> dict[tuple[int, int], Any]:
+        regions: dict[tuple[int, int], Any] = {}
+        for c in self._chunks:
+            key = (c.src_tensor, c.src_local)
+            if not c.staged and key not in regions:
+                regions[key] = self.engine.register(registrable(srcs[key]))
+        return regions
+
+    def _send_push_requests(self, handle: PushHandle) -> tuple[int, float]:
         req = next(self._requests) & ((1 << 64) - 1)
         deadline = time.monotonic() + self.timeout
         for r in self._dests:
             self._router.send(self._subs[r].contact, P.PushRequest(self.rank, handle.version, req))
+        return req, deadline
+
+    def _collect_grants(self, handle: PushHandle, req: int, deadline: float) -> dict[int, tuple[int, int]]:
         grants: dict[int, tuple[int, int]] = {}
         waiting = set(self._dests)
         reasons: dict[int, str] = {}
@@ -468,10 +483,10 @@ class Publisher:
                 waiting.discard(m.dst)
         return grants
 
-    def _pipeline(self, handle: PushHandle, srcs: dict, grants: dict[int, tuple[int, int]]) -> None:
+    def _pipeline(self, handle: PushHandle, srcs: dict, grants: dict[int, tuple[int, int]],
+                  regions: dict[tuple[int, int], Any]) -> None:
         failed: dict[int, str] = {}
         direct: list = []
-        regions: dict[tuple[int, int], Any] = {}
 
         def reap(r: int, t: Any) -> None:
             try:
