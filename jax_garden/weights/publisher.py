@@ -530,10 +530,7 @@ class Publisher:
                 handle.stage_seconds += time.perf_counter() - t0
                 region = ring.regions[k]
             else:
-                key = (c.src_tensor, c.src_local)
-                region = regions.get(key)
-                if region is None:
-                    region = regions[key] = self.engine.register(registrable(srcs[key]))
+                region = regions[(c.src_tensor, c.src_local)]  # registered while the grants travelled
             posted = []
             for r in ranks:
                 slot, epoch = grants[r]

@@ -48,9 +48,8 @@ bool any_region_live(uint64_t owner, const LegacyMapping& m) {
 // Closes the mappings of `owner`'s allocations none of whose regions is live any more: the owner
 // retired those regions (which waited for admitted copies), so nothing of ours still copies into
 // them. Called before a new handle of that owner is opened: once the owner freed an allocation and
-// made a new one at the same address, the driver may refuse the new handle as already mapped, or
-// hand back our old mapping of the freed memory (seen on an H100 with processes sharing the GPU:
-// the writes landed in the old allocation and the receiver never saw them).
+// made a new one at the same address, the driver may refuse the new handle as already mapped while
+// our mapping of the freed memory stays open (and that mapping would pin the freed memory).
 void close_dead_mappings(uint64_t owner) JG_REQUIRES(g_ipc_mu) {
   for (auto it = g_ipc_maps.begin(); it != g_ipc_maps.end();) {
     if (it->first.first == owner && !any_region_live(owner, it->second)) {
