@@ -872,9 +872,12 @@ def test_bench_quick_cpu_rows(tmp_path):
     proc, r = _bench(tmp_path, "--quick", "--no-gpu")
     assert r["errors"] == [], r["errors"]
     names = [row["name"] for row in r["rows"]]
-    assert names == ["tcp 1->1 bf16 direct", "tcp 1->1 bf16 staged", "tcp 1->1 bf16->fp8", "tcp 2->2 FSDP->TP bf16"]
+    assert names == ["tcp 1->1 bf16 direct", "tcp 1->1 bf16 direct, asking each push", "tcp 1->1 bf16 staged",
+                     "tcp 1->1 bf16->fp8", "tcp 2->2 FSDP->TP bf16"]
     for row in r["rows"]:
         assert row["verified"] and row["seconds"] > 0 and row["raw_GBps"] and row["ratio_vs_raw"] > 0, row
+        g = row["standing_grants"]  # every timed push used its offers, except in the row that asks
+        assert g["of"] > 0 and g["used"] == (0 if "asking" in row["name"] else g["of"]), row
     assert r["host_costs"]["per_target_us"] > 0 and r["host_costs"]["stage_call_fp8_us"] > 0
     assert "raw GB/s" in proc.stdout
     for row in r["rows"]:  # the headline (what .ci/gpu_verify.sh prints) carries every row's ratio

@@ -250,3 +250,118 @@ def test_staging_is_sized_to_the_model(engines, closing):
     assert n > 4 and pub2.staging_allocated <= 4 * 65536  # within the bound, pipelined over 4 slots
     with pytest.raises(ValueError, match="need at least 2"):
         weights.Publisher(plan, engine=engines(), staging_bytes=65536)
+
+
+# ---- standing grants -------------------------------------------------------------------------------
+
+def _until(cond, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.005)
+
+
+def test_standing_grants_write_without_asking_and_never_touch_the_copy_in_service(engines, closing):
+    """The subscriber offers the copy not in service for the next push; a push holding the offer
+    writes at once (PushHandle.claimed), the version in service stays intact until the switch, a
+    push that asks instead is granted the offer's epoch (the offer is then used up), a stale push
+    still gets its clear refusal, and an offer of an earlier session (the publisher reconnected)
+    is refused and fenced when claimed, leaving the version in service untouched."""
+    specs = {"w": T((128, 256), "bfloat16", None), "b": T((256,), "bfloat16", None)}
+    plan = _plan(specs, specs, chunk_bytes=16384, direct_min_bytes=8192)
+    sub = weights.Subscriber(plan, specs, engine=engines(), fence_s=0.3)
+    pub = weights.Publisher(plan, engine=engines(), staging_bytes=1 << 16, timeout=20)
+    for x in (sub, pub):
+        closing(x)
+
+    def check(version_values):
+        p = sub.params()
+        for k in ("w", "b"):
+            assert np.array_equal(np.asarray(p[k]).view(np.uint16), version_values[k].view(np.uint16)), k
+
+    pub.connect([sub.address])
+    _until(lambda: pub.offered == [0], "the offer made at connect")
+    assert sub.status()["offers"][0]["slot"] == 0
+    v1 = _values(plan, 1)
+    h = pub.push(v1, 1).wait(30)
+    assert h.claimed == [0] and h.granted_after < h.seconds
+    assert sub.wait(1, 30) == 1
+    check(v1)
+    # after the switch the other copy is offered; a push into it leaves version 1 in service intact
+    _until(lambda: pub.offered == [0], "the offer made at the switch")
+    assert sub.status()["offers"][0]["slot"] == 1
+    v2 = _values(plan, 2)
+    h = pub.push(v2, 2).wait(30)
+    assert h.claimed == [0]
+    _until(lambda: sub.status().get("collecting", {}).get("complete"), "version 2 landed")
+    assert sub.current_version == 1
+    check(v1)
+    assert sub.wait(2, 30) == 2
+    check(v2)
+    # asking instead: the grant uses the outstanding offer's epoch, which the publisher then drops
+    _until(lambda: pub.offered == [0], "the offer after version 2")
+    pub.standing_grants = False
+    v3 = _values(plan, 3)
+    h = pub.push(v3, 3).wait(30)
+    assert h.claimed == [] and pub.offered == []
+    assert sub.wait(3, 30) == 3
+    check(v3)
+    pub.standing_grants = True
+    _until(lambda: pub.offered == [0], "the offer after version 3")
+    with pytest.raises(ValueError, match="not newer"):  # not claimed: refused before anything is written
+        pub.push(v3, 3).wait(30)
+    assert pub.offered == [0]
+    # reconnect: the subscriber drops the earlier session's offer and fences this source; a claim of
+    # that offer (here re-injected, as if it had been delivered late) is refused, nothing changes
+    stale = pub._offers[0]
+    pub.connect([sub.address])
+    assert "offers" in sub.status() and 0 not in sub.status()["offers"]
+    with pub._cv:
+        pub._offers[0] = stale
+    with pytest.raises(ValueError, match="no longer valid"):
+        pub.push(_values(plan, 4), 4).wait(30)
+    assert sub.current_version == 3 and "collecting" not in sub.status()
+    check(v3)
+    v5 = _values(plan, 5)
+    h = pub.push(v5, 5).wait(30)  # granted once the fence ends (asked, or offered after it)
+    assert sub.wait(5, 30) == 5
+    check(v5)
+
+
+@pytest.mark.adversarial
+def test_writes_that_land_before_their_claim_are_counted(engines, closing):
+    """Unordered delivery: the claim reaches the subscriber only after every write it announces
+    has landed (held back here); the arrivals counted under the offer's epoch complete the version."""
+    specs = {"w": T((256, 256), "bfloat16", None)}
+    plan = _plan(specs, specs, chunk_bytes=16384, direct_min_bytes=1 << 30)  # all staged: 8 chunks
+    sub = weights.Subscriber(plan, specs, engine=engines())
+    pub = weights.Publisher(plan, engine=engines(), staging_bytes=1 << 16, timeout=20)
+    for x in (sub, pub):
+        closing(x)
+    held: list = []
+    deliver = sub._on_message
+
+    def hold_claims(sender, m):
+        if isinstance(m, weights.protocol.PushClaim):
+            g = sub._offers[m.src]
+            want = plan.expected_imms(m.src, 0, 1)
+
+            def later():
+                _until(lambda: g.counter.total - g.base_total >= want, "every write of the claimed push")
+                held.append(m)
+                deliver(sender, m)
+            threading.Thread(target=later, daemon=True).start()
+            return
+        deliver(sender, m)
+
+    sub._on_message = hold_claims
+    pub.connect([sub.address])
+    _until(lambda: pub.offered == [0], "the offer")
+    for v in (1, 2):
+        vals = _values(plan, v)
+        h = pub.push(vals, v).wait(30)
+        assert h.claimed == [0] and len(held) == v
+        assert sub.wait(v, 30) == v
+        got = np.asarray(sub.params()["w"])
+        assert np.array_equal(got.view(np.uint16), vals["w"].view(np.uint16))
+        _until(lambda: pub.offered == [0], "the next offer")

@@ -29,7 +29,7 @@ import sys
 import time
 
 from jax_garden.bench._harness import write_json
-from jax_garden.bench.weights_rig import cpu_rows, format_phases, host_costs, progress
+from jax_garden.bench.weights_rig import cpu_rows, format_phases, host_costs, progress, standing_note
 from jax_garden.bench.weights_sim import print_simulation, simulate_k2, simulation_headline
 from jax_garden.bench.weights_workloads import GiB, K2, MiB
 
@@ -57,7 +57,7 @@ def print_rows(result: dict) -> None:
                 print(f"  {r['name']}: {r['ratio_vs_jax_transfer']:.2f}x jax.experimental.transfer")
     for r in result.get("rows", []):
         if r.get("phases_ms"):  # median over the timed pushes, ms from the first push call
-            print(f"  {r['name']}: phases (ms from push) {format_phases(r['phases_ms'])}")
+            print(f"  {r['name']}: phases (ms from push) {format_phases(r['phases_ms'])}{standing_note(r)}")
     for r in result.get("rows", []):
         m = r.get("memory", {})
         if m.get("hwm_growth_max") is not None:

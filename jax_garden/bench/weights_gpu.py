@@ -199,7 +199,7 @@ def gpu_rows(args: argparse.Namespace) -> dict:
 
 
 def print_gpu(g: dict) -> None:
-    from jax_garden.bench.weights_rig import format_phases
+    from jax_garden.bench.weights_rig import format_phases, standing_note
 
     if g.get("skipped"):
         print(f"GPU rows skipped: {g['skipped']}")
@@ -213,7 +213,7 @@ def print_gpu(g: dict) -> None:
         print(f"{r['name']:<44} {r['param_GBps']:7.1f} {r['seconds'] * 1e3:8.1f} "
               f"{(f'{fl * 1e3:.1f}' if fl else '-'):>9} {(format(r['ratio_vs_floor'], '.2f') if r.get('ratio_vs_floor') else '-'):>8}  {sp}")
         if r.get("phases_ms"):  # median over the timed pushes, ms from the push call
-            print(f"  phases (ms from push): {format_phases(r['phases_ms'])}")
+            print(f"  phases (ms from push): {format_phases(r['phases_ms'])}{standing_note(r)}")
         if r.get("jax_transfer_error"):
             print(f"  jax.experimental.transfer did not run: {r['jax_transfer_error']}")
         if r.get("extra_gpu_bytes") is not None:

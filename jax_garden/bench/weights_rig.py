@@ -26,6 +26,14 @@ def format_phases(phases: dict) -> str:
     return ", ".join(f"{k} {ms:.2f}" for k, ms in phases.items())
 
 
+def standing_note(row: dict) -> str:
+    """``; standing grants used 2/2`` (or ``; asked each push``) for a row's phases line."""
+    g = row.get("standing_grants")
+    if not g:
+        return ""
+    return f"; standing grants used {g['used']}/{g['of']}" if g["enabled"] else "; asked each push"
+
+
 def _rss_hwm() -> tuple[int, int]:
     vals = {}
     with open("/proc/self/status") as f:
@@ -81,7 +89,8 @@ def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
                 else:
                     before = _rss_hwm()
                     obj = weights.Publisher(plan, rank=rank, provider="tcp", staging_bytes=cfg["staging"],
-                                            timeout=300, engine_timeout=60)
+                                            timeout=300, engine_timeout=60,
+                                            standing_grants=cfg.get("standing", True))
                     import jax.numpy as jnp
 
                     mine = {}
@@ -101,6 +110,12 @@ def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
                 if cmd[1] == 1:  # after the warm-up push (compiles): peak RSS from here on
                     _reset_hwm()
                     mem0 = (_rss_hwm(), _gpu_mem())
+                # In RL a training step separates two pushes: the subscribers' offers (standing
+                # grants, made as a version goes into service) are in by then. Not timed.
+                dests = plan.destinations_of(rank)
+                end = time.monotonic() + 0.5
+                while obj.offered != dests and time.monotonic() < end:
+                    time.sleep(0.001)
                 t0 = time.monotonic()
                 h = obj.push(params, cmd[1]).wait(600)
                 t1 = time.monotonic()
@@ -108,7 +123,8 @@ def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
                 rss1, hwm1 = _rss_hwm()
                 conn.send(("pushed", t0, t1, sum(h.bytes_sent.values()), h.stage_seconds,
                            {"hwm_growth": hwm1 - hwm0, "gpu_peak": _gpu_mem().get("peak"), "gpu_in_use0": gm0.get("in_use")},
-                           {"granted": h.granted_after, "posted": h.posted_after, "complete": h.seconds}))
+                           {"granted": h.granted_after, "posted": h.posted_after, "complete": h.seconds},
+                           (len(h.claimed), len(h.ranks))))
             elif cmd[0] == "wait":
                 obj.wait(cmd[1], 600)
                 t1 = time.monotonic()
@@ -175,7 +191,7 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
         w.ask(c, ("peers", addrs))
     for c in pubs:
         w.ask(c, ("connect", addrs))
-    times, stage, timeline, ok, mem = [], [], [], True, {}
+    times, stage, timeline, ok, mem, claimed = [], [], [], True, {}, [0, 0]
     nbytes = 0
     for v in range(cfg["rounds"] + 1):
         for c in subs:
@@ -195,6 +211,9 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
             times.append(t)
             stage.append(max(x[4] for x in pushed))
             timeline.append(phases)
+            for x in pushed:
+                claimed[0] += x[7][0]
+                claimed[1] += x[7][1]
         nbytes = sum(x[3] for x in pushed)
         mem = {"hwm_growth_max": max(x[5]["hwm_growth"] for x in pushed),
                "gpu_peak": [x[5]["gpu_peak"] for x in pushed], "gpu_in_use_before": [x[5]["gpu_in_use0"] for x in pushed]}
@@ -207,7 +226,9 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
             "seconds_all": times, "wire_GBps": nbytes / med / 1e9, "param_GBps": cfg["total"] / med / 1e9,
             "stage_seconds": float(np.median(stage)), "verified": bool(ok), "memory": mem,
             "phases_ms": {k: float(np.median([p[k] for p in timeline])) for k in timeline[0]} if timeline else {},
-            "staging_bytes": cfg["staging"], "config": cfg}
+            "staging_bytes": cfg["staging"], "config": cfg,
+            # (ranks written under a standing grant, ranks written) over the timed pushes
+            "standing_grants": {"used": claimed[0], "of": claimed[1], "enabled": cfg.get("standing", True)}}
 
 
 def cpu_rows(args: argparse.Namespace) -> dict:

@@ -139,6 +139,8 @@ def bench_configs(quick: bool, gpu: bool) -> list[dict]:
         for total in sizes:
             out.append(dict(name=f"gpu 1->1 bf16 {total // GiB} GiB", src=1, dst=1, total=total, layout="same",
                             fp8=False, chunk=64 * MiB, staging=512 * MiB, direct=4 * MiB, rounds=2 if quick else 3))
+            if total == GiB:  # the same push asking for its grant each time (no standing grants)
+                out.append(dict(out[-1], name="gpu 1->1 bf16 1 GiB, asking each push", standing=False))
             out.append(dict(name=f"gpu 2->2 colocated FSDP->TP bf16 {total // GiB} GiB", src=2, dst=2, total=total,
                             layout="fsdp_tp", fp8=False, chunk=64 * MiB, staging=512 * MiB, direct=4 * MiB,
                             rounds=2 if quick else 3, colocated=True))
@@ -151,6 +153,8 @@ def bench_configs(quick: bool, gpu: bool) -> list[dict]:
     return [
         dict(name="tcp 1->1 bf16 direct", src=1, dst=1, total=total, layout="same", fp8=False, chunk=chunk,
              staging=4 * chunk, direct=1 * MiB, rounds=rounds),
+        dict(name="tcp 1->1 bf16 direct, asking each push", src=1, dst=1, total=total, layout="same", fp8=False,
+             chunk=chunk, staging=4 * chunk, direct=1 * MiB, rounds=rounds, standing=False),
         dict(name="tcp 1->1 bf16 staged", src=1, dst=1, total=total, layout="same", fp8=False, chunk=chunk,
              staging=4 * chunk, direct=1 << 40, rounds=rounds),
         dict(name="tcp 1->1 bf16->fp8", src=1, dst=1, total=total, layout="same", fp8=True, chunk=chunk,

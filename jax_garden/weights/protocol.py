@@ -4,11 +4,18 @@
 imm: ``tag (4 bits) << 28 | epoch (12 bits) << 16 | source rank (16 bits)``; the tag defaults to the
 weights entry of the service table (``0xA``), away from kv's, MoE's and the mailbox's.
 
-Messages: connect: publisher -> subscriber HELLO, answered by WELCOME (in parts: the descriptors of
-the buffers the publisher writes, both copies) or REFUSE. Push: PUSH_REQUEST, answered by GRANT,
-DONE, REJECT or PENDING (then a GRANT later); later IN_SERVICE (the version went into service at
-that subscriber rank) or REFUSED (it never will: replaced by a newer one before it was complete).
-Switch: STATUS between subscriber ranks.
+Messages: connect: publisher -> subscriber HELLO (with a session id, new at every connect),
+answered by WELCOME (in parts: the descriptors of the buffers the publisher writes, both copies) or
+REFUSE. Standing grants: subscriber -> publisher OFFER (slot and epoch for the next push, made while
+nothing is being collected into the copy not in service); the publisher's next push then sends
+PUSH_CLAIM and writes at once, without waiting for an answer. Push without an offer: PUSH_REQUEST,
+answered by GRANT, DONE, REJECT or PENDING (then a GRANT later); a claim is answered by GRANT or
+REJECT. Later IN_SERVICE (the version went into service at that subscriber rank) or REFUSED (it
+never will: replaced by a newer one before it was complete). Switch: STATUS between subscriber
+ranks.
+
+``serial`` (grants, offers, claims) is the subscriber's unwrapped epoch count for that source: a
+publisher drops an offer whose serial is not above every grant it already got from that rank.
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ class Kind(enum.IntEnum):
     STATUS = 9
     IN_SERVICE = 10
     REFUSED = 11
+    OFFER = 12
+    PUSH_CLAIM = 13
 
 
 @WEIGHTS.message(Kind.HELLO)
@@ -74,6 +83,7 @@ class Hello:
     fingerprint: Text
     src: U32
     domains: U32
+    session: U64  # new at every connect: offers of an earlier session are never used
 
 
 @WEIGHTS.message(Kind.WELCOME)
@@ -107,6 +117,30 @@ class Grant:
     version: U64
     slot: U8
     epoch: U16
+    serial: U64
+
+
+@WEIGHTS.message(Kind.OFFER)
+class Offer:
+    """subscriber -> a source: a standing grant for its next push of a version newer than
+    ``after_version`` (the version in service here when it was made), into copy ``slot`` with
+    ``epoch``. Valid until used: the copy cannot go into service before this source writes it."""
+    dst: U32
+    session: U64
+    serial: U64
+    slot: U8
+    epoch: U16
+    after_version: OptU64
+
+
+@WEIGHTS.message(Kind.PUSH_CLAIM)
+class PushClaim:
+    """source -> subscriber: this push uses offer ``serial``; its writes are already on their way."""
+    src: U32
+    session: U64
+    serial: U64
+    version: U64
+    request: U64
 
 
 @WEIGHTS.message(Kind.PENDING)

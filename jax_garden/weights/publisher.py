@@ -56,6 +56,8 @@ class PushHandle:
         # in, every write posted, every write complete (what a slow push spent its time on).
         self.granted_after: float | None = None
         self.posted_after: float | None = None
+        # Subscriber ranks written under a standing grant (no grant round trip before the writes).
+        self.claimed: list[int] = []
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -137,12 +139,16 @@ class Publisher:
       imm_tag: 4-bit tag in every imm (must match the subscriber's; default 0xA, the weights entry of
         the service table; a tag of another jax_garden service is refused).
       devices: jax device of each local index (default from the layout / ``jax.local_devices()``).
+      standing_grants: use the subscribers' offers (a grant for the next push, sent once the copy
+        not in service is free): the push then writes at once instead of asking first and waiting a
+        round trip for the grant. False asks every time (the baseline ``bench weights`` compares).
     """
 
     def __init__(self, plan: Plan, rank: int | None = None, *, engine: fabric.TransferEngine | None = None,
                  provider: str | None = None, domains: int = 1, engine_timeout: float = fabric.DEFAULT_TIMEOUT,
                  staging_bytes: int = 256 << 20, timeout: float = 60.0, imm_tag: int = P.DEFAULT_IMM_TAG,
-                 devices: Sequence[Any] | None = None, liveness_s: float = DEFAULT_LIVENESS_S):
+                 devices: Sequence[Any] | None = None, liveness_s: float = DEFAULT_LIVENESS_S,
+                 standing_grants: bool = True):
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a weights.Plan, got {type(plan).__name__}")
         if engine is not None and not isinstance(engine, fabric.TransferEngine):
@@ -151,6 +157,7 @@ class Publisher:
         timeout = check_float("timeout", timeout)
         self.liveness_s = check_float("liveness_s", liveness_s)
         imm_tag = P.check_imm_tag(imm_tag)
+        self.standing_grants = check_instance("standing_grants", standing_grants, bool)
         self.plan, self.timeout, self.imm_tag = plan, timeout, imm_tag
         self.rank = default_rank(plan.src, rank, "source")
         self._own_engine = engine is None
@@ -171,6 +178,9 @@ class Publisher:
         self._handle: PushHandle | None = None  # the last push's
         self._requests = itertools.count(int.from_bytes(os.urandom(4), "little") << 20)
         self._handles: dict[int, PushHandle] = {}  # recent pushes by version, for in-service reports
+        self._session = 0  # of the last connect; offers of other sessions are dropped
+        self._offers: dict[int, P.Offer] = {}  # subscriber rank -> its standing grant, not used yet
+        self._serials: dict[int, int] = {}  # subscriber rank -> highest serial granted or used
         self._closed = False
         self._router = WeightsRouter.attach(self.engine, self, "publisher")
         _lifetime.close_at_exit(self)
@@ -179,6 +189,13 @@ class Publisher:
     def staging_allocated(self) -> int:
         """Bytes of staging memory this publisher holds (at most ``staging_bytes``)."""
         return sum(len(r.arrays) * r.slot_bytes for r in self._rings.values())
+
+    @property
+    def offered(self) -> list[int]:
+        """Subscriber ranks whose standing grant this publisher holds: its next push writes to them
+        at once (without asking first and waiting a round trip for the grant)."""
+        with self._cv:
+            return sorted(self._offers)
 
     def _check_open(self, what: str) -> None:
         if self._closed:
@@ -237,10 +254,16 @@ class Publisher:
                                  f"(index = rank), got {len(addresses)}")
             for r in self._dests:
                 contacts[r] = as_contact(addresses[r], f"addresses[{r}]")
+        if self._handle is not None and not self._handle.done():
+            raise RuntimeError("connect: a push is still running on this publisher; wait for its handle first")
         with self._busy:
             links = {r: SubscriberLink(contacts[r]) for r in self._dests}
+            session = int.from_bytes(os.urandom(8), "little") >> 1
+            with self._cv:  # offers of an earlier session are never used
+                self._session, self._offers, self._serials = session, {}, {}
             for r in self._dests:
-                self._router.send(contacts[r], P.Hello(self.plan.fingerprint, self.rank, self.engine.num_domains))
+                self._router.send(contacts[r], P.Hello(self.plan.fingerprint, self.rank, self.engine.num_domains,
+                                                       session))
             waiting = set(self._dests)
             probes = {r: PeerProbe(contacts[r], self.liveness_s) for r in self._dests}
             # Every rank answers before connect raises: each refusing rank is named, and each has
@@ -333,6 +356,15 @@ class Publisher:
                 h._report(m.dst, None if isinstance(m, P.InService) else m.reason)
             return
         with self._cv:
+            if isinstance(m, P.Offer):
+                if m.session == self._session and m.serial > self._serials.get(m.dst, -1):
+                    self._offers[m.dst] = m
+                return
+            if isinstance(m, P.Grant):  # an offer with a serial up to this one is used (or superseded)
+                self._serials[m.dst] = max(self._serials.get(m.dst, -1), m.serial)
+                o = self._offers.get(m.dst)
+                if o is not None and o.serial <= m.serial:
+                    del self._offers[m.dst]
             self._replies.append((sender, m))
             del self._replies[:-256]  # bounded: stale answers of old pushes are dropped
             self._cv.notify_all()
@@ -434,13 +466,18 @@ class Publisher:
 
     def _run(self, handle: PushHandle, srcs: dict) -> None:
         try:
-            req, deadline = self._send_push_requests(handle)
-            # While the requests travel, register the sources that are written directly (a GPU
-            # array's registration exports its memory: driver calls worth overlapping).
-            regions = self._register_direct_sources(srcs)
-            grants = self._collect_grants(handle, req, deadline)
+            req, deadline, claimed = self._send_push_requests(handle)
+            asked = [r for r in self._dests if r not in claimed]
+            # While requests travel, register the sources that are written directly (a GPU array's
+            # registration exports its memory: driver calls worth overlapping). Without requests
+            # (every rank claimed) each is registered as its first chunk is posted instead.
+            regions = self._register_direct_sources(srcs) if asked else {}
+            grants = self._collect_grants(handle, req, deadline, asked)
+            grants.update(claimed)
             handle.granted_after = time.monotonic() - handle.started
             self._pipeline(handle, srcs, grants, regions)
+            if claimed:  # the receipts: a refused claim fails the push as a refused request does
+                self._collect_grants(handle, req, time.monotonic() + self.timeout, sorted(claimed))
             handle._finish(None)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the handle
             handle._finish(e)
@@ -453,21 +490,41 @@ class Publisher:
                 regions[key] = self.engine.register(registrable(srcs[key]))
         return regions
 
-    def _send_push_requests(self, handle: PushHandle) -> tuple[int, float]:
+    def _send_push_requests(self, handle: PushHandle) -> tuple[int, float, dict[int, tuple[int, int]]]:
+        """Claim the standing grant of every subscriber rank that offered one for a version older
+        than this (those writes may start at once), ask the others; returns the request id, the
+        grants' deadline and the claimed ranks' (slot, epoch)."""
         req = next(self._requests) & ((1 << 64) - 1)
         deadline = time.monotonic() + self.timeout
+        claimed: dict[int, tuple[int, int]] = {}
+        claims = []
+        with self._cv:
+            for r in self._dests if self.standing_grants else ():
+                o = self._offers.get(r)
+                if o is not None and (o.after_version is None or handle.version > o.after_version):
+                    del self._offers[r]
+                    self._serials[r] = max(self._serials.get(r, -1), o.serial)
+                    claimed[r] = (o.slot, o.epoch)
+                    claims.append((r, P.PushClaim(self.rank, self._session, o.serial, handle.version, req)))
+        handle.claimed = sorted(claimed)
+        for r, msg in claims:  # sent outside the lock: the mailbox thread takes it to deliver answers
+            self._router.send(self._subs[r].contact, msg)
         for r in self._dests:
-            self._router.send(self._subs[r].contact, P.PushRequest(self.rank, handle.version, req))
-        return req, deadline
+            if r not in claimed:
+                self._router.send(self._subs[r].contact, P.PushRequest(self.rank, handle.version, req))
+        return req, deadline, claimed
 
-    def _collect_grants(self, handle: PushHandle, req: int, deadline: float) -> dict[int, tuple[int, int]]:
+    def _collect_grants(self, handle: PushHandle, req: int, deadline: float,
+                        ranks: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """The answers of ``ranks`` to request ``req``: {rank: (slot, epoch)} of the grants (ranks
+        that answered DONE are skipped); ValueError for a rejection."""
         grants: dict[int, tuple[int, int]] = {}
-        waiting = set(self._dests)
+        waiting = set(ranks)
         reasons: dict[int, str] = {}
-        probes = {r: PeerProbe(self._subs[r].contact, self.liveness_s) for r in self._dests}
+        probes = {r: PeerProbe(self._subs[r].contact, self.liveness_s) for r in ranks}
         while waiting:
             _, m = self._next_reply(
-                deadline, lambda m: isinstance(m, P.ANSWERS) and m.request == req,
+                deadline, lambda m: isinstance(m, P.ANSWERS) and m.request == req and m.dst in waiting,
                 lambda: (f"push of version {handle.version}: no grant within {self.timeout} s from subscriber ranks "
                          f"{sorted(waiting)}" + "".join(f"; rank {r}: {reasons[r]}" for r in sorted(waiting) if r in reasons)),
                 {r: probes[r] for r in waiting})
@@ -530,7 +587,10 @@ class Publisher:
                 handle.stage_seconds += time.perf_counter() - t0
                 region = ring.regions[k]
             else:
-                region = regions[(c.src_tensor, c.src_local)]  # registered while the grants travelled
+                key = (c.src_tensor, c.src_local)
+                region = regions.get(key)
+                if region is None:
+                    region = regions[key] = self.engine.register(registrable(srcs[key]))
             posted = []
             for r in ranks:
                 slot, epoch = grants[r]

@@ -16,7 +16,7 @@ log = logging.getLogger("jax_garden.weights")
 
 _attach_lock = threading.Lock()
 
-_TO_SUBSCRIBER = (P.Hello, P.PushRequest, P.Status)
+_TO_SUBSCRIBER = (P.Hello, P.PushRequest, P.PushClaim, P.Status)
 
 
 class WeightsRouter:

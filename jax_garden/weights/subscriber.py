@@ -60,6 +60,22 @@ class PublisherInfo:
     contact: Contact
     domains: int
     probe: PeerProbe
+    session: int                      # from its hello: offers are made to this session only
+
+
+@dataclasses.dataclass
+class StandingGrant:
+    """An offer made to a source for its next push: the epoch is reserved and its counter drained,
+    so writes that arrive before the claim are counted from ``base_total``."""
+
+    session: int
+    serial: int                       # unwrapped epoch count (the epoch is serial % 4096)
+    slot: int
+    epoch: int
+    imm: int
+    counter: Any
+    base_total: int
+    made_at: float
 
 
 @dataclasses.dataclass
@@ -174,6 +190,7 @@ class Subscriber:
         self._pubs: dict[int, PublisherInfo] = {}
         self._next_epoch: dict[int, int] = {}
         self._fence_until: dict[int, float] = {}
+        self._offers: dict[int, StandingGrant] = {}  # source rank -> its outstanding standing grant
         self._requests: list[PendingRequest] = []
         self._leases = [0, 0]
         self._errors: list[str] = []
@@ -258,6 +275,7 @@ class Subscriber:
             with self._cond:
                 self._leases[slot] -= 1
                 self._serve_requests()  # a push waiting for this buffer may go now
+                self._make_offers()
 
     def _slot_params(self, slot: int) -> Any:
         cached = self._params_cache.get(slot)
@@ -378,6 +396,7 @@ class Subscriber:
             self._pending_round = self._auto_round = None
             self._done_round = k
             self._serve_requests()  # a request waiting for this round's decision
+            self._make_offers()
             self._cond.notify_all()
 
     def _answer_round(self, k: int) -> None:
@@ -405,6 +424,7 @@ class Subscriber:
             if pub is not None:
                 self._reply(pub.contact, P.InService(self.rank, a.version))
         self._cond.notify_all()
+        self._make_offers()  # the copy now out of service can take the next push at once
 
     def wait(self, version: int, timeout: float = 30.0) -> int:
         """Block until ``version`` (or a newer one) is in service; returns the version in service.
@@ -534,6 +554,7 @@ class Subscriber:
             self._poll_attempt(time.monotonic())
             a = self._attempt
             out = {"rank": self.rank, "serving": self._serving_version, "leases": list(self._leases)}
+            out["offers"] = {p: {"slot": o.slot, "epoch": o.epoch} for p, o in self._offers.items()}
             if a is not None:
                 out["collecting"] = {"version": a.version, "slot": a.slot, "complete": a.complete_at is not None,
                                      "sources": {p: {"epoch": st.epoch, "expected": st.expected,
@@ -561,6 +582,9 @@ class Subscriber:
             with self._cond:
                 self._requests.append(PendingRequest(sender, m))
                 self._serve_requests()
+        elif isinstance(m, P.PushClaim):
+            with self._cond:
+                self._reply(sender, self._claim(m))
         elif isinstance(m, P.Status):
             with self._cond:
                 if m.round > self._done_round:  # older rounds were decided already
@@ -582,7 +606,16 @@ class Subscriber:
             self._reply(sender, P.Refuse(fp, self.rank, f"bad source rank {m.src}"))
             return
         with self._cond:
-            self._pubs[m.src] = PublisherInfo(sender, max(1, m.domains), PeerProbe(sender, self.liveness_s))
+            old = self._pubs.get(m.src)
+            offer = self._offers.get(m.src)
+            if offer is not None and offer.session != m.session:
+                # An earlier session (a restarted or reconnecting publisher) may have written under
+                # it: fence, as for an abandoned grant, before this source is granted again.
+                del self._offers[m.src]
+                self._fence_until[m.src] = max(self._fence_until.get(m.src, 0.0), time.monotonic() + self.fence_s)
+            if old is None or old.session != m.session:
+                self._pubs[m.src] = PublisherInfo(sender, max(1, m.domains), PeerProbe(sender, self.liveness_s),
+                                                  m.session)
             self._dead_sources.pop(m.src, None)  # a (re)started publisher
         # Descriptors of every buffer this source writes here, both copies; in parts that fit the
         # engine's control-message size (a big model has thousands of buffers).
@@ -593,6 +626,8 @@ class Subscriber:
         for i, part in enumerate(parts):
             self._reply(sender, P.Welcome(fp, self.rank, i, len(parts), [b for b, _, _ in part],
                                           tuple(d for _, d0, d1 in part for d in (d0, d1))))
+        with self._cond:
+            self._make_offers()  # the first push needs no grant round trip either
 
     def _tick(self, now: float) -> None:
         with self._cond:
@@ -600,6 +635,7 @@ class Subscriber:
                 return
             self._poll_attempt(now)
             self._serve_requests()
+            self._make_offers()  # e.g. a fence ended
             a = self._attempt
             watch = {} if a is None or a.complete_at is not None else {
                 p: self._pubs[p].probe for p in self._sources
@@ -705,21 +741,92 @@ class Subscriber:
         if wait_s > 0:
             return P.Pending(self.rank, req, f"fencing source {src} for {wait_s:.1f} s more (its previous push did "
                                              "not complete)")
-        epoch = self._next_epoch.get(src, 0)
-        self._next_epoch[src] = epoch + 1
+        offer = self._offers.get(src)
+        if offer is not None and offer.slot == a.slot:
+            # The publisher asked before our offer reached it (or it does not use offers): grant
+            # the offer's epoch; the grant's serial tells the publisher that the offer is used.
+            del self._offers[src]
+        else:
+            offer = self._reserve_epoch(src, a.slot, now)
+        return self._join(a, src, offer, req, version, now)
+
+    def _reserve_epoch(self, src: int, slot: int, now: float) -> StandingGrant:
+        """The next epoch of ``src``, its counter drained of arrivals from 4096 epochs ago."""
+        serial = self._next_epoch.get(src, 0)
+        self._next_epoch[src] = serial + 1
+        epoch = serial % P.EPOCH_MOD
         imm = P.imm_value(self.imm_tag, epoch, src)
         c = self.engine.imm_counter(imm)
         stale = c.credits
-        if stale > 0:  # arrivals from 4096 epochs ago: never count them
+        if stale > 0:
             c.wait(stale, 1.0)
-        total = c.total
-        a.sources[src] = SourceProgress(epoch % P.EPOCH_MOD, imm, c,
+        return StandingGrant(self._pubs[src].session, serial, slot, epoch, imm, c, c.total, now)
+
+    def _join(self, a: Attempt, src: int, g: StandingGrant, req: int, version: int, now: float) -> P.Grant:
+        """``src`` takes part in attempt ``a`` under epoch reservation ``g`` (writes counted from its base)."""
+        a.sources[src] = SourceProgress(g.epoch, g.imm, g.counter,
                                         self.plan.expected_imms(src, self.rank, self._pubs[src].domains),
-                                        now, total, total, now)
+                                        now, g.base_total, g.base_total, now)
         # A wait() that started before this push must now block on the new source's counter (it
         # would otherwise sleep out its span and notice the push only then).
         self._cond.notify_all()
-        return P.Grant(self.rank, req, version, a.slot, epoch % P.EPOCH_MOD)
+        return P.Grant(self.rank, req, version, a.slot, g.epoch, g.serial)
+
+    def _make_offers(self) -> None:
+        """Offer every connected source a standing grant for its next push, while nothing is being
+        collected into the copy not in service and no reader holds it. Until the source uses it,
+        that copy cannot go into service (that takes every source's writes), so the offer stays
+        valid however long it waits. Callers hold the lock."""
+        if self._closed or self._attempt is not None:
+            return
+        slot = 0 if self._serving_slot is None else 1 - self._serving_slot
+        if self._leases[slot]:
+            return
+        now = time.monotonic()
+        for src in self._sources:
+            pub = self._pubs.get(src)
+            if pub is None or src in self._dead_sources or src in self._offers:
+                continue
+            if self._fence_until.get(src, 0.0) > now:
+                continue  # the tick offers once the fence ends
+            g = self._offers[src] = self._reserve_epoch(src, slot, now)
+            self._reply(pub.contact, P.Offer(self.rank, pub.session, g.serial, slot, g.epoch, self._serving_version))
+
+    def _claim(self, m: P.PushClaim) -> Any:
+        """A push under a standing grant: its writes are already on their way. Grant (the same
+        slot and epoch, as a receipt) or Reject; a rejected claim fences the source, since its
+        writes may still land in the copy not in service. Callers hold the lock."""
+        src, version, req = m.src, m.version, m.request
+        now = time.monotonic()
+        g, pub = self._offers.get(src), self._pubs.get(src)
+        why = None
+        if g is None or pub is None or g.session != m.session or g.serial != m.serial:
+            why = (f"standing grant {m.serial} of source {src} is no longer valid at subscriber rank {self.rank} "
+                   "(the publisher reconnected or restarted since); push again")
+        else:
+            del self._offers[src]
+            self._poll_attempt(now)
+            a = self._attempt
+            if self._serving_version is not None and version <= self._serving_version:
+                why = (f"version {version} is not newer than version {self._serving_version} in service at subscriber "
+                       f"rank {self.rank}")
+            elif a is not None and version < a.version:
+                why = f"subscriber rank {self.rank} is collecting the newer version {a.version}"
+            elif a is not None and version > a.version and a.complete_at is not None and self._pending_round is not None:
+                why = f"version {a.version} landed and a refresh round is deciding on it"
+            else:
+                if a is not None and version > a.version:
+                    self._abandon(a, version)
+                    a = None
+                if a is None:
+                    a = self._attempt = Attempt(version, g.slot, now)
+                    self._params_cache.pop(g.slot, None)
+                if a.slot != g.slot or src in a.sources:  # cannot happen while the offer was outstanding
+                    why = f"internal: offer for buffer {g.slot} does not match the version being collected"
+                else:
+                    return self._join(a, src, g, req, version, now)
+        self._fence_until[src] = max(self._fence_until.get(src, 0.0), now + self.fence_s)
+        return P.Reject(self.rank, req, why)
 
     def _abandon(self, a: Attempt, newer: int) -> None:
         for p, st in a.sources.items():
