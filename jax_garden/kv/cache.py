@@ -191,21 +191,23 @@ class PagedKVCache:
                                    "cache.read(layer), which copies")
 
     def check(self) -> None:
-        """Raise BufferMovedError unless every array is alive and at its registered buffer."""
+        """Raise BufferMovedError unless every array is alive. Each array was checked at its
+        registered buffers when the cache adopted it (init, commit, reregister), and a jax.Array's
+        buffers never change while it lives, so this is one ``is_deleted`` per array (reading the
+        pointers again cost ~12 us per array: 0.8 ms of a stream's finish at 32 layers)."""
         self._check_usable()
         for layer, pair in enumerate(self._arrays):
             for kind, arr in enumerate(pair):
                 if arr.is_deleted():
                     raise BufferMovedError(f"layer {layer} {'KV'[kind]} was donated to a step whose outputs were "
                                            "not committed: call cache.commit(k, v) with the step's outputs")
-                if self._pointers(arr) != self._bases[layer][kind]:
-                    self._mark_broken(f"layer {layer} {'KV'[kind]} is no longer at its registered buffer")
-                    raise BufferMovedError(self._broken)
 
-    def block_until_ready(self) -> None:
+    def block_until_ready(self, layers: Sequence[int] | None = None) -> None:
+        """Wait for the arrays of ``layers`` (default: every layer)."""
         import jax
 
-        jax.block_until_ready([a for pair in self._arrays for a in pair if not a.is_deleted()])
+        pairs = self._arrays if layers is None else [self._arrays[layer] for layer in layers]
+        jax.block_until_ready([a for pair in pairs for a in pair if not a.is_deleted()])
 
     def reregister(self, k: Sequence[Any], v: Sequence[Any]) -> None:
         """Make a broken cache usable again without restarting: adopt ``k`` and ``v`` (per layer, e.g.

@@ -116,7 +116,10 @@ class Stream:
                              f"({self.ticket.payload_capacity})")
         side = self._side
         try:
-            side.cache.block_until_ready()
+            # Layers posted on their marks were ordered after their writes; the rest must be ready.
+            with self._lock:
+                unposted = [layer for layer, done in enumerate(self._posted) if not done]
+            side.cache.block_until_ready(unposted)
             side.cache.check()
         except BufferMovedError as e:
             side._fail(self, f"source cache: {e}")
