@@ -261,6 +261,7 @@ def _until(cond, what, timeout=10.0):
         time.sleep(0.005)
 
 
+@pytest.mark.adversarial
 def test_standing_grants_write_without_asking_and_never_touch_the_copy_in_service(engines, closing):
     """The subscriber offers the copy not in service for the next push; a push holding the offer
     writes at once (PushHandle.claimed), the version in service stays intact until the switch, a
@@ -365,3 +366,42 @@ def test_writes_that_land_before_their_claim_are_counted(engines, closing):
         got = np.asarray(sub.params()["w"])
         assert np.array_equal(got.view(np.uint16), vals["w"].view(np.uint16))
         _until(lambda: pub.offered == [0], "the next offer")
+
+
+@pytest.mark.adversarial
+def test_a_claim_for_a_replaced_version_is_refused_and_fenced(engines, closing):
+    """Two trainer ranks, one inference rank. Rank 0 moves on to version 2 while rank 1 still holds
+    the offer made before version 1: its claim of version 1 arrives with its writes on the way, is
+    refused (naming the newer version) and fences rank 1, whose push of version 2 is then granted
+    once the fence ended; version 2 lands whole (rank 1's late version 1 bytes were overwritten)."""
+    src = {"w": T((64, 256), "bfloat16", M({"f": 2}, ("f",)))}
+    dst = {"w": T((64, 256), "bfloat16", None)}
+    plan = _plan(src, dst, chunk_bytes=8192)
+    sub = weights.Subscriber(plan, dst, engine=engines(), fence_s=1.0)
+    pubs = [weights.Publisher(plan, rank=r, engine=engines(), staging_bytes=1 << 16, timeout=20) for r in (0, 1)]
+    for x in (sub, *pubs):
+        closing(x)
+    for p in pubs:
+        p.connect([sub.address])
+    for p in pubs:
+        _until(lambda: p.offered == [0], "the offers made at connect")
+
+    def mine(rank, seed):
+        return {"w": _values(plan, seed)["w"][rank * 32:(rank + 1) * 32]}
+
+    h = pubs[0].push(mine(0, 1), 1).wait(30)
+    assert h.claimed == [0]
+    h = pubs[0].push(mine(0, 2), 2).wait(30)  # asks (its offer is used): version 1 is replaced
+    assert h.claimed == []
+    assert sub.status()["collecting"]["version"] == 2
+    late = pubs[1].push(mine(1, 1), 1)
+    with pytest.raises(ValueError, match="collecting the newer version 2"):
+        late.wait(30)
+    assert late.claimed == [0] and pubs[1].offered == []
+    t0 = time.monotonic()
+    h = pubs[1].push(mine(1, 2), 2).wait(30)  # pending while the fence runs, then granted
+    assert h.claimed == [] and time.monotonic() - t0 >= 0.5  # the 1 s fence began at the refusal
+    assert sub.wait(2, 30) == 2
+    got = np.asarray(sub.params()["w"])
+    want = np.concatenate([mine(0, 2)["w"], mine(1, 2)["w"]])
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
