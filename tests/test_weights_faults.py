@@ -405,3 +405,28 @@ def test_a_claim_for_a_replaced_version_is_refused_and_fenced(engines, closing):
     got = np.asarray(sub.params()["w"])
     want = np.concatenate([mine(0, 2)["w"], mine(1, 2)["w"]])
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_connect_during_a_push_is_refused(engines, closing):
+    """A push writes with the connection's buffers and offers: connect waits for it to end."""
+    specs = {"w": T((64, 128), "bfloat16", None)}
+    plan = _plan(specs, specs, chunk_bytes=8192, direct_min_bytes=1 << 30)
+    go = threading.Event()
+
+    class Held(weights.Publisher):
+        def before_chunk(self, index):
+            go.wait(10)
+
+    sub = weights.Subscriber(plan, specs, engine=engines())
+    pub = Held(plan, engine=engines(), staging_bytes=1 << 16, timeout=20)
+    for x in (sub, pub):
+        closing(x)
+    pub.connect([sub.address])
+    h = pub.push(_values(plan, 1), 1)
+    with pytest.raises(RuntimeError, match="push is still running"):
+        pub.connect([sub.address])
+    go.set()
+    h.wait(30)
+    assert sub.wait(1, 30) == 1
+    pub.connect([sub.address])  # once it ended
+    assert pub.push(_values(plan, 2), 2).wait(30) and sub.wait(2, 30) == 2
