@@ -485,10 +485,17 @@ class Publisher:
     def _register_direct_sources(self, srcs: dict) -> dict[tuple[int, int], Any]:
         regions: dict[tuple[int, int], Any] = {}
         for c in self._chunks:
-            key = (c.src_tensor, c.src_local)
-            if not c.staged and key not in regions:
-                regions[key] = self.engine.register(registrable(srcs[key]))
+            if not c.staged:
+                self._direct_region(regions, srcs, c)
         return regions
+
+    def _direct_region(self, regions: dict, srcs: dict, c: Chunk) -> Any:
+        """The registration of the source shard chunk ``c`` is written from directly (made on first use)."""
+        key = (c.src_tensor, c.src_local)
+        region = regions.get(key)
+        if region is None:
+            region = regions[key] = self.engine.register(registrable(srcs[key]))
+        return region
 
     def _send_push_requests(self, handle: PushHandle) -> tuple[int, float, dict[int, tuple[int, int]]]:
         """Claim the standing grant of every subscriber rank that offered one for a version older
@@ -587,10 +594,7 @@ class Publisher:
                 handle.stage_seconds += time.perf_counter() - t0
                 region = ring.regions[k]
             else:
-                key = (c.src_tensor, c.src_local)
-                region = regions.get(key)
-                if region is None:
-                    region = regions[key] = self.engine.register(registrable(srcs[key]))
+                region = self._direct_region(regions, srcs, c)
             posted = []
             for r in ranks:
                 slot, epoch = grants[r]

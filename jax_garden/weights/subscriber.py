@@ -75,7 +75,6 @@ class StandingGrant:
     imm: int
     counter: Any
     base_total: int
-    made_at: float
 
 
 @dataclasses.dataclass
@@ -726,7 +725,7 @@ class Subscriber:
             self._abandon(a, version)
             a = None
         if a is None:
-            slot = 0 if self._serving_slot is None else 1 - self._serving_slot
+            slot = self._standby_slot()
             if self._leases[slot]:
                 return P.Pending(self.rank, req, f"buffer {slot} (version before the one in service) is held by "
                                                  f"{self._leases[slot]} reader(s) (Subscriber.hold)")
@@ -747,10 +746,14 @@ class Subscriber:
             # the offer's epoch; the grant's serial tells the publisher that the offer is used.
             del self._offers[src]
         else:
-            offer = self._reserve_epoch(src, a.slot, now)
+            offer = self._reserve_epoch(src, a.slot)
         return self._join(a, src, offer, req, version, now)
 
-    def _reserve_epoch(self, src: int, slot: int, now: float) -> StandingGrant:
+    def _standby_slot(self) -> int:
+        """The copy not in service: where the next version lands (callers hold the lock)."""
+        return 0 if self._serving_slot is None else 1 - self._serving_slot
+
+    def _reserve_epoch(self, src: int, slot: int) -> StandingGrant:
         """The next epoch of ``src``, its counter drained of arrivals from 4096 epochs ago."""
         serial = self._next_epoch.get(src, 0)
         self._next_epoch[src] = serial + 1
@@ -760,7 +763,7 @@ class Subscriber:
         stale = c.credits
         if stale > 0:
             c.wait(stale, 1.0)
-        return StandingGrant(self._pubs[src].session, serial, slot, epoch, imm, c, c.total, now)
+        return StandingGrant(self._pubs[src].session, serial, slot, epoch, imm, c, c.total)
 
     def _join(self, a: Attempt, src: int, g: StandingGrant, req: int, version: int, now: float) -> P.Grant:
         """``src`` takes part in attempt ``a`` under epoch reservation ``g`` (writes counted from its base)."""
@@ -779,7 +782,7 @@ class Subscriber:
         valid however long it waits. Callers hold the lock."""
         if self._closed or self._attempt is not None:
             return
-        slot = 0 if self._serving_slot is None else 1 - self._serving_slot
+        slot = self._standby_slot()
         if self._leases[slot]:
             return
         now = time.monotonic()
@@ -789,7 +792,7 @@ class Subscriber:
                 continue
             if self._fence_until.get(src, 0.0) > now:
                 continue  # the tick offers once the fence ends
-            g = self._offers[src] = self._reserve_epoch(src, slot, now)
+            g = self._offers[src] = self._reserve_epoch(src, slot)
             self._reply(pub.contact, P.Offer(self.rank, pub.session, g.serial, slot, g.epoch, self._serving_version))
 
     def _claim(self, m: P.PushClaim) -> Any:
