@@ -122,7 +122,8 @@ def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
                 (rss0, hwm0), gm0 = mem0
                 rss1, hwm1 = _rss_hwm()
                 conn.send(("pushed", t0, t1, sum(h.bytes_sent.values()), h.stage_seconds,
-                           {"hwm_growth": hwm1 - hwm0, "gpu_peak": _gpu_mem().get("peak"), "gpu_in_use0": gm0.get("in_use")},
+                           {"hwm_growth": hwm1 - hwm0, "gpu_peak": _gpu_mem().get("peak"), "gpu_in_use0": gm0.get("in_use"),
+                            "gpu_peak0": gm0.get("peak")},
                            {"granted": h.granted_after, "posted": h.posted_after, "complete": h.seconds},
                            (len(h.claimed), len(h.ranks))))
             elif cmd[0] == "wait":
@@ -216,7 +217,9 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
                 claimed[1] += x[7][1]
         nbytes = sum(x[3] for x in pushed)
         mem = {"hwm_growth_max": max(x[5]["hwm_growth"] for x in pushed),
-               "gpu_peak": [x[5]["gpu_peak"] for x in pushed], "gpu_in_use_before": [x[5]["gpu_in_use0"] for x in pushed]}
+               "gpu_peak": [x[5]["gpu_peak"] for x in pushed], "gpu_in_use_before": [x[5]["gpu_in_use0"] for x in pushed],
+               # the peak before the timed pushes (setup, warm-up push): XLA's peak cannot be reset
+               "gpu_peak_before": [x[5]["gpu_peak0"] for x in pushed]}
         progress(f"  {cfg['name']}: round {v} {t * 1e3:.1f} ms ({format_phases(phases)} ms)"
                  + (" (warm-up)" if v == 0 else ""))
     for c in pubs + subs:
