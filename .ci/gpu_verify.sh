@@ -93,6 +93,10 @@ run_bench weights 100 weights --quick --no-cpu --json "$out/bench_weights.json"
 run_bench moe 120 moe --quick --modes decode --dtypes bf16 --ladder --profile --ladder-iters 40 \
   --plot "$out/moe_ladder.png" --out "$out/bench_moe.json"
 run_bench moe_nodes 75 moe --nodes 2 --quick --out "$out/bench_moe_nodes.json"
+# kv again with 5 ms layers (about one Llama-3-8B layer at 8k tokens on an H100: ~4 TFLOP): the
+# TTFT overhead a serving user sees. The row above makes each layer as short as its wire time (17 us
+# on one GPU), which is a stress test of the per-layer host work, not a model.
+run_bench kv_5ms 60 kv --no-cpu --prompts 8192 --iters 2 --cancel-iters 1 --layer-ms 5 --json "$out/bench_kv_5ms.json"
 
 # 4. Summary: counts and headline ratios, last.
 "$python" "$root/.ci/gpu_summary.py" "$out" | tee "$out/summary.txt"
