@@ -687,6 +687,8 @@ def test_bad_tickets_rejected_before_anything_is_posted(pair):
             pf.open_stream(blob, pages)
     with pytest.raises(ValueError, match="src_pages: page 48 out of range"):
         pf.open_stream(good, np.array([0, 1, 48]))
+    with pytest.raises(ValueError, match="src_pages: a page appears twice"):
+        pf.open_stream(good, np.array([2, 0, 2]))
     with pytest.raises(TypeError):
         pf.open_stream("not bytes", src)
     # from another cache: same shape of ticket, another cache id: the decode side rejects the OPEN

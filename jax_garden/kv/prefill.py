@@ -18,7 +18,7 @@ import numpy as np
 
 from jax_garden import _lifetime, fabric
 from jax_garden._service.mailbox import DEFAULT_LIVENESS_S, Contact, PeerProbe, as_contact, weak_callback
-from jax_garden._validate import check_bool, check_float, check_int, check_timeout
+from jax_garden._validate import check_bool, check_float, check_int, check_timeout, has_repeats
 from jax_garden.kv import protocol as P
 from jax_garden.kv.cache import PagedKVCache
 from jax_garden.kv.decode import PAYLOAD_HEADER, PAYLOAD_MAGIC
@@ -353,7 +353,7 @@ class PrefillSide(UserMessages):
         if src.size and (int(src.min()) < 0 or int(src.max()) >= cache.layout.num_pages):
             raise ValueError(f"src_pages: page {int(src.max()) if src.max() >= cache.layout.num_pages else int(src.min())} "
                              f"out of range (the source cache has {cache.layout.num_pages} pages)")
-        if np.unique(src).size != src.size:
+        if has_repeats(src):
             raise ValueError("src_pages: a page appears twice")
         if t.payload_capacity + PAYLOAD_HEADER > 1 << 20:
             raise ValueError(f"kv ticket: payload capacity {t.payload_capacity} too large")

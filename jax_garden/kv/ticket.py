@@ -9,6 +9,7 @@ import numpy as np
 
 from jax_garden._service.codec import Reader, Writer, seal, unseal
 from jax_garden._service.mailbox import Contact
+from jax_garden._validate import has_repeats
 from jax_garden.kv.imm import MAX_CACHE_TAGS, MAX_SLOTS
 from jax_garden.kv.layout import KVLayout
 
@@ -73,8 +74,7 @@ class Ticket:
         if pages.size and int(pages.max()) >= layout.num_pages:
             raise ValueError(f"kv ticket: page {int(pages.max())} out of range (the decode cache has "
                              f"{layout.num_pages} pages)")
-        ordered = np.sort(pages)  # (np.unique hashes: 7x slower on a ticket's few hundred pages)
-        if ordered.size > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+        if has_repeats(pages):
             raise ValueError("kv ticket: a page appears twice in the page list")
         try:
             contact = Contact.from_bytes(contact_bytes)
