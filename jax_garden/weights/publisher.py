@@ -428,12 +428,14 @@ class Publisher:
             shape = tuple(int(s) for s in leaf.shape)
             if not mine:
                 continue
+            # once per leaf: the property builds new Shard objects at every read
+            shards = getattr(leaf, "addressable_shards", None) if shape == t.shape else None
             for l, box in mine:
                 ext = tuple(b - a for a, b in box)
                 arr = None
-                if shape == t.shape and hasattr(leaf, "addressable_shards"):
+                if shards is not None:
                     did = self.plan.src.device_id(ti, self.rank, l)
-                    cands = [s for s in leaf.addressable_shards
+                    cands = [s for s in shards
                              if (did is None or s.device.id == did) and box_of_index(s.index, shape) == box]
                     if did is None:  # abstract layout: the l-th shard with this box on this process
                         same = [lb for lb in mine if lb[1] == box]
@@ -441,7 +443,7 @@ class Publisher:
                         pos = same.index((l, box))
                         cands = cands[pos:pos + 1]
                     if not cands:
-                        have = sorted({box_of_index(s.index, shape) for s in leaf.addressable_shards})
+                        have = sorted({box_of_index(s.index, shape) for s in shards})
                         raise ValueError(f"{t.path}: this process holds no shard {list(box)} (rank {self.rank}, "
                                          f"device {l}); its shards are {[list(h) for h in have]}")
                     arr = cands[0].data
