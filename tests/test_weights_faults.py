@@ -408,7 +408,7 @@ def test_a_claim_for_a_replaced_version_is_refused_and_fenced(engines, closing):
 
 
 def test_connect_during_a_push_is_refused(engines, closing):
-    """A push writes with the connection's buffers and offers: connect waits for it to end."""
+    """A push writes with the connection's buffers and offers: connect is refused until the push ended."""
     specs = {"w": T((64, 128), "bfloat16", None)}
     plan = _plan(specs, specs, chunk_bytes=8192, direct_min_bytes=1 << 30)
     go = threading.Event()
