@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "moe/nvlink_all_to_all.h"
 #include "moe/nvlink_kernels.h"
+#include "moe/peer_ipc.h"
 
 namespace jax_garden::moe {
 namespace {
@@ -253,12 +254,7 @@ void NvlinkAllToAll::connect_ipc(int ordinal, int peer_rank, const std::string& 
                " bytes, expected ", sizeof(cudaIpcMemHandle_t));
   JG_CHECK_ARG(r->peers[peer_rank] == nullptr, "moe (CUDA): peer rank ", peer_rank, " already mapped on ordinal ",
                ordinal);
-  DeviceGuard guard(ordinal);
-  cudaIpcMemHandle_t h;
-  std::memcpy(&h, handle.data(), sizeof(h));
-  void* ptr = nullptr;
-  check_cuda(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
-  r->peers[peer_rank] = static_cast<char*>(ptr);
+  r->peers[peer_rank] = open_peer_ipc(handle, ordinal, peer_rank, "jax_garden.moe (CUDA)");
   r->opened_ipc[peer_rank] = true;
 }
 

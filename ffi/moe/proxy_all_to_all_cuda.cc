@@ -12,6 +12,7 @@
 #include "common/error.h"
 #include "fabric/core/region.h"
 #include "moe/nvlink_protocol.h"
+#include "moe/peer_ipc.h"
 #include "moe/proxy_all_to_all.h"
 #include "moe/proxy_kernels.h"
 
@@ -270,12 +271,7 @@ void ProxyAllToAll::connect_ipc(int32_t rank, int32_t peer_rank, const std::stri
                " bytes, expected ", sizeof(cudaIpcMemHandle_t));
   const int slot = peer_rank % options_.node_size;
   JG_CHECK_ARG(l->node[slot] == nullptr, "moe (CUDA, node groups): rank ", peer_rank, " already mapped for rank ", rank);
-  DeviceGuard guard(l->ordinal);
-  cudaIpcMemHandle_t h;
-  std::memcpy(&h, handle.data(), sizeof(h));
-  void* ptr = nullptr;
-  check_cuda(cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
-  l->node[slot] = static_cast<char*>(ptr);
+  l->node[slot] = open_peer_ipc(handle, l->ordinal, peer_rank, "jax_garden.moe (CUDA, node groups)");
   l->opened_ipc[slot] = true;
 }
 

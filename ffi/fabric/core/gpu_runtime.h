@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "common/error.h"
+
 namespace jax_garden::fabric {
 
 struct PointerInfo {
@@ -58,6 +60,12 @@ std::unique_ptr<CopyJob> host_copy(const std::vector<CopySegment>& segments);
 std::unique_ptr<CopyJob> host_paged_copy(const PagedCopy& copy);
 std::unique_ptr<CopyJob> failed_copy(std::string error);
 
+// cudaErrorAlreadyMapped from cudaIpcOpenMemHandle: this process still holds a mapping that the
+// driver takes for the handle's (a peer freed an allocation we mapped and made a new one there).
+struct IpcAlreadyMapped : FabricError {
+  using FabricError::FabricError;
+};
+
 class GpuRuntime {
  public:
   virtual ~GpuRuntime() = default;
@@ -69,7 +77,8 @@ class GpuRuntime {
   // Pointer queries and CUDA IPC. All throw FabricError on driver errors.
   virtual PointerInfo query(uint64_t ptr) = 0;  // is_device = false for host memory
   virtual std::array<uint8_t, 64> ipc_export(uint64_t alloc_base) = 0;
-  // The mapped allocation base.
+  // The mapped allocation base. Throws IpcAlreadyMapped when the driver refuses the handle as
+  // already mapped in this process.
   virtual uint64_t ipc_open(const std::array<uint8_t, 64>& handle, int device) = 0;
   virtual void ipc_close(uint64_t mapped_base) = 0;
   // Virtual-memory-management ranges (cuMemCreate; XLA's allocators make them): the range holding

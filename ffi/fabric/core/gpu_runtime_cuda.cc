@@ -186,7 +186,13 @@ class CudaRuntime final : public GpuRuntime {
     cudaIpcMemHandle_t h{};
     std::memcpy(&h, handle.data(), 64);
     void* p = nullptr;
-    check(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    const cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+    if (e == cudaErrorAlreadyMapped) {
+      cudaGetLastError();
+      throw IpcAlreadyMapped("cudaIpcOpenMemHandle failed: cudaErrorAlreadyMapped: this process still maps memory "
+                             "the driver takes for this handle's");
+    }
+    check(e, "cudaIpcOpenMemHandle");
     return reinterpret_cast<uint64_t>(p);
   }
 

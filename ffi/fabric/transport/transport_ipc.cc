@@ -60,6 +60,26 @@ void close_dead_mappings(uint64_t owner) JG_REQUIRES(g_ipc_mu) {
     }
   }
 }
+
+// Opens `handle`; when the driver refuses it as already mapped, closes every dead mapping (of any
+// owner: the caller may not know whose handle it is) and opens it once more.
+uint64_t open_reclaiming(const std::array<uint8_t, kIpcHandleBytes>& handle, int device) JG_REQUIRES(g_ipc_mu) {
+  try {
+    return gpu_runtime().ipc_open(handle, device);
+  } catch (const IpcAlreadyMapped&) {
+  }
+  std::vector<uint64_t> owners;
+  for (const auto& [key, m] : g_ipc_maps) owners.push_back(key.first);
+  owners.erase(std::unique(owners.begin(), owners.end()), owners.end());  // the map is sorted by owner
+  for (uint64_t owner : owners) close_dead_mappings(owner);
+  try {
+    return gpu_runtime().ipc_open(handle, device);
+  } catch (const IpcAlreadyMapped& e) {
+    throw FabricError(str_cat(e.what(), " (", g_ipc_maps.size(),
+                              " mappings the transfer engine holds for live regions of other processes stay open)"));
+  }
+}
+
 // Imported VMM ranges, by (owner process nonce, region key): the mapped base and the local devices
 // given access. The mapping holds the owner's physical memory; the owner's region table still
 // admits every copy (liveness and bounds), as for legacy handles.
@@ -169,7 +189,7 @@ uint64_t IpcTransport::map(const MemoryDescriptor& dst, int device) {
   const bool stale = it != g_ipc_maps.end() && !serves(it->second) && !any_region_live(dst.process_nonce, it->second);
   if (it == g_ipc_maps.end() || stale) {
     close_dead_mappings(dst.process_nonce);
-    uint64_t base = gpu_runtime().ipc_open(dst.ipc_handle, device);
+    uint64_t base = open_reclaiming(dst.ipc_handle, device);
     for (const auto& [k, m] : g_ipc_maps) {
       // Every mapping left is still open and holds its address: a fresh one cannot share it.
       if (m.base == base) {
@@ -701,6 +721,11 @@ bool IpcPart::advance() {
   auto status = op_->status();
   finish(status == TransferState::Status::kDone, op_->error());
   return true;
+}
+
+uint64_t ipc_open_outside_engine(const std::array<uint8_t, kIpcHandleBytes>& handle, int device) {
+  MutexLock lk(g_ipc_mu);
+  return open_reclaiming(handle, device);
 }
 
 }  // namespace jax_garden::fabric

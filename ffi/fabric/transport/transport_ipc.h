@@ -221,4 +221,12 @@ class IpcTransport final : public WorkerTask {
   Clock::time_point last_deadline_check_ JG_GUARDED_BY_PROGRESS;
 };
 
+// Opens a legacy CUDA IPC handle for a caller outside the engine's copies (the MoE contexts map
+// their peers' buffers). The engine keeps the mappings it opened until the owner's next handle
+// needs them gone, so a peer that freed such an allocation and made a new one at that address may
+// hand out a handle the driver refuses as already mapped: then the engine's mappings whose regions
+// are all gone are closed and the handle opened once more. The caller closes the mapping
+// (cudaIpcCloseMemHandle). Throws FabricError.
+uint64_t ipc_open_outside_engine(const std::array<uint8_t, kIpcHandleBytes>& handle, int device);
+
 }  // namespace jax_garden::fabric
