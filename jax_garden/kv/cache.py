@@ -63,7 +63,6 @@ class PagedKVCache:
             raise ValueError(f"{len(devices)} devices do not divide kv_heads={layout.kv_heads}: the cache is "
                              "sharded over KV heads, one equal slice per device")
         self.engine, self.layout = engine, layout
-        self._array_shape, self._np_dtype = layout.array_shape, layout.np_dtype  # (checked per array per step)
         self.num_shards = len(devices)
         self.mesh = Mesh(np.array(devices, dtype=object), ("kv_heads",))
         spec = [None] * 4
@@ -250,7 +249,7 @@ class PagedKVCache:
         # (not hasattr(arr, "addressable_shards"): that builds the array's Shard objects)
         if not isinstance(arr, jax.Array):
             raise TypeError(f"{what}: layer {layer} {'KV'[kind]} is a {type(arr).__name__}, not a jax.Array")
-        if tuple(arr.shape) != self._array_shape or arr.dtype != self._np_dtype:
+        if tuple(arr.shape) != self.layout.array_shape or arr.dtype != self.layout.np_dtype:
             raise ValueError(f"{what}: layer {layer} {'KV'[kind]} has shape {tuple(arr.shape)} {arr.dtype}, "
                              f"the cache holds {self.layout.array_shape} {self.layout.dtype}")
         if arr.is_deleted():

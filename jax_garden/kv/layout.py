@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,9 @@ class KVLayout:
     def itemsize(self) -> int:
         return self.np_dtype.itemsize
 
-    @property
+    # np_dtype and array_shape are cached (the layout is frozen): the cache checks every array it
+    # adopts against them, 2 x num_layers arrays per prefill step.
+    @functools.cached_property
     def np_dtype(self) -> np.dtype:
         import jax.numpy as jnp
 
@@ -60,7 +63,7 @@ class KVLayout:
     def head_axis(self) -> int:
         return 1 if self.page_layout == "HND" else 2
 
-    @property
+    @functools.cached_property
     def array_shape(self) -> tuple[int, int, int, int]:
         if self.page_layout == "HND":
             return (self.num_pages, self.kv_heads, self.page_tokens, self.head_dim)
