@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include <unistd.h>
@@ -49,10 +50,12 @@ bool any_region_live(uint64_t owner, const LegacyMapping& m) {
 // retired those regions (which waited for admitted copies), so nothing of ours still copies into
 // them. Called before a new handle of that owner is opened: once the owner freed an allocation and
 // made a new one at the same address, the driver may refuse the new handle as already mapped while
-// our mapping of the freed memory stays open (and that mapping would pin the freed memory).
-void close_dead_mappings(uint64_t owner) JG_REQUIRES(g_ipc_mu) {
+// our mapping of the freed memory stays open (and that mapping would pin the freed memory). No
+// owner: every owner's (for a handle whose owner the caller does not know).
+void close_dead_mappings(std::optional<uint64_t> owner) JG_REQUIRES(g_ipc_mu) {
   for (auto it = g_ipc_maps.begin(); it != g_ipc_maps.end();) {
-    if (it->first.first == owner && !any_region_live(owner, it->second)) {
+    const uint64_t its_owner = it->first.first;
+    if ((!owner || its_owner == *owner) && !any_region_live(its_owner, it->second)) {
       gpu_runtime().ipc_close(it->second.base);
       it = g_ipc_maps.erase(it);
     } else {
@@ -68,10 +71,7 @@ uint64_t open_reclaiming(const std::array<uint8_t, kIpcHandleBytes>& handle, int
     return gpu_runtime().ipc_open(handle, device);
   } catch (const IpcAlreadyMapped&) {
   }
-  std::vector<uint64_t> owners;
-  for (const auto& [key, m] : g_ipc_maps) owners.push_back(key.first);
-  owners.erase(std::unique(owners.begin(), owners.end()), owners.end());  // the map is sorted by owner
-  for (uint64_t owner : owners) close_dead_mappings(owner);
+  close_dead_mappings(std::nullopt);
   try {
     return gpu_runtime().ipc_open(handle, device);
   } catch (const IpcAlreadyMapped& e) {
