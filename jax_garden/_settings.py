@@ -27,6 +27,13 @@ variable                                default   meaning
                                                   GPU regions in cuMemCreate memory (XLA's
                                                   buffers) to same-host peers through an
                                                   exported fd (their writes then go staged)
+``JAX_GARDEN_IPC_COPY_KERNEL_BYTES``    0         engines created from now on without an
+                                                  ``ipc_copy_kernel_bytes=`` argument send ipc
+                                                  single writes of at most this many bytes
+                                                  (16-byte aligned, up to 8 pieces) as one copy
+                                                  kernel that also stores their imm records
+                                                  (less host work, but it needs free SMs); 0:
+                                                  always the driver's copy and a stream write
 ``JAX_GARDEN_ADVERSARY``                (off)     engines created from now on without an
                                                   ``adversary=`` argument run the adversarial
                                                   delivery mode with these settings, e.g.
@@ -52,6 +59,13 @@ def _flag(text: str) -> bool:
     return text.strip().lower() not in ("0", "false", "no", "off", "")
 
 
+def _count(text: str) -> int:
+    n = int(text.strip())
+    if n < 0:
+        raise ValueError(f"must be >= 0, got {n}")
+    return n
+
+
 SETTINGS: dict[str, Setting] = {
     "tcp_node": Setting("JAX_GARDEN_TCP_NODE", str, "127.0.0.1",
                         "address the tcp provider binds when TransferEngine(node=None)"),
@@ -74,6 +88,11 @@ SETTINGS: dict[str, Setting] = {
     "vmm_ipc": Setting("JAX_GARDEN_VMM_IPC", _flag, True,
                        "0: engines created from now on stop offering GPU regions in cuMemCreate memory (XLA's "
                        "buffers) to same-host peers through an exported fd (their writes then go staged)"),
+    "ipc_copy_kernel_bytes": Setting("JAX_GARDEN_IPC_COPY_KERNEL_BYTES", _count, 0,
+                                     "engines created without ipc_copy_kernel_bytes= send ipc single writes of at "
+                                     "most this many bytes as one copy kernel that also stores their imm records "
+                                     "(less host work, needs free SMs); 0: always the driver's copy and a stream "
+                                     "write"),
     "adversary": Setting("JAX_GARDEN_ADVERSARY", str, "",
                          "engines created without adversary= run the adversarial delivery mode with these "
                          "settings (seed=7,hold=0.5,...); read by the native engine when it is created"),

@@ -275,6 +275,13 @@ class TransferEngine:
       adversary: the adversarial delivery mode for testing protocols (``jax_garden._adversary``,
         docs/testing.md): ``"seed=7,hold=0.5,..."``, or ``""`` for off; None (default) reads
         ``JAX_GARDEN_ADVERSARY`` (unset: off). Off costs nothing.
+      ipc_copy_kernel_bytes: ``ipc`` single writes (and a scatter's run toward one region) of at
+        most this many bytes, 16-byte aligned, go as one copy kernel that also stores their imm
+        records: less host work per write than the driver's copy followed by a stream write, but
+        the copy then needs free SMs (the driver's same-device copy does not), so a kernel of this
+        process that spins waiting for such a write's bytes must leave room for it. 0 (off):
+        always the driver's copy. None (default) reads ``JAX_GARDEN_IPC_COPY_KERNEL_BYTES``
+        (unset: 0). docs/ipc.md.
 
     Memory: each domain pre-posts ``16 x max_message_bytes`` of control-message receive buffers;
     on ``tcp`` libfabric's ``ofi_rxm`` layer adds its own buffer pools: an engine costs about
@@ -285,7 +292,7 @@ class TransferEngine:
                  timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = 256 * 1024,
                  split_threshold: int = DEFAULT_SPLIT_THRESHOLD, path: str | None = None,
                  staging_chunk_bytes: int = 1 << 20, staging_slots: int = 8, completion: str = "delivery",
-                 adversary: str | None = None):
+                 adversary: str | None = None, ipc_copy_kernel_bytes: int | None = None):
         if provider is not None:
             check_instance("provider", provider, str)
         domains = check_int("domains", domains, minimum=1, maximum=8)
@@ -296,13 +303,16 @@ class TransferEngine:
         check_choice("completion", completion, COMPLETIONS)
         if adversary is not None:
             check_instance("adversary", adversary, str)
+        if ipc_copy_kernel_bytes is None:
+            ipc_copy_kernel_bytes = _settings.get("ipc_copy_kernel_bytes")
+        ipc_copy_kernel_bytes = _check_count("ipc_copy_kernel_bytes", ipc_copy_kernel_bytes)
         self._native = _native.Engine.create(provider or "", node, domains, timeout,
                                              _check_count("max_message_bytes", max_message_bytes, positive=True),
                                              _check_count("split_threshold", split_threshold, positive=True),
                                              _check_path(path),
                                              _check_count("staging_chunk_bytes", staging_chunk_bytes, positive=True),
                                              _check_count("staging_slots", staging_slots, positive=True), completion,
-                                             bool(_settings.get("vmm_ipc")), adversary)
+                                             bool(_settings.get("vmm_ipc")), adversary, ipc_copy_kernel_bytes)
         _lifetime.close_at_exit(self, _lifetime.ENGINE)
 
     # -- properties ----------------------------------------------------------------------------
@@ -379,7 +389,8 @@ class TransferEngine:
         (peer allocations this process mapped) and the ipc destinations this engine started, by who
         stored their imm records: ``ipc_stream_records`` (the copy's GPU stream, no host thread),
         ``ipc_event_records`` (the worker, after the copy's event: no stream memory operations
-        here), ``ipc_host_records`` (host memory)."""
+        here), ``ipc_host_records`` (host memory); of the stream's, ``ipc_kernel_records`` were
+        stored by the copy kernel itself (single writes up to ``JAX_GARDEN_IPC_COPY_KERNEL_BYTES``)."""
         return dict(self._native.staging_stats())
 
     # -- memory --------------------------------------------------------------------------------

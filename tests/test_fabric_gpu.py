@@ -139,6 +139,90 @@ def test_gpu_every_op_across_processes(path):
             assert stats["send_buffers_free"] == stats["send_buffers"] > 0, stats
 
 
+# ---- the ipc path's copy kernel (single writes and a scatter's run in one launch) -------------------
+
+MiB = 1 << 20
+# (source offset, destination misalignment, length, whether an engine with ipc_copy_kernel_bytes=16 MiB
+# sends it as its copy kernel: 16-byte aligned and at most 16 MiB)
+KERNEL_CASES = [(0, 0, 16, True), (16, 32, 48, True), (0, 0, 64 << 10, True), (32, 16, MiB + 16, True),
+                (0, 0, 16 * MiB, True), (0, 0, 16 * MiB + 16, False), (3, 5, 1000, False), (16, 7, 4096, False),
+                (0, 0, 8, False)]
+
+
+def _kernel_layout():
+    """Each case's destination offset, with a 4 KiB gap of zeros after each (a stray byte shows)."""
+    offs, cur = [], 0
+    for _src, mis, n, _k in KERNEL_CASES:
+        offs.append(cur + mis)
+        cur = (cur + mis + n + 4096 + 4095) // 4096 * 4096
+    return offs, cur + 64 * 1024
+
+
+def _copy_kernel_worker(rank: int, size: int, exchange, kernel_bytes):
+    """Rank 0 writes every case into rank 1 (one imm each), then a scatter of 8 aligned targets (one
+    launch) and one of 9 (more pieces than a launch takes), over several rounds with new source
+    bytes each round; rank 1 checks every byte of its buffer after each round's imms."""
+    from jax_garden import fabric
+
+    eng = fabric.TransferEngine(provider=PROVIDER, ipc_copy_kernel_bytes=kernel_bytes)
+    offs, dst_n = _kernel_layout()
+    src_n = 17 * MiB
+    buf = DevBuf(0, src_n if rank == 0 else dst_n)
+    buf.upload(np.zeros(buf.nbytes, np.uint8))
+    region = eng.register((buf.ptr, buf.nbytes), memory="cuda")
+    peer = fabric.MemoryDescriptor.from_bytes(exchange(bytes(region.descriptor))[1 - rank])
+    scatter_base = offs[-1] + 8192
+    rounds, mismatches = 4, []
+    for r in range(rounds):
+        data = _data(100 + r, src_n)
+        if rank == 0:
+            buf.upload(data)
+            assert eng.path_for(region, peer) == "ipc"
+            ts = [eng.write(region, peer, n, src_offset=so, dst_offset=do, imm=40 + i)
+                  for i, ((so, _m, n, _k), do) in enumerate(zip(KERNEL_CASES, offs))]
+            for k, count in enumerate((8, 9)):
+                base = scatter_base + k * 32 * 1024
+                ts.append(eng.scatter(region, [(peer, 1024, 2048 * j, base + 2048 * j) for j in range(count)],
+                                      imm=60 + k))
+            for t in ts:
+                t.wait(60)
+        else:
+            for i in range(len(KERNEL_CASES)):
+                eng.imm_counter(40 + i).wait(r + 1, 60)
+            eng.imm_counter(60).wait(8 * (r + 1), 60)
+            eng.imm_counter(61).wait(9 * (r + 1), 60)
+            want = np.zeros(dst_n, np.uint8)
+            for (so, _m, n, _k), do in zip(KERNEL_CASES, offs):
+                want[do:do + n] = data[so:so + n]
+            for k, count in enumerate((8, 9)):
+                base = scatter_base + k * 32 * 1024
+                for j in range(count):
+                    want[base + 2048 * j:base + 2048 * j + 1024] = data[2048 * j:2048 * j + 1024]
+            got = buf.download()
+            bad = np.flatnonzero(got != want)
+            if bad.size:
+                mismatches.append((r, int(bad[0]), int(bad.size)))
+        exchange(None)
+    stats = eng.staging_stats()
+    eng.close()
+    buf.free()
+    return {"stats": stats, "mismatches": mismatches, "rounds": rounds}
+
+
+@pytest.mark.parametrize("kernel_bytes", [16 * MiB, None], ids=["copy-kernel", "default-driver-copy"])
+def test_gpu_copy_kernel_writes_land_exactly(kernel_bytes):
+    """Every byte lands, no byte outside, before its imm is counted, whether the opt-in copy kernel
+    or the driver's copy (the default) carried it; the kernel takes exactly the aligned writes up to
+    its limit."""
+    out = run_group(_copy_kernel_worker, 2, kernel_bytes, exchanges=5, timeout=180)
+    assert out[1]["mismatches"] == [], out[1]["mismatches"]
+    stats, rounds = out[0]["stats"], out[0]["rounds"]
+    per_round = len(KERNEL_CASES) + 2  # every write, and each scatter's run toward its one destination
+    assert stats["ipc_stream_records"] == per_round * rounds, stats
+    eligible = sum(k for *_x, k in KERNEL_CASES) + 1  # the 8-target scatter; not the 9-target one
+    assert stats["ipc_kernel_records"] == (eligible * rounds if kernel_bytes is None else 0), stats
+
+
 def test_gpu_in_process_engines_and_jax_arrays():
     import jax
     import jax.numpy as jnp

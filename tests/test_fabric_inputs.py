@@ -81,3 +81,34 @@ def test_jit_wait_checks_count_and_timeout_when_traced(engine, count, timeout, e
 
     with pytest.raises(exc, match=match):
         fabric.wait(engine.imm_counter(5), count, np.zeros(4, np.float32), timeout=timeout)
+
+
+@pytest.mark.parametrize("value, ok", [("0", True), ("4096", True), ("-1", False), ("lots", False)])
+def test_copy_kernel_setting_is_checked_when_an_engine_is_created(monkeypatch, value, ok):
+    """JAX_GARDEN_IPC_COPY_KERNEL_BYTES: a byte count (0 turns the ipc copy kernel off); anything else
+    names the variable before an engine exists."""
+    from jax_garden import fabric
+
+    monkeypatch.setenv("JAX_GARDEN_IPC_COPY_KERNEL_BYTES", value)
+    if not ok:
+        with pytest.raises(ValueError, match=f"JAX_GARDEN_IPC_COPY_KERNEL_BYTES={value!r} is not valid"):
+            fabric.TransferEngine(provider="tcp")
+        return
+    eng = fabric.TransferEngine(provider="tcp")
+    try:  # host memory never takes the GPU copy kernel: it writes and counts as before
+        src, dst = np.arange(256, dtype=np.uint8), np.zeros(256, np.uint8)
+        rs, rd = eng.register(src), eng.register(dst)
+        eng.write(rs, rd.descriptor, 256, imm=4, path="ipc").wait(10)
+        eng.imm_counter(4).wait(1, 10)
+        np.testing.assert_array_equal(dst, src)
+        assert eng.staging_stats()["ipc_kernel_records"] == 0
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("value, exc", [(-1, ValueError), (1.5, TypeError), ("16M", TypeError)])
+def test_copy_kernel_argument_is_checked(value, exc):
+    from jax_garden import fabric
+
+    with pytest.raises(exc, match="ipc_copy_kernel_bytes"):
+        fabric.TransferEngine(provider="tcp", ipc_copy_kernel_bytes=value)

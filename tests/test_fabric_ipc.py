@@ -97,6 +97,41 @@ def test_paged_and_scatter_count_like_rma(engines):
     assert b.imm_counter(3).total == 6 and c.imm_counter(3).total == 2
 
 
+def test_scatter_run_to_one_region_is_one_copy_however_its_descriptor_was_passed(engines):
+    """Consecutive targets in one region go as one batched copy with one imm record, whether the
+    list repeats one descriptor object, carries separate copies of it, or was prepared once."""
+    a, b, c = engines(), engines(), engines()
+    src = np.random.default_rng(3).integers(0, 256, 1 << 16, dtype=np.uint8)
+    db, dc = np.zeros(1 << 16, np.uint8), np.zeros(1 << 16, np.uint8)
+    rs, rb, rc = a.register(src), b.register(db), c.register(dc)
+    raw = bytes(rb.descriptor)
+    lists = {
+        "one object": [(rb.descriptor, 1024, 2048 * j, 2048 * j) for j in range(8)],
+        "copies": [(fabric.MemoryDescriptor.from_bytes(raw), 1024, 2048 * j, 2048 * j) for j in range(8)],
+        "bytes": [(raw, 1024, 2048 * j, 2048 * j) for j in range(8)],
+        "prepared": fabric.ScatterTargets([(raw, 1024, 2048 * j, 2048 * j) for j in range(8)]),
+    }
+    for i, (how, targets) in enumerate(lists.items()):
+        before = a.staging_stats()["ipc_host_records"]
+        a.scatter(rs, targets, imm=20 + i, path="ipc").wait(10)
+        b.imm_counter(20 + i).wait(8, 10)
+        assert a.staging_stats()["ipc_host_records"] == before + 1, how
+    for j in range(8):
+        np.testing.assert_array_equal(db[2048 * j:2048 * j + 1024], src[2048 * j:2048 * j + 1024])
+    # runs end where the destination changes: b, b | c | b
+    before = a.staging_stats()["ipc_host_records"]
+    targets = [(raw, 64, 0, 0), (fabric.MemoryDescriptor.from_bytes(raw), 64, 64, 64), (rc.descriptor, 64, 128, 0),
+               (raw, 64, 192, 128)]
+    a.scatter(rs, targets, imm=30, path="ipc").wait(10)
+    b.imm_counter(30).wait(3, 10)
+    c.imm_counter(30).wait(1, 10)
+    assert a.staging_stats()["ipc_host_records"] == before + 3
+    np.testing.assert_array_equal(db[128:192], src[192:256])
+    np.testing.assert_array_equal(dc[:64], src[128:192])
+    time.sleep(0.05)
+    assert b.imm_counter(30).total == 3 and c.imm_counter(30).total == 1
+
+
 @pytest.mark.adversarial
 def test_write_without_imm_completes_and_counts_nothing(engines):
     a, b = engines(), engines()

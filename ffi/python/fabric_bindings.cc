@@ -257,7 +257,8 @@ void BindFabric(nb::module_& m) {
                                uint32_t staging_chunk_bytes, uint32_t staging_slots,
                                const std::string& completion,  // "delivery" or "transmit"
                                bool vmm_ipc,                   // offer cuMemCreate GPU regions to same-host peers
-                               std::optional<std::string> adversary) {  // adversarial mode spec (None: env)
+                               std::optional<std::string> adversary,  // adversarial mode spec (None: env)
+                               uint64_t ipc_copy_kernel_bytes) {  // ipc writes up to this size: one copy kernel
         EngineOptions o;
         o.provider = provider;
         o.node = node;
@@ -271,11 +272,12 @@ void BindFabric(nb::module_& m) {
         o.completion = parse_completion(completion);
         o.vmm_ipc = vmm_ipc;
         o.adversary = std::move(adversary);
+        o.ipc_copy_kernel_bytes = ipc_copy_kernel_bytes;
         nb::gil_scoped_release release;
         return Engine::create(o);
       }, "provider"_a, "node"_a, "domains"_a, "timeout"_a, "max_message_bytes"_a, "split_threshold"_a, "path"_a,
          "staging_chunk_bytes"_a, "staging_slots"_a, "completion"_a, "vmm_ipc"_a = true,
-         "adversary"_a = nb::none())
+         "adversary"_a = nb::none(), "ipc_copy_kernel_bytes"_a = EngineOptions{}.ipc_copy_kernel_bytes)
       .def_prop_ro("adversary", [](const Engine& e) -> std::optional<std::string> {
         if (!e.adversary()) return std::nullopt;
         return e.adversary()->to_string();
@@ -399,6 +401,7 @@ void BindFabric(nb::module_& m) {
         d["ipc_stream_records"] = s.ipc_stream_records;
         d["ipc_event_records"] = s.ipc_event_records;
         d["ipc_host_records"] = s.ipc_host_records;
+        d["ipc_kernel_records"] = s.ipc_kernel_records;
         return d;
       })
       .def("write_imm", [](Engine& e, const MemoryDescriptor& d, uint32_t imm) {

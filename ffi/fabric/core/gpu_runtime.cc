@@ -103,7 +103,7 @@ class NoGpuRuntime final : public GpuRuntime {
   std::unique_ptr<CopyJob> paged_copy(int, const PagedCopy&) override {
     return failed_copy("GPU copy requested but this build has no CUDA support");
   }
-  void copy_then_store(int, const CopySegment*, size_t, const StreamStore*, size_t) override {
+  bool copy_then_store(int, const CopySegment*, size_t, const StreamStore*, size_t, uint64_t) override {
     no_gpu("cudaMemcpyAsync");
   }
   size_t paged_copy_then_store(int, const PagedCopy&, const StreamStore*, size_t) override { no_gpu("paged copy"); }

@@ -111,8 +111,11 @@ class GpuRuntime {
   // fences the copies' writes first): whoever polls the stored words learns that the bytes landed,
   // with no event and no host thread in between. Throws FabricError (nothing was enqueued when the
   // copies failed to enqueue).
-  virtual void copy_then_store(int device, const CopySegment* segments, size_t n, const StreamStore* stores,
-                               size_t m) = 0;
+  // When the copies total at most `kernel_bytes` and fit one launch (16-byte aligned, few segments
+  // and stores), one copy kernel does both and the call returns true (less host work than the two
+  // driver calls).
+  virtual bool copy_then_store(int device, const CopySegment* segments, size_t n, const StreamStore* stores,
+                               size_t m, uint64_t kernel_bytes = 0) = 0;
   // The same with a paged copy (copy kernel). Returns the pinned page-list buffer it used, to hand
   // back with release_page_lists() once the stores landed.
   virtual size_t paged_copy_then_store(int device, const PagedCopy& copy, const StreamStore* stores, size_t m) = 0;

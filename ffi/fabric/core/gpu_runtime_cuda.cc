@@ -352,12 +352,14 @@ class CudaRuntime final : public GpuRuntime {
     }
   }
 
-  void copy_then_store(int device, const CopySegment* segments, size_t n, const StreamStore* stores,
-                       size_t m) override {
+  bool copy_then_store(int device, const CopySegment* segments, size_t n, const StreamStore* stores, size_t m,
+                       uint64_t kernel_bytes) override {
     DeviceGuard g(device);
     cudaStream_t s = stream(device, 0);
+    if (kernel_bytes && fused_copy(device, s, segments, n, stores, m, kernel_bytes)) return true;
     enqueue_copies(s, segments, n);
     enqueue_stores(s, stores, m);
+    return false;
   }
 
   size_t paged_copy_then_store(int device, const PagedCopy& c, const StreamStore* stores, size_t m) override {
@@ -536,6 +538,51 @@ class CudaRuntime final : public GpuRuntime {
                "cuStreamWriteValue64 (imm record)");
   }
 
+  // Copies and stores as one kernel on `s` (lane 0 of `device`) when they fit its arguments; false
+  // (nothing enqueued) when they do not.
+  bool fused_copy(int device, cudaStream_t s, const CopySegment* segments, size_t n, const StreamStore* stores,
+                  size_t m, uint64_t kernel_bytes) {
+    if (m > size_t(kFusedMaxStores)) return false;
+    FusedCopyArgs a{};
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const CopySegment& c = segments[i];
+      if (!c.bytes) continue;
+      if (a.segments == uint32_t(kFusedMaxSegments) || ((c.dst | c.src | c.bytes) & 15)) return false;
+      a.dst[a.segments] = c.dst;
+      a.src[a.segments] = c.src;
+      a.bytes[a.segments] = c.bytes;
+      ++a.segments;
+      total += c.bytes;
+    }
+    if (total > kernel_bytes) return false;
+    for (size_t k = 0; k < m; ++k) {
+      a.store_address[k] = stores[k].address;
+      a.store_value[k] = stores[k].value;
+    }
+    a.stores = static_cast<uint32_t>(m);
+    a.blocks_done = blocks_done(device, s);
+    check(launch_fused_copy(a, sms_[device], s), "ipc copy kernel launch");
+    return true;
+  }
+
+  // The fused copy kernel's finished-block counter of `device`'s lane-0 stream `s` (zeroed once, in
+  // its order).
+  uint32_t* blocks_done(int device, cudaStream_t s) {
+    std::lock_guard lk(mu_);
+    if (blocks_done_.size() < size_t(count_)) blocks_done_.assign(count_, nullptr);
+    uint32_t*& c = blocks_done_[device];
+    if (!c) {
+      void* p = nullptr;
+      check(cudaMalloc(&p, sizeof(uint32_t)), "cudaMalloc (copy kernel counter)");
+      cudaError_t e = cudaMemsetAsync(p, 0, sizeof(uint32_t), s);
+      if (e != cudaSuccess) cudaFree(p);
+      check(e, "cudaMemset (copy kernel counter)");
+      c = static_cast<uint32_t*>(p);
+    }
+    return c;
+  }
+
   // Page lists: packed into a pooled pinned buffer, copied to a stream-ordered device buffer (no
   // host synchronisation anywhere), read by the kernel from device memory. Returns the pinned
   // buffer, to release once the copy is known complete.
@@ -658,6 +705,7 @@ class CudaRuntime final : public GpuRuntime {
   std::mutex mu_;
   std::vector<std::pair<cudaStream_t, cudaStream_t>> streams_;
   std::vector<IndexBuffer> index_buffers_;
+  std::vector<uint32_t*> blocks_done_;  // per device, for the lane-0 stream's fused copies
   std::map<std::string, int> bus_ids_;
   std::map<std::pair<int, int>, bool> peer_access_;
   std::map<int, std::vector<cudaEvent_t>> free_events_;

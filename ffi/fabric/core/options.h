@@ -39,6 +39,12 @@ struct EngineOptions {
   // and platform allocators) through an fd this process exports (fd_broker.h): how jax arrays
   // reach another process's GPU at device speed. JAX_GARDEN_VMM_IPC=0 turns it off.
   bool vmm_ipc = true;
+  // ipc single writes of at most this many bytes (16-byte aligned, few segments) go as one copy
+  // kernel that also stores the imm records, instead of cudaMemcpyAsync + cuStreamWriteValue64: less
+  // host work per op, but the copy needs free SMs, where the driver's copy engines do not (a kernel
+  // spinning for such a write's bytes could starve it). 0 (default): always the driver's copy.
+  // JAX_GARDEN_IPC_COPY_KERNEL_BYTES.
+  uint64_t ipc_copy_kernel_bytes = 0;
   // The adversarial delivery mode (adversary.h): "seed=7,hold=0.5,..."; "" or "off" = off;
   // nullopt = the JAX_GARDEN_ADVERSARY environment variable (read when the engine is created).
   std::optional<std::string> adversary;

@@ -219,6 +219,7 @@ StagingStats Engine::staging_stats() {
   s.ipc_stream_records = records[0];
   s.ipc_event_records = records[1];
   s.ipc_host_records = records[2];
+  s.ipc_kernel_records = records[3];
   return s;
 }
 
@@ -695,8 +696,13 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
     checked = t.dst;
   }
   const uint64_t per_target = imm_writes(OpKind::kScatter, num_domains(), 0, 0, r.sharding, own_.options.sharding);
-  // IPC targets go in runs of consecutive targets to one destination: one batched copy and one
-  // imm record per run.
+  // IPC targets go in runs of consecutive targets to one destination region: one batched copy and
+  // one imm record per run. The same region whether the caller passed one descriptor object or
+  // several copies of it (a plain target list converts each target's descriptor separately).
+  auto same_region = [](const MemoryDescriptor* a, const MemoryDescriptor* b) {
+    return a == b || (a->process_nonce == b->process_nonce && a->region_key == b->region_key &&
+                      a->region_slot == b->region_slot && a->base == b->base && a->host_id == b->host_id);
+  };
   auto ipc_runs = [&](auto&& fn) {
     for (size_t i = 0; i < r.targets.size();) {
       if (choices[i].path != TransferPath::kIpc) {
@@ -704,7 +710,9 @@ std::shared_ptr<TransferState> Engine::scatter(const ScatterRequest& r) {
         continue;
       }
       size_t j = i + 1;
-      while (j < r.targets.size() && r.targets[j].dst == r.targets[i].dst && choices[j].path == TransferPath::kIpc) ++j;
+      while (j < r.targets.size() && same_region(r.targets[j].dst, r.targets[i].dst) &&
+             choices[j].path == TransferPath::kIpc)
+        ++j;
       fn(i, j);
       i = j;
     }

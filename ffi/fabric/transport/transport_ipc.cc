@@ -484,7 +484,8 @@ void IpcTransport::issue(Link& l, Pending p, const CopySegment* segments, size_t
       if (pages)
         p.page_lists = rt.paged_copy_then_store(device, *pages, stores, m);
       else
-        rt.copy_then_store(device, segments, n, stores, m);
+        if (rt.copy_then_store(device, segments, n, stores, m, options_.ipc_copy_kernel_bytes))
+          by_kernel_.fetch_add(1, std::memory_order_relaxed);
       by_stream_.fetch_add(1, std::memory_order_relaxed);
     } else {
       // No stream stores here: the worker polls the copy's event, then stores the records.

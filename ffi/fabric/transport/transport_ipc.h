@@ -109,9 +109,10 @@ class IpcTransport final : public WorkerTask {
   // Can the GPU holding `src` map dst's GPU (same device or peer access)? *why says why not.
   bool gpu_can_map(const MemoryRegion& src, const MemoryDescriptor& dst, std::string* why = nullptr) const;
   static uint64_t mappings();  // legacy handles opened + VMM ranges imported, process-wide
-  // Destinations started, by who stores their records: {GPU stream, worker after the event, host}.
-  std::array<uint64_t, 3> record_counts() const {
-    return {by_stream_.load(), by_event_.load(), by_host_.load()};
+  // Destinations started, by who stores their records: {GPU stream, worker after the event, host,
+  // and of the GPU stream's: the copy kernel itself}.
+  std::array<uint64_t, 4> record_counts() const {
+    return {by_stream_.load(), by_event_.load(), by_host_.load(), by_kernel_.load()};
   }
 
   // Maps dst for copies from `device` (-1: host memory) and claims its owner's mailbox ring now, as
@@ -217,7 +218,7 @@ class IpcTransport final : public WorkerTask {
   std::vector<std::shared_ptr<Link>> polled_ JG_GUARDED_BY_PROGRESS;  // the links, as the worker sees them
   uint64_t polled_version_ JG_GUARDED_BY_PROGRESS = ~uint64_t{0};
   std::atomic<int64_t> outstanding_{0};  // destinations pending or queued
-  std::atomic<uint64_t> by_stream_{0}, by_event_{0}, by_host_{0};
+  std::atomic<uint64_t> by_stream_{0}, by_event_{0}, by_host_{0}, by_kernel_{0};
   Clock::time_point last_deadline_check_ JG_GUARDED_BY_PROGRESS;
 };
 

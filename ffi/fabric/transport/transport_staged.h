@@ -110,6 +110,7 @@ struct StagingStats {
   // ipc destinations started by this engine, by how their imm records are stored: by the copy's GPU
   // stream (the fast path), by the worker after the copy's event, or by the host (host memory).
   uint64_t ipc_stream_records = 0, ipc_event_records = 0, ipc_host_records = 0;
+  uint64_t ipc_kernel_records = 0;  // of ipc_stream_records: stored by the copy kernel itself
 };
 
 class StagingTransport final : public WorkerTask {
