@@ -481,11 +481,11 @@ void IpcTransport::issue(Link& l, Pending p, const CopySegment* segments, size_t
       by_host_.fetch_add(1, std::memory_order_relaxed);
     } else if (GpuRuntime& rt = gpu_runtime(); rt.stream_stores() && ring.device_address(p.first, device) != 0) {
       for (size_t k = 0; k < m; ++k) stores[k].address = ring.device_address(p.first + k, device);
-      if (pages)
+      if (pages) {
         p.page_lists = rt.paged_copy_then_store(device, *pages, stores, m);
-      else
-        if (rt.copy_then_store(device, segments, n, stores, m, options_.ipc_copy_kernel_bytes))
-          by_kernel_.fetch_add(1, std::memory_order_relaxed);
+      } else if (rt.copy_then_store(device, segments, n, stores, m, options_.ipc_copy_kernel_bytes)) {
+        by_kernel_.fetch_add(1, std::memory_order_relaxed);
+      }
       by_stream_.fetch_add(1, std::memory_order_relaxed);
     } else {
       // No stream stores here: the worker polls the copy's event, then stores the records.
