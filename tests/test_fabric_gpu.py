@@ -220,7 +220,7 @@ def test_gpu_copy_kernel_writes_land_exactly(kernel_bytes):
     per_round = len(KERNEL_CASES) + 2  # every write, and each scatter's run toward its one destination
     assert stats["ipc_stream_records"] == per_round * rounds, stats
     eligible = sum(k for *_x, k in KERNEL_CASES) + 1  # the 8-target scatter; not the 9-target one
-    assert stats["ipc_kernel_records"] == (eligible * rounds if kernel_bytes is None else 0), stats
+    assert stats["ipc_kernel_records"] == (eligible * rounds if kernel_bytes else 0), stats
 
 
 def test_gpu_in_process_engines_and_jax_arrays():

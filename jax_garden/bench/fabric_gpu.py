@@ -81,7 +81,8 @@ def _receiver(conn, device: int, sizes: dict, provider: str, chunk: int, slots: 
             regs[name] = eng.register((ptr, nbytes), memory="cuda")
     if xla_bytes:
         # A jax array on this process's GPU, chosen without hiding the other GPUs from CUDA.
-        
+        import os
+
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the GPU may be shared
         import jax
 
