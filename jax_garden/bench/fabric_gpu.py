@@ -104,6 +104,17 @@ def _receiver(conn, device: int, sizes: dict, provider: str, chunk: int, slots: 
     eng.close()
 
 
+def _recv(conn, proc, timeout: float):
+    """The receiver's next answer, or an error naming its exit code (it died) or the wait."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(0.2):
+        if not proc.is_alive():
+            raise RuntimeError(f"fabric_gpu: the receiver process exited (code {proc.exitcode}) before it answered")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fabric_gpu: the receiver did not answer within {timeout:.0f} s")
+    return conn.recv()
+
+
 def _time_ops(submit, count: int) -> float:
     t0 = time.perf_counter()
     ts = [submit() for _ in range(count)]
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     kernel_stats: dict = {}
     imm_ok = False
     try:
-        descs = {k: fabric.MemoryDescriptor.from_bytes(v) for k, v in parent.recv().items()}
+        descs = {k: fabric.MemoryDescriptor.from_bytes(v) for k, v in _recv(parent, proc, 120).items()}
         eng = fabric.TransferEngine(provider=args.provider, staging_chunk_bytes=args.staging_chunk,
                                     staging_slots=args.staging_slots, timeout=60)
         src_ptr = native.gpu_alloc(src_dev, src_bytes_needed)
@@ -292,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         parent.send(("totals", list(imm_counts)))
         deadline = time.monotonic() + 30
         while True:
-            totals = parent.recv()
+            totals = _recv(parent, proc, 30)
             if totals == imm_counts or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -304,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         try:
             parent.send(("stop",))
-            parent.recv()
+            _recv(parent, proc, 10)
         except Exception:
             pass
         proc.join(timeout=10)
