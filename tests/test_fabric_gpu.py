@@ -187,10 +187,15 @@ def _copy_kernel_worker(rank: int, size: int, exchange, kernel_bytes):
             for t in ts:
                 t.wait(60)
         else:
-            for i in range(len(KERNEL_CASES)):
-                eng.imm_counter(40 + i).wait(r + 1, 60)
-            eng.imm_counter(60).wait(8 * (r + 1), 60)
-            eng.imm_counter(61).wait(9 * (r + 1), 60)
+            # this round's imms (a wait takes the credits it waited for): one per write, one per target
+            want_imms = [(40 + i, 1) for i in range(len(KERNEL_CASES))] + [(60, 8), (61, 9)]
+            short = []
+            for imm, n in want_imms:
+                try:
+                    eng.imm_counter(imm).wait(n, 30)
+                except TimeoutError:
+                    short.append((imm, eng.imm_counter(imm).credits, n))
+            assert not short, f"round {r}: imms missing after 30 s, (imm, credits, wanted): {short}"
             want = np.zeros(dst_n, np.uint8)
             for (so, _m, n, _k), do in zip(KERNEL_CASES, offs):
                 want[do:do + n] = data[so:so + n]
