@@ -10,29 +10,35 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 
-// Each block copies whole pages (grid-stride over pages); each thread keeps kUnroll 16-byte loads in
-// flight before it stores them.
+// Words [0, words) from s to d, this thread taking first, first + stride, ...: kUnroll loads in
+// flight before their stores.
+template <typename Word>
+__device__ __forceinline__ void copy_words(const Word* __restrict__ s, Word* __restrict__ d, uint64_t words,
+                                           uint64_t first, uint64_t stride) {
+  for (uint64_t base = first; base < words; base += stride * kUnroll) {
+    Word v[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      uint64_t i = base + uint64_t(k) * stride;
+      if (i < words) v[k] = s[i];
+    }
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      uint64_t i = base + uint64_t(k) * stride;
+      if (i < words) d[i] = v[k];
+    }
+  }
+}
+
+// Each block copies whole pages (grid-stride over pages).
 template <typename Word>
 __global__ void __launch_bounds__(kThreads) paged_copy_kernel(PagedCopyArgs a) {
   const uint64_t words = a.page_bytes / sizeof(Word);
   for (uint32_t p = blockIdx.x; p < a.pages; p += gridDim.x) {
     const uint32_t sp = a.src_pages[p];
     const uint32_t dp = a.dst_pages[p];
-    const Word* __restrict__ s = reinterpret_cast<const Word*>(a.src + uint64_t(sp) * a.src_stride);
-    Word* __restrict__ d = reinterpret_cast<Word*>(a.dst + uint64_t(dp) * a.dst_stride);
-    for (uint64_t base = threadIdx.x; base < words; base += uint64_t(kThreads) * kUnroll) {
-      Word v[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        uint64_t i = base + uint64_t(k) * kThreads;
-        if (i < words) v[k] = s[i];
-      }
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        uint64_t i = base + uint64_t(k) * kThreads;
-        if (i < words) d[i] = v[k];
-      }
-    }
+    copy_words(reinterpret_cast<const Word*>(a.src + uint64_t(sp) * a.src_stride),
+               reinterpret_cast<Word*>(a.dst + uint64_t(dp) * a.dst_stride), words, threadIdx.x, kThreads);
   }
 }
 
@@ -40,24 +46,9 @@ __global__ void __launch_bounds__(kThreads) paged_copy_kernel(PagedCopyArgs a) {
 __global__ void __launch_bounds__(kThreads) fused_copy_kernel(FusedCopyArgs a) {
   const uint64_t stride = uint64_t(gridDim.x) * kThreads;
   const uint64_t first = uint64_t(blockIdx.x) * kThreads + threadIdx.x;
-  for (uint32_t g = 0; g < a.segments; ++g) {
-    const uint4* __restrict__ s = reinterpret_cast<const uint4*>(a.src[g]);
-    uint4* __restrict__ d = reinterpret_cast<uint4*>(a.dst[g]);
-    const uint64_t words = a.bytes[g] / sizeof(uint4);
-    for (uint64_t base = first; base < words; base += stride * kUnroll) {
-      uint4 v[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        uint64_t i = base + uint64_t(k) * stride;
-        if (i < words) v[k] = s[i];
-      }
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        uint64_t i = base + uint64_t(k) * stride;
-        if (i < words) d[i] = v[k];
-      }
-    }
-  }
+  for (uint32_t g = 0; g < a.segments; ++g)
+    copy_words(reinterpret_cast<const uint4*>(a.src[g]), reinterpret_cast<uint4*>(a.dst[g]), a.bytes[g] / sizeof(uint4),
+               first, stride);
   // Each thread's bytes visible system-wide before its block counts itself done; the block that
   // counts last has seen every block's fence, so the records it stores follow every byte.
   __threadfence_system();
