@@ -390,7 +390,7 @@ class TransferEngine:
         stored their imm records: ``ipc_stream_records`` (the copy's GPU stream, no host thread),
         ``ipc_event_records`` (the worker, after the copy's event: no stream memory operations
         here), ``ipc_host_records`` (host memory); of the stream's, ``ipc_kernel_records`` were
-        stored by the copy kernel itself (single writes up to ``JAX_GARDEN_IPC_COPY_KERNEL_BYTES``)."""
+        stored by the copy kernel itself (single writes up to ``ipc_copy_kernel_bytes``)."""
         return dict(self._native.staging_stats())
 
     # -- memory --------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ class GpuRuntime {
   // and stores), one copy kernel does both and the call returns true (less host work than the two
   // driver calls).
   virtual bool copy_then_store(int device, const CopySegment* segments, size_t n, const StreamStore* stores,
-                               size_t m, uint64_t kernel_bytes = 0) = 0;
+                               size_t m, uint64_t kernel_bytes) = 0;
   // The same with a paged copy (copy kernel). Returns the pinned page-list buffer it used, to hand
   // back with release_page_lists() once the stores landed.
   virtual size_t paged_copy_then_store(int device, const PagedCopy& copy, const StreamStore* stores, size_t m) = 0;
