@@ -58,6 +58,8 @@ def print_rows(result: dict) -> None:
     for r in result.get("rows", []):
         if r.get("phases_ms"):  # median over the timed pushes, ms from the first push call
             print(f"  {r['name']}: phases (ms from push) {format_phases(r['phases_ms'])}{standing_note(r)}")
+        if r.get("host_work_ms"):
+            print(f"  {r['name']}: publisher host work (ms) {format_phases(r['host_work_ms'])}")
     for r in result.get("rows", []):
         m = r.get("memory", {})
         if m.get("hwm_growth_max") is not None:

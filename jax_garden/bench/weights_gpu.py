@@ -218,6 +218,8 @@ def print_gpu(g: dict) -> None:
               f"{(f'{fl * 1e3:.1f}' if fl else '-'):>9} {(format(r['ratio_vs_floor'], '.2f') if r.get('ratio_vs_floor') else '-'):>8}  {sp}")
         if r.get("phases_ms"):  # median over the timed pushes, ms from the push call
             print(f"  phases (ms from push): {format_phases(r['phases_ms'])}{standing_note(r)}")
+        if r.get("host_work_ms"):  # the slowest publisher's host work, median over the timed pushes
+            print(f"  publisher host work (ms): {format_phases(r['host_work_ms'])}")
         if r.get("jax_transfer_error"):
             print(f"  jax.experimental.transfer did not run: {r['jax_transfer_error']}")
         if r.get("extra_gpu_bytes") is not None:

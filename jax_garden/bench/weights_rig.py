@@ -125,7 +125,9 @@ def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
                            {"hwm_growth": hwm1 - hwm0, "gpu_peak": _gpu_mem().get("peak"), "gpu_in_use0": gm0.get("in_use"),
                             "gpu_peak0": gm0.get("peak")},
                            {"granted": h.granted_after, "posted": h.posted_after, "complete": h.seconds},
-                           (len(h.claimed), len(h.ranks))))
+                           (len(h.claimed), len(h.ranks)),
+                           {"sources": h.sources_seconds, "register": h.register_seconds,
+                            "stage": h.stage_seconds, "scatter": h.post_seconds}))
             elif cmd[0] == "wait":
                 obj.wait(cmd[1], 600)
                 t1 = time.monotonic()
@@ -192,7 +194,7 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
         w.ask(c, ("peers", addrs))
     for c in pubs:
         w.ask(c, ("connect", addrs))
-    times, stage, timeline, ok, mem, claimed = [], [], [], True, {}, [0, 0]
+    times, stage, timeline, host_work, ok, mem, claimed = [], [], [], [], True, {}, [0, 0]
     nbytes = 0
     for v in range(cfg["rounds"] + 1):
         for c in subs:
@@ -207,11 +209,14 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
         # when the last subscriber returned from wait (the round and the switch into service).
         phases = {k: max((x[6][k] or 0.0) + x[1] - start for x in pushed) * 1e3 for k in ("granted", "posted", "complete")}
         phases["in_service"] = t * 1e3
+        # The slowest publisher's host work (ms): what posting spent its time on.
+        work = {k: max(x[8][k] for x in pushed) * 1e3 for k in pushed[0][8]}
         ok &= all(x[2] is not False for x in landed)
         if v > 0:  # round 0 compiles the stager and warms the connections
             times.append(t)
             stage.append(max(x[4] for x in pushed))
             timeline.append(phases)
+            host_work.append(work)
             for x in pushed:
                 claimed[0] += x[7][0]
                 claimed[1] += x[7][1]
@@ -220,8 +225,8 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
                "gpu_peak": [x[5]["gpu_peak"] for x in pushed], "gpu_in_use_before": [x[5]["gpu_in_use0"] for x in pushed],
                # the peak before the timed pushes (setup, warm-up push): XLA's peak cannot be reset
                "gpu_peak_before": [x[5]["gpu_peak0"] for x in pushed]}
-        progress(f"  {cfg['name']}: round {v} {t * 1e3:.1f} ms ({format_phases(phases)} ms)"
-                 + (" (warm-up)" if v == 0 else ""))
+        progress(f"  {cfg['name']}: round {v} {t * 1e3:.1f} ms ({format_phases(phases)} ms; host work "
+                 f"{format_phases(work)} ms)" + (" (warm-up)" if v == 0 else ""))
     for c in pubs + subs:
         w.ask(c, ("end",))
     med = float(np.median(times))
@@ -229,6 +234,7 @@ def run_config(w: Workers, cfg: dict, verify: bool = True) -> dict:
             "seconds_all": times, "wire_GBps": nbytes / med / 1e9, "param_GBps": cfg["total"] / med / 1e9,
             "stage_seconds": float(np.median(stage)), "verified": bool(ok), "memory": mem,
             "phases_ms": {k: float(np.median([p[k] for p in timeline])) for k in timeline[0]} if timeline else {},
+            "host_work_ms": {k: float(np.median([p[k] for p in host_work])) for k in host_work[0]} if host_work else {},
             "staging_bytes": cfg["staging"], "config": cfg,
             # (ranks written under a standing grant, ranks written) over the timed pushes
             "standing_grants": {"used": claimed[0], "of": claimed[1], "enabled": cfg.get("standing", True)}}

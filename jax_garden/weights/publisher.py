@@ -52,6 +52,12 @@ class PushHandle:
         self.seconds: float | None = None
         self.chunks_posted = 0
         self.stage_seconds = 0.0
+        # Host work of the push, in seconds: checking and collecting the sources (before the
+        # push thread starts), registering the sources written directly, and the engine's
+        # scatter calls (validation and posting; the bytes move after they return).
+        self.sources_seconds = 0.0
+        self.register_seconds = 0.0
+        self.post_seconds = 0.0
         # Seconds from the push call to the end of each phase (None until it ended): every grant
         # in, every write posted, every write complete (what a slow push spent its time on).
         self.granted_after: float | None = None
@@ -391,8 +397,10 @@ class Publisher:
             if not self._handle.done():
                 raise RuntimeError("a push is still running on this publisher; wait for its handle first")
             self._thread.join()
+        t0 = time.perf_counter()
         srcs = self._sources(params)
         handle = self._handle = PushHandle(version, self._dests)
+        handle.sources_seconds = time.perf_counter() - t0
         with self._cv:
             self._handles[version] = handle
             while len(self._handles) > 16:
@@ -473,7 +481,7 @@ class Publisher:
             # While requests travel, register the sources that are written directly (a GPU array's
             # registration exports its memory: driver calls worth overlapping). Without requests
             # (every rank claimed) each is registered as its first chunk is posted instead.
-            regions = self._register_direct_sources(srcs) if asked else {}
+            regions = self._register_direct_sources(handle, srcs) if asked else {}
             grants = self._collect_grants(handle, req, deadline, asked)
             grants.update(claimed)
             handle.granted_after = time.monotonic() - handle.started
@@ -484,19 +492,21 @@ class Publisher:
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the handle
             handle._finish(e)
 
-    def _register_direct_sources(self, srcs: dict) -> dict[tuple[int, int], Any]:
+    def _register_direct_sources(self, handle: PushHandle, srcs: dict) -> dict[tuple[int, int], Any]:
         regions: dict[tuple[int, int], Any] = {}
         for c in self._chunks:
             if not c.staged:
-                self._direct_region(regions, srcs, c)
+                self._direct_region(handle, regions, srcs, c)
         return regions
 
-    def _direct_region(self, regions: dict, srcs: dict, c: Chunk) -> Any:
+    def _direct_region(self, handle: PushHandle, regions: dict, srcs: dict, c: Chunk) -> Any:
         """The registration of the source shard chunk ``c`` is written from directly (made on first use)."""
         key = (c.src_tensor, c.src_local)
         region = regions.get(key)
         if region is None:
+            t0 = time.perf_counter()
             region = regions[key] = self.engine.register(registrable(srcs[key]))
+            handle.register_seconds += time.perf_counter() - t0
         return region
 
     def _send_push_requests(self, handle: PushHandle) -> tuple[int, float, dict[int, tuple[int, int]]]:
@@ -596,8 +606,9 @@ class Publisher:
                 handle.stage_seconds += time.perf_counter() - t0
                 region = ring.regions[k]
             else:
-                region = self._direct_region(regions, srcs, c)
+                region = self._direct_region(handle, regions, srcs, c)
             posted = []
+            t0 = time.perf_counter()
             for r in ranks:
                 slot, epoch = grants[r]
                 imm = P.imm_value(self.imm_tag, epoch, self.rank)
@@ -608,6 +619,7 @@ class Publisher:
                     failed.setdefault(r, str(e))
                     continue
                 handle.bytes_sent[r] += c.rank_targets[r][2]
+            handle.post_seconds += time.perf_counter() - t0
             handle.chunks_posted += 1
             if c.staged:
                 ring.busy[k] = posted
