@@ -272,6 +272,46 @@ def test_on_count_callback(engines):
 
 # ---- two-sided messages -------------------------------------------------------------------------
 
+@pytest.mark.adversarial
+def test_wait_any_takes_every_arrival_and_is_woken_by_one(engines):
+    a, b = engines(), engines()
+    ra, rb = a.register(np.ones(64, np.uint8)), b.register(np.zeros(64, np.uint8))
+    c = b.imm_counter(41)
+    t0 = time.monotonic()
+    assert c.wait_any(0.1) == 0  # nothing there: 0 after the timeout, nothing raised
+    assert time.monotonic() - t0 >= 0.09
+    for _ in range(3):
+        a.write_imm(rb.descriptor, 41).wait(10)
+    settle_imms(a, b, rb.descriptor, probe_imm=9999)
+    assert c.wait_any(1.0) == 3 and c.credits == 0  # every credit taken at once
+    # A sleeper is woken by the arrival itself, long before its timeout.
+    got = []
+    sleeper = threading.Thread(target=lambda: got.append((c.wait_any(20.0), time.monotonic())))
+    sleeper.start()
+    time.sleep(0.2)
+    sent = time.monotonic()
+    a.write_imm(rb.descriptor, 41).wait(10)
+    sleeper.join(10)
+    assert got and got[0][0] == 1 and got[0][1] - sent < 5.0
+    with pytest.raises(ValueError, match="finite number of seconds"):
+        c.wait_any(-1.0)
+    # Closing the engine wakes a sleeper with an error.
+    errors = []
+
+    def sleep_until_closed():
+        try:
+            c.wait_any(20.0)
+        except fabric.TransferError as e:
+            errors.append(str(e))
+
+    sleeper = threading.Thread(target=sleep_until_closed)
+    sleeper.start()
+    time.sleep(0.2)
+    b.close()
+    sleeper.join(10)
+    assert not sleeper.is_alive() and errors
+
+
 def test_send_recv(engines):
     a, b = engines(2), engines()
     a.send(b.address, b"first").wait(10)

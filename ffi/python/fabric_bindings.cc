@@ -230,6 +230,10 @@ void BindFabric(nb::module_& m) {
       .def("wait", &ImmCounter::wait, "count"_a, "timeout"_a = 10.0, nb::call_guard<nb::gil_scoped_release>(),
            "Block until `count` arrivals are there (at most `timeout` seconds), then take them. Raises "
            "TimeoutError (nothing taken) or TransferError (engine closed, GPU wait stalled).")
+      .def("wait_any", &ImmCounter::wait_any, "timeout"_a, nb::call_guard<nb::gil_scoped_release>(),
+           "Sleep until at least one arrival is there (at most `timeout` seconds), take them all and return "
+           "how many (0 after the timeout). Neither spins nor makes the worker poll faster: for rare "
+           "arrivals. Raises TransferError when the engine is closed.")
       .def("on_count", [](ImmCounter& c, int64_t count, nb::callable fn) {
         auto shared = share_object(std::move(fn));
         c.on_count(count, [shared]() { call_python(shared); });

@@ -2,10 +2,11 @@
 
 A thread blocked in ``engine.recv`` keeps the engine's worker polling at full rate, so nothing waits
 in recv while idle: every message is followed by an imm-only write (the doorbell,
-``IMM_DOORBELL``) to the receiver's small control region; the doorbell counter's callback wakes the
-reader thread, which then takes as many messages as doorbells rang (delivery is unordered, so it
-waits briefly for a message its doorbell announced) and whatever else is queued. It also wakes every
-0.5 s, so a message whose doorbell was lost is handled anyway.
+``IMM_DOORBELL``) to the receiver's small control region. The reader thread sleeps in the doorbell
+counter's ``wait_any`` (woken by the worker that counts the doorbell, with no thread in between),
+then takes as many messages as doorbells rang (delivery is unordered, so it waits briefly for a
+message its doorbell announced) and whatever else is queued. It also wakes every 0.5 s, so a
+message whose doorbell was lost is handled anyway.
 
 Every message travels in an envelope: ``seal("JGMB", u8 version | u8 protocol | u64 mailbox id |
 u64 sequence | blob sender contact | body)``. The protocol byte routes it to the one handler a
@@ -165,7 +166,6 @@ class Mailbox:
         self._seq = itertools.count(1)
         self._cv = threading.Condition()
         self._users = 0
-        self._bells = 0
         self._stop = False
         self._routes: dict[int, Callable[[Envelope], None]] = {}
         self._services: dict[Any, Any] = {}
@@ -184,9 +184,6 @@ class Mailbox:
         self._self_answered = 0.0  # send time of the last answered self-probe
         self._seen: "OrderedDict[int, OrderedDict[int, None]]" = OrderedDict()  # sender -> recent seqs
         self._bell_counter = engine.imm_counter(IMM_DOORBELL)
-        self._bell_fired = threading.Event()
-        self._ring_cb = weak_callback(self, Mailbox._ring)  # the engine must not keep the mailbox alive
-        self._bell_counter.on_count(1, self._ring_cb)
         self._tick_event = threading.Event()
         self.tick_s = TICK_S
         self._reader = threading.Thread(target=self._read_loop, name="jax_garden-mailbox", daemon=True)
@@ -246,12 +243,9 @@ class Mailbox:
             self._cv.notify_all()
         self._tick_event.set()
         if not self.engine.closed:
-            # Consume the armed doorbell expectation (it holds a callback) with one last ring to ourselves.
-            self._bell_fired.clear()
-            try:
+            try:  # wake the reader now rather than at its next 0.5 s timeout
                 self.engine.write_imm(self._ctrl_region.descriptor, IMM_DOORBELL)
-                self._bell_fired.wait(2.0)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the engine is closing: the reader stops by itself
                 pass
         for t in (self._reader, self._ticker):
             if t is not threading.current_thread():
@@ -372,33 +366,23 @@ class Mailbox:
         return self._heard.get(peer.key, 0.0)
 
     # -- the reader ----------------------------------------------------------------------------------
-    def _ring(self) -> None:
-        self._bell_fired.set()
-        with self._cv:
-            if self._stop:
-                return
-            self._bells += 1
-            self._cv.notify_all()
-        try:
-            self._bell_counter.on_count(1, self._ring_cb)
-        except Exception:  # noqa: BLE001 - the engine is closing
-            pass
-
     def _read_loop(self) -> None:
         # Each doorbell announces one message, which may arrive just after it (unordered delivery):
         # wait briefly for as many messages as new doorbells, then take whatever else is there. A
         # message whose doorbell was lost, or that came late, is taken by the next wake (at most
         # 0.5 s later). Nothing blocks in recv for long, so the engine's worker is not kept busy.
         eng = self.engine
-        seen_bells = 0
         while True:
-            with self._cv:
-                if self._bells == seen_bells and not self._stop:
-                    self._cv.wait(0.5)
-                if self._stop or eng.closed:
-                    self._stop = True
-                    return
-                announced, seen_bells = self._bells - seen_bells, self._bells
+            if self._stop or eng.closed:
+                self._stop = True
+                return
+            try:
+                announced = self._bell_counter.wait_any(0.5)
+            except fabric.TransferError:
+                self._stop = True
+                return  # engine closed
+            if self._stop:
+                return
             while True:
                 try:
                     sender, data = eng.recv_message(timeout=0.05 if announced > 0 else 0.0)

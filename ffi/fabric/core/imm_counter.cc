@@ -195,6 +195,34 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
   }
 }
 
+int64_t ImmCounter::wait_any(double timeout_s) {
+  JG_CHECK_ARG(std::isfinite(timeout_s) && timeout_s >= 0,
+               "ImmCounter.wait_any: timeout must be a finite number of seconds >= 0, got ", timeout_s);
+  auto take_all = [this]() -> int64_t {
+    MutexLock tk(take_mu_);
+    int64_t n = credits_.load(std::memory_order_acquire);
+    if (n <= 0) return 0;
+    credits_.fetch_sub(n, std::memory_order_acq_rel);
+    taken_.fetch_add(n, std::memory_order_acq_rel);
+    return n;
+  };
+  auto deadline = deadline_after(timeout_s);
+  MutexLock lk(mu_);
+  sleepers_.fetch_add(1);
+  if (wake_at_.load() > 1) wake_at_.store(1);
+  struct Leave {
+    ImmCounter* c;
+    ~Leave() {
+      if (c->sleepers_.fetch_sub(1) == 1) c->wake_at_.store(std::numeric_limits<int64_t>::max());
+    }
+  } leave{this};
+  while (true) {
+    if (int64_t n = take_all(); n > 0) return n;
+    if (!aborted_.empty()) throw TransferFailed(str_cat("imm counter ", imm_, ": ", aborted_));
+    if (cv_.wait_until(mu_, deadline) == std::cv_status::timeout) return take_all();
+  }
+}
+
 void ImmCounter::on_count(int64_t count, std::function<void()> cb) {
   JG_CHECK_ARG(count > 0, "ImmCounter.on_count: count must be > 0, got ", count);
   {

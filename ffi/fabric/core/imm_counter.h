@@ -38,6 +38,11 @@ class ImmCounter {
   void wait(int64_t count, double timeout_s);
   // One-shot: when `count` credits are there, take them and run cb on the callback thread.
   void on_count(int64_t count, std::function<void()> cb);
+  // For a thread that waits for rare arrivals (a mailbox's doorbells): sleeps until at least one
+  // credit is there or timeout_s passed, then takes every credit and returns how many (0 after the
+  // timeout). No spinning and no faster polling by the worker: the arrival itself wakes it, one
+  // hop fewer than on_count's callback thread. Throws TransferFailed if the engine closed.
+  int64_t wait_any(double timeout_s);
 
   // GPU wait (jg_fabric_wait on CUDA): reserves `count` credits now, enqueues on `stream` a wait for
   // the arrival total to reach them, and has the engine release the stream (and record an error)
