@@ -114,6 +114,17 @@ void ImmCounter::enqueue_gpu_wait(void* stream, int64_t count, double timeout_s)
   table->watch_gpu_wait(registry().find(id_), target, deadline_after(timeout_s));
 }
 
+// Arrivals wake sleepers only once the smallest count a sleeper waits for is reachable (a wait
+// for 4,096 page imms must not be woken 4,096 times). Made and dropped under mu_.
+ImmCounter::SleepingOn::SleepingOn(ImmCounter& c, int64_t count) : c_(c) {
+  c_.sleepers_.fetch_add(1);
+  if (count < c_.wake_at_.load()) c_.wake_at_.store(count);
+}
+
+ImmCounter::SleepingOn::~SleepingOn() {
+  if (c_.sleepers_.fetch_sub(1) == 1) c_.wake_at_.store(std::numeric_limits<int64_t>::max());
+}
+
 bool ImmCounter::try_take(int64_t count) {
   MutexLock tk(take_mu_);
   if (credits_.load(std::memory_order_acquire) < count) return false;
@@ -169,16 +180,7 @@ void ImmCounter::wait(int64_t count, double timeout_s) {
   SleeperScope sleeper(*driver);  // from here the worker polls at full rate while we sleep
   auto deadline = deadline_after(timeout_s);
   MutexLock lk(mu_);
-  sleepers_.fetch_add(1);
-  // Arrivals wake sleepers only once the smallest waiting count is reachable (a wait for 4,096
-  // page imms must not be woken 4,096 times).
-  if (count < wake_at_.load()) wake_at_.store(count);
-  struct Leave {
-    ImmCounter* c;
-    ~Leave() {
-      if (c->sleepers_.fetch_sub(1) == 1) c->wake_at_.store(std::numeric_limits<int64_t>::max());
-    }
-  } leave{this};
+  SleepingOn sleeping(*this, count);
   while (true) {
     if (try_take(count)) return;
     if (!aborted_.empty()) throw TransferFailed(str_cat("imm counter ", imm_, ": ", aborted_));
@@ -208,14 +210,7 @@ int64_t ImmCounter::wait_any(double timeout_s) {
   };
   auto deadline = deadline_after(timeout_s);
   MutexLock lk(mu_);
-  sleepers_.fetch_add(1);
-  if (wake_at_.load() > 1) wake_at_.store(1);
-  struct Leave {
-    ImmCounter* c;
-    ~Leave() {
-      if (c->sleepers_.fetch_sub(1) == 1) c->wake_at_.store(std::numeric_limits<int64_t>::max());
-    }
-  } leave{this};
+  SleepingOn sleeping(*this, 1);
   while (true) {
     if (int64_t n = take_all(); n > 0) return n;
     if (!aborted_.empty()) throw TransferFailed(str_cat("imm counter ", imm_, ": ", aborted_));

@@ -57,6 +57,16 @@ class ImmCounter {
   std::string take_error();
 
  private:
+  // One sleeping thread, counted while it lives (under mu_): arrivals notify cv_ for it.
+  class SleepingOn {
+   public:
+    SleepingOn(ImmCounter& c, int64_t count);
+    ~SleepingOn();
+
+   private:
+    ImmCounter& c_;
+  };
+
   uint64_t reserve(int64_t count);
   volatile uint64_t* ensure_mirror();  // host-mapped pinned memory when a GPU exists
   void publish_mirror();
