@@ -127,7 +127,7 @@ def _worker(role: str, rank: int, env: dict, conn: Any) -> None:
                            {"granted": h.granted_after, "posted": h.posted_after, "complete": h.seconds},
                            (len(h.claimed), len(h.ranks)),
                            {"sources": h.sources_seconds, "register": h.register_seconds,
-                            "stage": h.stage_seconds, "scatter": h.post_seconds}))
+                            "stage": h.stage_seconds, "scatter": h.scatter_seconds}))
             elif cmd[0] == "wait":
                 obj.wait(cmd[1], 600)
                 t1 = time.monotonic()

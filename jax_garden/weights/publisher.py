@@ -57,7 +57,7 @@ class PushHandle:
         # scatter calls (validation and posting; the bytes move after they return).
         self.sources_seconds = 0.0
         self.register_seconds = 0.0
-        self.post_seconds = 0.0
+        self.scatter_seconds = 0.0
         # Seconds from the push call to the end of each phase (None until it ended): every grant
         # in, every write posted, every write complete (what a slow push spent its time on).
         self.granted_after: float | None = None
@@ -619,7 +619,7 @@ class Publisher:
                     failed.setdefault(r, str(e))
                     continue
                 handle.bytes_sent[r] += c.rank_targets[r][2]
-            handle.post_seconds += time.perf_counter() - t0
+            handle.scatter_seconds += time.perf_counter() - t0
             handle.chunks_posted += 1
             if c.staged:
                 ring.busy[k] = posted
